@@ -1,0 +1,176 @@
+"""The ``qblock`` command: create, info, write, read and map images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import List, Optional, Sequence
+
+from . import image as _image
+from .errors import InvalidParamError, QBlockError
+from .flags import O_CACHE_WB, O_RDWR
+from .formats import Format
+from .options import Qcow2Options, RawOptions
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_OPTION_CLASSES = {Format.QCOW2: Qcow2Options, Format.RAW: RawOptions}
+
+
+def parse_size(text: str) -> int:
+    """``1G``, ``512M``, ``4096``, ``64k`` -> bytes (binary units, as qemu-img)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([bkmgtpeBKMGTPE]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise InvalidParamError(f"not a size: {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _parse_o(opts: List[str]) -> dict:
+    out: dict = {}
+    for group in opts:
+        for item in group.split(","):
+            if not item:
+                continue
+            key, sep, val = item.partition("=")
+            if not sep:
+                raise InvalidParamError(f"option {item!r} needs key=value")
+            out[key.replace("-", "_")] = val
+    return out
+
+
+def _coerce(cls: type, key: str, val: str) -> object:
+    field = cls.__dataclass_fields__.get(key)
+    if field is None:
+        raise InvalidParamError(f"{cls.__name__} has no option {key!r}")
+    t = str(field.type)
+    if "bool" in t:
+        if val not in ("on", "off", "true", "false"):
+            raise InvalidParamError(f"option {key} takes on or off, not {val!r}")
+        return val in ("on", "true")
+    if "int" in t:
+        return parse_size(val)
+    if key == "backing_fmt":
+        return Format.from_str(val)
+    return val
+
+
+def cmd_create(a: argparse.Namespace) -> int:
+    fmt = Format.from_str(a.format)
+    cls = _OPTION_CLASSES.get(fmt)
+    if cls is None:
+        raise InvalidParamError(f"creating {a.format} images is not supported yet")
+    kw = {k: _coerce(cls, k, v) for k, v in _parse_o(a.o).items()}
+    if a.backing:
+        kw["backing"] = a.backing
+    if a.backing_format:
+        kw["backing_fmt"] = Format.from_str(a.backing_format)
+    kw["virt_size"] = parse_size(a.size) if a.size else 0
+    _image.create(a.filename, cls(**kw))
+    return 0
+
+
+def _info_dict(a: argparse.Namespace) -> dict:
+    with _image.open(a.filename, a.format, flags=0) as img:
+        i = img.info()
+    d = {
+        "filename": str(i.location),
+        "format": i.format.value,
+        "virtual-size": i.virt_size,
+        "encrypted": i.encrypted,
+        "dirty-flag": i.dirty,
+    }
+    if i.cluster_size is not None:
+        d["cluster-size"] = i.cluster_size
+    if i.actual_size is not None:
+        d["actual-size"] = i.actual_size
+    if i.backing_filename:
+        d["backing-filename"] = i.backing_filename
+        d["full-backing-filename"] = str(i.backing_location)
+    if i.backing_format:
+        d["backing-filename-format"] = i.backing_format.value
+    if i.format_specific:
+        d["format-specific"] = {"type": i.format.value, "data": i.format_specific}
+    return d
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    d = _info_dict(a)
+    if a.output == "json":
+        print(json.dumps(d, indent=4))
+    else:
+        for k, v in d.items():
+            print(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}")
+    return 0
+
+
+def cmd_write(a: argparse.Namespace) -> int:
+    length = parse_size(a.length)
+    with _image.open(a.filename, a.format, flags=O_RDWR | O_CACHE_WB) as img:
+        if a.zero:
+            img.write_zeroes(parse_size(a.offset), length)
+        else:
+            img.write(bytes([a.pattern & 0xFF]) * length, parse_size(a.offset))
+    return 0
+
+
+def cmd_read(a: argparse.Namespace) -> int:
+    with _image.open(a.filename, a.format, flags=0) as img:
+        sys.stdout.buffer.write(img.read(parse_size(a.length), parse_size(a.offset)))
+    return 0
+
+
+def cmd_map(a: argparse.Namespace) -> int:
+    with _image.open(a.filename, a.format, flags=0) as img:
+        print(json.dumps([e.to_qemu_map() for e in img.map()], indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qblock", description="Create, inspect and edit disk images.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="create an image")
+    c.add_argument("-f", "--format", default="qcow2")
+    c.add_argument("-o", action="append", default=[], help="key=value[,key=value...] format options")
+    c.add_argument("-b", "--backing")
+    c.add_argument("-F", "--backing-format")
+    c.add_argument("filename")
+    c.add_argument("size", nargs="?")
+    c.set_defaults(func=cmd_create)
+    i = sub.add_parser("info", help="print what an image says about itself")
+    i.add_argument("-f", "--format")
+    i.add_argument("--output", choices=("human", "json"), default="human")
+    i.add_argument("filename")
+    i.set_defaults(func=cmd_info)
+    w = sub.add_parser("write", help="write a byte pattern (or zeroes) into an image")
+    w.add_argument("-f", "--format")
+    w.add_argument("-P", "--pattern", type=lambda s: int(s, 0), default=0xCD)
+    w.add_argument("-z", "--zero", action="store_true")
+    w.add_argument("filename")
+    w.add_argument("offset")
+    w.add_argument("length")
+    w.set_defaults(func=cmd_write)
+    r = sub.add_parser("read", help="copy guest bytes to stdout")
+    r.add_argument("-f", "--format")
+    r.add_argument("filename")
+    r.add_argument("offset")
+    r.add_argument("length")
+    r.set_defaults(func=cmd_read)
+    m = sub.add_parser("map", help="print allocation like qemu-img map --output=json")
+    m.add_argument("-f", "--format")
+    m.add_argument("filename")
+    m.set_defaults(func=cmd_map)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except QBlockError as e:
+        print(f"qblock: {e.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

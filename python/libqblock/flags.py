@@ -1,0 +1,30 @@
+"""The seed's LIBQBLOCK_O_* open flags (same bit values as QEMU's BDRV_O_*)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class OpenFlag(enum.IntFlag):
+    RDWR = 0x0002
+    SNAPSHOT = 0x0008
+    NOCACHE = 0x0020
+    CACHE_WB = 0x0040
+    NO_BACKING = 0x0100
+    NO_FLUSH = 0x0200
+
+
+O_RDWR = OpenFlag.RDWR
+"""Open for reading and writing (read-only without it)."""
+O_SNAPSHOT = OpenFlag.SNAPSHOT
+"""Writes go to a temporary overlay and are discarded on close."""
+O_NOCACHE = OpenFlag.NOCACHE
+"""Bypass the host page cache (O_DIRECT)."""
+O_CACHE_WB = OpenFlag.CACHE_WB
+"""Write-back: writes reach the disk on flush/close; without it every write is flushed."""
+O_NO_BACKING = OpenFlag.NO_BACKING
+"""Do not open the backing file; unallocated ranges read as zeroes."""
+O_NO_FLUSH = OpenFlag.NO_FLUSH
+"""Never flush to the disk (scratch images)."""
+O_VALID_MASK = OpenFlag(O_RDWR | O_SNAPSHOT | O_NOCACHE | O_CACHE_WB | O_NO_BACKING | O_NO_FLUSH)
+"""Every flag bit libqblock knows; any other bit is an InvalidParamError."""

@@ -1,0 +1,223 @@
+"""Open images: the :class:`Image` object, :func:`open` and :func:`create`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+from . import _native
+from .errors import InvalidParamError
+from .flags import O_CACHE_WB, O_NO_BACKING, O_NO_FLUSH, O_NOCACHE, O_RDWR, O_SNAPSHOT, O_VALID_MASK
+from .formats import Format
+from .location import Location, PathLike
+from .options import ImageOptions
+
+Where = Union[Location, PathLike]
+
+
+@dataclass(frozen=True)
+class StaticInfo:
+    """What an image says about itself (``qemu-img info``)."""
+
+    location: Location
+    format: Format
+    virt_size: int
+    backing_location: Optional[Location]
+    backing_format: Optional[Format]
+    encrypted: bool
+    sector_size: int
+    cluster_size: Optional[int]
+    dirty: bool = False
+    actual_size: Optional[int] = None
+    backing_filename: Optional[str] = None
+    format_specific: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BlockStatus:
+    """Allocation of one run of the disk.
+
+    ``allocated`` is the seed's meaning (allocated in the top image);
+    ``present``, ``data``, ``zero`` and ``depth`` are ``qemu-img map``'s.
+    """
+
+    offset: int
+    length: int
+    allocated: bool
+    present: bool
+    data: bool
+    zero: bool
+    compressed: bool
+    depth: int
+    file: Optional[str]
+    file_offset: Optional[int]
+
+    def to_qemu_map(self) -> Dict[str, Any]:
+        """This extent as one entry of ``qemu-img map --output=json``."""
+        d: Dict[str, Any] = {
+            "start": self.offset,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+            "compressed": self.compressed,
+        }
+        if self.file_offset is not None:
+            d["offset"] = self.file_offset
+        return d
+
+
+class Image:
+    """An open image. Thread-safe: share one object between threads freely.
+
+    Use as a context manager, or call :meth:`close` (which flushes).
+    """
+
+    __slots__ = ("_n", "location", "flags")
+
+    def __init__(self, native: "_native.Image", location: Location, flags: int) -> None:
+        self._n = native
+        self.location = location
+        self.flags = flags
+
+    # C-file-like I/O -----------------------------------------------------
+    def read(self, length: int, offset: int) -> bytes:
+        """``length`` bytes from ``offset``; OutOfRangeError past the end."""
+        return self._n.read(length, offset)
+
+    def readinto(self, buffer: Any, offset: int) -> int:
+        """Fill any writable C-contiguous buffer in place; returns its size in bytes."""
+        return self._n.readinto(buffer, offset)
+
+    def write(self, data: Any, offset: int) -> int:
+        """Write any bytes-like object at ``offset``; returns the bytes written."""
+        return self._n.write(data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeroes (cheaply where the format allows)."""
+        self._n.write_zeroes(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._n.discard(offset, length)
+
+    def flush(self) -> None:
+        self._n.flush()
+
+    def truncate(self, size: int) -> None:
+        self._n.truncate(size)
+
+    def close(self) -> None:
+        """Flush and close. Closing twice raises InvalidParamError."""
+        self._n.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._n.closed
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._n.closed:
+            self._n.close()
+
+    # Allocation --------------------------------------------------------
+    def check_allocation(self, start: int, length: int) -> Tuple[bool, int]:
+        """The seed's query: (allocated in the top image, bytes sharing that answer)."""
+        return self._n.check_allocation(start, length)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        return BlockStatus(*self._n.block_status(offset, length))
+
+    def map(self, start: int = 0, length: Optional[int] = None) -> Iterator[BlockStatus]:
+        """Merged extents like ``qemu-img map``, for the whole disk by default."""
+        return (BlockStatus(*t) for t in self._n.map(start, length))
+
+    # Information -------------------------------------------------------
+    @property
+    def virt_size(self) -> int:
+        return self._n.virtual_size
+
+    @property
+    def format(self) -> Format:
+        return Format.from_str(self._n.format)
+
+    def info(self) -> StaticInfo:
+        d = self._n.info()
+        bfmt = d["backing_format"]
+        return StaticInfo(
+            location=self.location,
+            format=Format.from_str(d["format"]),
+            virt_size=d["virtual_size"],
+            backing_location=Location.file(d["full_backing_filename"]) if d["full_backing_filename"] else None,
+            backing_format=Format.from_str(bfmt) if bfmt else None,
+            encrypted=d["encrypted"],
+            sector_size=512,
+            cluster_size=d["cluster_size"],
+            dirty=d["dirty"],
+            actual_size=d["actual_size"],
+            backing_filename=d["backing_filename"],
+            format_specific=d["format_specific"],
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self._n.format
+        return f"<libqblock.Image {self.location} {state}>"
+
+
+def _check_flags(flags: int) -> None:
+    if isinstance(flags, bool) or not isinstance(flags, int):
+        raise InvalidParamError(f"flags must be an int of O_* bits, not {flags!r}")
+    if flags & ~int(O_VALID_MASK):
+        raise InvalidParamError(f"unknown flag bits {flags & ~int(O_VALID_MASK):#x}")
+
+
+def _fmt_name(fmt: Optional[Union[Format, str]]) -> Optional[str]:
+    if fmt is None:
+        return None
+    f = fmt if isinstance(fmt, Format) else Format.from_str(fmt)
+    if f is Format.NONE:
+        raise InvalidParamError(f"unknown format {fmt!r}")
+    return f.value
+
+
+def open(  # noqa: A001 - the seed's name
+    location: Where,
+    fmt: Optional[Union[Format, str]] = None,
+    flags: int = O_RDWR | O_CACHE_WB,
+) -> Image:
+    """Open an image; ``fmt`` None probes its format (see the README on raw probing)."""
+    _check_flags(flags)
+    loc = Location.of(location)
+    from .errors import UnsupportedError
+
+    if flags & O_SNAPSHOT:
+        raise UnsupportedError("O_SNAPSHOT (temporary overlay) is not supported yet")
+    if flags & O_NOCACHE:
+        raise UnsupportedError("O_NOCACHE (O_DIRECT) is not supported yet")
+    native = _native.open(
+        loc.protocol,
+        loc.target,
+        _fmt_name(fmt),
+        read_only=not (flags & O_RDWR),
+        no_backing=bool(flags & O_NO_BACKING),
+        write_through=not (flags & O_CACHE_WB),
+        no_flush=bool(flags & O_NO_FLUSH),
+    )
+    return Image(native, loc, flags)
+
+
+def create(location: Where, options: ImageOptions, flags: int = 0) -> None:
+    """Create an image (without opening it). The options' class names the format."""
+    _check_flags(flags)
+    if not isinstance(options, ImageOptions) or options.format is Format.NONE:
+        raise InvalidParamError("options must be one of the format option classes, e.g. Qcow2Options")
+    loc = Location.of(location)
+    _native.create(loc.protocol, loc.target, options.format.value, options.to_native())
+
+
+def probe(location: Where) -> Format:
+    """The format libqblock would pick for an image when none is given."""
+    loc = Location.of(location)
+    return Format.from_str(_native.probe(loc.protocol, loc.target))

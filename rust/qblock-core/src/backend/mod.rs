@@ -1,0 +1,68 @@
+//! Storage backends: where an image's bytes live (a local file, memory; later
+//! NBD, RBD, HTTP). Format drivers see only this trait, so every format works
+//! over every backend.
+
+pub mod file;
+pub mod memory;
+
+use crate::error::Result;
+
+/// One contiguous run of a backend's bytes and whether it holds data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostExtent {
+    /// True when the range may hold data; false for a hole that reads as zeroes.
+    pub data: bool,
+    pub len: u64,
+}
+
+/// Byte-addressed storage under a format driver.
+///
+/// Reads past the end return zeroes (as QEMU's file driver does), so a driver
+/// must compare against `len()` itself when a short file means corruption.
+pub trait Storage: Send + Sync {
+    /// Fill `buf` from `offset`; bytes past the end read as zeroes.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Write all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> Result<u64>;
+    /// Grow or shrink to exactly `len` bytes (new bytes read as zeroes).
+    fn set_len(&self, len: u64) -> Result<()>;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// A name for messages (a path, a URL).
+    fn describe(&self) -> String;
+
+    /// Allocation of `[offset, offset+len)`: the first run and its kind.
+    /// Backends that cannot tell report everything as data.
+    fn extent(&self, offset: u64, len: u64) -> Result<HostExtent> {
+        let _ = offset;
+        Ok(HostExtent { data: true, len })
+    }
+    /// Make `[offset, offset+len)` read as zeroes, freeing space where possible.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        write_zero_buffers(self, offset, len)
+    }
+    /// Reserve space for `[offset, offset+len)` (fallocate); default writes zeroes.
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    /// Bytes the storage really occupies (for `actual-size`); None if unknown.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Write `len` zero bytes at `offset` with plain writes, 1 MiB at a time.
+pub fn write_zero_buffers<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> Result<()> {
+    let chunk = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        s.write_at(&chunk[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

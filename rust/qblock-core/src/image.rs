@@ -1,0 +1,482 @@
+//! An open image: one driver per layer of its backing chain, and the loops
+//! every format shares — bounds checks, reads that fall through to the
+//! backing image, block status with depth, `map`, `check_allocation`.
+
+use crate::backend::Storage;
+use crate::driver::{BackingRef, Below, Driver, HostFile, Mapped, NoBacking};
+use crate::error::{corrupt, invalid, Error, Result};
+use crate::format_name::Format;
+use crate::info::InfoValue;
+use crate::location::Location;
+use crate::options::{CreateOptions, OptValue};
+use crate::registry::{self, OpenCtx};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Longest backing chain we open. QEMU has no fixed cap but detects loops;
+/// a cap also bounds file descriptors and the recursion of status queries.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// Do not open the backing file (reads of unallocated ranges give zeroes).
+    pub no_backing: bool,
+    /// Flush after every write (the seed's default without O_CACHE_WB).
+    pub write_through: bool,
+    /// Make flush a no-op (O_NO_FLUSH).
+    pub no_flush: bool,
+}
+
+/// Allocation of one run, across the whole chain (the seed's and
+/// `qemu-img map`'s view).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatus {
+    pub offset: u64,
+    pub len: u64,
+    /// Allocated in the top layer (the seed's `check_allocation` meaning).
+    pub allocated: bool,
+    /// Allocated in some layer of the chain (`qemu-img map`'s `present`).
+    pub present: bool,
+    pub data: bool,
+    pub zero: bool,
+    pub compressed: bool,
+    /// Layer that answered: 0 is the top image.
+    pub depth: u32,
+    /// Where the bytes are, when known: the host file's name and offset.
+    pub host: Option<(String, u64)>,
+}
+
+/// Static information about an open image.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub filename: String,
+    pub format: Format,
+    pub virtual_size: u64,
+    pub actual_size: Option<u64>,
+    pub backing_filename: Option<String>,
+    pub full_backing_filename: Option<String>,
+    pub backing_format: Option<String>,
+    pub encrypted: bool,
+    pub cluster_size: Option<u64>,
+    pub dirty: bool,
+    pub format_specific: Vec<(String, InfoValue)>,
+}
+
+pub struct Image {
+    driver: Box<dyn Driver>,
+    location: Location,
+    backing: Option<Box<Image>>,
+    read_only: bool,
+    write_through: bool,
+    no_flush: bool,
+    closed: AtomicBool,
+}
+
+impl Image {
+    /// Open an image and its backing chain. `format` None probes the top
+    /// image; backing images use the format the image above records, and
+    /// are probed only when none is recorded.
+    pub fn open(location: &Location, format: Option<Format>, opts: &OpenOptions) -> Result<Image> {
+        let mut seen = vec![location.identity()];
+        Self::open_layer(location, format, opts.read_only, !opts.no_backing, &mut seen, opts)
+    }
+
+    fn open_layer(
+        location: &Location,
+        format: Option<Format>,
+        read_only: bool,
+        with_backing: bool,
+        seen: &mut Vec<String>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let storage = location.open_storage(read_only)?;
+        let format = match format {
+            Some(f) => f,
+            None => registry::probe(storage.as_ref())?,
+        };
+        let ctx = OpenCtx { location, read_only };
+        let driver = (registry::open_fn(format)?)(storage, &ctx)
+            .map_err(|e| e.context(format!("{} image '{}'", format, location.describe())))?;
+        let mut backing = None;
+        if with_backing {
+            if let Some(b) = driver.backing() {
+                backing = Some(Box::new(Self::open_backing(location, &b, seen, opts)?));
+            }
+        }
+        Ok(Image {
+            driver,
+            location: location.clone(),
+            backing,
+            read_only,
+            write_through: opts.write_through,
+            no_flush: opts.no_flush,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn open_backing(top: &Location, b: &BackingRef, seen: &mut Vec<String>, opts: &OpenOptions) -> Result<Image> {
+        if seen.len() >= MAX_CHAIN_DEPTH {
+            return Err(corrupt(format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images")));
+        }
+        let loc = top.relative(&b.filename);
+        let id = loc.identity();
+        if seen.contains(&id) {
+            return Err(corrupt(format!("backing chain loops: '{}' is its own ancestor", b.filename)));
+        }
+        seen.push(id);
+        let fmt = match &b.format {
+            Some(name) => Some(
+                Format::from_name(name)
+                    .ok_or_else(|| corrupt(format!("unknown backing format '{name}' recorded in '{}'", top.describe())))?,
+            ),
+            None => None,
+        };
+        Self::open_layer(&loc, fmt, true, true, seen, opts)
+            .map_err(|e| e.context(format!("cannot open backing file '{}'", b.filename)))
+    }
+
+    /// Create an image. Generic options are resolved here for every format:
+    /// a size of 0 with a backing file takes the backing file's size, and a
+    /// backing file may not be the new image itself.
+    pub fn create(location: &Location, format: Format, mut opts: CreateOptions) -> Result<()> {
+        let create = registry::create_fn(format)?;
+        let backing = match opts.peek("backing_file") {
+            Some(OptValue::Str(s)) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(b) = &backing {
+            let bloc = location.relative(b);
+            if bloc.identity() == location.identity() {
+                return Err(invalid(format!("backing file '{b}' is the image being created")));
+            }
+            let size = match opts.peek("size") {
+                Some(OptValue::Int(s)) => *s,
+                None => 0,
+                Some(_) => return Err(invalid("option 'size' must be an integer")),
+            };
+            if size == 0 {
+                let bfmt = match opts.peek("backing_fmt") {
+                    Some(OptValue::Str(s)) => Some(
+                        Format::from_name(s).ok_or_else(|| invalid(format!("unknown backing format '{s}'")))?,
+                    ),
+                    _ => None,
+                };
+                let ro = OpenOptions { read_only: true, ..Default::default() };
+                let bimg = Image::open(&bloc, bfmt, &ro)
+                    .map_err(|e| e.context(format!("cannot open backing file '{b}' to take its size")))?;
+                opts.set("size", OptValue::Int(bimg.virtual_size()));
+            }
+        }
+        create(location, &mut opts)
+    }
+
+    pub fn format(&self) -> Format {
+        self.driver.format()
+    }
+    pub fn virtual_size(&self) -> u64 {
+        self.driver.virtual_size()
+    }
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+    pub fn backing_image(&self) -> Option<&Image> {
+        self.backing.as_deref()
+    }
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(invalid("the image is closed"));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.virtual_size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange(format!(
+                "range at {offset} of {len} bytes is beyond the virtual size {size}"
+            ))),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(invalid(format!("'{}' is open read-only", self.location.describe())));
+        }
+        Ok(())
+    }
+
+    /// Fill `buf` with guest bytes from `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_range(offset, buf.len() as u64)?;
+        self.read_layer(buf, offset)
+    }
+
+    fn read_layer(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let want = (buf.len() - done) as u64;
+            let m = self.driver.map(pos, want)?;
+            let n = m.len.min(want) as usize;
+            if n == 0 {
+                return Err(Error::Internal(format!("{} driver mapped an empty run at {pos}", self.format())));
+            }
+            let chunk = &mut buf[done..done + n];
+            match m.kind {
+                Mapped::Data { file, offset } => self.host(file)?.read_at(chunk, offset)?,
+                Mapped::Hole { .. } | Mapped::Zero { .. } => chunk.fill(0),
+                Mapped::Encoded => self.driver.read_encoded(chunk, pos)?,
+                Mapped::Unallocated => self.read_below_layer(chunk, pos)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Read what lies under this layer: the backing image, zeroes past its end.
+    fn read_below_layer(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.backing {
+            None => buf.fill(0),
+            Some(b) => {
+                let bsize = b.virtual_size();
+                let inside = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
+                if inside > 0 {
+                    b.read_layer(&mut buf[..inside], offset)?;
+                }
+                buf[inside..].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn host(&self, file: HostFile) -> Result<&dyn Storage> {
+        self.driver
+            .host_file(file)
+            .ok_or_else(|| Error::Internal(format!("{} driver mapped to unknown host file {file}", self.format())))
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.driver.write_at(buf, offset, self.below())?;
+        self.after_write()
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.driver.write_zeroes(offset, len, self.below())?;
+        self.after_write()
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.driver.discard(offset, len)?;
+        self.after_write()
+    }
+
+    fn below(&self) -> &dyn Below {
+        match &self.backing {
+            Some(b) => b.as_ref(),
+            None => &NoBacking,
+        }
+    }
+
+    fn after_write(&self) -> Result<()> {
+        if self.write_through && !self.no_flush {
+            self.driver.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        if self.no_flush || self.read_only {
+            return Ok(());
+        }
+        self.driver.flush()
+    }
+
+    pub fn truncate(&self, size: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.driver.truncate(size)
+    }
+
+    /// Flush and close; later calls on this image fail. Closing twice is an error.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Err(invalid("the image is already closed"));
+        }
+        let r = if self.read_only { Ok(()) } else { self.driver.close() };
+        if let Some(b) = &self.backing {
+            b.closed.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Status of the run starting at `offset`, at most `len` bytes long.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.check_open()?;
+        if len == 0 {
+            return Err(invalid("block status needs a length of at least 1"));
+        }
+        self.check_range(offset, len)?;
+        let top = self.driver.map_status(offset, len)?;
+        let len = top.len.clamp(1, len);
+        let allocated = top.kind != Mapped::Unallocated;
+        let mut st = self.layer_status(offset, len, 0)?;
+        st.allocated = allocated;
+        Ok(st)
+    }
+
+    fn layer_status(&self, offset: u64, len: u64, depth: u32) -> Result<BlockStatus> {
+        let m = self.driver.map_status(offset, len)?;
+        let len = m.len.clamp(1, len);
+        let host = |file: HostFile, off: u64| self.driver.host_file(file).map(|s| (s.describe(), off));
+        let mk = |present, data, zero, compressed, host| BlockStatus {
+            offset,
+            len,
+            allocated: false,
+            present,
+            data,
+            zero,
+            compressed,
+            depth,
+            host,
+        };
+        Ok(match m.kind {
+            Mapped::Data { file, offset: o } => mk(true, true, false, false, host(file, o)),
+            Mapped::Hole { file, offset: o } => mk(true, false, true, false, host(file, o)),
+            Mapped::Zero { host: h } => mk(true, false, true, false, h.and_then(|(f, o)| host(f, o))),
+            Mapped::Encoded => mk(true, true, false, true, None),
+            Mapped::Unallocated => match &self.backing {
+                Some(b) if offset < b.virtual_size() => {
+                    let blen = len.min(b.virtual_size() - offset);
+                    b.layer_status(offset, blen, depth + 1)?
+                }
+                // Past the backing image's end, or with no backing: zeroes,
+                // reported at the depth of the deepest layer as QEMU does.
+                _ => mk(false, false, true, false, None),
+            },
+        })
+    }
+
+    /// The seed's allocation query: whether `start` is allocated in the top
+    /// layer, and how many bytes from there (up to `len`) share that answer.
+    pub fn check_allocation(&self, start: u64, len: u64) -> Result<(bool, u64)> {
+        self.check_open()?;
+        if len == 0 {
+            return Err(invalid("check_allocation needs a length of at least 1"));
+        }
+        self.check_range(start, len)?;
+        let first = self.driver.map_status(start, len)?;
+        let status = first.kind != Mapped::Unallocated;
+        let mut done = first.len.clamp(1, len);
+        while done < len {
+            let m = self.driver.map_status(start + done, len - done)?;
+            if (m.kind != Mapped::Unallocated) != status {
+                break;
+            }
+            done += m.len.clamp(1, len - done);
+        }
+        Ok((status, done))
+    }
+
+    /// The whole disk as merged extents, like `qemu-img map`.
+    pub fn map(&self) -> Result<Vec<BlockStatus>> {
+        self.map_range(0, self.virtual_size())
+    }
+
+    pub fn map_range(&self, start: u64, len: u64) -> Result<Vec<BlockStatus>> {
+        self.check_open()?;
+        self.check_range(start, len)?;
+        let mut out: Vec<BlockStatus> = Vec::new();
+        let mut pos = start;
+        let end = start + len;
+        while pos < end {
+            let st = self.block_status(pos, end - pos)?;
+            pos += st.len;
+            if let Some(last) = out.last_mut() {
+                if mergeable(last, &st) {
+                    last.len += st.len;
+                    continue;
+                }
+            }
+            out.push(st);
+        }
+        Ok(out)
+    }
+
+    pub fn info(&self) -> Result<ImageInfo> {
+        self.check_open()?;
+        let d = self.driver.info()?;
+        let b = self.driver.backing();
+        let actual_size = self.driver.host_file(0).and_then(|s| s.allocated_bytes());
+        Ok(ImageInfo {
+            filename: self.location.describe(),
+            format: self.format(),
+            virtual_size: self.virtual_size(),
+            actual_size,
+            full_backing_filename: b.as_ref().map(|b| self.location.relative(&b.filename).describe()),
+            backing_filename: b.as_ref().map(|b| b.filename.clone()),
+            backing_format: b.and_then(|b| b.format),
+            encrypted: d.encrypted,
+            cluster_size: d.cluster_size,
+            dirty: d.dirty,
+            format_specific: d.format_specific,
+        })
+    }
+}
+
+/// Two adjacent extents print as one in `qemu-img map` when everything but
+/// the length agrees and the host offsets continue.
+fn mergeable(a: &BlockStatus, b: &BlockStatus) -> bool {
+    let flags = a.allocated == b.allocated
+        && a.present == b.present
+        && a.data == b.data
+        && a.zero == b.zero
+        && a.compressed == b.compressed
+        && a.depth == b.depth;
+    let host = match (&a.host, &b.host) {
+        (None, None) => true,
+        (Some((fa, oa)), Some((fb, ob))) => fa == fb && oa.checked_add(a.len) == Some(*ob),
+        _ => false,
+    };
+    flags && host
+}
+
+impl Below for Image {
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.virtual_size();
+        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if inside > 0 {
+            self.read_layer(&mut buf[..inside], offset)?;
+        }
+        buf[inside..].fill(0);
+        Ok(())
+    }
+    fn has_backing(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,68 @@
+//! Where an image lives. Only local files are served now; other protocols
+//! (NBD, RBD, HTTP) arrive with their backends.
+
+use crate::backend::{file::FileStorage, Storage};
+use crate::error::{unsupported, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File(PathBuf),
+    /// A protocol we know by name but do not serve yet.
+    Other { protocol: String, target: String },
+}
+
+impl Location {
+    pub fn file(p: impl Into<PathBuf>) -> Location {
+        Location::File(p.into())
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Location::File(p) => p.display().to_string(),
+            Location::Other { protocol, target } => format!("{protocol}:{target}"),
+        }
+    }
+
+    /// Open the storage behind this location.
+    pub fn open_storage(&self, read_only: bool) -> Result<Arc<dyn Storage>> {
+        match self {
+            Location::File(p) => Ok(Arc::new(FileStorage::open(p, read_only)?)),
+            Location::Other { protocol, .. } => Err(unsupported(format!("the {protocol} protocol is not supported yet"))),
+        }
+    }
+
+    /// Create (truncate) the storage for a new image.
+    pub fn create_storage(&self) -> Result<Arc<dyn Storage>> {
+        match self {
+            Location::File(p) => Ok(Arc::new(FileStorage::create(p)?)),
+            Location::Other { protocol, .. } => Err(unsupported(format!("the {protocol} protocol is not supported yet"))),
+        }
+    }
+
+    /// A name recorded inside this image (backing file, data file), resolved
+    /// as QEMU does: absolute names stand, relative ones are relative to the
+    /// directory of this image.
+    pub fn relative(&self, name: &str) -> Location {
+        match self {
+            Location::File(p) => {
+                let n = Path::new(name);
+                if n.is_absolute() {
+                    return Location::File(n.to_path_buf());
+                }
+                let dir = p.parent().unwrap_or(Path::new(""));
+                Location::File(dir.join(n))
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// An identity for loop detection: the canonical path where it exists.
+    pub fn identity(&self) -> String {
+        match self {
+            Location::File(p) => std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string(),
+            other => other.describe(),
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The table of formats: how to probe, open and create each one. Adding a
+//! format means adding its module and one entry in `format::ENTRIES`.
+
+use crate::backend::Storage;
+use crate::driver::Driver;
+use crate::error::{unsupported, Result};
+use crate::format;
+use crate::format_name::Format;
+use crate::location::Location;
+use crate::options::CreateOptions;
+use std::sync::Arc;
+
+/// Bytes read from the start of an image for probing (QEMU reads 2 KiB;
+/// some of our probes look a little further).
+pub const PROBE_HEAD: usize = 4096;
+
+/// What a driver gets when it opens.
+pub struct OpenCtx<'a> {
+    /// Where the image is, for names recorded relative to it.
+    pub location: &'a Location,
+    pub read_only: bool,
+}
+
+/// Score how likely `head` (the first bytes) and `storage` hold this format:
+/// 0 = no, 100 = certain (a magic number), 1 = raw's fallback.
+pub type ProbeFn = fn(head: &[u8], storage: &dyn Storage) -> u32;
+pub type OpenFn = fn(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>>;
+/// Create a new image. Generic options (`size`, `backing_file`) are already
+/// resolved: a size of 0 with a backing file has become the backing's size.
+pub type CreateFn = fn(location: &Location, opts: &mut CreateOptions) -> Result<()>;
+
+pub struct FormatEntry {
+    pub format: Format,
+    pub probe: Option<ProbeFn>,
+    pub open: Option<OpenFn>,
+    pub create: Option<CreateFn>,
+}
+
+pub fn entry(f: Format) -> Option<&'static FormatEntry> {
+    format::ENTRIES.iter().find(|e| e.format == f)
+}
+
+pub fn open_fn(f: Format) -> Result<OpenFn> {
+    entry(f)
+        .and_then(|e| e.open)
+        .ok_or_else(|| unsupported(format!("opening {f} images is not supported yet")))
+}
+
+pub fn create_fn(f: Format) -> Result<CreateFn> {
+    entry(f)
+        .and_then(|e| e.create)
+        .ok_or_else(|| unsupported(format!("creating {f} images is not supported yet")))
+}
+
+/// Pick the format with the highest probe score; raw when nothing claims it.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let mut head = vec![0u8; PROBE_HEAD];
+    let len = storage.len()?;
+    storage.read_at(&mut head, 0)?;
+    head.truncate(len.min(PROBE_HEAD as u64) as usize);
+    let mut best = (0u32, Format::Raw);
+    for e in format::ENTRIES {
+        if let Some(p) = e.probe {
+            let score = p(&head, storage);
+            if score > best.0 {
+                best = (score, e.format);
+            }
+        }
+    }
+    Ok(best.1)
+}

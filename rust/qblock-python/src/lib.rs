@@ -1,0 +1,17 @@
+//! `libqblock._native`: PyO3 bindings over qblock-core. Conversion, GIL
+//! release and error mapping only; no format knowledge lives here.
+
+mod buffer;
+mod errors;
+mod image;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<image::PyImage>()?;
+    m.add_function(wrap_pyfunction!(image::open, m)?)?;
+    m.add_function(wrap_pyfunction!(image::create, m)?)?;
+    m.add_function(wrap_pyfunction!(image::probe, m)?)?;
+    Ok(())
+}

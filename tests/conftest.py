@@ -1,0 +1,69 @@
+"""Shared fixtures: qemu-img/qemu-io as the oracle, temporary images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+
+
+def _require(tool: Any, name: str) -> str:
+    # CI installs qemu-utils, so a missing oracle is a failure, not a skip.
+    if tool is None:
+        pytest.fail(f"{name} is required for the tests (apt-get install qemu-utils)")
+    return tool
+
+
+def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([_require(QEMU_IMG, "qemu-img"), *args], capture_output=True, text=True, check=check)
+
+
+def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> str:
+    args = [_require(QEMU_IO, "qemu-io"), "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    r = subprocess.run([*args, path], capture_output=True, text=True)
+    if r.returncode != 0 or "error" in r.stderr.lower() or "failed" in r.stdout.lower():
+        raise AssertionError(f"qemu-io failed: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def qemu_info(path: str, *extra: str) -> dict:
+    return json.loads(qemu_img("info", "--output=json", *extra, path).stdout)
+
+
+def qemu_map(path: str, *extra: str) -> List[dict]:
+    return json.loads(qemu_img("map", "--output=json", *extra, path).stdout)
+
+
+def qemu_raw_bytes(path: str, tmp: Path, *extra: str) -> bytes:
+    out = tmp / f"oracle-{os.getpid()}-{abs(hash(path))}.raw"
+    qemu_img("convert", *extra, "-O", "raw", path, str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def qemu_check(path: str) -> dict:
+    r = qemu_img("check", "--output=json", path, check=False)
+    assert r.returncode == 0, f"qemu-img check failed ({r.returncode}): {r.stdout}{r.stderr}"
+    return json.loads(r.stdout)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path
