@@ -37,7 +37,7 @@ pub struct FormatEntry {
 }
 
 pub fn entry(f: Format) -> Option<&'static FormatEntry> {
-    format::ENTRIES.iter().find(|e| e.format == f)
+    format::entries().find(|e| e.format == f)
 }
 
 pub fn open_fn(f: Format) -> Result<OpenFn> {
@@ -59,7 +59,7 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     storage.read_at(&mut head, 0)?;
     head.truncate(len.min(PROBE_HEAD as u64) as usize);
     let mut best = (0u32, Format::Raw);
-    for e in format::ENTRIES {
+    for e in format::entries() {
         if let Some(p) = e.probe {
             let score = p(&head, storage);
             if score > best.0 {
