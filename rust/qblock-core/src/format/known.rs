@@ -67,7 +67,7 @@ pub static ENTRIES: &[FormatEntry] = &[
     }),
     probe_only(Format::Bochs, |h, _| if h.starts_with(b"Bochs Virtual HD Image\0") { 100 } else { 0 }),
     probe_only(Format::Cloop, |h, _| {
-        if h.starts_with(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$1 && mount -r -t iso9660 /dev/cloop $2\n") {
+        if h.starts_with(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n") {
             100
         } else {
             0
