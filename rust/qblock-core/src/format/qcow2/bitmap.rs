@@ -1,0 +1,57 @@
+//! Persistent dirty bitmaps (docs/interop/qcow2.txt: "Bitmaps extension",
+//! "Bitmap directory"). We do not track writes in bitmaps. Before our first
+//! write we set the `in_use` flag of every enabled (`auto`) bitmap, which
+//! the spec defines as "may be inconsistent": QEMU then refuses to trust
+//! it, while the image stays consistent (clearing the autoclear bit
+//! instead would make QEMU ignore the whole directory and report its
+//! clusters as leaked). Disabled bitmaps do not follow writes and stay as
+//! they are; bitmap data clusters are never touched.
+
+use super::header::BitmapsExt;
+use super::types::*;
+use crate::backend::Storage;
+use crate::error::{corrupt, try_zeroed, Result};
+
+const FLAG_IN_USE: u32 = 1 << 0;
+const FLAG_AUTO: u32 = 1 << 1;
+/// Fixed part of a directory entry.
+const ENTRY_HEADER: u64 = 24;
+
+/// Offsets (within the directory) of the flags of each entry, checked.
+pub fn entries(dir: &[u8], nb: u32) -> Result<Vec<(usize, u32)>> {
+    let mut out = Vec::new();
+    let mut p = 0u64;
+    let len = dir.len() as u64;
+    for i in 0..nb {
+        if len - p < ENTRY_HEADER {
+            return Err(corrupt(format!("bitmap directory entry {i} overruns the directory")));
+        }
+        let at = p as usize;
+        let flags = be32(dir, at + 12);
+        let name_size = u64::from(be16(dir, at + 18));
+        let extra = u64::from(be32(dir, at + 20));
+        let size = ENTRY_HEADER + extra + name_size;
+        let padded = (size + 7) & !7;
+        if padded > len - p {
+            return Err(corrupt(format!("bitmap directory entry {i} of {size} bytes overruns the directory")));
+        }
+        out.push((at + 12, flags));
+        p += padded;
+    }
+    Ok(out)
+}
+
+pub fn mark_in_use(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Result<()> {
+    let end = ext.directory_offset.checked_add(ext.directory_size);
+    if ext.directory_offset < cs || end.is_none_or(|e| e > file_end) {
+        return Err(corrupt("bitmap directory is outside the image file"));
+    }
+    let mut dir = try_zeroed(ext.directory_size as usize, "bitmap directory")?; // capped at 64 MiB
+    file.read_at(&mut dir, ext.directory_offset)?;
+    for (at, flags) in entries(&dir, ext.nb_bitmaps)? {
+        if flags & FLAG_AUTO != 0 && flags & FLAG_IN_USE == 0 {
+            file.write_at(&(flags | FLAG_IN_USE).to_be_bytes(), ext.directory_offset + at as u64)?;
+        }
+    }
+    Ok(())
+}

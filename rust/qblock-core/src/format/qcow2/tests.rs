@@ -1,0 +1,1 @@
+//! Unit tests of the driver on in-memory images.

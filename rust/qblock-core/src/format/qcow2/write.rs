@@ -1,0 +1,500 @@
+//! The write path: writes into allocated clusters in place, allocation of
+//! new clusters with copy-on-write of the bytes a write does not cover
+//! (from the backing chain, zero units, shared or compressed clusters),
+//! zero clusters, growing the image (docs/interop/qcow2.txt: "Cluster
+//! mapping", "Copied flag", "Extended L2 Entries").
+//!
+//! Locking: a write into clusters whose copied flag is set (refcount 1,
+//! ours alone) needs only the L2 lookup's read lock; everything that
+//! changes metadata serializes on the allocation mutex.
+//!
+//! Crash order, for every metadata update here: refcounts are raised first
+//! (`Refcounts::alloc`), then the data is written, then the L2 entry, then
+//! (for a new L2 table) the L1 entry, then the header; references are
+//! dropped (refcount lowered) only after nothing points at the cluster.
+//! A crash at any point leaves at worst leaked clusters, never a reference
+//! to a cluster with a wrong refcount or to unwritten data.
+
+use super::bitmap;
+use super::header::{OFF_AUTOCLEAR, OFF_L1_SIZE, OFF_SIZE};
+use super::refcount::Refcounts;
+use super::types::*;
+use super::Qcow2;
+use crate::backend::Storage;
+use crate::driver::Below;
+use crate::error::{invalid, try_zeroed, unsupported, Error, Result};
+use parking_lot::MutexGuard;
+use std::sync::atomic::Ordering;
+
+/// Largest run of new clusters one allocation writes at once: bounds the
+/// buffer a single write assembles (at least one cluster).
+const MAX_RUN_BYTES: u64 = 8 << 20;
+/// Buffer for writing zero bytes.
+const ZERO_CHUNK: usize = 1 << 20;
+
+impl Qcow2 {
+    fn data_storage(&self) -> &dyn Storage {
+        match &self.data {
+            Some(d) => d.as_ref(),
+            None => self.file.as_ref(),
+        }
+    }
+
+    /// The allocation state, loaded (and the image prepared for writing)
+    /// on first use.
+    fn lock_alloc(&self) -> Result<MutexGuard<'_, Option<Refcounts>>> {
+        if self.read_only {
+            return Err(invalid("the image is open read-only"));
+        }
+        let mut g = self.alloc.lock();
+        if g.is_none() {
+            let len = self.file.len()?;
+            let mut rc = Refcounts::load(
+                self.file.as_ref(),
+                self.g.cluster_bits,
+                self.hdr.refcount_order,
+                self.hdr.refcount_table_offset,
+                self.hdr.refcount_table_clusters,
+                len,
+            )?;
+            rc.next_free = rc.next_free.max(self.file_end.load(Ordering::Relaxed));
+            *g = Some(rc);
+        }
+        if !self.prepared.load(Ordering::Acquire) {
+            self.prepare_locked()?;
+            self.prepared.store(true, Ordering::Release);
+        }
+        Ok(g)
+    }
+
+    /// Before the first write: mark enabled bitmaps in use (we do not
+    /// update them) and clear autoclear bits we do not know, as the spec
+    /// asks of a program that modifies the image without knowing them.
+    fn prepare_locked(&self) -> Result<()> {
+        let h = &self.hdr;
+        if h.version < 3 {
+            return Ok(());
+        }
+        if let Some(b) = &h.bitmaps {
+            if h.autoclear & AUTOCLEAR_BITMAPS != 0 {
+                bitmap::mark_in_use(self.file.as_ref(), b, self.g.cluster_size, self.file_end.load(Ordering::Relaxed))?;
+            }
+        }
+        if h.autoclear & !AUTOCLEAR_KNOWN != 0 {
+            self.file.write_at(&(h.autoclear & AUTOCLEAR_KNOWN).to_be_bytes(), OFF_AUTOCLEAR)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_prepared(&self) -> Result<()> {
+        if !self.prepared.load(Ordering::Acquire) {
+            drop(self.lock_alloc()?);
+        }
+        Ok(())
+    }
+
+    /// We wrote up to `end` in the image file.
+    fn note_end(&self, end: u64) {
+        self.file_end.fetch_max(end, Ordering::Relaxed);
+    }
+
+    /// Allocate `n` clusters for data: at the end of the image file, or at
+    /// the guest offset in an external data file (as QEMU does; such
+    /// clusters have no refcounts).
+    fn alloc_data(&self, rc: &mut Refcounts, guest: u64, n: u64) -> Result<u64> {
+        if self.has_data_file() {
+            return Ok(guest);
+        }
+        let host = rc.alloc(self.file.as_ref(), n)?;
+        self.note_end(host + n * self.g.cluster_size);
+        Ok(host)
+    }
+
+    /// Write L2 words at entry `ci` of the table at `l2_off`: disk first,
+    /// then the cache.
+    fn set_l2(&self, l2_off: u64, ci: usize, words: &[u64]) -> Result<()> {
+        let mut raw = Vec::with_capacity(words.len() * 8);
+        for w in words {
+            raw.extend_from_slice(&w.to_be_bytes());
+        }
+        let at = ci * self.g.words();
+        self.file.write_at(&raw, l2_off + at as u64 * 8)?;
+        self.l2.update(l2_off, at, words);
+        Ok(())
+    }
+
+    /// Entries `ci..ci+n` of a table, as words.
+    fn l2_words(&self, l2_off: u64, ci: usize, n: usize) -> Result<Vec<u64>> {
+        let w = self.g.words();
+        self.l2.with(self.file.as_ref(), l2_off, |t| t[ci * w..(ci + n) * w].to_vec())
+    }
+
+    /// An L2 table for L1 entry `idx` that we may modify: allocated if
+    /// missing, copied if shared with a snapshot (copied flag clear).
+    fn writable_l2(&self, rc: &mut Refcounts, idx: usize) -> Result<u64> {
+        let (l1e, l1_off) = {
+            let l1 = self.l1.read();
+            (l1.entries[idx], l1.offset)
+        };
+        let old = l1e & OFFSET_MASK;
+        if old != 0 && l1e & COPIED != 0 {
+            return Ok(old);
+        }
+        let cs = self.g.cluster_size;
+        let words = if old == 0 { vec![0u64; (cs / 8) as usize] } else { self.l2.copy(self.file.as_ref(), old)? };
+        // Refcount first, then the table's content, then the L1 entry.
+        let new = rc.alloc(self.file.as_ref(), 1)?;
+        self.note_end(new + cs);
+        let mut raw = try_zeroed(cs as usize, "L2 table")?;
+        for (i, w) in words.iter().enumerate() {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&w.to_be_bytes());
+        }
+        self.file.write_at(&raw, new)?;
+        self.l2.install(new, words);
+        let ne = new | COPIED;
+        self.file.write_at(&ne.to_be_bytes(), l1_off + idx as u64 * 8)?;
+        self.l1.write().entries[idx] = ne;
+        if old != 0 {
+            // The active L1 no longer uses the shared table.
+            rc.update(self.file.as_ref(), old >> self.g.cluster_bits, 1, -1)?;
+            self.l2.forget(old);
+        }
+        Ok(new)
+    }
+
+    /// True for an entry with no host cluster (unallocated or plain zero).
+    fn is_fresh(&self, e: u64) -> bool {
+        e & COMPRESSED == 0 && e & OFFSET_MASK == 0 && !(self.has_data_file() && e & COPIED != 0)
+    }
+
+    /// Fill `dst` with the current guest content of bytes `from..from+len`
+    /// of the cluster at guest offset `cl_guest`, described by `(e, bm)`.
+    fn fill_old(&self, e: u64, bm: u64, cl_guest: u64, from: u64, dst: &mut [u8], below: &dyn Below) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let g = &self.g;
+        if e & COMPRESSED != 0 {
+            let mut tmp = try_zeroed(g.cluster_size as usize, "decompressed cluster")?;
+            self.decompress_entry(e, &mut tmp)?;
+            dst.copy_from_slice(&tmp[from as usize..from as usize + dst.len()]);
+            return Ok(());
+        }
+        let us = g.unit_size();
+        let to = from + dst.len() as u64;
+        let mut p = from;
+        while p < to {
+            let u = p >> g.unit_bits;
+            let unit_end = ((u + 1) * us).min(to);
+            let d = &mut dst[(p - from) as usize..(unit_end - from) as usize];
+            match decode(g, e, bm, u as u32, self.has_data_file())? {
+                Unit::Data { host, .. } => {
+                    self.check_host(e & OFFSET_MASK)?;
+                    self.data_storage().read_at(d, host + (p - u * us))?;
+                }
+                Unit::ZeroAlloc { .. } | Unit::ZeroPlain => d.fill(0),
+                Unit::Unallocated => below.read_below(d, cl_guest + p)?,
+                Unit::Compressed => return Err(Error::Internal("compressed unit in a plain cluster".into())),
+            }
+            p = unit_end;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_impl(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        self.ensure_prepared()?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let rest = &buf[done..];
+            let (u, n) = self.scan(pos, rest.len() as u64)?;
+            if let Unit::Data { host, copied: true } = u {
+                // Our own cluster: write in place, no metadata lock.
+                let n = n as usize;
+                self.data_storage().write_at(&rest[..n], host)?;
+                done += n;
+                continue;
+            }
+            let mut g = self.lock_alloc()?;
+            let rc = g.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+            done += self.write_slow(rc, rest, pos, below)?;
+        }
+        Ok(())
+    }
+
+    /// Write the start of `data` at `pos` where metadata must change;
+    /// returns how many bytes were written (at least one).
+    fn write_slow(&self, rc: &mut Refcounts, data: &[u8], pos: u64, below: &dyn Below) -> Result<usize> {
+        let g = self.g;
+        let cs = g.cluster_size;
+        let (l1_idx, _) = self.l2_for(pos)?;
+        let l2_off = self.writable_l2(rc, l1_idx)?;
+        let ci = ((pos >> g.cluster_bits) & (g.l2_entries() - 1)) as usize;
+        let in_cl = pos & (cs - 1);
+        let cl_guest = pos - in_cl;
+        let w = g.words();
+        let first = self.l2_words(l2_off, ci, 1)?;
+        let (e0, bm0) = (first[0], if g.extended { first[1] } else { 0 });
+
+        if self.is_fresh(e0) {
+            // A run of clusters without host clusters: allocate them together.
+            let touched = (in_cl + data.len() as u64).div_ceil(cs);
+            let max = touched.min(g.l2_entries() - ci as u64).min((MAX_RUN_BYTES / cs).max(1)) as usize;
+            let words = self.l2_words(l2_off, ci, max)?;
+            let mut n = 1usize;
+            while n < max && self.is_fresh(words[n * w]) {
+                n += 1;
+            }
+            let run = n as u64 * cs;
+            let wlen = (data.len() as u64).min(run - in_cl) as usize;
+            let mut buf = try_zeroed(run as usize, "cluster run")?;
+            self.fill_old(e0, bm0, cl_guest, 0, &mut buf[..in_cl as usize], below)?;
+            let end = in_cl as usize + wlen;
+            if (end as u64) < run {
+                let last = n - 1;
+                let (el, bml) = (words[last * w], if g.extended { words[last * w + 1] } else { 0 });
+                let lstart = last as u64 * cs;
+                self.fill_old(el, bml, cl_guest + lstart, end as u64 - lstart, &mut buf[end..], below)?;
+            }
+            buf[in_cl as usize..end].copy_from_slice(&data[..wlen]);
+            // Refcounts (alloc), then data, then L2.
+            let host = self.alloc_data(rc, cl_guest, n as u64)?;
+            self.data_storage().write_at(&buf, host)?;
+            let mut new = Vec::with_capacity(n * w);
+            for k in 0..n as u64 {
+                new.push((host + k * cs) | COPIED);
+                if g.extended {
+                    new.push(0xffff_ffff);
+                }
+            }
+            self.set_l2(l2_off, ci, &new)?;
+            return Ok(wlen);
+        }
+
+        // One cluster that has (or had) a host cluster.
+        let wlen = (data.len() as u64).min(cs - in_cl) as usize;
+        let compressed = e0 & COMPRESSED != 0;
+        let old_host = e0 & OFFSET_MASK;
+        let in_place = !compressed && (e0 & COPIED != 0 || self.has_data_file());
+        let mut buf = try_zeroed(cs as usize, "cluster")?;
+        self.fill_old(e0, bm0, cl_guest, 0, &mut buf[..in_cl as usize], below)?;
+        let end = in_cl as usize + wlen;
+        self.fill_old(e0, bm0, cl_guest, end as u64, &mut buf[end..], below)?;
+        buf[in_cl as usize..end].copy_from_slice(&data[..wlen]);
+        let host = if in_place {
+            self.check_host(old_host)?;
+            old_host
+        } else {
+            self.alloc_data(rc, cl_guest, 1)?
+        };
+        self.data_storage().write_at(&buf, host)?;
+        let mut new = vec![host | COPIED];
+        if g.extended {
+            new.push(0xffff_ffff);
+        }
+        if new[..] != [e0, bm0][..w] {
+            self.set_l2(l2_off, ci, &new)?;
+        }
+        if !in_place && !self.has_data_file() {
+            // Nothing points at the old cluster from the active table now.
+            if compressed {
+                let (first, count) = self.compressed_clusters(e0);
+                rc.update(self.file.as_ref(), first, count, -1)?;
+            } else if old_host != 0 {
+                rc.update(self.file.as_ref(), old_host >> g.cluster_bits, 1, -1)?;
+            }
+        }
+        Ok(wlen)
+    }
+
+    /// Write zero bytes through the normal write path.
+    fn write_zero_bytes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        let zeros = vec![0u8; len.min(ZERO_CHUNK as u64) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_impl(&zeros[..n], offset + done, below)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    pub(super) fn zero_impl(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        self.ensure_prepared()?;
+        let g = self.g;
+        let end = offset.checked_add(len).ok_or_else(|| invalid("range overflows"))?;
+        if self.hdr.version < 3 {
+            // Version 2 has no zero flag: skip what already reads as zeroes
+            // without a backing file, write zeroes elsewhere.
+            let mut pos = offset;
+            while pos < end {
+                let (u, n) = self.scan(pos, end - pos)?;
+                let skip = matches!(u, Unit::ZeroPlain | Unit::ZeroAlloc { .. })
+                    || (u == Unit::Unallocated && !below.has_backing());
+                if !skip {
+                    self.write_zero_bytes(pos, n, below)?;
+                }
+                pos += n;
+            }
+            return Ok(());
+        }
+        let us = g.unit_size();
+        let mut pos = offset;
+        while pos < end {
+            if pos & (us - 1) != 0 {
+                let n = align_up(pos, us)?.min(end) - pos;
+                self.write_zero_bytes(pos, n, below)?;
+                pos += n;
+                continue;
+            }
+            if end - pos < us {
+                self.write_zero_bytes(pos, end - pos, below)?;
+                break;
+            }
+            let table_end = ((pos >> g.l2_cover_bits()) + 1) << g.l2_cover_bits();
+            let stop = (end & !(us - 1)).min(table_end);
+            let partial = self.zero_units(pos, stop, below)?;
+            for (o, l) in partial {
+                self.write_zero_bytes(o, l, below)?;
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+
+    /// Mark the whole units in `[start, stop)` (one L2 table) as zero.
+    /// Returns ranges that must be written as zero bytes instead (parts of
+    /// compressed clusters with extended L2).
+    fn zero_units(&self, start: u64, stop: u64, below: &dyn Below) -> Result<Vec<(u64, u64)>> {
+        let g = self.g;
+        let cs = g.cluster_size;
+        let mut partial = Vec::new();
+        let mut guard = self.lock_alloc()?;
+        let rc = guard.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+        let (l1_idx, l2_cur) = self.l2_for(start)?;
+        if l2_cur == 0 && !below.has_backing() {
+            return Ok(partial); // reads as zeroes already
+        }
+        if self.hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0 {
+            // The raw data file must show the guest content itself.
+            if let Some(d) = &self.data {
+                d.write_zeroes(start, stop - start)?;
+            }
+        }
+        let l2_off = self.writable_l2(rc, l1_idx)?;
+        let w = g.words();
+        let ci0 = ((start >> g.cluster_bits) & (g.l2_entries() - 1)) as usize;
+        let n = ((stop - 1) >> g.cluster_bits) - (start >> g.cluster_bits) + 1;
+        let old = self.l2_words(l2_off, ci0, n as usize)?;
+        let mut new = old.clone();
+        let mut release: Vec<(u64, u64)> = Vec::new();
+        for k in 0..n as usize {
+            let cl = ((start >> g.cluster_bits) + k as u64) << g.cluster_bits;
+            let (a, b) = (start.max(cl), stop.min(cl + cs));
+            let e = old[k * w];
+            let compressed = e & COMPRESSED != 0;
+            let host = e & OFFSET_MASK;
+            let allocated = !self.is_fresh(e) && !compressed;
+            let shared = allocated && e & COPIED == 0 && !self.has_data_file();
+            if g.extended {
+                let first_sc = ((a - cl) >> g.unit_bits) as u32;
+                let count = ((b - a) >> g.unit_bits) as u32;
+                let mask: u64 = if count == 32 { 0xffff_ffff } else { ((1u64 << count) - 1) << first_sc };
+                if compressed {
+                    if count == 32 {
+                        new[k * w] = 0;
+                        new[k * w + 1] = 0xffff_ffff << 32;
+                        release.push(self.compressed_clusters(e));
+                    } else {
+                        partial.push((a, b - a));
+                    }
+                } else if shared && count == 32 {
+                    new[k * w] = 0;
+                    new[k * w + 1] = 0xffff_ffff << 32;
+                    release.push((host >> g.cluster_bits, 1));
+                } else {
+                    let bm = old[k * w + 1];
+                    new[k * w + 1] = (bm & !mask) | (mask << 32);
+                }
+            } else if compressed {
+                new[k] = ZERO_FLAG;
+                release.push(self.compressed_clusters(e));
+            } else if shared || !allocated {
+                new[k] = ZERO_FLAG;
+                if shared {
+                    release.push((host >> g.cluster_bits, 1));
+                }
+            } else {
+                // Keep our own cluster allocated, reading as zeroes.
+                new[k] = (e & (OFFSET_MASK | COPIED)) | ZERO_FLAG;
+            }
+        }
+        if new != old {
+            self.set_l2(l2_off, ci0, &new)?;
+        }
+        for (first, count) in release {
+            rc.update(self.file.as_ref(), first, count, -1)?;
+        }
+        Ok(partial)
+    }
+
+    pub(super) fn truncate_impl(&self, size: u64) -> Result<()> {
+        let cur = self.size.load(Ordering::Relaxed);
+        if size < cur {
+            return Err(unsupported("shrinking qcow2 images is not supported"));
+        }
+        if size == cur {
+            return Ok(());
+        }
+        if size > i64::MAX as u64 {
+            return Err(invalid(format!("size {size} does not fit in 63 bits")));
+        }
+        let g = self.g;
+        let cs = g.cluster_size;
+        let mut guard = self.lock_alloc()?;
+        let rc = guard.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+        let need = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
+        let (old_off, old_len) = {
+            let l1 = self.l1.read();
+            (l1.offset, l1.entries.len() as u64)
+        };
+        if need > old_len {
+            if need * 8 > MAX_L1_BYTES {
+                return Err(Error::OutOfRange(format!("size {size} needs an L1 table beyond the 32 MiB cap")));
+            }
+            let clusters = (need * 8).div_ceil(cs);
+            // Refcount, then the new table, then the header, then release the old one.
+            let off = rc.alloc(self.file.as_ref(), clusters)?;
+            self.note_end(off + clusters * cs);
+            let mut entries = self.l1.read().entries.clone();
+            entries.resize(need as usize, 0);
+            let mut raw = try_zeroed((clusters * cs) as usize, "L1 table")?;
+            for (i, e) in entries.iter().enumerate() {
+                raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            self.file.write_at(&raw, off)?;
+            let mut h = [0u8; 12];
+            h[..4].copy_from_slice(&(need as u32).to_be_bytes());
+            h[4..].copy_from_slice(&off.to_be_bytes());
+            self.file.write_at(&h, OFF_L1_SIZE)?;
+            {
+                let mut l1 = self.l1.write();
+                l1.offset = off;
+                l1.entries = entries;
+            }
+            if old_len > 0 {
+                rc.update(self.file.as_ref(), old_off >> g.cluster_bits, (old_len * 8).div_ceil(cs), -1)?;
+            }
+        }
+        if self.hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0 {
+            if let Some(d) = &self.data {
+                if d.len()? < size {
+                    d.set_len(size)?;
+                }
+            }
+        }
+        self.file.write_at(&size.to_be_bytes(), OFF_SIZE)?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+}
