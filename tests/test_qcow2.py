@@ -1,0 +1,393 @@
+"""qcow2 against qemu-img/qemu-io: images QEMU wrote read back byte for byte
+and map as `qemu-img map` says; images and writes of ours pass `qemu-img
+check` and compare identical."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+import libqblock as qb
+
+from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
+
+MiB = 1024 * 1024
+MAP_KEYS = ("start", "length", "depth", "present", "zero", "data", "compressed", "offset")
+
+# Writes at odd offsets, crossing clusters and subclusters, zero writes
+# (whole and partial clusters) and a discard.
+QEMU_IO_WRITES = (
+    "write -P 0x11 1000 5000",
+    "write -P 0x22 70001 200000",
+    "write -z 1M 192k",
+    "write -P 0x33 2M 4096",
+    "write -z 2150000 3000",
+    "write -P 0x44 3145721 17",
+    "discard 4M 64k",
+    "write -P 0x55 5000000 70000",
+)
+
+
+def strip(entries, keys=MAP_KEYS):
+    """Comparable form of a map: the chosen keys, then adjacent extents merged
+    where everything but the length agrees and host offsets continue.
+
+    QEMU prints a host offset for unallocated subclusters of an allocated
+    cluster (present: false) and splits extents there; such an offset says
+    nothing about the guest data, so it is dropped before merging.
+    """
+    out = []
+    for e in entries:
+        e = {k: e[k] for k in keys if k in e}
+        if not e.get("present", True):
+            e.pop("offset", None)
+        if out:
+            last = out[-1]
+            same = all(last.get(k) == e.get(k) for k in keys if k not in ("start", "length", "offset"))
+            cont = ("offset" in last) == ("offset" in e) and (
+                "offset" not in e or last["offset"] + last["length"] == e["offset"]
+            )
+            if same and cont and last["start"] + last["length"] == e["start"]:
+                last["length"] += e["length"]
+                continue
+        out.append(e)
+    return out
+
+
+def ours_map(img):
+    return [e.to_qemu_map() for e in img.map()]
+
+
+def check_clean(path):
+    r = qemu_check(str(path))
+    assert r.get("corruptions", 0) == 0 and r.get("leaks", 0) == 0, r
+    assert r.get("check-errors", 0) == 0, r
+    return r
+
+
+def assert_reads_like_qemu(path, tmp, *, compare_map=True, fmt=None, map_keys=MAP_KEYS):
+    expected = qemu_raw_bytes(str(path), tmp)
+    with qb.open(path, fmt=fmt, flags=0) as img:
+        assert img.virt_size == len(expected)
+        assert img.read(len(expected), 0) == expected
+        # Unaligned reads of every size class.
+        for off, n in ((1, 1), (999, 7777), (65535, 65538), (len(expected) - 3, 3)):
+            if off + n <= len(expected):
+                assert img.read(n, off) == expected[off : off + n], (off, n)
+        if compare_map:
+            assert strip(ours_map(img), map_keys) == strip(qemu_map(str(path)), map_keys)
+    return expected
+
+
+# --- reading what QEMU wrote --------------------------------------------------
+
+READ_MATRIX = {
+    "default": (),
+    "c512": ("-o", "cluster_size=512"),
+    "c4k": ("-o", "cluster_size=4096"),
+    "c2m": ("-o", "cluster_size=2M"),
+    "v2": ("-o", "compat=0.10"),
+    "v2-c4k": ("-o", "compat=0.10,cluster_size=4096"),
+    "rc1": ("-o", "refcount_bits=1"),
+    "rc64": ("-o", "refcount_bits=64"),
+    "lazy": ("-o", "lazy_refcounts=on"),
+    "extl2": ("-o", "extended_l2=on"),
+    "extl2-c16k": ("-o", "extended_l2=on,cluster_size=16k"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READ_MATRIX))
+def test_read_and_map_what_qemu_wrote(tmp, name):
+    p = tmp / f"{name}.qcow2"
+    qemu_img("create", "-f", "qcow2", *READ_MATRIX[name], str(p), "6M")
+    qemu_io(str(p), *QEMU_IO_WRITES)
+    assert_reads_like_qemu(p, tmp)
+    info = qemu_info(str(p))
+    with qb.open(p, flags=0) as img:
+        i = img.info()
+        assert i.format is qb.Format.QCOW2
+        assert i.cluster_size == info["cluster-size"]
+        assert i.format_specific == info["format-specific"]["data"]
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_external_data_file(tmp, raw):
+    p, d = tmp / "t.qcow2", tmp / "t.data"
+    opts = f"data_file={d}" + (",data_file_raw=on" if raw else "")
+    qemu_img("create", "-f", "qcow2", "-o", opts, str(p), "6M")
+    qemu_io(str(p), *QEMU_IO_WRITES)
+    assert_reads_like_qemu(p, tmp)
+    with qb.open(p, flags=0) as img:
+        fs = img.info().format_specific
+        assert fs["data-file"] == str(d) and fs["data-file-raw"] is raw
+    # Our writes land in the data file.
+    with qb.open(p) as img:
+        img.write(b"\x77" * 100000, 3 * MiB - 5)
+        img.write_zeroes(65536, 65536)
+    check_clean(p)
+    expected = qemu_raw_bytes(str(p), tmp)
+    assert expected[3 * MiB - 5 : 3 * MiB + 99995] == b"\x77" * 100000
+    with qb.open(p, flags=0) as img:
+        assert img.read(len(expected), 0) == expected
+    if raw:
+        assert d.read_bytes()[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("prealloc", ["metadata", "falloc", "full"])
+def test_preallocated_images(tmp, prealloc):
+    p = tmp / "p.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"preallocation={prealloc}", str(p), "3M")
+    qemu_io(str(p), "write -P 0x61 100000 5000")
+    # QEMU looks into the host file of preallocated images for holes; we
+    # report what the metadata says, so compare presence and content only.
+    assert_reads_like_qemu(p, tmp, map_keys=("start", "length", "present", "depth"))
+    with qb.open(p) as img:
+        img.write(b"\x62" * 3000, 2 * MiB + 1)
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp)[2 * MiB + 1 : 2 * MiB + 3001] == b"\x62" * 3000
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+@pytest.mark.parametrize("cluster", ["4k", "64k"])
+def test_compressed_clusters(tmp, ctype, cluster):
+    src = tmp / "src.raw"
+    pattern = bytes((i * 7 + i // 4096) & 0xFF for i in range(256 * 1024))
+    data = bytearray(4 * MiB)
+    data[0 : len(pattern)] = pattern
+    data[MiB + 5 : MiB + 5 + 100000] = os.urandom(100000)  # incompressible: stored raw
+    data[3 * MiB : 3 * MiB + len(pattern)] = pattern
+    src.write_bytes(bytes(data))
+    p = tmp / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype},cluster_size={cluster}", str(src), str(p))
+    assert_reads_like_qemu(p, tmp)
+    # Writing over compressed clusters allocates new ones (decompress + merge).
+    with qb.open(p) as img:
+        img.write(b"\xee" * 10, 3 * MiB + 4090)
+        img.write_zeroes(4096 * 3, 4096 * 2)
+        data[3 * MiB + 4090 : 3 * MiB + 4100] = b"\xee" * 10
+        data[4096 * 3 : 4096 * 5] = bytes(4096 * 2)
+        assert img.read(len(data), 0) == bytes(data)
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(data)
+
+
+# --- backing chains -----------------------------------------------------------
+
+
+def test_backing_chain_depth_3_raw_and_qcow2(tmp):
+    base, mid, top = tmp / "base.raw", tmp / "mid.qcow2", tmp / "top.qcow2"
+    qemu_img("create", "-f", "raw", str(base), "5M")
+    qemu_io(str(base), "write -P 0xb0 0 5M", "write -z 1M 64k", fmt="raw")
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4k", "-b", base.name, "-F", "raw", str(mid), "6M")
+    qemu_io(str(mid), "write -P 0xa1 10000 30000", "write -z 2M 8k", "write -P 0xa2 5242870 20")
+    qemu_img("create", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", str(top), "7M")
+    qemu_io(str(top), "write -P 0x7a 20001 3", "write -P 0x7b 4M 64k", "write -z 100k 4k")
+    assert_reads_like_qemu(top, tmp)
+    with qb.open(top, flags=0) as img:
+        i = img.info()
+        assert i.backing_filename == mid.name and i.backing_format is qb.Format.QCOW2
+    # Partial-cluster writes copy the backing data around them.
+    with qb.open(top) as img:
+        img.write(b"\x01\x02\x03", 12345)
+        img.write(b"\x04" * 70000, 5242800)
+        img.write_zeroes(2 * MiB + 100, 200)
+    check_clean(top)
+    expected = qemu_raw_bytes(str(top), tmp)
+    assert expected[12345:12348] == b"\x01\x02\x03"
+    assert expected[12348:12400] == qemu_raw_bytes(str(mid), tmp)[12348:12400]
+    with qb.open(top, flags=0) as img:
+        assert img.read(len(expected), 0) == expected
+        assert strip(ours_map(img)) == strip(qemu_map(str(top)))
+
+
+def test_backing_with_extended_l2_subcluster_cow(tmp):
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "2M")
+    qemu_io(str(base), "write -P 0x42 0 2M")
+    qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b", base.name, "-F", "qcow2", str(top))
+    qemu_io(str(top), "write -P 0x11 1024 512", "write -z 40k 2k")
+    assert_reads_like_qemu(top, tmp)
+    with qb.open(top) as img:
+        img.write(b"\x99" * 10, 1500)
+        img.write(b"\x98" * 5000, 70001)
+        img.write_zeroes(100 * 1024, 2048)
+    check_clean(top)
+    expected = qemu_raw_bytes(str(top), tmp)
+    with qb.open(top, flags=0) as img:
+        assert img.read(len(expected), 0) == expected
+    assert expected[1024:1500] == b"\x11" * 476 and expected[1500:1510] == b"\x99" * 10
+    assert expected[100 * 1024 : 102 * 1024] == bytes(2048)
+    assert expected[102 * 1024] == 0x42
+
+
+# --- writing: what we write, QEMU reads ---------------------------------------
+
+
+def test_unaligned_writes_on_qemu_image(tmp):
+    p = tmp / "w.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4k", str(p), "2M")
+    qemu_io(str(p), "write -P 0x10 0 100k")
+    model = bytearray(qemu_raw_bytes(str(p), tmp))
+    with qb.open(p) as img:
+        for off, n, v in ((1, 1, 1), (4095, 2, 2), (8191, 9000, 3), (2 * MiB - 1, 1, 4), (500000, 200000, 5)):
+            img.write(bytes([v]) * n, off)
+            model[off : off + n] = bytes([v]) * n
+        assert img.read(len(model), 0) == bytes(model)
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(model)
+
+
+def test_snapshots_and_bitmaps_survive_our_writes(tmp):
+    p = tmp / "s.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "4M")
+    qemu_io(str(p), "write -P 0x51 0 1M", "write -P 0x52 2M 100k")
+    qemu_img("snapshot", "-c", "snap1", str(p))
+    qemu_img("bitmap", "--add", str(p), "bm0")
+    before = qemu_raw_bytes(str(p), tmp)
+    with qb.open(p) as img:
+        img.write(b"\xcc" * 3000, 1000)  # COW of a shared data cluster (and its L2 table)
+        img.write(b"\xcd" * 10, 2 * MiB + 65530)
+        img.write_zeroes(512 * 1024, 128 * 1024)
+        img.write(b"\xce" * 100, 3 * MiB)
+    check_clean(p)
+    snaps = qemu_img("snapshot", "-l", str(p)).stdout
+    assert "snap1" in snaps
+    assert qemu_raw_bytes(str(p), tmp, "-l", "snapshot.name=snap1") == before
+    now = qemu_raw_bytes(str(p), tmp)
+    assert now[1000:4000] == b"\xcc" * 3000 and now[:1000] == before[:1000]
+    assert now[512 * 1024 : 640 * 1024] == bytes(128 * 1024)
+    bitmaps = qemu_info(str(p))["format-specific"]["data"]["bitmaps"]
+    # We do not track writes in bitmaps: the enabled bitmap is flagged in use
+    # (inconsistent), but kept.
+    assert [b["name"] for b in bitmaps] == ["bm0"] and "in-use" in bitmaps[0]["flags"]
+
+
+def test_truncate_grows(tmp):
+    p = tmp / "g.qcow2"
+    qb.create(p, qb.Qcow2Options(1 * MiB, cluster_size=512))
+    with qb.open(p) as img:
+        img.write(b"a" * 1000, 1000)
+        img.truncate(300 * MiB)  # beyond the L1 table's reach: it moves
+        img.write(b"b" * 1000, 300 * MiB - 1000)
+        with pytest.raises(qb.UnsupportedError):
+            img.truncate(MiB)
+    check_clean(p)
+    assert qemu_info(str(p))["virtual-size"] == 300 * MiB
+    with qb.open(p, flags=0) as img:
+        assert img.read(1000, 1000) == b"a" * 1000 and img.read(1000, 300 * MiB - 1000) == b"b" * 1000
+
+
+# --- create -------------------------------------------------------------------
+
+CREATE_MATRIX = [
+    dict(),
+    dict(cluster_size=512),
+    dict(cluster_size=2 * MiB),
+    dict(compat="0.10"),
+    dict(refcount_bits=1),
+    dict(refcount_bits=64, cluster_size=4096),
+    dict(lazy_refcounts=True),
+    dict(extended_l2=True),
+    dict(compression_type="zstd"),
+    dict(preallocation="metadata"),
+    dict(preallocation="falloc", cluster_size=4096),
+    dict(preallocation="full"),
+    dict(compat="0.10", preallocation="metadata"),
+]
+
+
+@pytest.mark.parametrize("opts", CREATE_MATRIX, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_create_matches_qemu(tmp, opts):
+    p = tmp / "n.qcow2"
+    qb.create(p, qb.Qcow2Options(5 * MiB + 512 * 3, **opts))
+    check_clean(p)
+    info = qemu_info(str(p))
+    assert info["virtual-size"] == 5 * MiB + 1536
+    assert info["cluster-size"] == opts.get("cluster_size", 65536)
+    fs = info["format-specific"]["data"]
+    assert fs["compat"] == opts.get("compat", "1.1")
+    assert fs["refcount-bits"] == opts.get("refcount_bits", 16)
+    assert fs["compression-type"] == opts.get("compression_type", "zlib")
+    if fs["compat"] == "1.1":
+        assert fs["lazy-refcounts"] == opts.get("lazy_refcounts", False)
+        assert fs["extended-l2"] == opts.get("extended_l2", False)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(5 * MiB + 1536)
+    with qb.open(p) as img:
+        assert img.info().format_specific == fs
+        img.write(b"z" * 70000, 12345)
+    check_clean(p)
+
+
+def test_create_with_backing_and_data_file(tmp):
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "3M")
+    qemu_io(str(base), "write -P 0x21 0 3M")
+    top = tmp / "top.qcow2"
+    qb.create(top, qb.Qcow2Options(0, backing=str(base), backing_fmt=qb.Format.QCOW2))
+    info = qemu_info(str(top))
+    assert info["virtual-size"] == 3 * MiB
+    assert info["backing-filename"] == str(base) and info["backing-filename-format"] == "qcow2"
+    check_clean(top)
+    with pytest.raises(qb.InvalidParamError):
+        qb.create(top, qb.Qcow2Options(MiB, backing=str(top)))
+    d = tmp / "ext.qcow2"
+    qb.create(d, qb.Qcow2Options(2 * MiB, data_file=str(tmp / "ext.data"), data_file_raw=True))
+    fs = qemu_info(str(d))["format-specific"]["data"]
+    assert fs["data-file"] == str(tmp / "ext.data") and fs["data-file-raw"] is True
+    with qb.open(d) as img:
+        img.write(b"q" * 5000, 777)
+    check_clean(d)
+    assert (tmp / "ext.data").read_bytes()[777:5777] == b"q" * 5000
+    assert qemu_raw_bytes(str(d), tmp)[777:5777] == b"q" * 5000
+    with pytest.raises(qb.UnsupportedError):
+        qb.create(tmp / "enc.qcow2", qb.Qcow2Options(MiB, encrypt=True))
+
+
+# --- feature bits -------------------------------------------------------------
+
+
+def patch(path, offset, fmt, value):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def read_field(path, offset, fmt):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def test_feature_bits(tmp):
+    p = tmp / "f.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "1M")
+    qemu_io(str(p), "write -P 1 0 4k")
+    # Dirty: readable (and reported), writable open refused.
+    patch(p, 72, ">Q", 1)
+    with qb.open(p, flags=0) as img:
+        assert img.info().dirty and img.read(1, 0) == b"\x01"
+    with pytest.raises(qb.UnsupportedError):
+        qb.open(p)
+    # Corrupt: read-only only.
+    patch(p, 72, ">Q", 2)
+    with qb.open(p, flags=0) as img:
+        assert img.info().format_specific["corrupt"] is True
+    with pytest.raises(qb.CorruptImageError):
+        qb.open(p)
+    # Unknown incompatible bit.
+    patch(p, 72, ">Q", 1 << 40)
+    with pytest.raises(qb.UnsupportedError):
+        qb.open(p, flags=0)
+    # Unknown autoclear bits are cleared by our first write.
+    patch(p, 72, ">Q", 0)
+    patch(p, 88, ">Q", 1 << 20)
+    with qb.open(p) as img:
+        img.write(b"x", 5)
+    assert read_field(p, 88, ">Q") == 0
+    check_clean(p)
+    # Encrypted images are not supported yet.
+    patch(p, 32, ">I", 2)
+    with pytest.raises(qb.UnsupportedError):
+        qb.open(p, flags=0)
