@@ -391,3 +391,53 @@ def test_feature_bits(tmp):
     patch(p, 32, ">I", 2)
     with pytest.raises(qb.UnsupportedError):
         qb.open(p, flags=0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_refcount_widths_and_table_relocation(tmp, bits):
+    # 512-byte clusters: a refcount table cluster covers few blocks, so
+    # filling 6 MiB forces new refcount blocks and relocations of the table.
+    p = tmp / "r.qcow2"
+    qb.create(p, qb.Qcow2Options(6 * MiB, cluster_size=512, refcount_bits=bits))
+    rt_before = read_field(p, 48, ">Q")
+    data = bytes((i * 31 + bits) & 0xFF for i in range(MiB))
+    with qb.open(p) as img:
+        for k in range(6):
+            img.write(data, k * MiB)
+    if bits == 64:
+        assert read_field(p, 48, ">Q") != rt_before  # the table moved
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp) == data * 6
+    assert qemu_info(str(p))["format-specific"]["data"]["refcount-bits"] == bits
+
+
+def test_concurrent_writers_and_readers(tmp):
+    import threading
+
+    p = tmp / "t.qcow2"
+    qb.create(p, qb.Qcow2Options(8 * MiB, cluster_size=4096))
+    img = qb.open(p)
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(64):
+                off = (i * 8 + k) * 16384 + k * 7
+                img.write(bytes([k + 1]) * 5000, off)
+                assert img.read(5000, off) == bytes([k + 1]) * 5000
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    img.close()
+    assert not errors, errors
+    check_clean(p)
+    data = qemu_raw_bytes(str(p), tmp)
+    for k in range(4):
+        for i in range(64):
+            off = (i * 8 + k) * 16384 + k * 7
+            assert data[off : off + 5000] == bytes([k + 1]) * 5000
