@@ -136,6 +136,9 @@ impl L2Cache {
 /// Check an L1 entry: the L2 table must be cluster aligned and inside the file.
 pub fn check_l1_entry(g: &Geometry, idx: usize, e: u64, file_end: u64) -> Result<u64> {
     let off = e & OFFSET_MASK;
+    if e & L1E_RESERVED != 0 {
+        return Err(corrupt(format!("L1 entry {idx} ({e:#x}) has reserved bits set")));
+    }
     if off == 0 {
         return Ok(0);
     }

@@ -63,6 +63,10 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO_FLAG: u64 = 1;
 /// Bits 9..55: host offset of an L2 table / a data cluster.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits that must be zero in an L1 entry (1..8, 56..62).
+pub const L1E_RESERVED: u64 = 0x7f00_0000_0000_01fe | 1;
+/// Bits that must be zero in a standard (uncompressed) L2 entry (1..8, 56..61).
+pub const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Refcount table entries: bits 9..63.
 pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
@@ -175,6 +179,9 @@ pub fn decode(g: &Geometry, e: u64, bitmap: u64, sc: u32, data_file: bool) -> Re
             return Err(corrupt("compressed cluster in an image with an external data file"));
         }
         return Ok(Unit::Compressed);
+    }
+    if e & L2E_RESERVED != 0 {
+        return Err(corrupt(format!("L2 entry {e:#x} has reserved bits set")));
     }
     let off = e & OFFSET_MASK;
     let copied = e & COPIED != 0;
