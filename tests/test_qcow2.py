@@ -441,3 +441,62 @@ def test_concurrent_writers_and_readers(tmp):
         for i in range(64):
             off = (i * 8 + k) * 16384 + k * 7
             assert data[off : off + 5000] == bytes([k + 1]) * 5000
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_discard(tmp, backing):
+    p = tmp / "d.qcow2"
+    opts = {}
+    model = bytearray(4 * MiB)
+    if backing:
+        base = tmp / "base.raw"
+        base.write_bytes(b"\x42" * (4 * MiB))
+        opts = dict(backing=str(base), backing_fmt=qb.Format.RAW)
+        model[:] = b"\x42" * (4 * MiB)
+    qb.create(p, qb.Qcow2Options(4 * MiB, cluster_size=4096, **opts))
+    with qb.open(p) as img:
+        img.write(b"\x01" * MiB, 0)
+        model[:MiB] = b"\x01" * MiB
+        img.discard(10000, 500000)  # whole clusters inside are dropped
+        first, last = 12288, (510000 // 4096) * 4096
+        model[first:last] = bytes(last - first)
+        assert img.read(4 * MiB, 0) == bytes(model)
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(model)
+
+
+def test_hostile_images_raise_corrupt(tmp):
+    good = tmp / "good.qcow2"
+    qemu_img("create", "-f", "qcow2", str(good), "1M")
+    qemu_io(str(good), "write -P 1 0 64k")
+    raw = good.read_bytes()
+    l1_off = struct.unpack(">Q", raw[40:48])[0]
+    l2_off = struct.unpack(">Q", raw[l1_off : l1_off + 8])[0] & 0x00FFFFFFFFFFFE00
+    cases = {
+        "cluster_bits": (20, ">I", 30),
+        "l1_size": (36, ">I", 0x7FFFFFFF),
+        "reftable_offset": (48, ">Q", 1 << 50),
+        "refcount_order": (96, ">I", 7),
+        "backing_name": (16, ">I", 5000),
+        "l1_overlaps_header": (40, ">Q", 0),
+        "l2_entry_past_eof": (l2_off, ">Q", (1 << 63) | (1 << 45)),
+    }
+    for name, (off, fmt, value) in cases.items():
+        p = tmp / f"{name}.qcow2"
+        data = bytearray(raw)
+        if name == "backing_name":
+            data[8:16] = struct.pack(">Q", 512)
+        struct.pack_into(fmt, data, off, value)
+        p.write_bytes(bytes(data))
+        with pytest.raises(qb.CorruptImageError):
+            with qb.open(p, flags=0) as img:
+                img.read(65536, 0)
+
+
+def test_backing_chain_loop_is_corrupt(tmp):
+    a, b = tmp / "a.qcow2", tmp / "b.qcow2"
+    qemu_img("create", "-f", "qcow2", str(a), "1M")
+    qemu_img("create", "-f", "qcow2", "-b", a.name, "-F", "qcow2", str(b), "1M")
+    qemu_img("rebase", "-u", "-b", b.name, "-F", "qcow2", str(a))
+    with pytest.raises(qb.CorruptImageError):
+        qb.open(b, flags=0)

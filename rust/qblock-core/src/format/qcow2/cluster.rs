@@ -126,11 +126,6 @@ impl L2Cache {
         c.generation += 1;
         c.tables.remove(&off);
     }
-
-    #[cfg(test)]
-    pub fn cached_tables(&self) -> usize {
-        self.inner.read().tables.len()
-    }
 }
 
 /// Check an L1 entry: the L2 table must be cluster aligned and inside the file.

@@ -79,6 +79,11 @@ pub struct Qcow2 {
     file_end: AtomicU64,
     read_only: bool,
     id: u64,
+    /// Host ranges holding metadata of the image file (sorted by start),
+    /// built at the first write: a data write that would land on one is
+    /// refused, as QEMU's overlap check does. Bounded by the L1 and
+    /// refcount table caps.
+    meta: RwLock<Vec<(u64, u64)>>,
 }
 
 fn open(file: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
@@ -133,6 +138,7 @@ impl Qcow2 {
             file_end: AtomicU64::new(file_end),
             read_only,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            meta: RwLock::new(Vec::new()),
         })
     }
 
@@ -347,6 +353,10 @@ impl Driver for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         self.zero_impl(offset, len, below)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_impl(offset, len)
     }
 
     fn flush(&self) -> Result<()> {

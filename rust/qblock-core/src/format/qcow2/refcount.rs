@@ -37,6 +37,8 @@ pub struct Refcounts {
     pub next_free: u64,
     /// During a table relocation entries go to the new table only.
     relocating: bool,
+    /// Metadata ranges allocated since the caller last took them.
+    pub fresh_meta: Vec<(u64, u64)>,
 }
 
 impl Refcounts {
@@ -73,6 +75,7 @@ impl Refcounts {
             cache: Vec::new(),
             next_free: aligned_len,
             relocating: false,
+            fresh_meta: Vec::new(),
         })
     }
 
@@ -214,6 +217,7 @@ impl Refcounts {
             return Ok(cur);
         }
         let off = self.take_cluster()?;
+        self.fresh_meta.push((off, off + self.cs()));
         let cluster = off >> self.cluster_bits;
         let mut blk = try_zeroed(self.cs() as usize, "refcount block")?;
         if cluster >> self.epb_bits == bi {
@@ -264,6 +268,7 @@ impl Refcounts {
         }
         let new_off = start;
         self.next_free = start + clusters * cs;
+        self.fresh_meta.push((new_off, self.next_free));
         let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
         let mut table = std::mem::take(&mut self.table);
         table.try_reserve_exact(entries as usize - table.len()).map_err(|_| Error::NoMemory("refcount table".into()))?;

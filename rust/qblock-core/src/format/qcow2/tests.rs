@@ -357,6 +357,31 @@ fn shared_cluster_is_copied_not_overwritten() {
     assert_eq!(host, vec![0xab; CS], "the shared cluster must stay untouched");
 }
 
+#[test]
+fn data_write_onto_metadata_is_refused() {
+    // Guest cluster 1 claims the L1 table's cluster as its own data.
+    let mut b = base();
+    put64(&mut b, 4 * CS + 8, (3 * CS as u64) | COPIED);
+    let d = open_bytes(b, false).unwrap();
+    let e = d.write_at(&[0xffu8; 16], CS as u64, &NoBacking).expect_err("metadata overwritten");
+    assert_eq!(e.kind(), ErrorKind::CorruptImage);
+    let mut l1 = vec![0u8; 8];
+    d.file.read_at(&mut l1, 3 * CS as u64).unwrap();
+    assert_eq!(be64(&l1, 0), (4 * CS as u64) | COPIED);
+}
+
+#[test]
+fn discard_releases_clusters() {
+    let d = open_bytes(base(), false).unwrap();
+    d.write_at(&[5u8; 2048], 4096, &NoBacking).unwrap();
+    d.discard(0, 8192).unwrap();
+    assert_eq!(read(&d, 0, 8192).unwrap(), vec![0; 8192]);
+    assert!(matches!(d.map(0, 8192).unwrap().kind, Mapped::Unallocated));
+    let mut rc = vec![0u8; 2];
+    d.file.read_at(&mut rc, 2 * CS as u64 + 10).unwrap();
+    assert_eq!(rc, [0, 0], "the data cluster's refcount was released");
+}
+
 /// Random corruption of a valid image's first clusters never panics.
 #[test]
 fn header_fuzz_never_panics() {

@@ -22,7 +22,7 @@ use super::types::*;
 use super::Qcow2;
 use crate::backend::Storage;
 use crate::driver::Below;
-use crate::error::{invalid, try_zeroed, unsupported, Error, Result};
+use crate::error::{corrupt, invalid, try_zeroed, unsupported, Error, Result};
 use parking_lot::MutexGuard;
 use std::sync::atomic::Ordering;
 
@@ -58,6 +58,7 @@ impl Qcow2 {
                 len,
             )?;
             rc.next_free = rc.next_free.max(self.file_end.load(Ordering::Relaxed));
+            self.build_meta(&rc);
             *g = Some(rc);
         }
         if !self.prepared.load(Ordering::Acquire) {
@@ -65,6 +66,69 @@ impl Qcow2 {
             self.prepared.store(true, Ordering::Release);
         }
         Ok(g)
+    }
+
+    /// The metadata ranges of the image as opened (see `Qcow2::meta`).
+    fn build_meta(&self, rc: &Refcounts) {
+        let cs = self.g.cluster_size;
+        let h = &self.hdr;
+        let mut m = vec![(0, cs), (rc.table_offset, rc.table_offset + rc.table_clusters * cs)];
+        {
+            let l1 = self.l1.read();
+            let bytes = (l1.entries.len() as u64 * 8).div_ceil(cs) * cs;
+            m.push((l1.offset, l1.offset + bytes));
+            m.extend(l1.entries.iter().map(|e| e & OFFSET_MASK).filter(|&o| o != 0).map(|o| (o, o + cs)));
+        }
+        m.extend(rc.table.iter().filter(|&&o| o != 0).map(|&o| (o, o + cs)));
+        if h.nb_snapshots > 0 {
+            m.push((h.snapshots_offset, h.snapshots_offset + cs));
+        }
+        if let Some(b) = &h.bitmaps {
+            let end = b.directory_offset.saturating_add(b.directory_size);
+            m.push((b.directory_offset, end.div_ceil(cs).saturating_mul(cs)));
+        }
+        m.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(m.len());
+        for (a, b) in m {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        *self.meta.write() = merged;
+    }
+
+    /// Record metadata we just placed (always at the end of the file, so
+    /// the list stays sorted).
+    fn add_meta(&self, rc: &mut Refcounts, extra: Option<(u64, u64)>) {
+        let mut m = self.meta.write();
+        for r in rc.fresh_meta.drain(..).chain(extra) {
+            match m.last_mut() {
+                Some(last) if r.0 <= last.1 && r.0 >= last.0 => last.1 = last.1.max(r.1),
+                _ => m.push(r),
+            }
+        }
+        if m.windows(2).any(|w| w[0].0 > w[1].0) {
+            m.sort_unstable();
+        }
+    }
+
+    /// Refuse a data write onto metadata (a hostile or damaged L2 entry).
+    fn check_not_meta(&self, host: u64, len: u64) -> Result<()> {
+        if self.has_data_file() {
+            return Ok(());
+        }
+        let end = host.saturating_add(len);
+        let m = self.meta.read();
+        // The last range starting before `end`.
+        let i = m.partition_point(|r| r.0 < end);
+        if i > 0 && m[i - 1].1 > host {
+            return Err(corrupt(format!(
+                "a data write at host offset {host:#x} would overwrite metadata at {:#x}",
+                m[i - 1].0
+            )));
+        }
+        Ok(())
     }
 
     /// Before the first write: mark enabled bitmaps in use (we do not
@@ -106,6 +170,7 @@ impl Qcow2 {
             return Ok(guest);
         }
         let host = rc.alloc(self.file.as_ref(), n)?;
+        self.add_meta(rc, None);
         self.note_end(host + n * self.g.cluster_size);
         Ok(host)
     }
@@ -144,6 +209,7 @@ impl Qcow2 {
         let words = if old == 0 { vec![0u64; (cs / 8) as usize] } else { self.l2.copy(self.file.as_ref(), old)? };
         // Refcount first, then the table's content, then the L1 entry.
         let new = rc.alloc(self.file.as_ref(), 1)?;
+        self.add_meta(rc, Some((new, new + cs)));
         self.note_end(new + cs);
         let mut raw = try_zeroed(cs as usize, "L2 table")?;
         for (i, w) in words.iter().enumerate() {
@@ -210,6 +276,7 @@ impl Qcow2 {
             let (u, n) = self.scan(pos, rest.len() as u64)?;
             if let Unit::Data { host, copied: true } = u {
                 // Our own cluster: write in place, no metadata lock.
+                self.check_not_meta(host, n)?;
                 let n = n as usize;
                 self.data_storage().write_at(&rest[..n], host)?;
                 done += n;
@@ -283,6 +350,7 @@ impl Qcow2 {
         buf[in_cl as usize..end].copy_from_slice(&data[..wlen]);
         let host = if in_place {
             self.check_host(old_host)?;
+            self.check_not_meta(old_host, cs)?;
             old_host
         } else {
             self.alloc_data(rc, cl_guest, 1)?
@@ -438,6 +506,68 @@ impl Qcow2 {
         Ok(partial)
     }
 
+    /// Drop whole clusters in `[offset, offset+len)`; partial clusters at
+    /// the ends are left alone (discard is advisory). A discarded cluster
+    /// reads as zeroes when the image has a backing file (v3: zero flag)
+    /// and falls through otherwise (it reads as zeroes there too, or from
+    /// the backing file on v2, as QEMU does). External data files keep
+    /// their 1:1 mapping, so there it is a zero write.
+    pub(super) fn discard_impl(&self, offset: u64, len: u64) -> Result<()> {
+        self.ensure_prepared()?;
+        let g = self.g;
+        let cs = g.cluster_size;
+        let end = offset.checked_add(len).ok_or_else(|| invalid("range overflows"))?;
+        let mut pos = align_up(offset, cs)?;
+        let stop_all = end & !(cs - 1);
+        if self.has_data_file() {
+            if pos < stop_all {
+                return self.zero_impl(pos, stop_all - pos, &crate::driver::NoBacking);
+            }
+            return Ok(());
+        }
+        let zero = self.hdr.version >= 3 && self.hdr.backing_file.is_some();
+        while pos < stop_all {
+            let table_end = ((pos >> g.l2_cover_bits()) + 1) << g.l2_cover_bits();
+            let stop = stop_all.min(table_end);
+            let mut guard = self.lock_alloc()?;
+            let rc = guard.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+            let (l1_idx, l2_cur) = self.l2_for(pos)?;
+            if l2_cur != 0 {
+                let l2_off = self.writable_l2(rc, l1_idx)?;
+                let w = g.words();
+                let ci0 = ((pos >> g.cluster_bits) & (g.l2_entries() - 1)) as usize;
+                let n = ((stop - pos) >> g.cluster_bits) as usize;
+                let old = self.l2_words(l2_off, ci0, n)?;
+                let mut new = old.clone();
+                let mut release = Vec::new();
+                for k in 0..n {
+                    let e = old[k * w];
+                    if e & COMPRESSED != 0 {
+                        release.push(self.compressed_clusters(e));
+                    } else if e & OFFSET_MASK != 0 {
+                        release.push(((e & OFFSET_MASK) >> g.cluster_bits, 1));
+                    }
+                    if g.extended {
+                        new[k * w] = 0;
+                        new[k * w + 1] = if zero { 0xffff_ffff << 32 } else { 0 };
+                    } else {
+                        new[k] = if zero { ZERO_FLAG } else { 0 };
+                    }
+                }
+                if new != old {
+                    // L2 first, then the refcounts it no longer holds.
+                    self.set_l2(l2_off, ci0, &new)?;
+                }
+                for (first, count) in release {
+                    rc.update(self.file.as_ref(), first, count, -1)?;
+                }
+            }
+            drop(guard);
+            pos = stop;
+        }
+        Ok(())
+    }
+
     pub(super) fn truncate_impl(&self, size: u64) -> Result<()> {
         let cur = self.size.load(Ordering::Relaxed);
         if size < cur {
@@ -465,6 +595,7 @@ impl Qcow2 {
             let clusters = (need * 8).div_ceil(cs);
             // Refcount, then the new table, then the header, then release the old one.
             let off = rc.alloc(self.file.as_ref(), clusters)?;
+            self.add_meta(rc, Some((off, off + clusters * cs)));
             self.note_end(off + clusters * cs);
             let mut entries = self.l1.read().entries.clone();
             entries.resize(need as usize, 0);
