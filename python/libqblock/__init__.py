@@ -2,9 +2,17 @@
 
 The engine is Rust (``libqblock._native``); this package holds the public,
 Pythonic API. See the README for the formats and their state.
+``libqblock.capi`` offers the seed's ``qb_*`` call shapes for ported C callers.
 """
 
 from .errors import (
+    QB_ERR_BLOCK_OUT_OF_RANGE,
+    QB_ERR_CORRUPT_IMAGE,
+    QB_ERR_IMAGE_LOCKED,
+    QB_ERR_INTERNAL_ERR,
+    QB_ERR_INVALID_PARAM,
+    QB_ERR_MEM_ERR,
+    QB_ERR_UNSUPPORTED,
     Broker,
     CorruptImageError,
     ImageLockedError,
@@ -19,12 +27,28 @@ from .flags import O_CACHE_WB, O_NO_BACKING, O_NO_FLUSH, O_NOCACHE, O_RDWR, O_SN
 from .formats import Format, fmttype2str, str2fmttype
 from .image import BlockStatus, Image, StaticInfo, create, open, probe
 from .location import Location
-from .options import ImageOptions, Qcow2Options, RawOptions
+from .options import (
+    CowOptions,
+    ImageOptions,
+    Qcow2Options,
+    QcowOptions,
+    QedOptions,
+    RawOptions,
+    RbdOptions,
+    SheepdogOptions,
+    VdiOptions,
+    VhdxOptions,
+    VmdkOptions,
+    VpcOptions,
+    options_class,
+)
+from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
     "BlockStatus",
     "Broker",
     "CorruptImageError",
+    "CowOptions",
     "Format",
     "Image",
     "ImageLockedError",
@@ -42,14 +66,31 @@ __all__ = [
     "O_VALID_MASK",
     "OpenFlag",
     "OutOfRangeError",
+    "QB_ERR_BLOCK_OUT_OF_RANGE",
+    "QB_ERR_CORRUPT_IMAGE",
+    "QB_ERR_IMAGE_LOCKED",
+    "QB_ERR_INTERNAL_ERR",
+    "QB_ERR_INVALID_PARAM",
+    "QB_ERR_MEM_ERR",
+    "QB_ERR_UNSUPPORTED",
     "QBlockError",
     "Qcow2Options",
+    "QcowOptions",
+    "QedOptions",
     "RawOptions",
+    "RbdOptions",
+    "SheepdogOptions",
     "StaticInfo",
     "UnsupportedError",
+    "VdiOptions",
+    "VhdxOptions",
+    "VmdkOptions",
+    "VpcOptions",
+    "capi",
     "create",
     "fmttype2str",
     "open",
+    "options_class",
     "probe",
     "str2fmttype",
 ]

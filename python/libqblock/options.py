@@ -7,7 +7,9 @@ the ones QEMU enforces; where QEMU silently rounds a value (a size to 512
 bytes, a VHDX block size to 1 MiB) we refuse it instead, so an image is always
 created exactly as asked. ``to_native()`` gives the options under QEMU's
 names (``size``, ``backing_file``, ``backing_fmt``, ``cluster_size``, ...),
-which is what the engine takes.
+which is what the engine takes. One exception: the seed's ``encrypt`` flag
+(qcow, qcow2) is passed as ``encrypt`` (QEMU spells it ``encrypt.format=aes``),
+and the engine refuses it with UnsupportedError until encryption lands.
 
 The class names the format (``Qcow2Options.format is Format.QCOW2``). The
 engine creates raw and qcow2 images today; :func:`libqblock.create` with the
@@ -254,10 +256,7 @@ class QcowOptions(ImageOptions):
         _check_max_size("qcow", self.virt_size, QCOW_MAX_SIZE, "QEMU reads at most 2 GiB of L1 table")
 
     def to_native(self) -> NativeOptions:
-        o = self._native_backing({"size": self.virt_size})
-        if self.encrypt:
-            o["encrypt.format"] = "aes"
-        return o
+        return self._native_backing({"size": self.virt_size, "encrypt": self.encrypt})
 
 
 #: QEMU's cap on the qcow2 L1 table (QCOW_MAX_L1_SIZE, 32 MiB of 8-byte entries).
@@ -359,9 +358,8 @@ class Qcow2Options(ImageOptions):
             "refcount_bits": self.refcount_bits,
             "extended_l2": self.extended_l2,
             "compression_type": self.compression_type,
+            "encrypt": self.encrypt,
         }
-        if self.encrypt:
-            o["encrypt.format"] = "aes"
         self._native_backing(o)
         d = _backing_name(self.data_file)
         if d is not None:
