@@ -364,12 +364,14 @@ def test_feature_bits(tmp):
     p = tmp / "f.qcow2"
     qemu_img("create", "-f", "qcow2", str(p), "1M")
     qemu_io(str(p), "write -P 1 0 4k")
-    # Dirty: readable (and reported), writable open refused.
+    # Dirty: readable (and reported); a writable open repairs the refcounts.
     patch(p, 72, ">Q", 1)
     with qb.open(p, flags=0) as img:
         assert img.info().dirty and img.read(1, 0) == b"\x01"
-    with pytest.raises(qb.UnsupportedError):
-        qb.open(p)
+    with qb.open(p) as img:
+        assert not img.info().dirty
+    assert read_field(p, 72, ">Q") == 0
+    check_clean(p)
     # Corrupt: read-only only.
     patch(p, 72, ">Q", 2)
     with qb.open(p, flags=0) as img:
@@ -500,3 +502,34 @@ def test_backing_chain_loop_is_corrupt(tmp):
     qemu_img("rebase", "-u", "-b", b.name, "-F", "qcow2", str(a))
     with pytest.raises(qb.CorruptImageError):
         qb.open(b, flags=0)
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_dirty_image_after_crash_is_repaired(tmp, snapshot):
+    p = tmp / "lazy.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", str(p), "4M")
+    qemu_io(str(p), "write -P 0x31 0 100k")
+    if snapshot:
+        qemu_img("snapshot", "-c", "s1", str(p))
+    # QEMU dies with lazy refcounts not written back: the image is dirty and
+    # its refcounts are stale.
+    import subprocess
+
+    from conftest import QEMU_IO
+
+    subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -P 0x32 50k 300k", "-c", "write -P 0x33 2M 64k",
+                    "-c", "sigraise 9", str(p)], capture_output=True)
+    info = qemu_info(str(p))
+    assert info["dirty-flag"] is True
+    with qb.open(p, flags=0) as img:
+        assert img.info().dirty
+        expected = bytearray(img.read(4 * MiB, 0))
+    with qb.open(p) as img:
+        img.write(b"\x34" * 5000, 3 * MiB + 1)
+        expected[3 * MiB + 1 : 3 * MiB + 5001] = b"\x34" * 5000
+    check_clean(p)
+    assert qemu_info(str(p))["dirty-flag"] is False
+    assert qemu_raw_bytes(str(p), tmp) == bytes(expected)
+    assert expected[50 * 1024 : 350 * 1024] == b"\x32" * (300 * 1024)
+    if snapshot:
+        assert qemu_raw_bytes(str(p), tmp, "-l", "snapshot.name=s1")[: 100 * 1024] == b"\x31" * (100 * 1024)

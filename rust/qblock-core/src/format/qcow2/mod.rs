@@ -22,6 +22,7 @@ mod compress;
 mod create;
 mod header;
 mod refcount;
+mod repair;
 mod types;
 mod write;
 
@@ -30,7 +31,7 @@ mod tests;
 
 use crate::backend::Storage;
 use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
-use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
+use crate::error::{corrupt, try_zeroed, Error, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
 use crate::registry::{FormatEntry, OpenCtx};
@@ -105,16 +106,17 @@ impl Qcow2 {
             if hdr.incompatible & INCOMPAT_CORRUPT != 0 {
                 return Err(corrupt("image is marked corrupt; it can only be opened read-only"));
             }
-            if hdr.incompatible & INCOMPAT_DIRTY != 0 {
-                return Err(unsupported(
-                    "image is dirty (lazy refcounts were not written back); repair it with \
-                     'qemu-img check -r all' or open it read-only",
-                ));
-            }
         }
         let g = Geometry::new(hdr.cluster_bits, hdr.extended_l2());
         let file_end = align_up(len, cs)?;
         let l1 = cluster::load_l1(file.as_ref(), &g, hdr.l1_table_offset, hdr.l1_size, file_end)?;
+        if !read_only && hdr.incompatible & INCOMPAT_DIRTY != 0 {
+            // Lazy refcounts were not written back before a crash: recount
+            // them before anything relies on them, as QEMU does.
+            repair::rebuild(file.as_ref(), &mut hdr, l1.offset, l1.entries.len() as u64)
+                .map_err(|e| e.context("cannot repair the refcounts of this dirty image"))?;
+        }
+        let file_end = align_up(file.len()?, cs)?;
         let data = match &hdr.data_file {
             Some(name) => {
                 let loc = ctx.location.relative(name);

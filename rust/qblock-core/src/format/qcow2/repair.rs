@@ -1,0 +1,206 @@
+//! Rebuilding the refcounts of a dirty image (docs/interop/qcow2.txt:
+//! "lazy refcounts", incompatible bit 0). An image with lazy refcounts may
+//! have stale refcounts after a crash, and QEMU repairs it when opening it
+//! for writing; so do we before writing to it.
+//!
+//! Every reference is counted from the metadata itself: header, active
+//! L1/L2 tables and the clusters they map, the snapshot table and every
+//! snapshot's L1/L2 tables, the bitmap directory, bitmap tables and bitmap
+//! data. A fresh refcount table and blocks are written at the end of the
+//! file; then the header points at them; then the dirty bit is cleared.
+//! Crash order: a crash before the header update leaves the old (stale)
+//! structures in place with the dirty bit still set, so the next writable
+//! open repairs again; the old structures become unreferenced clusters.
+
+use super::bitmap;
+use super::header::{Header, OFF_INCOMPAT, OFF_REFTABLE};
+use super::refcount::set_entry;
+use super::types::*;
+use crate::backend::Storage;
+use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
+
+/// Largest file (in clusters) we repair: the counting array is 4 bytes per
+/// cluster, so this bounds it at 64 MiB (1 TiB of 64 KiB clusters).
+const MAX_REPAIR_CLUSTERS: u64 = 1 << 24;
+/// QEMU's QCOW_MAX_SNAPSHOTS_SIZE: the snapshot table is at most 64 MiB.
+const MAX_SNAPSHOT_TABLE: u64 = 1024 * MAX_SNAPSHOTS as u64;
+/// QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA.
+const MAX_SNAPSHOT_EXTRA: u64 = 1024;
+
+struct Counter {
+    cs: u64,
+    cluster_bits: u32,
+    counts: Vec<u32>,
+}
+
+impl Counter {
+    /// Count one reference to every cluster touched by `[off, off+len)`.
+    fn add(&mut self, off: u64, len: u64, what: &str) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off.checked_add(len).ok_or_else(|| corrupt(format!("{what} range overflows")))?;
+        let (first, last) = (off >> self.cluster_bits, (end - 1) >> self.cluster_bits);
+        if last >= self.counts.len() as u64 {
+            return Err(corrupt(format!("{what} at {off:#x} is past the end of the file")));
+        }
+        for c in first..=last {
+            let v = &mut self.counts[c as usize];
+            *v = v.checked_add(1).ok_or_else(|| corrupt("refcount overflow"))?;
+        }
+        Ok(())
+    }
+
+    /// An L1 table and everything below it.
+    fn l1(&mut self, file: &dyn Storage, g: &Geometry, off: u64, size: u64, data_file: bool) -> Result<()> {
+        if size * 8 > MAX_L1_BYTES || off % self.cs != 0 {
+            return Err(corrupt(format!("L1 table at {off:#x} of {size} entries is invalid")));
+        }
+        self.add(off, size * 8, "L1 table")?;
+        let mut raw = try_zeroed((size * 8) as usize, "L1 table")?;
+        file.read_at(&mut raw, off)?;
+        let mut l2 = try_zeroed(self.cs as usize, "L2 table")?;
+        for c in raw.chunks_exact(8) {
+            let l2_off = be64(c, 0) & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if l2_off % self.cs != 0 {
+                return Err(corrupt(format!("L2 table at {l2_off:#x} is not cluster aligned")));
+            }
+            self.add(l2_off, self.cs, "L2 table")?;
+            file.read_at(&mut l2, l2_off)?;
+            for e in l2.chunks_exact(8 * g.words()) {
+                let e = be64(e, 0);
+                if e & COMPRESSED != 0 {
+                    let (o, n) = g.compressed(e);
+                    self.add(o & !511, n + (o & 511), "compressed cluster")?;
+                } else if !data_file && e & OFFSET_MASK != 0 {
+                    self.add(e & OFFSET_MASK, self.cs, "data cluster")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Recount every reference and write a fresh refcount structure. Returns
+/// the new refcount table's offset and size in clusters.
+pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64) -> Result<()> {
+    let cs = h.cluster_size();
+    let g = Geometry::new(h.cluster_bits, h.extended_l2());
+    let file_len = align_up(file.len()?, cs)?;
+    let nclusters = file_len / cs;
+    if nclusters > MAX_REPAIR_CLUSTERS {
+        return Err(unsupported("image too large to rebuild its refcounts; run 'qemu-img check -r all'"));
+    }
+    let mut counts = Vec::new();
+    counts.try_reserve_exact(nclusters as usize).map_err(|_| Error::NoMemory("refcount rebuild".into()))?;
+    counts.resize(nclusters as usize, 0u32);
+    let mut c = Counter { cs, cluster_bits: h.cluster_bits, counts };
+    let data_file = h.data_file.is_some();
+    c.add(0, cs, "header")?;
+    c.l1(file, &g, l1_offset, l1_size, data_file)?;
+    // Snapshots: the table, then each snapshot's L1 and L2 tables.
+    if h.nb_snapshots > 0 {
+        let mut p = h.snapshots_offset;
+        let mut total = 0u64;
+        for i in 0..h.nb_snapshots {
+            let mut fixed = [0u8; 40];
+            file.read_at(&mut fixed, p)?;
+            let extra = u64::from(be32(&fixed, 36));
+            let id = u64::from(be16(&fixed, 12));
+            let name = u64::from(be16(&fixed, 14));
+            if extra > MAX_SNAPSHOT_EXTRA {
+                return Err(corrupt(format!("snapshot {i} has {extra} bytes of extra data")));
+            }
+            let len = (40 + extra + id + name + 7) & !7;
+            total += len;
+            if total > MAX_SNAPSHOT_TABLE {
+                return Err(corrupt("snapshot table exceeds 64 MiB"));
+            }
+            c.l1(file, &g, be64(&fixed, 0), u64::from(be32(&fixed, 8)), data_file)?;
+            p = p.checked_add(len).ok_or_else(|| corrupt("snapshot table overflows"))?;
+        }
+        c.add(h.snapshots_offset, total, "snapshot table")?;
+    }
+    // Bitmaps: directory, tables, data clusters.
+    if let Some(b) = &h.bitmaps {
+        if b.directory_size > MAX_BITMAP_DIR {
+            return Err(corrupt("bitmap directory too large"));
+        }
+        c.add(b.directory_offset, b.directory_size, "bitmap directory")?;
+        let mut dir = try_zeroed(b.directory_size as usize, "bitmap directory")?;
+        file.read_at(&mut dir, b.directory_offset)?;
+        for (at, _) in bitmap::entries(&dir, b.nb_bitmaps)? {
+            let entry = at - 12;
+            let t_off = be64(&dir, entry);
+            let t_size = u64::from(be32(&dir, entry + 8));
+            if t_off % cs != 0 || t_size * 8 > MAX_L1_BYTES {
+                return Err(corrupt("bitmap table is invalid"));
+            }
+            c.add(t_off, t_size * 8, "bitmap table")?;
+            let mut t = try_zeroed((t_size * 8) as usize, "bitmap table")?;
+            file.read_at(&mut t, t_off)?;
+            for e in t.chunks_exact(8) {
+                let o = be64(e, 0) & OFFSET_MASK;
+                if o != 0 {
+                    c.add(o, cs, "bitmap data")?;
+                }
+            }
+        }
+    }
+    // The new refcount structure at the end of the file counts itself.
+    let order = h.refcount_order;
+    let epb = (cs * 8) >> order;
+    let (mut blocks, mut table) = (1u64, 1u64);
+    loop {
+        let total = nclusters + blocks + table;
+        let (nb, nt) = (total.div_ceil(epb), (total.div_ceil(epb) * 8).div_ceil(cs));
+        if nb <= blocks && nt <= table {
+            break;
+        }
+        blocks = blocks.max(nb);
+        table = table.max(nt);
+    }
+    if table * cs > MAX_REFTABLE_BYTES {
+        return Err(unsupported("rebuilt refcount table would exceed 8 MiB"));
+    }
+    let table_off = file_len;
+    let blocks_off = table_off + table * cs;
+    let max = if order == 6 { u64::MAX } else { (1u64 << (1u32 << order)) - 1 };
+    let mut tbl = try_zeroed((table * cs) as usize, "refcount table")?;
+    let mut blk = try_zeroed(cs as usize, "refcount block")?;
+    let total = nclusters + blocks + table;
+    for b in 0..blocks {
+        blk.fill(0);
+        for i in 0..epb {
+            let cl = b * epb + i;
+            if cl >= total {
+                break;
+            }
+            let v = if cl < nclusters { u64::from(c.counts[cl as usize]) } else { 1 };
+            if v > max {
+                return Err(corrupt(format!("cluster {cl} has {v} references, more than refcount_bits allow")));
+            }
+            set_entry(&mut blk, i as usize, order, v);
+        }
+        let o = blocks_off + b * cs;
+        file.write_at(&blk, o)?;
+        tbl[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&o.to_be_bytes());
+    }
+    file.write_at(&tbl, table_off)?;
+    file.flush()?;
+    // Switch the header to the new table, then clear the dirty bit.
+    let mut hdr = [0u8; 12];
+    hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+    hdr[8..].copy_from_slice(&(table as u32).to_be_bytes());
+    file.write_at(&hdr, OFF_REFTABLE)?;
+    file.flush()?;
+    h.incompatible &= !INCOMPAT_DIRTY;
+    file.write_at(&h.incompatible.to_be_bytes(), OFF_INCOMPAT)?;
+    file.flush()?;
+    h.refcount_table_offset = table_off;
+    h.refcount_table_clusters = table as u32;
+    Ok(())
+}
