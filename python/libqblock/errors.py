@@ -36,6 +36,10 @@ class QBlockError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, errno={self.errno})"
 
+    def __reduce__(self) -> "tuple[type, tuple[str, int]]":
+        # Exception's default pickles only args (the message): keep errno too.
+        return (type(self), (self.message, self.errno))
+
 
 class InvalidParamError(QBlockError, ValueError):
     """A parameter is invalid (bad option, closed image, read-only write...)."""
@@ -93,10 +97,14 @@ ERROR_CLASSES = (
 class Broker:
     """The last error of one thread, in the seed's shape.
 
-    ``Broker.current()`` is the calling thread's broker; every
-    :class:`QBlockError` raised in a thread is recorded in it. A broker made
-    with ``Broker()`` is private: :mod:`libqblock.capi` records into the broker
-    it is handed.
+    ``err_ret`` is the last error's negative ``QB_ERR_*`` code (0: none yet),
+    ``err_no`` its errno (0 unless an OS call failed) and ``err_msg`` its
+    message. ``Broker.current()`` is the calling thread's broker; every
+    :class:`QBlockError` raised (constructed) in a thread is recorded in it,
+    and never in another thread's. A success does not clear it, as in the
+    seed; call :meth:`clear`. A broker made with ``Broker()`` (or
+    ``capi.qb_broker_new()``) is private: :mod:`libqblock.capi` records into
+    the broker it is handed (as well as the thread's).
     """
 
     _local = threading.local()
@@ -105,10 +113,12 @@ class Broker:
         self.err_ret: int = 0
         self.err_no: int = 0
         self.err_msg: str = ""
+        #: Set by capi.qb_broker_delete; a deleted broker is refused by capi.
         self.deleted: bool = False
 
     @classmethod
     def current(cls) -> "Broker":
+        """The calling thread's broker (made on first use)."""
         b: Optional[Broker] = getattr(cls._local, "broker", None)
         if b is None:
             b = cls()
@@ -116,12 +126,19 @@ class Broker:
         return b
 
     def _record(self, err: QBlockError) -> None:
-        self.err_ret = err.code
-        self.err_no = err.errno
-        self.err_msg = err.message
+        self._set(err.code, err.errno, err.message)
+
+    def _set(self, code: int, errno: int, message: str) -> None:
+        self.err_ret = code
+        self.err_no = errno
+        self.err_msg = message
 
     def clear(self) -> None:
+        """Forget the last error."""
         self.err_ret, self.err_no, self.err_msg = 0, 0, ""
+
+    def __repr__(self) -> str:
+        return f"<libqblock.Broker err_ret={self.err_ret} err_no={self.err_no} err_msg={self.err_msg!r}>"
 
     @property
     def last_error(self) -> str:
