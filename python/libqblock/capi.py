@@ -27,7 +27,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union, cast
 
 from . import image as _image
 from .errors import (
@@ -269,7 +269,7 @@ class QBlockFormatInfo:
     def options(self) -> _FmtOptions:
         """The option union member ``fmt_type`` names."""
         f = self._format()
-        slot = getattr(self.o_fmt, _slot_name(f), None) if f in OPTION_CLASSES else None
+        slot: Optional[_FmtOptions] = getattr(self.o_fmt, _slot_name(f), None) if f in OPTION_CLASSES else None
         if slot is None:
             raise _invalid(f"format {self.fmt_type} has no creation options")
         return slot
@@ -341,7 +341,7 @@ def _live_broker(broker: Any) -> bool:
     return isinstance(broker, Broker) and not broker.deleted
 
 
-def _call(broker: Any, fail: T, fn: Callable[[], T]) -> Union[T, int]:
+def _call(broker: Any, fail: T, fn: Callable[[], T]) -> T:
     """Run ``fn``; on failure record into ``broker`` and return the code
     (``fail`` shapes it, e.g. a tuple with the code in front)."""
     if not _live_broker(broker):
@@ -364,10 +364,11 @@ def _call(broker: Any, fail: T, fn: Callable[[], T]) -> Union[T, int]:
         return _shape(fail, QB_ERR_MEM_ERR)
 
 
-def _shape(fail: Any, code: int) -> Any:
+def _shape(fail: T, code: int) -> T:
+    """``fail`` with the code in the place of its 0: ``0`` or ``(0, ...)``."""
     if isinstance(fail, tuple):
-        return (code,) + fail[1:]
-    return code
+        return cast(T, (code,) + fail[1:])
+    return cast(T, code)
 
 
 def _state(qbs: Any, want_open: Optional[bool] = None) -> QBlockState:
@@ -577,7 +578,7 @@ def qb_check_allocation(broker: Broker, qbs: QBlockState, start: int, length: in
         allocated, n = _open_image(qbs).check_allocation(start, length)
         return (0, 1 if allocated else 0, n)
 
-    return _call(broker, (0, 0, 0), go)  # type: ignore[return-value]
+    return _call(broker, (0, 0, 0), go)
 
 
 @dataclass
@@ -631,7 +632,8 @@ def qb_info_image_static_get(broker: Broker, qbs: QBlockState) -> Tuple[int, Opt
     def go() -> Tuple[int, Optional[QBlockStaticInfo]]:
         return (0, _static_info(_open_image(qbs).info()))
 
-    return _call(broker, (0, None), go)  # type: ignore[return-value]
+    fail: Tuple[int, Optional[QBlockStaticInfo]] = (0, None)
+    return _call(broker, fail, go)
 
 
 def qb_info_image_static_delete(broker: Broker, info: QBlockStaticInfo) -> int:

@@ -6,6 +6,9 @@ import enum
 
 
 class OpenFlag(enum.IntFlag):
+    """The open flags as an IntFlag; combine with ``|``. Any bit outside
+    :data:`O_VALID_MASK` makes open and create raise InvalidParamError."""
+
     RDWR = 0x0002
     SNAPSHOT = 0x0008
     NOCACHE = 0x0020
@@ -17,9 +20,11 @@ class OpenFlag(enum.IntFlag):
 O_RDWR = OpenFlag.RDWR
 """Open for reading and writing (read-only without it)."""
 O_SNAPSHOT = OpenFlag.SNAPSHOT
-"""Writes go to a temporary overlay and are discarded on close."""
+"""Writes go to a temporary overlay and are discarded on close.
+Not supported yet: :func:`libqblock.open` raises UnsupportedError."""
 O_NOCACHE = OpenFlag.NOCACHE
-"""Bypass the host page cache (O_DIRECT)."""
+"""Bypass the host page cache (O_DIRECT).
+Not supported yet: :func:`libqblock.open` raises UnsupportedError."""
 O_CACHE_WB = OpenFlag.CACHE_WB
 """Write-back: writes reach the disk on flush/close; without it every write is flushed."""
 O_NO_BACKING = OpenFlag.NO_BACKING

@@ -179,7 +179,7 @@ def _fmt_name(fmt: Optional[Union[Format, str]]) -> Optional[str]:
     f = fmt if isinstance(fmt, Format) else Format.from_str(fmt)
     if f is Format.NONE:
         raise InvalidParamError(f"unknown format {fmt!r}")
-    return f.value
+    return str(f)
 
 
 def open(  # noqa: A001 - the seed's name
@@ -187,7 +187,13 @@ def open(  # noqa: A001 - the seed's name
     fmt: Optional[Union[Format, str]] = None,
     flags: int = O_RDWR | O_CACHE_WB,
 ) -> Image:
-    """Open an image; ``fmt`` None probes its format (see the README on raw probing)."""
+    """Open an image; ``fmt`` None probes its format (see the README on raw probing).
+
+    ``flags`` are ``O_*`` bits: read-only without ``O_RDWR``; an unknown bit
+    raises InvalidParamError. ``O_SNAPSHOT`` and ``O_NOCACHE`` are not
+    supported yet and raise UnsupportedError, as does a location whose
+    protocol is not served yet (anything but ``file``).
+    """
     _check_flags(flags)
     loc = Location.of(location)
     from .errors import UnsupportedError
@@ -209,7 +215,11 @@ def open(  # noqa: A001 - the seed's name
 
 
 def create(location: Where, options: ImageOptions, flags: int = 0) -> None:
-    """Create an image (without opening it). The options' class names the format."""
+    """Create an image (without opening it). The options' class names the format.
+
+    Raises UnsupportedError for a format the engine cannot create yet (all
+    but raw and qcow2 today) or a location that is not a ``file``.
+    """
     _check_flags(flags)
     if not isinstance(options, ImageOptions) or options.format is Format.NONE:
         raise InvalidParamError("options must be one of the format option classes, e.g. Qcow2Options")
