@@ -30,7 +30,7 @@ CHUNK = 1 * MiB
 RANDOM_LEN = 4 * KiB
 # Bumped whenever the way the data set is built changes, so a kept directory
 # built by an older script is rebuilt rather than silently reused.
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 
 
 def parse_size(text: str) -> int:
@@ -69,6 +69,7 @@ class Dataset:
     raw: str  # sparse raw file: the generated content, holes where unallocated
     qcow2: str  # qemu-img convert -O qcow2, 64 KiB clusters
     zlib: str  # qemu-img convert -c -O qcow2 (zlib), 64 KiB clusters
+    allocation: str  # one byte per 64 KiB cluster: 1 = random data, 0 = hole
     offsets: str  # random-read offsets, array('Q') in native byte order
     write_offsets: str  # allocating-write offsets, array('Q')
     allocated: int  # clusters holding data
@@ -113,7 +114,7 @@ def build_dataset(
         with open(mp) as f:
             have = json.load(f)
         if all(have.get(k) == v for k, v in want.items()) and all(
-            os.path.exists(have[k]) for k in ("raw", "qcow2", "zlib", "offsets", "write_offsets")
+            os.path.exists(have[k]) for k in ("raw", "qcow2", "zlib", "allocation", "offsets", "write_offsets")
         ):
             log(f"reusing the data set in {d}")
             return Dataset(**{k: have[k] for k in Dataset.__dataclass_fields__})
@@ -126,14 +127,18 @@ def build_dataset(
     nclusters = size // CLUSTER
     table = bytes(0x41 + (i & 15) for i in range(256))
     log(f"building a {human_size(size)} raw image, ~{alloc_ratio:.0%} of its 64 KiB clusters random data ...")
-    allocated = 0
+    bitmap = bytearray(nclusters)
     with open(raw, "wb") as f:
         f.truncate(size)
         fd = f.fileno()
         for c in range(nclusters):
             if rng.random() < alloc_ratio:
                 os.pwrite(fd, _cluster_data(rng, table), c * CLUSTER)
-                allocated += 1
+                bitmap[c] = 1
+    allocated = sum(bitmap)
+    allocation = os.path.join(d, "allocation.bin")
+    with open(allocation, "wb") as f:
+        f.write(bitmap)
     log(f"  {allocated}/{nclusters} clusters allocated; qemu-img convert -O qcow2 ...")
     _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={CLUSTER}", raw, qcow2])
     log("  qemu-img convert -c -O qcow2 (zlib) ...")
@@ -156,13 +161,21 @@ def build_dataset(
     seq_digest = hash_file(raw)
     rand_digest = hash_random_reads(raw, list(a))
     ds = Dataset(
-        dir=d, size=size, seed=seed, raw=raw, qcow2=qcow2, zlib=zlib_, offsets=offsets,
+        dir=d, size=size, seed=seed, raw=raw, qcow2=qcow2, zlib=zlib_, allocation=allocation, offsets=offsets,
         write_offsets=write_offsets, allocated=allocated, seq_digest=seq_digest,
         rand_digest=rand_digest, build_seconds=time.perf_counter() - t0,
     )
     with open(mp, "w") as f:
         json.dump({**want, **ds.__dict__}, f, indent=1)
     return ds
+
+
+def fraction_in_data(ds: "Dataset") -> float:
+    """Share of the random-read offsets that land in a cluster holding data."""
+    with open(ds.allocation, "rb") as f:
+        bitmap = f.read()
+    offs = load_offsets(ds.offsets)
+    return sum(bitmap[o // CLUSTER] for o in offs) / max(1, len(offs))
 
 
 def load_offsets(path: str) -> List[int]:
@@ -311,6 +324,23 @@ def _dist_version(name: str) -> Optional[str]:
         return None
 
 
+def _libqblock_build(repo: Optional[str]) -> str:
+    """Version and where the measured libqblock lives (and its commit, if in the repo)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("libqblock")
+    if spec is None or not spec.origin:
+        return "missing"
+    where = os.path.dirname(os.path.abspath(spec.origin))
+    text = f"{_dist_version('libqblock') or '?'} from {where}"
+    if repo and where.startswith(os.path.abspath(repo) + os.sep):
+        commit = _first_line(["git", "-C", repo, "rev-parse", "--short", "HEAD"])
+        dirty = _first_line(["git", "-C", repo, "status", "--porcelain", "--", "rust", "python", "Cargo.lock"])
+        if commit:
+            text += f" (git {commit}{', with uncommitted changes' if dirty else ''})"
+    return text
+
+
 def machine_info(repo: Optional[str] = None) -> Dict[str, str]:
     info: Dict[str, str] = {}
     info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -334,12 +364,7 @@ def machine_info(repo: Optional[str] = None) -> Dict[str, str]:
     info["kernel"] = platform.release()
     info["python"] = platform.python_version()
     info["qemu-img"] = (_first_line(["qemu-img", "--version"]) or "missing").replace("qemu-img version ", "")
-    lq = _dist_version("libqblock") or "missing"
-    if repo:
-        commit = _first_line(["git", "-C", repo, "rev-parse", "--short", "HEAD"])
-        if commit:
-            lq += f" (git {commit})"
-    info["libqblock"] = lq
+    info["libqblock"] = _libqblock_build(repo)
     for dist in ("libqcow-python", "pykeramics", "dissect.hypervisor"):
         info[dist] = _dist_version(dist) or "missing"
     return info
