@@ -51,6 +51,11 @@ pub const ENTRY: FormatEntry = FormatEntry {
     create: Some(create::create),
 };
 
+/// Reads of at least this many whole compressed clusters decode in parallel.
+const PARALLEL_MIN_CLUSTERS: usize = 4;
+/// Threads one read may use for decoding.
+const MAX_DECODE_THREADS: usize = 4;
+
 /// Distinguishes driver instances in the per-thread decompression cache.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -213,7 +218,16 @@ impl Qcow2 {
             let within = offset & (us - 1);
             let first = self.unit_at(w, u0)?;
             if first == Unit::Compressed {
-                return Ok((first, max.min(g.cluster_size - (offset & (g.cluster_size - 1)))));
+                // A run of compressed clusters decodes as one (in parallel).
+                let per = 1u64 << (g.cluster_bits - g.unit_bits);
+                let mut run = g.cluster_size - (offset & (g.cluster_size - 1));
+                let mut u = (u0 / per + 1) * per;
+                let last_unit = 1u64 << (cover_bits - g.unit_bits);
+                while run < max && u < last_unit && self.unit_at(w, u)? == Unit::Compressed {
+                    run += g.cluster_size;
+                    u += per;
+                }
+                return Ok((first, max.min(run)));
             }
             let mut run = us - within;
             let mut k = 1u64;
@@ -273,6 +287,36 @@ impl Qcow2 {
         compress::decompress(self.hdr.compression_type, &input, out)
     }
 
+    /// The L2 entry of the compressed cluster holding `offset`.
+    fn compressed_entry(&self, offset: u64) -> Result<u64> {
+        let (e, _) = self.entry_at(offset)?.ok_or_else(|| Error::Internal("compressed cluster vanished".into()))?;
+        if e & COMPRESSED == 0 {
+            // A concurrent write replaced it between map and read.
+            return Err(Error::Internal("cluster is no longer compressed (concurrent write)".into()));
+        }
+        Ok(e)
+    }
+
+    /// Part of a compressed cluster, through the per-thread cache so that
+    /// small sequential reads decompress each cluster once.
+    fn read_cached(&self, e: u64, within: usize, out: &mut [u8]) -> Result<()> {
+        let cs = self.g.cluster_size as usize;
+        DECOMPRESSED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != self.id || c.1 != e || c.2.len() != cs {
+                c.0 = 0;
+                if c.2.len() != cs {
+                    c.2 = try_zeroed(cs, "decompressed cluster")?;
+                }
+                self.decompress_entry(e, &mut c.2)?;
+                c.0 = self.id;
+                c.1 = e;
+            }
+            out.copy_from_slice(&c.2[within..within + out.len()]);
+            Ok(())
+        })
+    }
+
     /// The host clusters a compressed entry's bytes touch (for refcounts).
     fn compressed_clusters(&self, e: u64) -> (u64, u64) {
         let (off, len) = self.g.compressed(e);
@@ -325,27 +369,54 @@ impl Driver for Qcow2 {
 
     fn read_encoded(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let cs = self.g.cluster_size;
-        let within = (offset & (cs - 1)) as usize;
-        if within + buf.len() > cs as usize {
-            return Err(Error::Internal("compressed read crosses a cluster".into()));
-        }
-        let (e, _) = self.entry_at(offset)?.ok_or_else(|| Error::Internal("compressed cluster vanished".into()))?;
-        if e & COMPRESSED == 0 {
-            return Err(Error::Internal("cluster is no longer compressed".into()));
-        }
-        DECOMPRESSED.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.0 != self.id || c.1 != e || c.2.len() != cs as usize {
-                c.0 = 0;
-                if c.2.len() != cs as usize {
-                    c.2 = try_zeroed(cs as usize, "decompressed cluster")?;
-                }
-                self.decompress_entry(e, &mut c.2)?;
-                c.0 = self.id;
-                c.1 = e;
+        // Split into per-cluster pieces; whole clusters decode straight into
+        // `buf`, pieces of clusters through the per-thread cache.
+        let mut whole: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut rest = buf;
+        let mut pos = offset;
+        while !rest.is_empty() {
+            let within = pos & (cs - 1);
+            let n = ((cs - within) as usize).min(rest.len());
+            let (piece, tail) = rest.split_at_mut(n);
+            let e = self.compressed_entry(pos)?;
+            if n as u64 == cs {
+                whole.push((e, piece));
+            } else {
+                self.read_cached(e, within as usize, piece)?;
             }
-            buf.copy_from_slice(&c.2[within..within + buf.len()]);
-            Ok(())
+            rest = tail;
+            pos += n as u64;
+        }
+        let workers = if whole.len() >= PARALLEL_MIN_CLUSTERS {
+            std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DECODE_THREADS).min(whole.len())
+        } else {
+            1
+        };
+        if workers <= 1 {
+            for (e, piece) in whole {
+                self.decompress_entry(e, piece)?;
+            }
+            return Ok(());
+        }
+        let mut groups: Vec<Vec<(u64, &mut [u8])>> = (0..workers).map(|_| Vec::new()).collect();
+        for (i, job) in whole.into_iter().enumerate() {
+            groups[i % workers].push(job);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = groups
+                .into_iter()
+                .map(|g| {
+                    s.spawn(move || -> Result<()> {
+                        for (e, piece) in g {
+                            self.decompress_entry(e, piece)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join().map_err(|_| Error::Internal("decompression thread panicked".into()))?
+            })
         })
     }
 
