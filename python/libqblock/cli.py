@@ -6,16 +6,17 @@ import argparse
 import json
 import re
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Type
 
 from . import image as _image
 from .errors import InvalidParamError, QBlockError
 from .flags import O_CACHE_WB, O_RDWR
 from .formats import Format
-from .options import Qcow2Options, RawOptions
+from .options import ImageOptions, option_fields, options_class
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-_OPTION_CLASSES = {Format.QCOW2: Qcow2Options, Format.RAW: RawOptions}
+#: qemu-img's -o names that differ from the option classes' field names.
+_QEMU_NAMES = {"size": "virt_size", "backing_file": "backing"}
 
 
 def parse_size(text: str) -> int:
@@ -26,8 +27,8 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
-def _parse_o(opts: List[str]) -> dict:
-    out: dict = {}
+def _parse_o(opts: List[str]) -> Dict[str, str]:
+    out: Dict[str, str] = {}
     for group in opts:
         for item in group.split(","):
             if not item:
@@ -35,45 +36,66 @@ def _parse_o(opts: List[str]) -> dict:
             key, sep, val = item.partition("=")
             if not sep:
                 raise InvalidParamError(f"option {item!r} needs key=value")
-            out[key.replace("-", "_")] = val
+            key = key.replace("-", "_")
+            out[_QEMU_NAMES.get(key, key)] = val
     return out
 
 
-def _coerce(cls: type, key: str, val: str) -> object:
-    field = cls.__dataclass_fields__.get(key)
-    if field is None:
-        raise InvalidParamError(f"{cls.__name__} has no option {key!r}")
-    t = str(field.type)
-    if "bool" in t:
+def _coerce(cls: Type[ImageOptions], key: str, val: str) -> object:
+    """A -o value as the type of the options field it sets."""
+    if key not in option_fields(cls):
+        raise InvalidParamError(f"{cls.__name__} has no option {key!r} (see -o help)")
+    # The annotations are strings (postponed evaluation): "bool", "int",
+    # "Optional[int]", ... Everything else is taken as text.
+    t = str(cls.__dataclass_fields__[key].type).replace(" ", "")  # type: ignore[attr-defined]
+    if key == "backing_fmt":
+        f = Format.from_str(val)
+        if f is Format.NONE:
+            raise InvalidParamError(f"unknown backing format {val!r}")
+        return f
+    if t == "bool":
         if val not in ("on", "off", "true", "false"):
             raise InvalidParamError(f"option {key} takes on or off, not {val!r}")
         return val in ("on", "true")
-    if "int" in t:
+    if t in ("int", "Optional[int]"):
         return parse_size(val)
-    if key == "backing_fmt":
-        return Format.from_str(val)
     return val
+
+
+def _options_help(cls: Type[ImageOptions]) -> str:
+    lines = [f"Supported {cls.format} options ({cls.__name__}):"]
+    defaults = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    for name in option_fields(cls):
+        qemu = {v: k for k, v in _QEMU_NAMES.items()}.get(name, name)
+        lines.append(f"  {qemu:<18} default {defaults[name].default!r}")
+    return "\n".join(lines)
 
 
 def cmd_create(a: argparse.Namespace) -> int:
     fmt = Format.from_str(a.format)
-    cls = _OPTION_CLASSES.get(fmt)
-    if cls is None:
-        raise InvalidParamError(f"creating {a.format} images is not supported yet")
-    kw = {k: _coerce(cls, k, v) for k, v in _parse_o(a.o).items()}
+    if fmt is Format.NONE:
+        raise InvalidParamError(f"unknown format {a.format!r}")
+    cls = options_class(fmt)
+    if any(group.split(",")[0] == "help" for group in a.o):
+        print(_options_help(cls))
+        return 0
+    kw: Dict[str, Any] = {k: _coerce(cls, k, v) for k, v in _parse_o(a.o).items()}
     if a.backing:
         kw["backing"] = a.backing
     if a.backing_format:
-        kw["backing_fmt"] = Format.from_str(a.backing_format)
-    kw["virt_size"] = parse_size(a.size) if a.size else 0
+        kw["backing_fmt"] = _coerce(cls, "backing_fmt", a.backing_format)
+    if a.size:
+        kw["virt_size"] = parse_size(a.size)
+    if "virt_size" not in kw and "backing" not in kw:
+        raise InvalidParamError("creating an image needs a size (or a backing file to take it from)")
     _image.create(a.filename, cls(**kw))
     return 0
 
 
-def _info_dict(a: argparse.Namespace) -> dict:
+def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
     with _image.open(a.filename, a.format, flags=0) as img:
         i = img.info()
-    d = {
+    d: Dict[str, Any] = {
         "filename": str(i.location),
         "format": i.format.value,
         "virtual-size": i.virt_size,
@@ -131,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create an image")
     c.add_argument("-f", "--format", default="qcow2")
-    c.add_argument("-o", action="append", default=[], help="key=value[,key=value...] format options")
+    c.add_argument("-o", action="append", default=[], help="key=value[,key=value...] format options; -o help lists them")
     c.add_argument("-b", "--backing")
     c.add_argument("-F", "--backing-format")
     c.add_argument("filename")

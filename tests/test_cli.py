@@ -1,0 +1,154 @@
+"""The qblock command: create, info, write, read and map, against qemu-img."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import libqblock as qb
+from libqblock import cli
+
+from conftest import qemu_check, qemu_info, qemu_io, qemu_map
+
+MiB = 1 << 20
+
+
+def run(capsysbinary, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out = capsysbinary.readouterr()
+    return rc, out.out, out.err.decode()
+
+
+@pytest.mark.parametrize("text, n", [("4096", 4096), ("64k", 65536), ("64K", 65536), ("512M", 512 * MiB), ("1G", 1 << 30), ("2T", 2 << 40), ("1GiB", 1 << 30), ("3b", 3)])
+def test_parse_size(text, n):
+    assert cli.parse_size(text) == n
+
+
+@pytest.mark.parametrize("bad", ["", "1.5G", "-1", "G", "1X", "1 G B"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(qb.InvalidParamError):
+        cli.parse_size(bad)
+
+
+@pytest.mark.parametrize("prealloc", ["off", "falloc", "full"])
+def test_create_raw(tmp, capsysbinary, prealloc):
+    p = tmp / "a.raw"
+    rc, out, err = run(capsysbinary, "create", "-f", "raw", "-o", f"preallocation={prealloc}", p, "3M")
+    assert (rc, err) == (0, "")
+    info = qemu_info(str(p))
+    assert info["format"] == "raw" and info["virtual-size"] == 3 * MiB
+    assert (os.stat(p).st_blocks == 0) == (prealloc == "off")
+
+
+def test_create_takes_size_as_an_option_too(tmp, capsysbinary):
+    assert run(capsysbinary, "create", "-f", "raw", "-o", "size=64k", tmp / "o.raw")[0] == 0
+    assert os.path.getsize(tmp / "o.raw") == 65536
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["create", "-f", "raw", "{tmp}/x.raw"], "needs a size"),
+        (["create", "-f", "nosuch", "{tmp}/x.img", "1M"], "unknown format"),
+        (["create", "-f", "dmg", "{tmp}/x.img", "1M"], "no options class"),
+        (["create", "-f", "vmdk", "{tmp}/x.vmdk", "1M"], "not supported yet"),
+        (["create", "-f", "vdi", "-o", "static=on", "{tmp}/x.vdi", "1M"], "not supported yet"),
+        (["create", "-f", "raw", "-o", "cluster_size=64k", "{tmp}/x.raw", "1M"], "has no option 'cluster_size'"),
+        (["create", "-f", "raw", "-o", "preallocation", "{tmp}/x.raw", "1M"], "needs key=value"),
+        (["create", "-f", "raw", "{tmp}/x.raw", "lots"], "not a size"),
+        (["create", "-f", "qcow2", "-o", "lazy_refcounts=maybe", "{tmp}/x.qcow2", "1M"], "on or off"),
+        (["create", "-f", "qcow2", "-o", "cluster_size=3k", "{tmp}/x.qcow2", "1M"], "cluster_size"),
+        (["info", "{tmp}/missing.raw"], "missing.raw"),
+    ],
+)
+def test_errors_exit_1_with_a_message(tmp, capsysbinary, argv, message):
+    rc, out, err = run(capsysbinary, *[a.format(tmp=tmp) for a in argv])
+    assert rc == 1 and out == b"" and err.startswith("qblock: ") and message in err
+    assert not (tmp / "x.raw").exists() and not (tmp / "x.vmdk").exists()
+
+
+def test_options_help(capsysbinary):
+    rc, out, _ = run(capsysbinary, "create", "-f", "vmdk", "-o", "help", "unused")
+    text = out.decode()
+    assert rc == 0 and "VmdkOptions" in text
+    for name in ("size", "backing_file", "compat6", "subformat", "adapter_type"):
+        assert name in text
+
+
+def test_info_raw_human_and_json(tmp, capsysbinary):
+    p = tmp / "i.raw"
+    qb.create(p, qb.RawOptions(5 * MiB))
+    rc, out, _ = run(capsysbinary, "info", "--output", "json", p)
+    d = json.loads(out)
+    theirs = qemu_info(str(p))
+    assert rc == 0 and d["format"] == theirs["format"] == "raw"
+    assert d["virtual-size"] == theirs["virtual-size"] == 5 * MiB and d["filename"] == str(p)
+    rc, out, _ = run(capsysbinary, "info", "-f", "raw", p)
+    text = out.decode()
+    assert rc == 0 and "format: raw" in text and f"virtual-size: {5 * MiB}" in text
+
+
+def test_write_read_and_map_raw(tmp, capsysbinary):
+    p = tmp / "w.raw"
+    assert run(capsysbinary, "create", "-f", "raw", p, "8M")[0] == 0
+    assert run(capsysbinary, "write", "-P", "0xab", p, "1M", "64k")[0] == 0
+    assert run(capsysbinary, "write", "-P", "7", p, "5000", "3")[0] == 0
+    assert run(capsysbinary, "write", "-z", p, str(MiB + 4096), "4k")[0] == 0
+    data = p.read_bytes()
+    assert data[MiB : MiB + 4096] == b"\xab" * 4096 and data[MiB + 4096 : MiB + 8192] == b"\0" * 4096
+    assert data[MiB + 8192 : MiB + 65536] == b"\xab" * (65536 - 8192) and data[5000:5003] == b"\7\7\7"
+    rc, out, _ = run(capsysbinary, "read", p, "4999", "5")
+    assert rc == 0 and out == b"\0\7\7\7\0"
+    rc, out, _ = run(capsysbinary, "read", "-f", "raw", p, "1M", "16")
+    assert out == b"\xab" * 16
+    rc, out, err = run(capsysbinary, "read", p, "8M", "1")
+    assert rc == 1 and "beyond" in err
+    rc, out, _ = run(capsysbinary, "map", p)
+    ours = json.loads(out)
+    keys = ("start", "length", "data", "zero", "present", "depth")
+    assert [{k: e[k] for k in keys} for e in ours] == [{k: e[k] for k in keys} for e in qemu_map(str(p), "-f", "raw")]
+
+
+def test_read_what_qemu_io_wrote(tmp, capsysbinary):
+    p = tmp / "q.raw"
+    qb.create(p, qb.RawOptions(MiB))
+    qemu_io(str(p), "write -P 0x3c 1000 10", fmt="raw")
+    rc, out, _ = run(capsysbinary, "read", p, "998", "14")
+    assert out == b"\0\0" + b"\x3c" * 10 + b"\0\0"
+
+
+def test_qcow2_through_the_cli(tmp, capsysbinary):
+    # The README's run command: create a qcow2, write into it, print its info.
+    p = tmp / "demo.qcow2"
+    rc, _, err = run(capsysbinary, "create", "-f", "qcow2", "-o", "cluster_size=4k,lazy_refcounts=on", p, "1G")
+    assert rc == 0, err
+    assert run(capsysbinary, "write", "-P", "0xab", p, "1M", "4M")[0] == 0
+    theirs = qemu_info(str(p))
+    assert theirs["format"] == "qcow2" and theirs["virtual-size"] == 1 << 30 and theirs["cluster-size"] == 4096
+    assert theirs["format-specific"]["data"]["lazy-refcounts"] is True
+    qemu_check(str(p))
+    rc, out, _ = run(capsysbinary, "info", "--output=json", p)
+    d = json.loads(out)
+    assert d["format"] == "qcow2" and d["cluster-size"] == 4096 and d["virtual-size"] == 1 << 30
+    rc, out, _ = run(capsysbinary, "read", p, str(MiB - 1), "2")
+    assert out == b"\0\xab"
+    top = tmp / "top.qcow2"
+    assert run(capsysbinary, "create", "-f", "qcow2", "-b", p, "-F", "qcow2", top)[0] == 0  # size from the backing file
+    t = qemu_info(str(top))
+    assert t["virtual-size"] == 1 << 30 and t["backing-filename-format"] == "qcow2"
+
+
+def test_the_installed_command(tmp):
+    exe = shutil.which("qblock")
+    cmd = [exe] if exe else [sys.executable, "-m", "libqblock.cli"]
+    r = subprocess.run([*cmd, "create", "-f", "raw", str(tmp / "e.raw"), "1M"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cmd, "info", str(tmp / "e.raw")], capture_output=True, text=True)
+    assert r.returncode == 0 and "virtual-size: 1048576" in r.stdout
+    r = subprocess.run([*cmd], capture_output=True, text=True)
+    assert r.returncode == 2  # argparse: a subcommand is required
