@@ -262,6 +262,9 @@ def test_snapshots_and_bitmaps_survive_our_writes(tmp):
     # We do not track writes in bitmaps: the enabled bitmap is flagged in use
     # (inconsistent), but kept.
     assert [b["name"] for b in bitmaps] == ["bm0"] and "in-use" in bitmaps[0]["flags"]
+    # QEMU still opens and writes the image.
+    qemu_io(str(p), "write -P 0x53 1M 4k")
+    check_clean(p)
 
 
 def test_truncate_grows(tmp):
@@ -533,3 +536,11 @@ def test_dirty_image_after_crash_is_repaired(tmp, snapshot):
     assert expected[50 * 1024 : 350 * 1024] == b"\x32" * (300 * 1024)
     if snapshot:
         assert qemu_raw_bytes(str(p), tmp, "-l", "snapshot.name=s1")[: 100 * 1024] == b"\x31" * (100 * 1024)
+
+
+def test_luks_encrypted_image_is_unsupported(tmp):
+    p = tmp / "enc.qcow2"
+    qemu_img("create", "--object", "secret,id=s0,data=pw", "-f", "qcow2",
+             "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(p), "1M")
+    with pytest.raises(qb.UnsupportedError):
+        qb.open(p, flags=0)

@@ -47,6 +47,10 @@ pub struct L2Cache {
 impl L2Cache {
     pub fn new(g: &Geometry) -> L2Cache {
         let capacity = ((L2_CACHE_BYTES >> g.cluster_bits) as usize).max(L2_CACHE_MIN_TABLES);
+        Self::with_capacity(g, capacity)
+    }
+
+    pub fn with_capacity(g: &Geometry, capacity: usize) -> L2Cache {
         L2Cache {
             inner: RwLock::new(CacheInner { tables: HashMap::new(), generation: 0, misses: AtomicU64::new(0) }),
             capacity,
@@ -121,6 +125,11 @@ impl L2Cache {
         }
     }
 
+    #[cfg(test)]
+    pub fn cached(&self) -> usize {
+        self.inner.read().tables.len()
+    }
+
     pub fn forget(&self, off: u64) {
         let mut c = self.inner.write();
         c.generation += 1;
@@ -161,4 +170,37 @@ pub fn load_l1(file: &dyn Storage, g: &Geometry, offset: u64, size: u32, file_en
         entries.push(e);
     }
     Ok(L1 { offset, entries })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemoryStorage;
+
+    #[test]
+    fn cache_stays_bounded_and_correct() {
+        let g = Geometry::new(9, false);
+        // 40 tables whose first entry names the table.
+        let f = MemoryStorage::new(vec![0; 41 * 512], false);
+        for t in 1..=40u64 {
+            f.write_at(&(t * 1000).to_be_bytes(), t * 512).unwrap();
+        }
+        let c = L2Cache::with_capacity(&g, 4);
+        for round in 0..3 {
+            for t in 1..=40u64 {
+                let v = c.with(&f, t * 512, |w| w[0]).unwrap();
+                assert_eq!(v, t * 1000, "round {round}");
+                assert!(c.cached() <= 4);
+            }
+        }
+        // A hot table survives a stream of misses.
+        for t in 1..=40u64 {
+            c.with(&f, 512, |_| ()).unwrap();
+            c.with(&f, t * 512, |_| ()).unwrap();
+        }
+        assert!(c.inner.read().tables.contains_key(&512));
+        // Updates reach cached tables.
+        c.update(512, 0, &[7]);
+        assert_eq!(c.with(&f, 512, |w| w[0]).unwrap(), 7);
+    }
 }

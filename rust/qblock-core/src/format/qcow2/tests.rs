@@ -257,6 +257,22 @@ fn unknown_extensions_are_skipped() {
 }
 
 #[test]
+fn unknown_extensions_survive_writes() {
+    let mut b = base();
+    put32(&mut b, 112, 0x0bad_cafe);
+    put32(&mut b, 116, 12);
+    b[120..132].copy_from_slice(b"opaque bytes");
+    let before = b[..CS].to_vec();
+    let d = open_bytes(b, false).unwrap();
+    d.write_at(&[1u8; 3000], 70000, &NoBacking).unwrap();
+    d.truncate(SIZE * 64).unwrap(); // moves the L1 table: header fields change
+    let mut after = vec![0u8; CS];
+    d.file.read_at(&mut after, 0).unwrap();
+    assert_eq!(after[104..], before[104..], "extension area changed");
+    assert_eq!(be64(&after, 24), SIZE * 64);
+}
+
+#[test]
 fn l1_entry_unaligned_or_past_eof() {
     // Reserved bits (QEMU never sets them; an offset "inside" a 512-byte
     // cluster shows up there).
