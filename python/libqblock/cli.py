@@ -72,6 +72,7 @@ def _options_help(cls: Type[ImageOptions]) -> str:
 
 
 def cmd_create(a: argparse.Namespace) -> int:
+    """``qblock create [-f FMT] [-o OPTS] [-b BACKING [-F FMT]] FILE [SIZE]``."""
     fmt = Format.from_str(a.format)
     if fmt is Format.NONE:
         raise InvalidParamError(f"unknown format {a.format!r}")
@@ -117,6 +118,7 @@ def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
+    """``qblock info [--output json] FILE``: what ``qemu-img info`` prints."""
     d = _info_dict(a)
     if a.output == "json":
         print(json.dumps(d, indent=4))
@@ -127,6 +129,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_write(a: argparse.Namespace) -> int:
+    """``qblock write [-P BYTE | -z] FILE OFFSET LENGTH``."""
     length = parse_size(a.length)
     with _image.open(a.filename, a.format, flags=O_RDWR | O_CACHE_WB) as img:
         if a.zero:
@@ -137,18 +140,21 @@ def cmd_write(a: argparse.Namespace) -> int:
 
 
 def cmd_read(a: argparse.Namespace) -> int:
+    """``qblock read FILE OFFSET LENGTH``: the guest bytes, raw, on stdout."""
     with _image.open(a.filename, a.format, flags=0) as img:
         sys.stdout.buffer.write(img.read(parse_size(a.length), parse_size(a.offset)))
     return 0
 
 
 def cmd_map(a: argparse.Namespace) -> int:
+    """``qblock map FILE``: extents as ``qemu-img map --output=json``."""
     with _image.open(a.filename, a.format, flags=0) as img:
         print(json.dumps([e.to_qemu_map() for e in img.map()], indent=1))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``qblock`` command."""
     p = argparse.ArgumentParser(prog="qblock", description="Create, inspect and edit disk images.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create an image")
@@ -186,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``qblock``; returns the exit status (1 with a message on a libqblock error)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
