@@ -241,3 +241,9 @@ def test_the_package_is_fully_annotated(tmp):
         env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fmttype2str_takes_names_and_refuses_the_rest():
+    assert qb.fmttype2str("vmdk") == "vmdk"  # type: ignore[arg-type]
+    with pytest.raises(qb.InvalidParamError):
+        qb.fmttype2str("nosuch")  # type: ignore[arg-type]

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import enum
 
+from .errors import InvalidParamError
+
 
 class Format(enum.Enum):
-    """Every image format libqblock knows by name; NONE means unknown."""
+    """Every image format libqblock knows by name; NONE means unknown.
+
+    The members' values are QEMU's names, and ``str(fmt)`` gives them; the
+    enum and its inverse ``_BY_NAME`` are the one table both directions use.
+    """
 
     NONE = "none"
     COW = "cow"
@@ -45,5 +51,11 @@ def str2fmttype(name: str) -> Format:
 
 
 def fmttype2str(fmt: Format) -> str:
-    """The seed's inverse of :func:`str2fmttype`; ``"none"`` for NONE."""
-    return Format(fmt).value
+    """The seed's inverse of :func:`str2fmttype`; ``"none"`` for NONE.
+
+    Also takes a format's name; anything else is an InvalidParamError.
+    """
+    try:
+        return str(Format(fmt))
+    except ValueError:
+        raise InvalidParamError(f"not a format: {fmt!r}") from None
