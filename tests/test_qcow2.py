@@ -541,6 +541,6 @@ def test_dirty_image_after_crash_is_repaired(tmp, snapshot):
 def test_luks_encrypted_image_is_unsupported(tmp):
     p = tmp / "enc.qcow2"
     qemu_img("create", "--object", "secret,id=s0,data=pw", "-f", "qcow2",
-             "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(p), "1M")
+             "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(p), "1M")
     with pytest.raises(qb.UnsupportedError):
         qb.open(p, flags=0)

@@ -69,7 +69,7 @@ def make_image(d: Path, name: str):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_random_ops_against_model(name):
-    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(ops)
     def run(seq):
         with tempfile.TemporaryDirectory() as td:

@@ -56,6 +56,9 @@ pub const OFF_INCOMPAT: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;
 
 fn name(bytes: &[u8], what: &str) -> Result<String> {
+    if bytes.contains(&0) {
+        return Err(corrupt(format!("{what} contains a NUL byte")));
+    }
     String::from_utf8(bytes.to_vec()).map_err(|_| corrupt(format!("{what} is not valid UTF-8")))
 }
 
@@ -97,6 +100,10 @@ impl Header {
                 h.header_length = be32(head, 100);
                 if h.header_length < V3_HEADER_LEN {
                     return Err(corrupt(format!("header length {} is below 104", h.header_length)));
+                }
+                if h.header_length % 8 != 0 {
+                    // The spec: at least 104 and a multiple of 8.
+                    return Err(corrupt(format!("header length {} is not a multiple of 8", h.header_length)));
                 }
                 if h.header_length > V3_HEADER_LEN {
                     h.compression_type = head[104];
@@ -280,6 +287,9 @@ impl Header {
                     self.backing_format = Some(name(data, "backing format")?);
                 }
                 EXT_FEATURE_TABLE => {
+                    if len % 48 != 0 {
+                        return Err(corrupt(format!("feature name table of {len} bytes is not a multiple of 48")));
+                    }
                     for e in data.chunks_exact(48) {
                         let n = e[2..].iter().position(|&b| b == 0).unwrap_or(46);
                         self.feature_names.push((e[0], e[1], String::from_utf8_lossy(&e[2..2 + n]).into_owned()));

@@ -58,7 +58,7 @@ impl Qcow2 {
                 len,
             )?;
             rc.next_free = rc.next_free.max(self.file_end.load(Ordering::Relaxed));
-            self.build_meta(&rc);
+            self.build_meta(&rc)?;
             *g = Some(rc);
         }
         if !self.prepared.load(Ordering::Acquire) {
@@ -69,7 +69,10 @@ impl Qcow2 {
     }
 
     /// The metadata ranges of the image as opened (see `Qcow2::meta`).
-    fn build_meta(&self, rc: &Refcounts) {
+    /// Two pieces of metadata sharing a cluster (a refcount block on the
+    /// L1 table, an L2 table on a refcount block...) make the image corrupt:
+    /// writing one would destroy the other.
+    fn build_meta(&self, rc: &Refcounts) -> Result<()> {
         let cs = self.g.cluster_size;
         let h = &self.hdr;
         let mut m = vec![(0, cs), (rc.table_offset, rc.table_offset + rc.table_clusters * cs)];
@@ -91,11 +94,15 @@ impl Qcow2 {
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(m.len());
         for (a, b) in m {
             match merged.last_mut() {
-                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                Some(last) if a < last.1 => {
+                    return Err(corrupt(format!("metadata at {a:#x} overlaps metadata at {:#x}", last.0)));
+                }
+                Some(last) if a == last.1 => last.1 = b,
                 _ => merged.push((a, b)),
             }
         }
         *self.meta.write() = merged;
+        Ok(())
     }
 
     /// Record metadata we just placed (always at the end of the file, so
