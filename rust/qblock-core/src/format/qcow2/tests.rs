@@ -139,6 +139,46 @@ fn header_length_too_short_or_too_long() {
 }
 
 #[test]
+fn header_length_not_multiple_of_8() {
+    corrupt_open(|b| put32(b, 100, 108));
+}
+
+#[test]
+fn names_with_nul_bytes() {
+    corrupt_open(|b| {
+        put64(b, 8, 400);
+        put32(b, 16, 8);
+        b[400..408].copy_from_slice(b"base\0raw");
+    });
+    corrupt_open(|b| {
+        put32(b, 112, EXT_BACKING_FORMAT);
+        put32(b, 116, 4);
+        b[120..124].copy_from_slice(b"r\0aw");
+    });
+}
+
+#[test]
+fn feature_table_not_multiple_of_48() {
+    corrupt_open(|b| {
+        put32(b, 112, EXT_FEATURE_TABLE);
+        put32(b, 116, 50);
+    });
+}
+
+#[test]
+fn refcount_block_on_the_l1_table_found_before_writing() {
+    let mut b = base();
+    put64(&mut b, CS, 3 * CS as u64);
+    let before = b.clone();
+    let d = open_bytes(b, false).unwrap();
+    let e = d.write_at(&[1u8; 10], 40000, &NoBacking).expect_err("accepted");
+    assert_eq!(e.kind(), ErrorKind::CorruptImage);
+    let mut after = vec![0u8; before.len()];
+    d.file.read_at(&mut after, 0).unwrap();
+    assert_eq!(after, before, "nothing may be written to such an image");
+}
+
+#[test]
 fn absurd_l1_size() {
     corrupt_open(|b| put32(b, 36, 0x7fff_ffff));
     corrupt_open(|b| put32(b, 36, 4 << 20 | 1)); // just past the 32 MiB cap
