@@ -130,7 +130,7 @@ def test_backing_fmt_rules(cls):
         cls(MiB, backing="b", backing_fmt=qb.Format.NONE)
     with pytest.raises(qb.InvalidParamError, match="backing must be"):
         cls(MiB, backing=42)
-    with pytest.raises(qb.InvalidParamError):
+    with pytest.raises(qb.InvalidParamError, match="backing must be .*non-empty"):
         cls(MiB, backing="")
 
 
@@ -168,6 +168,7 @@ def test_qcow_and_qcow2_need_a_size_or_a_backing_file():
         (lambda: qb.Qcow2Options(MiB, compression_type="lz4"), "compression_type"),
         (lambda: qb.Qcow2Options(MiB, extended_l2=True, cluster_size=8192), "16 KiB"),
         (lambda: qb.Qcow2Options(MiB, data_file_raw=True), "needs a data_file"),
+        (lambda: qb.Qcow2Options(MiB, data_file=3), "data_file must be a Location or a path"),
         (lambda: qb.Qcow2Options(MiB, backing="b", data_file="d", data_file_raw=True), "data_file_raw"),
         (lambda: qb.Qcow2Options(MiB, backing="b", preallocation="metadata"), "extended_l2"),
         (lambda: qb.Qcow2Options(128 * GiB + 512, cluster_size=512), "too large for qcow2"),

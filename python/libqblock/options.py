@@ -127,8 +127,8 @@ class ImageOptions:
         if backing is not None:
             try:
                 Location.of(backing)
-            except TypeError:
-                raise InvalidParamError(f"backing must be a Location or a path, not {backing!r}") from None
+            except InvalidParamError as e:
+                raise InvalidParamError(f"backing must be a Location or a path ({e.message})") from None
         if not with_format:
             return
         bfmt = getattr(self, "backing_fmt", None)
@@ -335,8 +335,8 @@ class Qcow2Options(ImageOptions):
         if self.data_file is not None:
             try:
                 Location.of(self.data_file)
-            except TypeError:
-                raise InvalidParamError(f"data_file must be a Location or a path, not {self.data_file!r}") from None
+            except InvalidParamError as e:
+                raise InvalidParamError(f"data_file must be a Location or a path ({e.message})") from None
         if self.backing is not None and self.data_file_raw:
             raise InvalidParamError("a backing file and data_file_raw cannot be used together")
         if self.backing is not None and self.preallocation != "off" and not self.extended_l2:
