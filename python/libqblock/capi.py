@@ -4,8 +4,10 @@ Every ``qb_*`` function here takes the broker first, as the seed's did, and
 reports failure by returning a negative ``QB_ERR_*`` code instead of raising;
 the error is recorded in the broker it was handed (``err_ret``, ``err_no``,
 ``err_msg``), readable with :func:`qb_error_get_human_str` and
-:func:`qb_error_get_errno`. (Like every libqblock error, it is also recorded
-in the calling thread's :meth:`Broker.current`.) A broker that is not a live
+:func:`qb_error_get_errno`. (An error raised by the library underneath, a
+QBlockError, is also recorded in the calling thread's :meth:`Broker.current`,
+as every such error is; refusals made here, such as closing a state that is
+not open, go only to the broker handed in.) A broker that is not a live
 :class:`~libqblock.errors.Broker` cannot record anything: calls handed one
 return ``QB_ERR_INVALID_PARAM`` and leave it untouched.
 
