@@ -544,3 +544,22 @@ def test_luks_encrypted_image_is_unsupported(tmp):
              "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(p), "1M")
     with pytest.raises(qb.UnsupportedError):
         qb.open(p, flags=0)
+
+
+def test_huge_virtual_size_64_bit_offsets(tmp):
+    p = tmp / "huge.qcow2"
+    size = 100 << 40  # 100 TiB
+    qb.create(p, qb.Qcow2Options(size))
+    off = size - 12345
+    with qb.open(p) as img:
+        img.write(b"end of the disk", off - 15)
+        img.write(b"\x74" * 1000, off - 1020)
+        img.write(b"start", (1 << 40) + 3)
+        assert img.read(20, off - 17) == b"\0\0end of the disk\0\0\0"
+        status, length = img.check_allocation(0, size)
+        assert status is False and length == (1 << 40)
+        st = img.block_status(1 << 40, size - (1 << 40))
+        assert st.allocated and st.data and st.length == 65536
+    check_clean(p)
+    assert qemu_info(str(p))["virtual-size"] == size
+    qemu_io(str(p), f"read -P 0x73 {(1 << 40) + 3} 1", f"read -P 0x74 {off - 1020} 1000", f"read -P 0 {off} 12345")

@@ -539,7 +539,9 @@ impl Qcow2 {
             let mut guard = self.lock_alloc()?;
             let rc = guard.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
             let (l1_idx, l2_cur) = self.l2_for(pos)?;
-            if l2_cur != 0 {
+            // Without an L2 table there is nothing to drop, unless the range
+            // must stop showing the backing file.
+            if l2_cur != 0 || zero {
                 let l2_off = self.writable_l2(rc, l1_idx)?;
                 let w = g.words();
                 let ci0 = ((pos >> g.cluster_bits) & (g.l2_entries() - 1)) as usize;
