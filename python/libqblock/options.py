@@ -48,10 +48,6 @@ def _check_int(name: str, v: Any) -> None:
         raise InvalidParamError(f"{name} {v} does not fit in 63 bits")
 
 
-# Kept under its old name: other modules of the package use it.
-_check_size = _check_int
-
-
 def _check_bool(name: str, v: Any) -> None:
     if not isinstance(v, bool):
         raise InvalidParamError(f"{name} must be True or False, not {v!r}")
