@@ -113,3 +113,27 @@ def test_open_and_create_take_paths_strings_and_locations(tmp):
     for where in (p, str(p), qb.Location.file(p), f"file:{p}", f"file://{p}"):
         with qb.open(where, flags=0) as img:
             assert img.virt_size == MiB and img.location == qb.Location.file(p)
+
+
+# --- str() and parse() are inverse for every location ----------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+_text = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1, max_size=40)
+_name = st.text(st.characters(blacklist_characters="\0/@:", blacklist_categories=("Cs",)), min_size=1, max_size=20)
+_host = st.one_of(
+    st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,10}){0,3}", fullmatch=True),
+    st.ip_addresses().map(str),
+)
+
+locations = st.one_of(
+    _text.map(qb.Location.file),
+    st.builds(qb.Location.nbd, _host, st.integers(1, 65535), st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=30)),
+    st.builds(qb.Location.rbd, _name, _name, st.one_of(st.just(""), _name), st.one_of(st.just(""), _name)),
+    st.from_regex(r"https?://[a-z0-9.-]{1,20}(/[A-Za-z0-9._~-]{0,10}){0,4}", fullmatch=True).map(qb.Location.http),
+)
+
+
+@given(locations)
+def test_str_parses_back(loc):
+    assert qb.Location.parse(str(loc)) == loc

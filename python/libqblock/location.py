@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Tuple, Union
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from .errors import InvalidParamError
 
@@ -67,6 +67,8 @@ class Location:
             raise InvalidParamError("an RBD location needs a pool and an image name")
         if any(c in pool + image + snapshot for c in "/@:"):
             raise InvalidParamError("RBD pool, image and snapshot names may not contain '/', '@' or ':'")
+        if ":" in conf or "\0" in pool + image + snapshot + conf:
+            raise InvalidParamError("RBD names and the conf path may not contain ':' or NUL")
         target = f"{pool}/{image}" + (f"@{snapshot}" if snapshot else "")
         return cls("rbd", target, (("pool", pool), ("image", image), ("snapshot", snapshot), ("conf", conf)))
 
@@ -163,7 +165,7 @@ class Location:
         p = self.parameters
         if self.protocol == "nbd":
             host = f"[{p['host']}]" if ":" in p["host"] else p["host"]
-            return f"nbd://{host}:{p['port']}/{p['export']}"
+            return f"nbd://{host}:{p['port']}/{quote(p['export'], safe='/')}"
         if self.protocol == "rbd":
             return f"rbd:{self.target}" + (f":conf={p['conf']}" if p.get("conf") else "")
         if self.protocol == "file" and re.match(r"^(nbd|rbd|https?|file):", self.target):
