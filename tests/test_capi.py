@@ -313,3 +313,111 @@ def test_brokers_are_independent_across_threads(tmp):
         t.join()
     for i, (ret, text) in results.items():
         assert ret == c.QB_ERR_INTERNAL_ERR and f"missing-{i}.raw" in text
+
+
+# --- any sequence of calls: the codes follow the lifetimes, the data the model -------------
+
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+SIZE = 64 * 1024
+
+
+class CapiLifetimes(RuleBasedStateMachine):
+    """States are opened, closed and deleted in any order on one raw image;
+    every call's code is what the lifetime rules say, and reads through any
+    open state return the bytes the model holds."""
+
+    states = Bundle("states")
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = str(Path(self.dir.name) / "m.raw")
+        qb.create(self.path, qb.RawOptions(SIZE))
+        self.broker = c.qb_broker_new()
+        self.model = bytearray(SIZE)
+        self.status = {}  # id(state) -> "closed" | "open" | "deleted"
+        self.broker_deleted = False
+
+    def teardown(self):
+        self.dir.cleanup()
+
+    def _expect(self, ret, ok_value, allowed):
+        if self.broker_deleted:
+            assert ret == c.QB_ERR_INVALID_PARAM
+            return False
+        if allowed:
+            assert ret == ok_value, (ret, self.broker.err_msg)
+            return True
+        assert ret == c.QB_ERR_INVALID_PARAM and self.broker.err_ret == c.QB_ERR_INVALID_PARAM
+        return False
+
+    @rule(target=states)
+    def new_state(self):
+        s = c.qb_state_new(self.broker)
+        if self.broker_deleted:
+            assert s is None
+            s = c.QBlockState()  # a stray state, never registered
+            self.status[id(s)] = "stray"
+            return s
+        self.status[id(s)] = "closed"
+        return s
+
+    @rule(s=states)
+    def open(self, s):
+        ret = c.qb_open(self.broker, s, self.path, None, c.LIBQBLOCK_O_RDWR)
+        if self._expect(ret, 0, self.status[id(s)] in ("closed", "stray")):
+            self.status[id(s)] = "open"
+
+    @rule(s=states)
+    def close(self, s):
+        if self._expect(c.qb_close(self.broker, s), 0, self.status[id(s)] == "open"):
+            self.status[id(s)] = "closed"
+
+    @rule(s=states)
+    def delete(self, s):
+        if self._expect(c.qb_state_delete(self.broker, s), 0, self.status[id(s)] in ("closed", "stray")):
+            self.status[id(s)] = "deleted"
+
+    @rule(s=states, off=st.integers(0, SIZE), data=st.binary(min_size=1, max_size=3000))
+    def write(self, s, off, data):
+        ret = c.qb_write(self.broker, s, data, len(data), off)
+        if self.broker_deleted:
+            assert ret == c.QB_ERR_INVALID_PARAM
+        elif self.status[id(s)] != "open":
+            assert ret == c.QB_ERR_INVALID_PARAM
+        elif off + len(data) > SIZE:
+            assert ret == c.QB_ERR_BLOCK_OUT_OF_RANGE
+        else:
+            assert ret == len(data)
+            self.model[off : off + len(data)] = data
+
+    @rule(s=states, off=st.integers(0, SIZE), n=st.integers(0, 3000))
+    def read(self, s, off, n):
+        buf = bytearray(n)
+        ret = c.qb_read(self.broker, s, buf, n, off)
+        if self.broker_deleted or self.status[id(s)] != "open":
+            assert ret == c.QB_ERR_INVALID_PARAM
+        elif off + n > SIZE:
+            assert ret == c.QB_ERR_BLOCK_OUT_OF_RANGE
+        else:
+            assert ret == n and buf == self.model[off : off + n]
+
+    @rule()
+    def delete_broker(self):
+        live = [v for v in self.status.values() if v in ("closed", "open")]
+        ret = c.qb_broker_delete(self.broker)
+        if self._expect(ret, 0, not live):
+            self.broker_deleted = True
+
+    @invariant()
+    def broker_flag(self):
+        assert self.broker.deleted == self.broker_deleted
+
+
+TestCapiLifetimes = CapiLifetimes.TestCase
+TestCapiLifetimes.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
