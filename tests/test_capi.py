@@ -421,3 +421,8 @@ class CapiLifetimes(RuleBasedStateMachine):
 
 TestCapiLifetimes = CapiLifetimes.TestCase
 TestCapiLifetimes.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_all_lists_the_public_names():
+    public = {n for n in vars(c) if n.startswith(("qb_", "QB_", "LIBQBLOCK_", "QBlock")) and n != "QBlockError"}
+    assert public == set(c.__all__)

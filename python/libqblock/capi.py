@@ -29,7 +29,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, cast
 
 from . import image as _image
 from .errors import (
@@ -53,7 +53,7 @@ from .flags import (
     O_VALID_MASK,
 )
 from .formats import Format, fmttype2str, str2fmttype
-from .location import Location, PathLike
+from .location import Location
 from .options import OPTION_CLASSES, ImageOptions
 
 __all__ = [
@@ -71,11 +71,24 @@ __all__ = [
     "QB_ERR_INVALID_PARAM",
     "QB_ERR_MEM_ERR",
     "QB_ERR_UNSUPPORTED",
+    "QB_FMT_COW",
+    "QB_FMT_NONE",
+    "QB_FMT_QCOW",
+    "QB_FMT_QCOW2",
+    "QB_FMT_QED",
+    "QB_FMT_RAW",
+    "QB_FMT_RBD",
+    "QB_FMT_SHEEPDOG",
+    "QB_FMT_VDI",
+    "QB_FMT_VHDX",
+    "QB_FMT_VMDK",
+    "QB_FMT_VPC",
     "QB_PROT_FILE",
     "QB_PROT_HTTP",
     "QB_PROT_NBD",
     "QB_PROT_NONE",
     "QB_PROT_RBD",
+    "QBlockFmtOptionsUN",
     "QBlockFormatInfo",
     "QBlockLocationInfo",
     "QBlockState",
@@ -669,4 +682,3 @@ def qb_str2fmttype(fmt_str: str) -> Format:
     return str2fmttype(fmt_str)
 
 
-PathOrLocation = Union[QBlockLocationInfo, Location, PathLike]
