@@ -39,6 +39,9 @@ pub struct Refcounts {
     relocating: bool,
     /// Metadata ranges allocated since the caller last took them.
     pub fresh_meta: Vec<(u64, u64)>,
+    /// An operation failed half-way (an I/O error): the in-memory state may
+    /// be ahead of the disk, so the owner must reload it from disk.
+    pub broken: bool,
 }
 
 impl Refcounts {
@@ -76,6 +79,7 @@ impl Refcounts {
             next_free: aligned_len,
             relocating: false,
             fresh_meta: Vec::new(),
+            broken: false,
         })
     }
 
@@ -122,6 +126,19 @@ impl Refcounts {
 
     /// Add `delta` to the refcounts of `count` clusters from `first`.
     pub fn update(&mut self, file: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
+        let r = self.update_inner(file, first, count, delta);
+        self.broken |= r.is_err();
+        r
+    }
+
+    /// Reserve `n` contiguous clusters at the end of the file with refcount 1.
+    pub fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+        let r = self.alloc_inner(file, n);
+        self.broken |= r.is_err();
+        r
+    }
+
+    fn update_inner(&mut self, file: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
         let mut c = first;
         let end = first.checked_add(count).ok_or_else(|| corrupt("cluster range overflows"))?;
         let max = self.max_refcount();
@@ -161,8 +178,7 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Reserve `n` contiguous clusters at the end of the file with refcount 1.
-    pub fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+    fn alloc_inner(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let cs = self.cs();
         let mut skipped = 0u64;
         loop {

@@ -482,3 +482,65 @@ fn header_fuzz_never_panics() {
         }
     }
 }
+
+/// Storage whose writes start failing after a budget, like a full disk.
+struct Failing {
+    inner: MemoryStorage,
+    budget: std::sync::atomic::AtomicI64,
+}
+
+impl Storage for Failing {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.budget.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
+            return Err(crate::error::Error::os("write", std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.inner.set_len(len)
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn describe(&self) -> String {
+        "<failing>".into()
+    }
+}
+
+#[test]
+fn failed_writes_leave_a_usable_image() {
+    for budget in 0..60i64 {
+        let s = Arc::new(Failing { inner: MemoryStorage::new(base(), false), budget: budget.into() });
+        let loc = Location::file("/nonexistent/x.qcow2");
+        let ctx = OpenCtx { location: &loc, read_only: false };
+        let d = Qcow2::open(s.clone(), &ctx).unwrap();
+        let mut failed = false;
+        // Enough allocation to grow refcount blocks and the table.
+        for i in 0..200u64 {
+            if d.write_at(&[i as u8 + 1; 700], i * 5000, &NoBacking).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed || budget >= 60);
+        // The disk has room again: the state reloads from disk and works.
+        s.budget.store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+        for i in 0..50u64 {
+            d.write_at(&[0xee; 300], 600_000 + i * 3000, &NoBacking).unwrap();
+        }
+        drop(d);
+        let d = Qcow2::open(s, &ctx).unwrap();
+        for i in 0..50u64 {
+            assert_eq!(read(&d, 600_000 + i * 3000, 300).unwrap(), vec![0xee; 300], "budget {budget}");
+        }
+    }
+}

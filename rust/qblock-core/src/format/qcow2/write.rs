@@ -47,6 +47,10 @@ impl Qcow2 {
             return Err(invalid("the image is open read-only"));
         }
         let mut g = self.alloc.lock();
+        if g.as_ref().is_some_and(|rc| rc.broken) {
+            // A previous operation failed half-way: start again from the disk.
+            *g = None;
+        }
         if g.is_none() {
             let len = self.file.len()?;
             let mut rc = Refcounts::load(
