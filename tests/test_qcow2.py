@@ -150,7 +150,7 @@ def test_preallocated_images(tmp, prealloc):
 
 
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
-@pytest.mark.parametrize("cluster", ["4k", "64k"])
+@pytest.mark.parametrize("cluster", ["512", "4k", "64k", "2M", "64k,extended_l2=on"])
 def test_compressed_clusters(tmp, ctype, cluster):
     src = tmp / "src.raw"
     pattern = bytes((i * 7 + i // 4096) & 0xFF for i in range(256 * 1024))
@@ -563,3 +563,17 @@ def test_huge_virtual_size_64_bit_offsets(tmp):
     check_clean(p)
     assert qemu_info(str(p))["virtual-size"] == size
     qemu_io(str(p), f"read -P 0x73 {(1 << 40) + 3} 1", f"read -P 0x74 {off - 1020} 1000", f"read -P 0 {off} 12345")
+
+
+def test_compressed_over_backing(tmp):
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "2M")
+    qemu_io(str(base), "write -P 0x10 0 2M")
+    src = tmp / "src.raw"
+    data = bytearray(b"\x10" * (2 * MiB))
+    data[100000:300000] = bytes(range(256)) * 781 + bytes(64)
+    src.write_bytes(bytes(data))
+    p = tmp / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-B", str(base), "-F", "qcow2", str(src), str(p))
+    assert_reads_like_qemu(p, tmp)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(data)
