@@ -344,3 +344,46 @@ def test_create_refuses_what_is_not_an_options_object(tmp):
         qb.create(tmp / "x", {"size": 1})  # type: ignore[arg-type]
     with pytest.raises(qb.InvalidParamError):
         qb.create(tmp / "x", opts.ImageOptions(1))
+
+
+RULE_CASES = [
+    ("qcow2", {"backing_file": "{raw}", "backing_fmt": "raw", "preallocation": "metadata"}, None),
+    ("qcow2", {"backing_file": "{raw}", "backing_fmt": "raw", "preallocation": "metadata", "extended_l2": True}, None),
+    ("qcow2", {"backing_file": "{raw}", "backing_fmt": "raw", "data_file": "{tmp}/d.raw", "data_file_raw": True}, None),
+    ("qcow2", {"backing_file": "{raw}", "backing_fmt": "raw", "data_file": "{tmp}/d.raw"}, None),
+    ("qcow2", {"backing_fmt": "raw"}, MiB),
+    ("qcow2", {"compat": "0.10", "refcount_bits": 64}, MiB),
+    ("qcow2", {"compat": "0.10", "compression_type": "zstd"}, MiB),
+    ("qcow2", {"compat": "0.10", "data_file": "{tmp}/d.raw"}, MiB),
+    ("qcow2", {"compat": "0.10", "extended_l2": True}, MiB),
+    ("qcow2", {"compat": "0.10", "lazy_refcounts": True}, MiB),
+    ("qcow2", {"extended_l2": True, "cluster_size": 8192}, MiB),
+    ("qcow2", {"extended_l2": True, "cluster_size": 16384}, MiB),
+    ("qcow2", {"data_file_raw": True}, MiB),
+    ("qcow2", {"refcount_bits": 1, "cluster_size": 512}, MiB),
+    ("qcow", {}, 0),
+    ("qcow", {"backing_file": "{raw}", "backing_fmt": "raw"}, None),
+    ("qed", {"backing_file": "{raw}", "backing_fmt": "raw"}, None),
+    ("vmdk", {"backing_file": "{raw}", "backing_fmt": "raw"}, MiB),
+    ("vmdk", {"backing_file": "{vmdk}", "backing_fmt": "vmdk", "subformat": "monolithicFlat"}, None),
+    ("vmdk", {"backing_file": "{vmdk}", "backing_fmt": "vmdk"}, None),
+    ("vmdk", {"subformat": "streamOptimized", "zeroed_grain": True}, MiB),
+]
+
+
+@pytest.mark.parametrize("fmt, kw, size", RULE_CASES)
+def test_rules_agree_with_qemu_img(tmp, fmt, kw, size):
+    qemu_img("create", "-f", "raw", str(tmp / "base.raw"), "1M")
+    qemu_img("create", "-f", "vmdk", str(tmp / "base.vmdk"), "1M")
+    kw = {k: v.format(raw=tmp / "base.raw", vmdk=tmp / "base.vmdk", tmp=tmp) if isinstance(v, str) else v for k, v in kw.items()}
+    ours_kw = {("backing" if k == "backing_file" else k): v for k, v in kw.items()}
+    try:
+        opts.options_class(fmt)(size or 0, **ours_kw)
+        ours = True
+    except qb.InvalidParamError:
+        ours = False
+    o = ",".join(f"{k}={_qemu_value(v)}" for k, v in kw.items())
+    args = ["create", "-f", fmt] + (["-o", o] if o else []) + [str(tmp / f"x.{fmt}")] + ([str(size)] if size is not None else [])
+    r = qemu_img(*args, check=False)
+    theirs = r.returncode == 0
+    assert ours == theirs, f"qemu-img {' '.join(args)}: qemu {'accepts' if theirs else 'refuses'}: {r.stderr}"
