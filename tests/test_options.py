@@ -236,6 +236,13 @@ def test_valid_extremes():
         qb.RbdOptions(MiB).location()
 
 
+def test_qcow2_compat_takes_qemus_v2_v3_spelling():
+    assert qb.Qcow2Options(MiB, compat="v2").compat == "0.10"
+    assert qb.Qcow2Options(MiB, compat="v3").to_native()["compat"] == "1.1"
+    with pytest.raises(qb.InvalidParamError, match="needs compat 1.1"):
+        qb.Qcow2Options(MiB, compat="v2", lazy_refcounts=True)
+
+
 def test_qed_size_limit_wraps_like_qemu():
     # 2 MiB clusters, 16-cluster tables: the limit is 2^64, which QEMU's
     # 64-bit arithmetic turns into 0; QEMU then refuses every size.

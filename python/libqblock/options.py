@@ -274,7 +274,8 @@ class Qcow2Options(ImageOptions):
     """qcow2 (QEMU's native format), version 2 (compat "0.10") or 3 ("1.1").
 
     The seed's fields (``backing``, ``backing_fmt``, ``encrypt``,
-    ``cluster_size``, ``compat``, ``preallocation`` off/metadata/falloc/full)
+    ``cluster_size``, ``compat`` "0.10"/"1.1" (QEMU's "v2"/"v3" are taken
+    and stored as those), ``preallocation`` off/metadata/falloc/full)
     plus QEMU's ``lazy_refcounts``, ``refcount_bits``, ``extended_l2``,
     ``compression_type``, ``data_file`` and ``data_file_raw``. A
     ``virt_size`` of 0 takes the backing file's size; without a backing file
@@ -306,6 +307,9 @@ class Qcow2Options(ImageOptions):
             raise InvalidParamError(
                 f"cluster_size must be a power of two between 512 and 2 MiB, not {self.cluster_size}"
             )
+        # QEMU also spells the versions v2 and v3; keep the seed's names.
+        if self.compat in ("v2", "v3"):
+            object.__setattr__(self, "compat", {"v2": "0.10", "v3": "1.1"}[self.compat])
         _choice("compat", self.compat, ("0.10", "1.1"))
         _choice("preallocation", self.preallocation, ("off", "metadata", "falloc", "full"))
         _check_int("refcount_bits", self.refcount_bits)
