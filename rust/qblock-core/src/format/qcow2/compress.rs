@@ -41,12 +41,17 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     let mut outb = OutBuffer::around(out);
     loop {
         let before = (inb.pos(), outb.pos());
-        let hint = d.run(&mut inb, &mut outb).map_err(|e| corrupt(format!("bad zstd data in a compressed cluster: {e}")))?;
+        let hint =
+            d.run(&mut inb, &mut outb).map_err(|e| corrupt(format!("bad zstd data in a compressed cluster: {e}")))?;
         if outb.pos() == outb.capacity() {
             return Ok(());
         }
         if hint == 0 || (inb.pos(), outb.pos()) == before {
-            return Err(corrupt(format!("compressed cluster decodes to {} bytes, not {}", outb.pos(), outb.capacity())));
+            return Err(corrupt(format!(
+                "compressed cluster decodes to {} bytes, not {}",
+                outb.pos(),
+                outb.capacity()
+            )));
         }
     }
 }

@@ -101,7 +101,7 @@ impl Header {
                 if h.header_length < V3_HEADER_LEN {
                     return Err(corrupt(format!("header length {} is below 104", h.header_length)));
                 }
-                if h.header_length % 8 != 0 {
+                if !h.header_length.is_multiple_of(8) {
                     // The spec: at least 104 and a multiple of 8.
                     return Err(corrupt(format!("header length {} is not a multiple of 8", h.header_length)));
                 }
@@ -185,7 +185,7 @@ impl Header {
         }
         let aligned_len = align_up(file_len, cs)?;
         let region = |what: &str, off: u64, len: u64| -> Result<(u64, u64)> {
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(corrupt(format!("{what} offset {off:#x} is not cluster aligned")));
             }
             let end = off.checked_add(len).ok_or_else(|| corrupt(format!("{what} range overflows")))?;
@@ -319,7 +319,7 @@ impl Header {
                     if b.directory_size == 0 || b.directory_size > MAX_BITMAP_DIR {
                         return Err(corrupt(format!("bitmap directory of {} bytes", b.directory_size)));
                     }
-                    if b.directory_offset % cs != 0 {
+                    if !b.directory_offset.is_multiple_of(cs) {
                         return Err(corrupt("bitmap directory is not cluster aligned"));
                     }
                     self.bitmaps = Some(b);

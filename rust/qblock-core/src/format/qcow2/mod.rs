@@ -5,16 +5,24 @@
 //! - `header`: header, extensions, backing name; checks and serialization.
 //! - `cluster`: L1 table and the bounded L2 cache.
 //! - `refcount`: refcount table/blocks and cluster allocation.
-//! - `write`: the write path (allocation, COW, zero clusters).
+//! - `write`: the write path (allocation, COW, zero clusters, discard,
+//!   growing).
 //! - `compress`: compressed clusters (zlib, zstd), read only.
 //! - `bitmap`: marking persistent bitmaps in use before we write.
+//! - `repair`: recounting the refcounts of a dirty image.
 //! - `create`: new images.
 //!
 //! Supported: v2/v3, every refcount width, extended L2 (read and write),
-//! zero clusters, compressed clusters (read), external data files (raw or
-//! not), backing files (opened by `image.rs`), internal snapshots and
-//! bitmaps preserved. Not supported: encryption (Unsupported on open),
-//! writing to dirty images (their refcounts may be stale), shrinking.
+//! zero clusters, compressed clusters (read; writing over one allocates a
+//! plain cluster), external data files (raw or not), backing files (opened
+//! by `image.rs`), internal snapshots and bitmaps preserved, dirty images
+//! (refcounts rebuilt on a writable open). Not supported: encryption
+//! (Unsupported on open and create), writing compressed clusters,
+//! shrinking.
+//!
+//! Reading never takes a mutex: `map` takes the L1 and L2-cache read locks
+//! and returns a run of host bytes; the data I/O happens in `image.rs`
+//! outside any lock.
 
 mod bitmap;
 mod cluster;
@@ -107,10 +115,8 @@ impl Qcow2 {
         file.read_at(&mut first, 0)?;
         hdr.parse_extensions(&first)?;
         let read_only = ctx.read_only;
-        if !read_only {
-            if hdr.incompatible & INCOMPAT_CORRUPT != 0 {
-                return Err(corrupt("image is marked corrupt; it can only be opened read-only"));
-            }
+        if !read_only && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(corrupt("image is marked corrupt; it can only be opened read-only"));
         }
         let g = Geometry::new(hdr.cluster_bits, hdr.extended_l2());
         let file_end = align_up(len, cs)?;
@@ -197,7 +203,8 @@ impl Qcow2 {
     fn l2_for(&self, offset: u64) -> Result<(usize, u64)> {
         let idx = (offset >> self.g.l2_cover_bits()) as usize;
         let l1 = self.l1.read();
-        let e = *l1.entries.get(idx).ok_or_else(|| Error::Internal(format!("offset {offset} is beyond the L1 table")))?;
+        let e =
+            *l1.entries.get(idx).ok_or_else(|| Error::Internal(format!("offset {offset} is beyond the L1 table")))?;
         Ok((idx, e & OFFSET_MASK))
     }
 
@@ -414,9 +421,9 @@ impl Driver for Qcow2 {
                     })
                 })
                 .collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join().map_err(|_| Error::Internal("decompression thread panicked".into()))?
-            })
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().map_err(|_| Error::Internal("decompression thread panicked".into()))?)
         })
     }
 

@@ -53,7 +53,7 @@ impl Counter {
 
     /// An L1 table and everything below it.
     fn l1(&mut self, file: &dyn Storage, g: &Geometry, off: u64, size: u64, data_file: bool) -> Result<()> {
-        if size * 8 > MAX_L1_BYTES || off % self.cs != 0 {
+        if size * 8 > MAX_L1_BYTES || !off.is_multiple_of(self.cs) {
             return Err(corrupt(format!("L1 table at {off:#x} of {size} entries is invalid")));
         }
         self.add(off, size * 8, "L1 table")?;
@@ -65,7 +65,7 @@ impl Counter {
             if l2_off == 0 {
                 continue;
             }
-            if l2_off % self.cs != 0 {
+            if !l2_off.is_multiple_of(self.cs) {
                 return Err(corrupt(format!("L2 table at {l2_off:#x} is not cluster aligned")));
             }
             self.add(l2_off, self.cs, "L2 table")?;
@@ -136,7 +136,7 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
             let entry = at - 12;
             let t_off = be64(&dir, entry);
             let t_size = u64::from(be32(&dir, entry + 8));
-            if t_off % cs != 0 || t_size * 8 > MAX_L1_BYTES {
+            if !t_off.is_multiple_of(cs) || t_size * 8 > MAX_L1_BYTES {
                 return Err(corrupt("bitmap table is invalid"));
             }
             c.add(t_off, t_size * 8, "bitmap table")?;

@@ -138,7 +138,7 @@ impl Geometry {
     /// L1 entries needed for a virtual size, or None when it overflows.
     pub fn l1_entries_for(&self, size: u64) -> Option<u64> {
         let cover = 1u64.checked_shl(self.l2_cover_bits())?;
-        Some(size / cover + u64::from(size % cover != 0))
+        Some(size / cover + u64::from(!size.is_multiple_of(cover)))
     }
     pub fn unit_size(&self) -> u64 {
         1 << self.unit_bits
