@@ -296,6 +296,46 @@ def test_python_runs_while_a_read_is_in_progress(big_sparse):
     assert ticks[0] > 0
 
 
+def test_python_runs_while_a_write_is_in_progress(tmp):
+    """Another thread sees the image file half written (first byte new, last
+    byte old) while write() is inside the engine."""
+    import os
+
+    p = tmp / "w.raw"
+    qb.create(p, qb.RawOptions(BIG))
+    data = np.full(BIG, 0xAB, dtype=np.uint8)
+    seen = threading.Event()
+    stop = threading.Event()
+    running = threading.Event()
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with qb.open(p, flags=qb.O_RDWR | qb.O_CACHE_WB) as img:
+            for attempt in range(20):
+                old, new = (b"\0", b"\xab") if attempt % 2 == 0 else (b"\xab", b"\0")
+                src = data if attempt % 2 == 0 else np.zeros(BIG, dtype=np.uint8)
+
+                def sampler():
+                    running.set()
+                    while not stop.is_set():
+                        if os.pread(fd, 1, 0) == new and os.pread(fd, 1, BIG - 1) == old:
+                            seen.set()
+                            return
+
+                running.clear()
+                t = threading.Thread(target=sampler)
+                t.start()
+                running.wait()
+                assert img.write(src, 0) == BIG
+                stop.set()
+                t.join()
+                stop.clear()
+                if seen.is_set():
+                    break
+    finally:
+        os.close(fd)
+    assert seen.is_set(), "no other thread ran Python code during a 128 MiB write: the GIL was held"
+
+
 def test_concurrent_reads_do_not_serialize(big_sparse):
     """Two reads of one Image are seen in progress at the same moment."""
     half = BIG // 2
