@@ -262,6 +262,8 @@ def test_snapshots_and_bitmaps_survive_our_writes(tmp):
     # We do not track writes in bitmaps: the enabled bitmap is flagged in use
     # (inconsistent), but kept.
     assert [b["name"] for b in bitmaps] == ["bm0"] and "in-use" in bitmaps[0]["flags"]
+    with qb.open(p, flags=0) as img:
+        assert img.info().format_specific == qemu_info(str(p))["format-specific"]["data"]
     # QEMU still opens and writes the image.
     qemu_io(str(p), "write -P 0x53 1M 4k")
     check_clean(p)

@@ -11,6 +11,7 @@ use super::header::BitmapsExt;
 use super::types::*;
 use crate::backend::Storage;
 use crate::error::{corrupt, try_zeroed, Result};
+use crate::info::InfoValue;
 
 const FLAG_IN_USE: u32 = 1 << 0;
 const FLAG_AUTO: u32 = 1 << 1;
@@ -41,13 +42,47 @@ pub fn entries(dir: &[u8], nb: u32) -> Result<Vec<(usize, u32)>> {
     Ok(out)
 }
 
-pub fn mark_in_use(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Result<()> {
+fn read_dir(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Result<Vec<u8>> {
     let end = ext.directory_offset.checked_add(ext.directory_size);
     if ext.directory_offset < cs || end.is_none_or(|e| e > file_end) {
         return Err(corrupt("bitmap directory is outside the image file"));
     }
     let mut dir = try_zeroed(ext.directory_size as usize, "bitmap directory")?; // capped at 64 MiB
     file.read_at(&mut dir, ext.directory_offset)?;
+    Ok(dir)
+}
+
+/// The bitmaps as `qemu-img info` lists them: flags, name, granularity.
+pub fn info(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Result<InfoValue> {
+    let dir = read_dir(file, ext, cs, file_end)?;
+    let mut list = Vec::new();
+    for (at, flags) in entries(&dir, ext.nb_bitmaps)? {
+        let e = at - 12;
+        let gran_bits = u32::from(dir[e + 17]);
+        let name_size = usize::from(be16(&dir, e + 18));
+        let extra = be32(&dir, e + 20) as usize; // entries() checked the sizes
+        let name = String::from_utf8_lossy(&dir[e + 24 + extra..e + 24 + extra + name_size]).into_owned();
+        if gran_bits > 63 {
+            return Err(corrupt(format!("bitmap '{name}' has a granularity of 2^{gran_bits} bytes")));
+        }
+        let mut fl = Vec::new();
+        if flags & FLAG_IN_USE != 0 {
+            fl.push(InfoValue::from("in-use"));
+        }
+        if flags & FLAG_AUTO != 0 {
+            fl.push(InfoValue::from("auto"));
+        }
+        list.push(InfoValue::Map(vec![
+            ("flags".into(), InfoValue::List(fl)),
+            ("name".into(), name.into()),
+            ("granularity".into(), InfoValue::UInt(1u64 << gran_bits)),
+        ]));
+    }
+    Ok(InfoValue::List(list))
+}
+
+pub fn mark_in_use(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Result<()> {
+    let dir = read_dir(file, ext, cs, file_end)?;
     for (at, flags) in entries(&dir, ext.nb_bitmaps)? {
         if flags & FLAG_AUTO != 0 && flags & FLAG_IN_USE == 0 {
             file.write_at(&(flags | FLAG_IN_USE).to_be_bytes(), ext.directory_offset + at as u64)?;

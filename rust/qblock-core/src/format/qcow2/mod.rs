@@ -460,6 +460,10 @@ impl Driver for Qcow2 {
         fs.push(("compression-type".into(), ct.into()));
         if v3 {
             fs.push(("lazy-refcounts".into(), (h.compatible & COMPAT_LAZY_REFCOUNTS != 0).into()));
+            if let (Some(b), true) = (&h.bitmaps, h.autoclear & AUTOCLEAR_BITMAPS != 0) {
+                let end = self.file_end.load(Ordering::Relaxed);
+                fs.push(("bitmaps".into(), bitmap::info(self.file.as_ref(), b, self.g.cluster_size, end)?));
+            }
         }
         fs.push(("refcount-bits".into(), (1u64 << h.refcount_order).into()));
         if v3 {
