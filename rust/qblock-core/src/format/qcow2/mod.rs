@@ -10,6 +10,7 @@
 //! - `compress`: compressed clusters (zlib, zstd), read only.
 //! - `bitmap`: marking persistent bitmaps in use before we write.
 //! - `repair`: recounting the refcounts of a dirty image.
+//! - `snapshot`: checking the internal snapshot table.
 //! - `create`: new images.
 //!
 //! Supported: v2/v3, every refcount width, extended L2 (read and write),
@@ -31,6 +32,7 @@ mod create;
 mod header;
 mod refcount;
 mod repair;
+mod snapshot;
 mod types;
 mod write;
 
@@ -121,6 +123,10 @@ impl Qcow2 {
         let g = Geometry::new(hdr.cluster_bits, hdr.extended_l2());
         let file_end = align_up(len, cs)?;
         let l1 = cluster::load_l1(file.as_ref(), &g, hdr.l1_table_offset, hdr.l1_size, file_end)?;
+        if hdr.nb_snapshots > 0 {
+            // Checked as QEMU checks it at open, though we only preserve it.
+            snapshot::read_table(file.as_ref(), &hdr, len)?;
+        }
         if !read_only && hdr.incompatible & INCOMPAT_DIRTY != 0 {
             // Lazy refcounts were not written back before a crash: recount
             // them before anything relies on them, as QEMU does.

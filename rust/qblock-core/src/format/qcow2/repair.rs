@@ -13,6 +13,7 @@
 //! open repairs again; the old structures become unreferenced clusters.
 
 use super::bitmap;
+use super::snapshot;
 use super::header::{Header, OFF_INCOMPAT, OFF_REFTABLE};
 use super::refcount::set_entry;
 use super::types::*;
@@ -22,10 +23,6 @@ use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
 /// Largest file (in clusters) we repair: the counting array is 4 bytes per
 /// cluster, so this bounds it at 64 MiB (1 TiB of 64 KiB clusters).
 const MAX_REPAIR_CLUSTERS: u64 = 1 << 24;
-/// QEMU's QCOW_MAX_SNAPSHOTS_SIZE: the snapshot table is at most 64 MiB.
-const MAX_SNAPSHOT_TABLE: u64 = 1024 * MAX_SNAPSHOTS as u64;
-/// QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA.
-const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 
 struct Counter {
     cs: u64,
@@ -103,26 +100,11 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
     c.l1(file, &g, l1_offset, l1_size, data_file)?;
     // Snapshots: the table, then each snapshot's L1 and L2 tables.
     if h.nb_snapshots > 0 {
-        let mut p = h.snapshots_offset;
-        let mut total = 0u64;
-        for i in 0..h.nb_snapshots {
-            let mut fixed = [0u8; 40];
-            file.read_at(&mut fixed, p)?;
-            let extra = u64::from(be32(&fixed, 36));
-            let id = u64::from(be16(&fixed, 12));
-            let name = u64::from(be16(&fixed, 14));
-            if extra > MAX_SNAPSHOT_EXTRA {
-                return Err(corrupt(format!("snapshot {i} has {extra} bytes of extra data")));
-            }
-            let len = (40 + extra + id + name + 7) & !7;
-            total += len;
-            if total > MAX_SNAPSHOT_TABLE {
-                return Err(corrupt("snapshot table exceeds 64 MiB"));
-            }
-            c.l1(file, &g, be64(&fixed, 0), u64::from(be32(&fixed, 8)), data_file)?;
-            p = p.checked_add(len).ok_or_else(|| corrupt("snapshot table overflows"))?;
+        let (snaps, table_len) = snapshot::read_table(file, h, file.len()?)?;
+        for sn in snaps {
+            c.l1(file, &g, sn.l1_table_offset, u64::from(sn.l1_size), data_file)?;
         }
-        c.add(h.snapshots_offset, total, "snapshot table")?;
+        c.add(h.snapshots_offset, table_len, "snapshot table")?;
     }
     // Bitmaps: directory, tables, data clusters.
     if let Some(b) = &h.bitmaps {

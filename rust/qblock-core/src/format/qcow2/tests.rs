@@ -235,6 +235,33 @@ fn too_many_snapshots() {
     });
 }
 
+/// One snapshot whose header sits in cluster 5 (read-only opens only look
+/// at it) with its own L1 table in cluster 4.
+fn with_snapshot(b: &mut [u8], extra: u32, l1_size: u32) {
+    put32(b, 60, 1);
+    put64(b, 64, 5 * CS as u64);
+    let s = 5 * CS;
+    b[s..s + 64].fill(0);
+    put64(b, s, 4 * CS as u64);
+    put32(b, s + 8, l1_size);
+    put32(b, s + 36, extra);
+}
+
+#[test]
+fn snapshot_table_checks() {
+    let mut b = base();
+    with_snapshot(&mut b, 16, 32);
+    open_bytes(b, true).expect("a plain snapshot table opens");
+    corrupt_open(|b| with_snapshot(b, 1025, 32));
+    corrupt_open(|b| with_snapshot(b, u32::MAX, 32));
+    corrupt_open(|b| with_snapshot(b, 16, 4 << 20 | 1));
+    corrupt_open(|b| with_snapshot(b, 16, 1 << 20)); // L1 past the end of the file
+    corrupt_open(|b| {
+        with_snapshot(b, 16, 32);
+        put64(b, 5 * CS, 4 * CS as u64 + 8);
+    });
+}
+
 #[test]
 fn backing_name_too_long_or_outside_cluster() {
     corrupt_open(|b| {

@@ -16,6 +16,7 @@
 //! to a cluster with a wrong refcount or to unwritten data.
 
 use super::bitmap;
+use super::snapshot;
 use super::header::{OFF_AUTOCLEAR, OFF_L1_SIZE, OFF_SIZE};
 use super::refcount::Refcounts;
 use super::types::*;
@@ -88,7 +89,12 @@ impl Qcow2 {
         }
         m.extend(rc.table.iter().filter(|&&o| o != 0).map(|&o| (o, o + cs)));
         if h.nb_snapshots > 0 {
-            m.push((h.snapshots_offset, h.snapshots_offset + cs));
+            let (snaps, len) = snapshot::read_table(self.file.as_ref(), h, self.file.len()?)?;
+            m.push((h.snapshots_offset, h.snapshots_offset + len.div_ceil(cs) * cs));
+            for sn in snaps.iter().filter(|s| s.l1_size > 0) {
+                let bytes = (u64::from(sn.l1_size) * 8).div_ceil(cs) * cs;
+                m.push((sn.l1_table_offset, sn.l1_table_offset + bytes));
+            }
         }
         if let Some(b) = &h.bitmaps {
             let end = b.directory_offset.saturating_add(b.directory_size);
