@@ -25,7 +25,7 @@ from .errors import (
 )
 from .flags import O_CACHE_WB, O_NO_BACKING, O_NO_FLUSH, O_NOCACHE, O_RDWR, O_SNAPSHOT, O_VALID_MASK, OpenFlag
 from .formats import Format, fmttype2str, str2fmttype
-from .image import BlockStatus, Image, StaticInfo, create, open, probe
+from .image import BlockStatus, Image, StaticInfo, create, open, probe, supported_formats
 from .location import Location
 from .options import (
     CowOptions,
@@ -93,6 +93,7 @@ __all__ = [
     "options_class",
     "probe",
     "str2fmttype",
+    "supported_formats",
 ]
 
 __version__ = "0.1.0"

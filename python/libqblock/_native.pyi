@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union, final
 
 from typing_extensions import Buffer
 
-__all__ = ["Image", "create", "open", "probe"]
+__all__ = ["Image", "create", "formats", "open", "probe"]
 
 # (offset, length, allocated, present, data, zero, compressed, depth, file, file_offset)
 _StatusTuple = Tuple[int, int, bool, bool, bool, bool, bool, int, Optional[str], Optional[int]]
@@ -46,3 +46,4 @@ def open(
 ) -> Image: ...
 def create(protocol: str, target: str, fmt: str, options: Dict[str, _OptionValue]) -> None: ...
 def probe(protocol: str, target: str) -> str: ...
+def formats() -> List[Tuple[str, bool, bool]]: ...

@@ -231,3 +231,13 @@ def probe(location: Where) -> Format:
     """The format libqblock would pick for an image when none is given."""
     loc = Location.of(location)
     return Format.from_str(_native.probe(loc.protocol, loc.target))
+
+
+def supported_formats(write: bool = False) -> "frozenset[Format]":
+    """Formats libqblock can open (with ``write=True``: can create) today.
+
+    Every other :class:`Format` raises :class:`UnsupportedError` when opened
+    or created.
+    """
+    return frozenset(Format.from_str(name) for name, can_open, can_create in _native.formats()
+                     if (can_create if write else can_open))

@@ -251,3 +251,9 @@ pub fn probe(py: Python<'_>, protocol: &str, target: &str) -> PyResult<&'static 
         qblock_core::registry::probe(s.as_ref()).map(|f| f.name())
     })
 }
+
+/// Every format the engine knows: (name, can open, can create).
+#[pyfunction]
+pub fn formats() -> Vec<(&'static str, bool, bool)> {
+    qblock_core::format::entries().map(|e| (e.format.name(), e.open.is_some(), e.create.is_some())).collect()
+}

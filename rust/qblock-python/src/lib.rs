@@ -13,5 +13,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(image::create, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe, m)?)?;
+    m.add_function(wrap_pyfunction!(image::formats, m)?)?;
     Ok(())
 }
