@@ -42,6 +42,54 @@ pub fn entries(dir: &[u8], nb: u32) -> Result<Vec<(usize, u32)>> {
     Ok(out)
 }
 
+/// QEMU's limits on directory entries (qcow2-bitmap.c).
+const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+const MIN_GRANULARITY_BITS: u8 = 9;
+const MAX_GRANULARITY_BITS: u8 = 31;
+const MAX_NAME: u64 = 1023;
+const TYPE_DIRTY_TRACKING: u8 = 1;
+const RESERVED_FLAGS: u32 = !(FLAG_IN_USE | FLAG_AUTO);
+
+/// Check the directory as QEMU does when it loads bitmaps at open: entry
+/// bounds, names, granularity, type, flags, and each bitmap table inside
+/// the file; the entries must fill the directory exactly.
+pub fn check(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Result<()> {
+    let dir = read_dir(file, ext, cs, file_end)?;
+    let mut used = 0u64;
+    for (i, (at, flags)) in entries(&dir, ext.nb_bitmaps)?.into_iter().enumerate() {
+        let e = at - 12;
+        let t_off = be64(&dir, e);
+        let t_size = u64::from(be32(&dir, e + 8));
+        let name = u64::from(be16(&dir, e + 18));
+        let extra = u64::from(be32(&dir, e + 20));
+        if flags & RESERVED_FLAGS != 0 {
+            return Err(corrupt(format!("bitmap {i} has reserved flags {flags:#x}")));
+        }
+        if dir[e + 16] != TYPE_DIRTY_TRACKING {
+            return Err(corrupt(format!("bitmap {i} has unknown type {}", dir[e + 16])));
+        }
+        if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&dir[e + 17]) {
+            return Err(corrupt(format!("bitmap {i} has granularity 2^{}", dir[e + 17])));
+        }
+        if name == 0 || name > MAX_NAME {
+            return Err(corrupt(format!("bitmap {i} has a name of {name} bytes")));
+        }
+        if t_size > MAX_TABLE_ENTRIES {
+            return Err(corrupt(format!("bitmap {i} has a table of {t_size} entries")));
+        }
+        if t_size > 0
+            && (!t_off.is_multiple_of(cs) || t_off < cs || t_off.checked_add(t_size * 8).is_none_or(|x| x > file_end))
+        {
+            return Err(corrupt(format!("bitmap {i} table at {t_off:#x} is invalid")));
+        }
+        used += (ENTRY_HEADER + extra + name + 7) & !7;
+    }
+    if used != ext.directory_size {
+        return Err(corrupt(format!("bitmap directory of {} bytes holds {used} bytes of entries", ext.directory_size)));
+    }
+    Ok(())
+}
+
 fn read_dir(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Result<Vec<u8>> {
     let end = ext.directory_offset.checked_add(ext.directory_size);
     if ext.directory_offset < cs || end.is_none_or(|e| e > file_end) {

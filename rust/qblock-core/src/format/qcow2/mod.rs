@@ -127,6 +127,13 @@ impl Qcow2 {
             // Checked as QEMU checks it at open, though we only preserve it.
             snapshot::read_table(file.as_ref(), &hdr, len)?;
         }
+        if hdr.version < 3 {
+            // QEMU ignores a bitmaps extension in a version 2 image.
+            hdr.bitmaps = None;
+        }
+        if let (Some(b), true) = (&hdr.bitmaps, hdr.autoclear & AUTOCLEAR_BITMAPS != 0) {
+            bitmap::check(file.as_ref(), b, cs, file_end)?;
+        }
         if !read_only && hdr.incompatible & INCOMPAT_DIRTY != 0 {
             // Lazy refcounts were not written back before a crash: recount
             // them before anything relies on them, as QEMU does.

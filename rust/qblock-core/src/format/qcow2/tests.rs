@@ -313,6 +313,48 @@ fn bitmaps_extension_malformed() {
     });
 }
 
+/// A bitmaps extension whose directory (one entry, 32 bytes) is in cluster 5.
+fn with_bitmap(b: &mut [u8], patch: impl FnOnce(&mut [u8])) {
+    put32(b, 112, EXT_BITMAPS);
+    put32(b, 116, 24);
+    put32(b, 120, 1);
+    put64(b, 128, 32);
+    put64(b, 136, 5 * CS as u64);
+    put64(b, 88, AUTOCLEAR_BITMAPS);
+    let d = 5 * CS;
+    b[d..d + 32].fill(0);
+    put32(b, d + 12, 2); // auto
+    b[d + 16] = 1; // dirty tracking
+    b[d + 17] = 16; // 64 KiB granularity
+    b[d + 19] = 3; // name size
+    b[d + 24..d + 27].copy_from_slice(b"bm0");
+    patch(&mut b[d..d + 32]);
+}
+
+#[test]
+fn bitmap_directory_checks() {
+    let mut b = base();
+    with_bitmap(&mut b, |_| {});
+    let d = open_bytes(b, true).expect("a plain bitmap directory opens");
+    let fs = d.info().unwrap().format_specific;
+    assert!(fs.iter().any(|(k, _)| k == "bitmaps"));
+    corrupt_open(|b| with_bitmap(b, |e| e[16] = 2)); // unknown type
+    corrupt_open(|b| with_bitmap(b, |e| e[17] = 40)); // granularity
+    corrupt_open(|b| with_bitmap(b, |e| e[19] = 0)); // empty name
+    corrupt_open(|b| with_bitmap(b, |e| put32(e, 12, 1 << 7))); // reserved flag
+    corrupt_open(|b| with_bitmap(b, |e| put32(e, 20, 4096))); // extra data overruns
+    corrupt_open(|b| {
+        with_bitmap(b, |e| {
+            put64(e, 0, 1 << 40);
+            put32(e, 8, 1);
+        })
+    }); // table past EOF
+    corrupt_open(|b| {
+        with_bitmap(b, |_| {});
+        put64(b, 128, 40); // directory size does not match its entries
+    });
+}
+
 #[test]
 fn unknown_extensions_are_skipped() {
     let mut b = base();
