@@ -87,6 +87,7 @@ EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
 
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
@@ -270,6 +271,8 @@ class Ctx:
         self.b: Optional[bytearray] = bytearray(base.data) if base else None
         self.dir = d
         self.path = d / "img.qcow2"  # what the child opens
+        self.ok_sha = base.raw_sha if base else None  # the disk's contents, if opening it is tolerated
+        self.watch: List[Path] = []  # other files that must come out unchanged
 
     def get(self, off: int, width: int) -> int:
         return int.from_bytes(self.b[off:off + width], "big")
@@ -404,6 +407,48 @@ def bitmaps_ext_absurd(c: Ctx) -> None:
     c.set(autoclear_features=1)
 
 
+def add_ext(c: Ctx, etype: int, data: bytes) -> None:
+    """Append a header extension after the last one (cluster 0 has room); a
+    backing file name, stored right after the extensions, moves to 0x800."""
+    off, size = c.field("backing_file_offset"), c.field("backing_file_size")
+    if off:
+        name = bytes(c.b[off:off + size])
+        c.b[off:off + size] = bytes(size)
+        c.b[0x800:0x800 + size] = name
+        c.set(backing_file_offset=0x800)
+    last = c.extensions()[-1]
+    pos = last[0] + 8 + (last[2] + 7) // 8 * 8
+    padded = data.ljust((len(data) + 7) // 8 * 8, b"\0")
+    c.b[pos:pos + 16 + len(padded)] = struct.pack(">II", etype, len(data)) + padded + bytes(8)
+
+
+def data_file_is_self(name: str, symlink: bool = False) -> Patch:
+    """The external data file is the image itself (by name, or through a symlink),
+    and guest cluster 0 maps to host offset 0: a guest write there would land on
+    the qcow2 header. (QEMU refuses such an image: its own locks conflict.)"""
+
+    def f(c: Ctx) -> None:
+        add_ext(c, EXT_DATA_FILE, name.encode())
+        c.set(incompatible_features=INCOMPAT_DATA_FILE)
+        c.put(c.l2_pos(0), 8, OFLAG_COPIED)  # host offset 0, valid with a data file
+        if symlink:
+            os.symlink(c.path.name, c.dir / name)
+
+    return f
+
+
+def data_file_is_backing(c: Ctx) -> None:
+    """The external data file is the raw backing file: a guest write would
+    modify the backing file, which must stay read-only (a shared base image).
+    Stricter than QEMU 10, which writes into the backing file here."""
+    backing = c.dir / "base.raw"
+    backing.write_bytes(b"\x5a" * VIRT)
+    c.b = bytearray(_overlay(c, "img.qcow2", "base.raw", "raw").read_bytes())
+    add_ext(c, EXT_DATA_FILE, b"base.raw")
+    c.set(incompatible_features=INCOMPAT_DATA_FILE)
+    c.watch.append(backing)
+
+
 # --- backing files ------------------------------------------------------
 
 
@@ -417,9 +462,9 @@ def backing_name(name: bytes) -> Patch:
     return f
 
 
-def _overlay(c: Ctx, name: str, backing: str, fmt: str = "qcow2") -> Path:
+def _overlay(c: Ctx, name: str, backing: str, fmt: str = "qcow2", *opts: str) -> Path:
     p = c.dir / name
-    qemu_img("create", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, str(p), str(VIRT))
+    qemu_img("create", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, *opts, str(p), str(VIRT))
     return p
 
 
@@ -466,6 +511,25 @@ def loop_three_via_dotdot(c: Ctx) -> None:
     _overlay(c, "sub/B.qcow2", "../C.qcow2")
     c.path = _overlay(c, "A.qcow2", "sub/B.qcow2")
     c.b = None
+
+
+def deep_chain(c: Ctx) -> None:
+    """A chain of 500 qcow2 overlays over a qcow2 full of 0x5a: no loop, but a
+    depth the file chooses. Refusing it (a depth cap) or reading 0x5a through all
+    500 layers are both fine; a stack overflow, fd exhaustion or memory per layer is not."""
+    depth = 500
+    base = c.dir / "zbase.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), str(VIRT))
+    qemu_io(str(base), f"write -P 0x5a 0 {VIRT}")
+    # 512-byte clusters keep each overlay at 2.5 KiB.
+    template = bytearray(_overlay(c, "c0000.qcow2", "c0001.qcow2", "qcow2", "-o", "cluster_size=512").read_bytes())
+    off, size = struct.unpack(">QI", template[8:20])
+    for i in range(depth):
+        name = b"zbase.qcow2" if i == depth - 1 else f"c{i + 1:04d}.qcow2".encode()
+        template[off:off + size] = name
+        (c.dir / f"c{i:04d}.qcow2").write_bytes(template)
+    c.path, c.b = c.dir / "c0000.qcow2", None
+    c.ok_sha = hashlib.sha256(b"\x5a" * VIRT).hexdigest()
 
 
 def backing_with_nul(c: Ctx) -> None:
@@ -668,6 +732,7 @@ CASES = [
     case("backing_loop_two", None, loop_two),
     case("backing_loop_three_dotdot", None, loop_three_via_dotdot),
     case("backing_loop_symlink", None, loop_symlink),
+    case("backing_chain_500_deep", None, deep_chain, OK, C, U),
     # --- header extensions ---
     case("ext_len_past_cluster", "v3", ext_len(CLUSTER)),
     case("ext_len_u32max", "v3", ext_len(U32)),
@@ -728,6 +793,9 @@ CASES = [
     case("incompat_bit5_unknown", "v3", hdr(incompatible_features=1 << 5), U),
     case("incompat_bit63_unknown", "v3", hdr(incompatible_features=1 << 63), U),
     case("external_data_file_without_name", "v3", hdr(incompatible_features=INCOMPAT_DATA_FILE), C, U),
+    case("data_file_is_the_image_write", "v3", data_file_is_self("img.qcow2"), **AT_0),
+    case("data_file_symlink_to_the_image_write", "v3", data_file_is_self("data.raw", symlink=True), **AT_0),
+    case("data_file_is_the_backing_file_write", None, data_file_is_backing, **AT_0),
     case("extended_l2_with_4k_clusters", "c4k", hdr(incompatible_features=INCOMPAT_EXTL2)),
     case("zstd_type_without_bit", "v3", hdr(compression_type=1)),
     case("compression_bit_with_zlib_type", "v3", hdr(incompatible_features=INCOMPAT_COMPRESSION, compression_type=0)),
@@ -746,13 +814,13 @@ def _build(c: Case, bases: Dict[str, Base], tmp: Path) -> Ctx:
     return ctx
 
 
-def _changed(before: bytes, after: bytes) -> str:
+def _changed(before: bytes, after: bytes, name: str = "the image file") -> str:
     if after == before:
         return ""
     n = min(len(before), len(after))
     diff = [i for i in range(n) if before[i] != after[i]]
     where = ", ".join(f"{i:#x}" for i in diff[:8]) or "none"
-    return f"; and the image file changed (bytes at {where}; length {len(before)} -> {len(after)})"
+    return f"; and {name} changed (bytes at {where}; length {len(before)} -> {len(after)})"
 
 
 def _assert_untouched(before: bytes, after: bytes, writable: bool, what: str) -> None:
@@ -777,15 +845,19 @@ def _assert_untouched(before: bytes, after: bytes, writable: bool, what: str) ->
 def test_hostile_image_is_refused(c: Case, bases: Dict[str, Base], tmp: Path) -> None:
     ctx = _build(c, bases, tmp)
     before = ctx.path.read_bytes()
+    others = {p: p.read_bytes() for p in ctx.watch}
     res = run_child({"path": str(ctx.path), "fmt": c.fmt, "mode": c.mode, "write_off": c.write_off}, c.id)
     outcome = res["exc"] or OK
+    for p, old in others.items():
+        if p.read_bytes() != old:
+            pytest.fail(f"{c.id}: {describe(res)}{_changed(old, p.read_bytes(), p.name)}")
     if outcome not in c.expect:
         want = " or ".join(sorted(c.expect))
         pytest.fail(f"{c.id}: expected {want}, got {describe(res)}{_changed(before, ctx.path.read_bytes())}")
     _assert_untouched(before, ctx.path.read_bytes(), c.mode == "rw", c.id)
     if outcome == OK:
         # Tolerated, but then the disk must read exactly as QEMU reads it.
-        assert res["sha256"] == bases[c.base].raw_sha, f"{c.id}: opened, but the disk reads differently from qemu-img"
+        assert res["sha256"] == ctx.ok_sha, f"{c.id}: opened, but the disk reads differently from qemu-img"
 
 
 def test_corrupt_bit_allows_read_only_refuses_writable(bases: Dict[str, Base], tmp: Path) -> None:
