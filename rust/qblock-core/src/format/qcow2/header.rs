@@ -63,8 +63,9 @@ fn name(bytes: &[u8], what: &str) -> Result<String> {
 }
 
 impl Header {
-    /// Parse and check the fixed fields from the first bytes of the image
-    /// (`head` holds at least 112 bytes, zero-padded past the file's end).
+    /// Parse the fixed fields from the first bytes of the image (`head`
+    /// holds at least 112 bytes, zero-padded past the file's end) and check
+    /// what reading the extensions depends on; `validate` checks the rest.
     pub fn parse_fixed(head: &[u8], file_len: u64) -> Result<Header> {
         if head.len() < V3_HEADER_LEN_FULL as usize || &head[..4] != MAGIC {
             return Err(corrupt("not a qcow2 image (bad magic)"));
@@ -118,12 +119,26 @@ impl Header {
         if u64::from(h.header_length) > cs {
             return Err(corrupt(format!("header length {} exceeds the cluster size {cs}", h.header_length)));
         }
+        Ok(h)
+    }
+
+    /// The remaining checks, once the extensions are read (so that an
+    /// unknown feature can be named from the image's feature table).
+    pub fn validate(&self, file_len: u64) -> Result<()> {
+        let h = self;
         if h.refcount_order > MAX_REFCOUNT_ORDER {
             return Err(corrupt(format!("refcount_order {} is above 6", h.refcount_order)));
         }
         let unknown = h.incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
-            return Err(unsupported(format!("unknown incompatible features {unknown:#x}")));
+            let names: Vec<String> = (0..64u8)
+                .filter(|b| unknown >> b & 1 != 0)
+                .map(|b| match h.feature_name(0, b) {
+                    Some(n) => format!("bit {b} ({n})"),
+                    None => format!("bit {b}"),
+                })
+                .collect();
+            return Err(unsupported(format!("unknown incompatible features: {}", names.join(", "))));
         }
         if h.incompatible & INCOMPAT_COMPRESSION != 0 {
             if h.header_length <= V3_HEADER_LEN {
@@ -151,8 +166,12 @@ impl Header {
         if h.size > i64::MAX as u64 {
             return Err(corrupt(format!("virtual size {} does not fit in 63 bits", h.size)));
         }
-        h.check_tables(file_len)?;
-        Ok(h)
+        h.check_tables(file_len)
+    }
+
+    /// The name the image's feature table gives a feature bit.
+    pub fn feature_name(&self, kind: u8, bit: u8) -> Option<&str> {
+        self.feature_names.iter().find(|f| f.0 == kind && f.1 == bit).map(|f| f.2.as_str())
     }
 
     pub fn cluster_size(&self) -> u64 {

@@ -116,6 +116,7 @@ impl Qcow2 {
         let mut first = try_zeroed(cs as usize, "qcow2 header cluster")?;
         file.read_at(&mut first, 0)?;
         hdr.parse_extensions(&first)?;
+        hdr.validate(len)?;
         let read_only = ctx.read_only;
         if !read_only && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; it can only be opened read-only"));

@@ -13,9 +13,9 @@
 //! open repairs again; the old structures become unreferenced clusters.
 
 use super::bitmap;
-use super::snapshot;
 use super::header::{Header, OFF_INCOMPAT, OFF_REFTABLE};
 use super::refcount::set_entry;
+use super::snapshot;
 use super::types::*;
 use crate::backend::Storage;
 use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};

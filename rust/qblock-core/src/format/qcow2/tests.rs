@@ -414,7 +414,15 @@ fn compressed_cluster_outside_file_or_undecodable() {
 fn unknown_incompatible_bit() {
     let mut b = base();
     put64(&mut b, 72, 1 << 33);
-    assert_eq!(kind_of(open_bytes(b, true)), ErrorKind::Unsupported);
+    assert_eq!(kind_of(open_bytes(b.clone(), true)), ErrorKind::Unsupported);
+    // Named from the image's feature table.
+    put32(&mut b, 112, EXT_FEATURE_TABLE);
+    put32(&mut b, 116, 48);
+    b[120] = 0;
+    b[121] = 33;
+    b[122..132].copy_from_slice(b"warp drive");
+    let Err(e) = open_bytes(b, true) else { panic!("accepted") };
+    assert!(e.to_string().contains("bit 33 (warp drive)"), "{e}");
 }
 
 #[test]

@@ -16,9 +16,9 @@
 //! to a cluster with a wrong refcount or to unwritten data.
 
 use super::bitmap;
-use super::snapshot;
 use super::header::{OFF_AUTOCLEAR, OFF_L1_SIZE, OFF_SIZE};
 use super::refcount::Refcounts;
+use super::snapshot;
 use super::types::*;
 use super::Qcow2;
 use crate::backend::Storage;
