@@ -222,7 +222,11 @@ def describe(res: dict) -> str:
 @dataclass
 class Base:
     data: bytes
-    raw_sha: str  # sha256 of the guest view, from `qemu-img convert -O raw`
+    raw: bytes  # the guest view, from `qemu-img convert -O raw`
+
+    @property
+    def raw_sha(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
 
 
 def _make(tmp: Path, name: str, create: List[str], writes: List[str]) -> Base:
@@ -230,7 +234,7 @@ def _make(tmp: Path, name: str, create: List[str], writes: List[str]) -> Base:
     qemu_img("create", "-f", "qcow2", *create, str(p), str(VIRT))
     if writes:
         qemu_io(str(p), *writes)
-    return Base(p.read_bytes(), hashlib.sha256(qemu_raw_bytes(str(p), tmp)).hexdigest())
+    return Base(p.read_bytes(), qemu_raw_bytes(str(p), tmp))
 
 
 @pytest.fixture(scope="session")
@@ -248,7 +252,7 @@ def bases(tmp_path_factory) -> Dict[str, Base]:
     qemu_io(str(snap), "write -P 0x11 0 64k")
     qemu_img("snapshot", "-c", "s1", str(snap))
     qemu_io(str(snap), "write -P 0x22 0 4k")
-    b["snap"] = Base(snap.read_bytes(), hashlib.sha256(qemu_raw_bytes(str(snap), tmp)).hexdigest())
+    b["snap"] = Base(snap.read_bytes(), qemu_raw_bytes(str(snap), tmp))
     # Compressed: 1 MiB of low-entropy text, so every 64 KiB cluster compresses
     # to ~28 KiB (many 512-byte sectors, not cluster-aligned).
     raw = tmp / "c.raw"
@@ -256,7 +260,7 @@ def bases(tmp_path_factory) -> Dict[str, Base]:
     for name, opts in (("comp", "cluster_size=65536"), ("zstd", "cluster_size=65536,compression_type=zstd")):
         comp = tmp / f"{name}.qcow2"
         qemu_img("convert", "-c", "-O", "qcow2", "-o", opts, str(raw), str(comp))
-        b[name] = Base(comp.read_bytes(), hashlib.sha256(raw.read_bytes()).hexdigest())
+        b[name] = Base(comp.read_bytes(), raw.read_bytes())
     return b
 
 
@@ -271,6 +275,7 @@ class Ctx:
         self.b: Optional[bytearray] = bytearray(base.data) if base else None
         self.dir = d
         self.path = d / "img.qcow2"  # what the child opens
+        self.base = base
         self.ok_sha = base.raw_sha if base else None  # the disk's contents, if opening it is tolerated
         self.watch: List[Path] = []  # other files that must come out unchanged
 
@@ -541,6 +546,28 @@ def backing_with_nul(c: Ctx) -> None:
     _rename_backing(c, b"base.rawXevil", b"base.raw\0evil")
 
 
+# --- refcounts ------------------------------------------------------------
+
+
+def refblock_fill(value: int) -> Patch:
+    """Every 16-bit refcount in the first refcount block set to `value`."""
+
+    def f(c: Ctx) -> None:
+        assert c.field("refcount_order") == 4
+        rb = c.get(REFTABLE_0(c), 8)
+        c.b[rb:rb + CLUSTER] = value.to_bytes(2, "big") * (CLUSTER // 2)
+
+    return f
+
+
+def refcount_of(cluster: int, value: int) -> Patch:
+    def f(c: Ctx) -> None:
+        assert c.field("refcount_order") == 4
+        c.put(c.get(REFTABLE_0(c), 8) + 2 * cluster, 2, value)
+
+    return f
+
+
 # --- compressed clusters ------------------------------------------------
 
 
@@ -765,6 +792,12 @@ CASES = [
     case("refblock_past_eof_write", "v3", entry(REFTABLE_0, lambda c, e: past_eof(c)), mode="rw"),
     case("refblock_2^62_write", "v3", entry(REFTABLE_0, lambda c, e: 1 << 62), mode="rw"),
     case("refblock_overlaps_l1_write", "v3", entry(REFTABLE_0, lambda c, e: c.field("l1_table_offset")), mode="rw"),
+    # Refcounts of 0 for clusters in use: a first-fit allocator hands out the
+    # header (QEMU's overlap check then refuses). Refusing, or allocating
+    # elsewhere without overwriting anything, are both fine.
+    case("refcounts_all_zero_write", "v3", refblock_fill(0), OK, C, mode="rw"),
+    case("refcount_of_header_zero_write", "v3", refcount_of(0, 0), OK, C, mode="rw"),
+    case("refcount_of_l2_zero_write", "v3", refcount_of(4, 0), OK, C, mode="rw"),
     # --- compressed clusters ---
     case("compressed_desc_all_ones", "comp", comp_descriptor(comp_all_ones)),
     case("compressed_past_eof", "comp", comp_descriptor(comp_past_eof)),
@@ -854,6 +887,18 @@ def test_hostile_image_is_refused(c: Case, bases: Dict[str, Base], tmp: Path) ->
     if outcome not in c.expect:
         want = " or ".join(sorted(c.expect))
         pytest.fail(f"{c.id}: expected {want}, got {describe(res)}{_changed(before, ctx.path.read_bytes())}")
+    if outcome == OK and c.mode == "rw":
+        # A tolerated write: the header is intact and QEMU reads the old disk
+        # plus the 4 KiB written, so nothing else was overwritten.
+        after = ctx.path.read_bytes()
+        _assert_untouched(before[:CLUSTER], after[:CLUSTER], True, c.id)
+        want = bytearray(ctx.base.raw)
+        want[c.write_off:c.write_off + 4096] = b"\xab" * 4096
+        got = qemu_raw_bytes(str(ctx.path), tmp)
+        if got != want:
+            diff = next(i for i in range(len(want)) if got[i] != want[i])
+            pytest.fail(f"{c.id}: the write was accepted, but qemu-img now reads the disk differently at {diff:#x}")
+        return
     _assert_untouched(before, ctx.path.read_bytes(), c.mode == "rw", c.id)
     if outcome == OK:
         # Tolerated, but then the disk must read exactly as QEMU reads it.
