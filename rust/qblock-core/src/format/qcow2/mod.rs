@@ -145,6 +145,15 @@ impl Qcow2 {
         let data = match &hdr.data_file {
             Some(name) => {
                 let loc = ctx.location.relative(name);
+                // Data written through the image would land on its own
+                // metadata, or in a backing file that must stay unchanged.
+                let id = loc.identity();
+                if id == ctx.location.identity() {
+                    return Err(corrupt(format!("the external data file '{name}' is the image itself")));
+                }
+                if hdr.backing_file.as_ref().is_some_and(|b| ctx.location.relative(b).identity() == id) {
+                    return Err(corrupt(format!("the external data file '{name}' is also the backing file")));
+                }
                 Some(
                     loc.open_storage(read_only)
                         .map_err(|e| e.context(format!("cannot open the external data file '{name}'")))?,

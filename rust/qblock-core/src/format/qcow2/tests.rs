@@ -450,6 +450,26 @@ fn data_file_bit_without_name_or_raw_without_data_file() {
 }
 
 #[test]
+fn data_file_that_is_the_image_or_its_backing_file() {
+    let name = b"qcow2-unit-test.qcow2"; // the image's own name (see open_bytes)
+    corrupt_open(|b| {
+        put64(b, 72, INCOMPAT_DATA_FILE);
+        put32(b, 112, EXT_DATA_FILE);
+        put32(b, 116, name.len() as u32);
+        b[120..120 + name.len()].copy_from_slice(name);
+    });
+    corrupt_open(|b| {
+        put64(b, 72, INCOMPAT_DATA_FILE);
+        put32(b, 112, EXT_DATA_FILE);
+        put32(b, 116, 8);
+        b[120..128].copy_from_slice(b"base.raw");
+        put64(b, 8, 300);
+        put32(b, 16, 8);
+        b[300..308].copy_from_slice(b"base.raw");
+    });
+}
+
+#[test]
 fn extended_l2_needs_16k_clusters() {
     corrupt_open(|b| put64(b, 72, INCOMPAT_EXTL2));
 }
