@@ -111,3 +111,59 @@ def test_random_ops_against_model(name):
             assert c.returncode == 0, c.stdout + c.stderr
 
     run()
+
+
+# --- the other way: QEMU writes at random, we read and map --------------------
+
+QEMU_CONFIGS = {
+    "c4k": ("cluster_size=4096", False),
+    "extl2-backing": ("cluster_size=32k,extended_l2=on", True),
+    "c512-backing": ("cluster_size=512", True),
+    "v2-backing": ("compat=0.10,cluster_size=8192", True),
+}
+QSIZE = 2 * MiB
+
+qemu_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["write -P {v}", "write -z", "write -z -u", "discard"]),
+        st.integers(0, QSIZE - 1),
+        st.integers(1, 200 * KiB),
+        st.integers(1, 255),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@pytest.mark.parametrize("name", sorted(QEMU_CONFIGS))
+def test_random_qemu_writes_read_and_map_like_qemu(name):
+    from conftest import qemu_map, qemu_raw_bytes
+
+    from test_qcow2 import strip
+
+    opts, backing = QEMU_CONFIGS[name]
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(qemu_ops)
+    def run(seq):
+        with tempfile.TemporaryDirectory() as td:
+            d = Path(td)
+            p = d / "img.qcow2"
+            args = ["create", "-f", "qcow2", "-o", opts]
+            if backing:
+                base = d / "base.raw"
+                base.write_bytes(b"\x5b" * (QSIZE - 3 * 512))
+                args += ["-b", str(base), "-F", "raw"]
+            qemu_img(*args, str(p), str(QSIZE))
+            cmds = []
+            for op, off, n, v in seq:
+                off &= ~511  # qemu-io zero/discard want sector alignment
+                n = max(512, min(n & ~511, QSIZE - off))
+                cmds.append(f"{op.format(v=v)} {off} {n}")
+            qemu_io(str(p), *cmds)
+            expected = qemu_raw_bytes(str(p), d)
+            with qb.open(p, flags=0) as img:
+                assert img.read(QSIZE, 0) == expected
+                assert strip([e.to_qemu_map() for e in img.map()]) == strip(qemu_map(str(p)))
+
+    run()
