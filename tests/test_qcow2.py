@@ -579,3 +579,23 @@ def test_compressed_over_backing(tmp):
     qemu_img("convert", "-c", "-O", "qcow2", "-B", str(base), "-F", "qcow2", str(src), str(p))
     assert_reads_like_qemu(p, tmp)
     assert qemu_raw_bytes(str(p), tmp) == bytes(data)
+
+
+def test_preallocation_with_backing_needs_extended_l2(tmp):
+    base = tmp / "base.raw"
+    base.write_bytes(b"\x66" * MiB)
+    with pytest.raises(qb.InvalidParamError):
+        qb.create(tmp / "x.qcow2", qb.Qcow2Options(MiB, backing=str(base), preallocation="metadata"))
+    p = tmp / "p.qcow2"
+    qb.create(p, qb.Qcow2Options(MiB, backing=str(base), backing_fmt=qb.Format.RAW, extended_l2=True,
+                                 preallocation="metadata"))
+    check_clean(p)
+    # Preallocated clusters, unallocated subclusters: the backing file shows.
+    assert qemu_raw_bytes(str(p), tmp) == b"\x66" * MiB
+    assert_reads_like_qemu(p, tmp)
+    with qb.open(p) as img:
+        img.write(b"\x01" * 100, 70000)
+    check_clean(p)
+    data = qemu_raw_bytes(str(p), tmp)
+    assert data[70000:70100] == b"\x01" * 100 and data[:70000] == b"\x66" * 70000
+    assert data[70100:] == b"\x66" * (MiB - 70100)

@@ -208,11 +208,11 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
                     break;
                 }
                 let host = if data_file.is_some() { idx * cs } else { data_off + idx * cs };
+                // With extended L2 the subclusters stay unallocated (bitmap
+                // 0), as QEMU leaves them: they read as zeroes, or from the
+                // backing file, until written.
                 let at = (k as usize) * 8 * g.words();
                 buf[at..at + 8].copy_from_slice(&(host | COPIED).to_be_bytes());
-                if extended {
-                    buf[at + 8..at + 16].copy_from_slice(&0xffff_ffffu64.to_be_bytes());
-                }
             }
             f.write_at(&buf, l2_off + t * cs)?;
         }
