@@ -1,0 +1,203 @@
+//! New vmdk images, laid out as QEMU's vmdk_co_do_create lays them out so
+//! that both tools read them the same way: 64 KiB grains, 512-entry grain
+//! tables all preallocated (zeroed, sparse in the host file), a redundant
+//! grain directory before the primary one, the descriptor embedded at
+//! sector 1 (20 sectors) for monolithicSparse or in its own file with
+//! `-flat`/`-sNNN`/`-fNNN` extent files beside it.
+
+use super::header::{SparseHeader, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR};
+use crate::backend::Storage;
+use crate::error::{invalid, unsupported, Result};
+use crate::format_name::Format;
+use crate::image::{Image, OpenOptions};
+use crate::info::InfoValue;
+use crate::location::Location;
+use crate::options::CreateOptions;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+
+/// Grain size of new images (sectors), as QEMU and VMware.
+const GRAIN_SECTORS: u64 = 128;
+const GTES_PER_GT: u64 = 512;
+/// Embedded descriptor: sectors 1..21.
+const DESC_OFFSET: u64 = 1;
+const DESC_SECTORS: u64 = 20;
+/// twoGbMaxExtent* extents hold 2 GiB each (QEMU's constant split size).
+const SPLIT_SIZE: u64 = 0x8000_0000;
+/// Grain directory entries are 32-bit sectors: metadata must end below 2 TiB.
+const MAX_META_SECTORS: u64 = 1 << 32;
+
+/// A random 32-bit content ID (CID), as QEMU's g_random_int().
+pub fn random_cid() -> u32 {
+    let mut h = RandomState::new().build_hasher();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    h.write_u128(t);
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+/// Write an empty sparse extent of `size` bytes into `s`; returns the
+/// header written.
+pub fn init_sparse(s: &dyn Storage, size: u64, zeroed_grain: bool) -> Result<SparseHeader> {
+    let capacity = size / SECTOR;
+    let grains = capacity.div_ceil(GRAIN_SECTORS);
+    let gt_sectors = (GTES_PER_GT * 4).div_ceil(SECTOR);
+    let gt_count = grains.div_ceil(GTES_PER_GT);
+    let gd_sectors = (gt_count * 4).div_ceil(SECTOR);
+    let rgd_offset = DESC_OFFSET + DESC_SECTORS;
+    let gd_offset = rgd_offset + gd_sectors + gt_sectors * gt_count;
+    let grain_offset = (gd_offset + gd_sectors + gt_sectors * gt_count).next_multiple_of(GRAIN_SECTORS);
+    if grain_offset >= MAX_META_SECTORS {
+        return Err(invalid(format!("a VMDK extent of {size} bytes is too large (its metadata passes 2 TiB)")));
+    }
+    let h = SparseHeader {
+        version: if zeroed_grain { 2 } else { 1 },
+        flags: FLAG_RGD | FLAG_NL_DETECT | if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 },
+        capacity,
+        granularity: GRAIN_SECTORS,
+        desc_offset: DESC_OFFSET,
+        desc_size: DESC_SECTORS,
+        gtes_per_gt: GTES_PER_GT as u32,
+        rgd_offset,
+        gd_offset,
+        grain_offset,
+        compress: 0,
+    };
+    s.write_at(&h.serialize(), 0)?;
+    s.set_len(grain_offset * SECTOR)?;
+    // Both directories point at their (zeroed) tables, which follow them.
+    for dir in [rgd_offset, gd_offset] {
+        let mut gd = crate::error::try_zeroed((gd_sectors * SECTOR) as usize, "the grain directory")?;
+        for i in 0..gt_count {
+            let t = (dir + gd_sectors + i * gt_sectors) as u32;
+            gd[(i * 4) as usize..(i * 4 + 4) as usize].copy_from_slice(&t.to_le_bytes());
+        }
+        s.write_at(&gd, dir * SECTOR)?;
+    }
+    Ok(h)
+}
+
+pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
+    let size = opts.take_u64("size")?.unwrap_or(0).next_multiple_of(SECTOR);
+    let backing = opts.take_str("backing_file")?.filter(|b| !b.is_empty());
+    let backing_fmt = opts.take_str("backing_fmt")?;
+    let compat6 = opts.take_bool("compat6")?.unwrap_or(false);
+    let subformat = opts.take_str("subformat")?.unwrap_or_else(|| "monolithicSparse".into());
+    let adapter = opts.take_str("adapter_type")?.unwrap_or_else(|| "ide".into());
+    let zeroed_grain = opts.take_bool("zeroed_grain")?.unwrap_or(false);
+    let hwversion = opts.take_str("hwversion")?;
+    let toolsversion = opts.take_str("toolsversion")?.unwrap_or_else(|| "2147483647".into());
+    opts.finish("vmdk")?;
+
+    if let Some(f) = &backing_fmt {
+        if f != "vmdk" {
+            return Err(invalid(format!("a vmdk backing file must be a vmdk image, not {f}")));
+        }
+    }
+    let (flat, split) = match subformat.as_str() {
+        "monolithicSparse" => (false, false),
+        "monolithicFlat" => (true, false),
+        "twoGbMaxExtentSparse" => (false, true),
+        "twoGbMaxExtentFlat" => (true, true),
+        "streamOptimized" => {
+            return Err(unsupported("creating streamOptimized vmdk images is not supported yet (convert to one later)"))
+        }
+        s => return Err(invalid(format!("unknown vmdk subformat '{s}'"))),
+    };
+    if !matches!(adapter.as_str(), "ide" | "lsilogic" | "buslogic" | "legacyESX") {
+        return Err(invalid(format!("unknown vmdk adapter_type '{adapter}'")));
+    }
+    let hw = match (compat6, hwversion) {
+        (true, Some(_)) => return Err(invalid("compat6 cannot be combined with hwversion")),
+        (true, None) => "6".to_string(),
+        (false, Some(h)) => h,
+        (false, None) => "4".to_string(),
+    };
+    if flat && backing.is_some() {
+        return Err(invalid(format!("a {subformat} vmdk cannot have a backing file")));
+    }
+    if flat && zeroed_grain {
+        return Err(invalid(format!("a {subformat} vmdk cannot use zeroed_grain")));
+    }
+    let Location::File(path) = location else {
+        return Err(unsupported("vmdk images can only be created on local files"));
+    };
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (prefix, postfix) = match base.rfind('.') {
+        Some(i) => (base[..i].to_string(), base[i..].to_string()),
+        None => (base.clone(), String::new()),
+    };
+
+    let (parent_cid, parent_line) = match &backing {
+        None => (0xffff_ffffu32, String::new()),
+        Some(b) => {
+            let ro = OpenOptions { read_only: true, no_backing: true, ..Default::default() };
+            let img = Image::open(&location.relative(b), None, &ro)
+                .map_err(|e| e.context(format!("cannot open backing file '{b}'")))?;
+            if img.format() != Format::Vmdk {
+                return Err(invalid(format!("invalid backing file format: {}. Must be vmdk", img.format())));
+            }
+            let cid = img.info()?.format_specific.iter().find_map(|(k, v)| match (k.as_str(), v) {
+                ("cid", InfoValue::UInt(c)) => Some(*c as u32),
+                _ => None,
+            });
+            (cid.unwrap_or(0), format!("parentFileNameHint=\"{b}\"\n"))
+        }
+    };
+
+    let main = location.create_storage()?;
+    let mut lines = String::new();
+    let line = |sz: u64, name: &str| {
+        if flat {
+            format!("RW {} FLAT \"{name}\" 0\n", sz.div_ceil(SECTOR))
+        } else {
+            format!("RW {} SPARSE \"{name}\"\n", sz.div_ceil(SECTOR))
+        }
+    };
+    if !flat && !split {
+        init_sparse(main.as_ref(), size, zeroed_grain)?;
+        lines.push_str(&line(size, &base));
+    } else {
+        let mut created = 0u64;
+        let mut idx = 1u32;
+        while created < size {
+            let cur = if split { (size - created).min(SPLIT_SIZE) } else { size };
+            let name = if split {
+                format!("{prefix}-{}{idx:03}{postfix}", if flat { 'f' } else { 's' })
+            } else {
+                format!("{prefix}-flat{postfix}")
+            };
+            let s = Location::file(dir.join(&name)).create_storage()?;
+            if flat {
+                s.set_len(cur)?;
+            } else {
+                init_sparse(s.as_ref(), cur, zeroed_grain)?;
+            }
+            s.flush()?;
+            lines.push_str(&line(cur, &name));
+            created += cur;
+            idx += 1;
+        }
+    }
+    let heads: u64 = if adapter == "ide" { 16 } else { 255 };
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID={:x}\nparentCID={parent_cid:x}\ncreateType=\"{subformat}\"\n{parent_line}\n\
+         # Extent description\n{lines}\n# The Disk Data Base\n#DDB\n\n\
+         ddb.virtualHWVersion = \"{hw}\"\nddb.geometry.cylinders = \"{}\"\nddb.geometry.heads = \"{heads}\"\n\
+         ddb.geometry.sectors = \"63\"\nddb.adapterType = \"{adapter}\"\nddb.toolsVersion = \"{toolsversion}\"\n",
+        random_cid(),
+        size / (63 * heads * SECTOR),
+    );
+    if !flat && !split {
+        if desc.len() as u64 > DESC_SECTORS * SECTOR {
+            return Err(invalid("the vmdk descriptor is longer than its 10 KiB slot (a very long backing file name?)"));
+        }
+        main.write_at(desc.as_bytes(), DESC_OFFSET * SECTOR)?;
+    } else {
+        main.write_at(desc.as_bytes(), 0)?;
+        main.set_len(desc.len() as u64)?;
+    }
+    main.flush()
+}

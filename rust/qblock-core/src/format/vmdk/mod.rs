@@ -1,0 +1,386 @@
+//! vmdk (VMware virtual disks), per VMware's "Virtual Disk Format 1.1"
+//! specification, with QEMU's block/vmdk.c as the reference for behaviour.
+//!
+//! - `header`: the hosted sparse extent header ("KDMV") and the
+//!   stream-optimized footer; checks.
+//! - `descriptor`: the text descriptor (embedded or a separate file).
+//! - `sparse`: one sparse extent: grain directory and tables, compressed
+//!   grains, grain allocation.
+//! - `create`: new images.
+//!
+//! Supported: monolithicSparse (embedded descriptor), monolithicFlat,
+//! twoGbMaxExtentSparse, twoGbMaxExtentFlat, vmfs, vmfsSparse-style
+//! descriptors whose extents are SPARSE (KDMV), FLAT, VMFS or ZERO, in any
+//! mix, with RW or RDONLY access; streamOptimized (compressed grains with
+//! markers, the grain directory found through the footer) read-only;
+//! zeroed-grain entries; the parent link (parentFileNameHint, format vmdk).
+//! Writes: in place in flat extents, grain allocation in sparse extents.
+//!
+//! Differences from QEMU, deliberate: ZERO extents read as zeroes (QEMU
+//! skips their lines, shifting the extents after them), RDONLY extents are
+//! served read-only (QEMU skips them), NOACCESS extents and unknown extent
+//! types are refused (QEMU skips them). Not supported: COWD (VMFSSPARSE)
+//! and SESPARSE extents, writing to compressed extents, writing where a
+//! sparse extent has no grain table, creating streamOptimized images, the
+//! parentCID check against the parent's CID (QEMU refuses reads through a
+//! parent whose CID changed).
+//!
+//! Reading never takes a mutex: `map` finds the extent by binary search and
+//! takes the grain-table cache's read lock.
+
+mod create;
+mod descriptor;
+mod header;
+mod sparse;
+
+use crate::backend::Storage;
+use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
+use crate::format_name::Format;
+use crate::info::InfoValue;
+use crate::location::Location;
+use crate::registry::{FormatEntry, OpenCtx};
+use descriptor::{Access, Descriptor, ExtentType, MAX_DESCRIPTOR};
+use header::{SparseHeader, MAGIC, MAGIC_COWD, SECTOR};
+use sparse::SparseExtent;
+use std::sync::Arc;
+
+pub const ENTRY: FormatEntry =
+    FormatEntry { format: Format::Vmdk, probe: Some(probe), open: Some(open), create: Some(create::create) };
+
+/// QEMU's probe: a sparse extent magic, or a text whose first line that is
+/// not a comment or blank is `version=1|2|3`.
+fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
+    if h.starts_with(MAGIC) || h.starts_with(MAGIC_COWD) {
+        return 100;
+    }
+    let mut p = 0usize;
+    while p < h.len() {
+        match h[p] {
+            b'#' => {
+                while p < h.len() && h[p] != b'\n' {
+                    p += 1;
+                }
+                p += 1;
+            }
+            b' ' | b'\r' | b'\n' => {
+                while p < h.len() && h[p] == b' ' {
+                    p += 1;
+                }
+                if p < h.len() && h[p] == b'\r' {
+                    p += 1;
+                }
+                if p >= h.len() || h[p] != b'\n' {
+                    return 0;
+                }
+                p += 1;
+            }
+            _ => {
+                let rest = &h[p..];
+                for v in [b'1', b'2', b'3'] {
+                    let line = [b'v', b'e', b'r', b's', b'i', b'o', b'n', b'=', v];
+                    if rest.starts_with(&line) && (rest[9..].starts_with(b"\n") || rest[9..].starts_with(b"\r\n")) {
+                        return 100;
+                    }
+                }
+                return 0;
+            }
+        }
+    }
+    0
+}
+
+enum Kind {
+    Flat { file: HostFile, start: u64 },
+    Zero,
+    Sparse(SparseExtent),
+}
+
+struct Extent {
+    /// First guest byte.
+    start: u64,
+    len: u64,
+    read_only: bool,
+    kind: Kind,
+    type_name: &'static str,
+}
+
+pub struct Vmdk {
+    /// Host file 0 is the image (descriptor) file; extents' files follow.
+    files: Vec<Arc<dyn Storage>>,
+    extents: Vec<Extent>,
+    size: u64,
+    create_type: String,
+    cid: u32,
+    parent_cid: u32,
+    parent: Option<String>,
+    read_only: bool,
+}
+
+/// Read a descriptor of at most `max` bytes from `at`.
+fn read_text(s: &dyn Storage, at: u64, max: u64) -> Result<Vec<u8>> {
+    let len = s.len()?;
+    let n = len.saturating_sub(at).min(max).min(MAX_DESCRIPTOR as u64) as usize;
+    let mut buf = try_zeroed(n, "the VMDK descriptor")?;
+    s.read_at(&mut buf, at)?;
+    Ok(buf)
+}
+
+fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
+    let len = storage.len()?;
+    if len < 4 {
+        return Err(corrupt("file is too small to be a VMDK image"));
+    }
+    let mut head = vec![0u8; 512];
+    storage.read_at(&mut head, 0)?;
+    let writable = !ctx.read_only;
+    if head.starts_with(MAGIC_COWD) {
+        return Err(unsupported("VMFS sparse (COWD) VMDK extents are not supported"));
+    }
+    if head.starts_with(MAGIC) {
+        if len < 512 {
+            return Err(corrupt("file is too small for a VMDK sparse header"));
+        }
+        let h = SparseHeader::parse(&head)?;
+        let desc = if h.desc_offset != 0 {
+            let at = h.desc_offset.checked_mul(SECTOR).ok_or_else(|| corrupt("descriptor offset overflows"))?;
+            let size = h.desc_size.saturating_mul(SECTOR);
+            Descriptor::parse(&read_text(storage.as_ref(), at, size)?)?
+        } else {
+            Descriptor::default()
+        };
+        if h.capacity == 0 && h.desc_offset != 0 {
+            // A descriptor inside a sparse header of no capacity: the
+            // descriptor names the extents (QEMU's vmdk_open_vmdk4).
+            return open_descriptor(storage, desc, ctx);
+        }
+        let ext = SparseExtent::open(0, storage.clone(), &head, writable)?;
+        let ct = if ext.layout.compressed { "streamOptimized".to_string() } else { "monolithicSparse".to_string() };
+        let size = ext.layout.capacity;
+        let extent = Extent { start: 0, len: size, read_only: false, kind: Kind::Sparse(ext), type_name: "SPARSE" };
+        return Ok(Box::new(Vmdk {
+            files: vec![storage],
+            extents: vec![extent],
+            size,
+            create_type: ct,
+            cid: desc.cid.unwrap_or(0),
+            parent_cid: desc.parent_cid.unwrap_or(0),
+            parent: desc.parent_hint,
+            read_only: ctx.read_only,
+        }));
+    }
+    let desc = Descriptor::parse(&read_text(storage.as_ref(), 0, MAX_DESCRIPTOR as u64)?)?;
+    open_descriptor(storage, desc, ctx)
+}
+
+/// Open the extents a descriptor names, relative to the image's directory.
+fn open_descriptor(storage: Arc<dyn Storage>, desc: Descriptor, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
+    let ct = desc.create_type.clone().ok_or_else(|| corrupt("invalid VMDK image descriptor (no createType)"))?;
+    if !matches!(
+        ct.as_str(),
+        "monolithicFlat" | "vmfs" | "vmfsSparse" | "seSparse" | "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat"
+    ) {
+        return Err(unsupported(format!("VMDK image type '{ct}' is not supported in a descriptor file")));
+    }
+    if desc.extents.is_empty() {
+        return Err(corrupt("VMDK descriptor names no extents"));
+    }
+    let mut files: Vec<Arc<dyn Storage>> = vec![storage];
+    let mut opened: Vec<(String, bool, HostFile)> = Vec::new();
+    let mut extents = Vec::with_capacity(desc.extents.len());
+    let mut pos = 0u64;
+    for e in &desc.extents {
+        let read_only = ctx.read_only || e.access == Access::ReadOnly;
+        let mut file_of = |name: &str| -> Result<HostFile> {
+            if let Some((_, _, f)) = opened.iter().find(|(n, ro, _)| n == name && *ro == read_only) {
+                return Ok(*f);
+            }
+            let loc: Location = ctx.location.relative(name);
+            let s = loc.open_storage(read_only).map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
+            files.push(s);
+            let f = (files.len() - 1) as HostFile;
+            opened.push((name.to_string(), read_only, f));
+            Ok(f)
+        };
+        let mut len = e.sectors.checked_mul(SECTOR).ok_or_else(|| corrupt("extent size overflows"))?;
+        let kind = match e.kind {
+            ExtentType::Zero => Kind::Zero,
+            ExtentType::Flat | ExtentType::Vmfs => {
+                let f = file_of(e.filename.as_deref().unwrap_or_default())?;
+                let start = e.offset.checked_mul(SECTOR).ok_or_else(|| corrupt("flat extent offset overflows"))?;
+                start.checked_add(len).ok_or_else(|| corrupt("flat extent end overflows"))?;
+                Kind::Flat { file: f, start }
+            }
+            ExtentType::Sparse => {
+                let f = file_of(e.filename.as_deref().unwrap_or_default())?;
+                let s = files[f as usize].clone();
+                let mut head = vec![0u8; 512];
+                s.read_at(&mut head, 0)?;
+                if head.starts_with(MAGIC_COWD) {
+                    return Err(unsupported("VMFS sparse (COWD) VMDK extents are not supported"));
+                }
+                if s.len()? < 512 || !head.starts_with(MAGIC) {
+                    return Err(corrupt(format!("extent '{}' is not a VMDK sparse extent", e.filename.as_deref().unwrap_or(""))));
+                }
+                let h = SparseHeader::parse(&head)?;
+                if h.capacity == 0 && h.desc_offset != 0 {
+                    return Err(corrupt("a sparse extent holds another descriptor (nested descriptors)"));
+                }
+                let ext = SparseExtent::open(f, s, &head, !read_only)?;
+                // The extent's own capacity counts, not the line's (QEMU).
+                len = ext.layout.capacity;
+                Kind::Sparse(ext)
+            }
+            ExtentType::VmfsSparse => return Err(unsupported("VMFSSPARSE (COWD) VMDK extents are not supported")),
+            ExtentType::SeSparse => return Err(unsupported("SESPARSE VMDK extents are not supported")),
+        };
+        if len == 0 {
+            continue;
+        }
+        extents.push(Extent { start: pos, len, read_only, kind, type_name: e.kind.name() });
+        pos = pos.checked_add(len).ok_or_else(|| corrupt("VMDK virtual size overflows"))?;
+    }
+    if extents.is_empty() {
+        return Err(corrupt("VMDK descriptor names no extent with data"));
+    }
+    Ok(Box::new(Vmdk {
+        files,
+        extents,
+        size: pos,
+        create_type: ct,
+        cid: desc.cid.unwrap_or(0),
+        parent_cid: desc.parent_cid.unwrap_or(0),
+        parent: desc.parent_hint,
+        read_only: ctx.read_only,
+    }))
+}
+
+impl Vmdk {
+    fn extent_at(&self, offset: u64) -> Result<&Extent> {
+        let i = self.extents.partition_point(|e| e.start + e.len <= offset);
+        self.extents.get(i).ok_or_else(|| corrupt(format!("no VMDK extent holds offset {offset}")))
+    }
+}
+
+impl Driver for Vmdk {
+    fn format(&self) -> Format {
+        Format::Vmdk
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn backing(&self) -> Option<BackingRef> {
+        self.parent.as_ref().map(|p| BackingRef { filename: p.clone(), format: Some("vmdk".into()) })
+    }
+    fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
+        let e = self.extent_at(offset)?;
+        let rel = offset - e.start;
+        let len = len.min(e.len - rel);
+        let (kind, len) = match &e.kind {
+            Kind::Flat { file, start } => (Mapped::Data { file: *file, offset: start + rel }, len),
+            Kind::Zero => (Mapped::Zero { host: None }, len),
+            Kind::Sparse(s) => s.map(rel, len)?,
+        };
+        Ok(Mapping { kind, len })
+    }
+    fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
+        self.files.get(file as usize).map(|s| s.as_ref())
+    }
+    fn read_encoded(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let e = self.extent_at(offset)?;
+        match &e.kind {
+            Kind::Sparse(s) => s.read_compressed(buf, offset - e.start),
+            _ => Err(corrupt("encoded read outside a compressed extent")),
+        }
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        if self.read_only {
+            return Err(invalid("the VMDK image is open read-only"));
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let e = self.extent_at(pos)?;
+            let rel = pos - e.start;
+            let n = (e.len - rel).min((buf.len() - done) as u64) as usize;
+            let chunk = &buf[done..done + n];
+            if e.read_only {
+                return Err(unsupported("writing to a read-only (RDONLY) VMDK extent"));
+            }
+            match &e.kind {
+                Kind::Flat { file, start } => self.files[*file as usize].write_at(chunk, start + rel)?,
+                Kind::Zero => return Err(unsupported("writing to a ZERO VMDK extent")),
+                Kind::Sparse(s) => s.write(chunk, rel, e.start, below)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        for e in &self.extents {
+            if let Kind::Sparse(s) = &e.kind {
+                if !e.read_only {
+                    s.flush_tables()?;
+                }
+            }
+        }
+        for f in &self.files {
+            if !f.read_only() {
+                f.flush()?;
+            }
+        }
+        Ok(())
+    }
+    fn info(&self) -> Result<DriverInfo> {
+        let first = &self.extents[0];
+        let same = self.extents.iter().all(|e| match (&e.kind, &first.kind) {
+            (Kind::Sparse(a), Kind::Sparse(b)) => {
+                a.layout.grain == b.layout.grain && a.layout.compressed == b.layout.compressed
+            }
+            (Kind::Sparse(_), _) | (_, Kind::Sparse(_)) => false,
+            _ => true,
+        });
+        let cluster_size = match (&first.kind, same) {
+            (Kind::Sparse(s), true) => Some(s.layout.grain),
+            _ => None,
+        };
+        let mut list = Vec::new();
+        for e in &self.extents {
+            let mut m: Vec<(String, InfoValue)> = Vec::new();
+            let file = match &e.kind {
+                Kind::Flat { file, .. } => Some(*file),
+                Kind::Sparse(s) => Some(s.file),
+                Kind::Zero => None,
+            };
+            if let Some(f) = file {
+                m.push(("filename".into(), self.files[f as usize].describe().into()));
+            }
+            m.push(("format".into(), e.type_name.into()));
+            m.push(("virtual-size".into(), e.len.into()));
+            if let Kind::Sparse(s) = &e.kind {
+                m.push(("cluster-size".into(), s.layout.grain.into()));
+                if s.layout.compressed {
+                    m.push(("compressed".into(), true.into()));
+                }
+            }
+            list.push(InfoValue::Map(m));
+        }
+        Ok(DriverInfo {
+            cluster_size,
+            encrypted: false,
+            dirty: false,
+            format_specific: vec![
+                ("cid".into(), self.cid.into()),
+                ("parent-cid".into(), self.parent_cid.into()),
+                ("create-type".into(), self.create_type.clone().into()),
+                ("extents".into(), InfoValue::List(list)),
+            ],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,342 @@
+//! One hosted sparse extent: grain directory (in memory), grain tables
+//! (a bounded cache), grains plain or compressed (streamOptimized), and the
+//! grain allocation of the write path.
+//!
+//! Crash order of a write that allocates: the grain is written whole
+//! (copy-on-write from the layers below for the parts the write does not
+//! cover) at the end of the file; its grain table entry changes only in the
+//! cache and is marked dirty. `flush` makes the grains durable first, then
+//! writes each dirty table to its redundant copy and to the primary, then
+//! flushes again. A crash before that leaves a grain no table references
+//! (wasted space, never wrong data), as QEMU's order does.
+
+use super::header::{self, SparseLayout, GTE_ZEROED, MAX_EXTENT_FILE, SECTOR};
+use crate::backend::Storage;
+use crate::driver::{Below, HostFile, Mapped};
+use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Grain tables kept in memory per extent: 8192 tables of at most 2 KiB
+/// (16 MiB) cover 256 GiB with the usual 64 KiB grains; when full, clean
+/// tables are dropped.
+const MAX_CACHED_TABLES: usize = 8192;
+/// Dirty tables are written back before the cache holds more than this.
+const MAX_DIRTY_TABLES: usize = 1024;
+
+type Table = Arc<Vec<u32>>;
+
+#[derive(Default)]
+struct Cache {
+    tables: HashMap<u32, Table>,
+    dirty: BTreeSet<u32>,
+}
+
+pub struct SparseExtent {
+    pub file: HostFile,
+    storage: Arc<dyn Storage>,
+    pub layout: SparseLayout,
+    gd: Vec<u32>,
+    rgd: Option<Vec<u32>>,
+    cache: RwLock<Cache>,
+    /// Serialises allocating writers; holds the file's end (next grain).
+    alloc: Mutex<()>,
+    end: AtomicU64,
+}
+
+/// Read `n` little-endian u32 from `at`.
+fn read_u32s(s: &dyn Storage, at: u64, n: usize, what: &str) -> Result<Vec<u32>> {
+    let mut raw = try_zeroed(n * 4, what)?;
+    s.read_at(&mut raw, at)?;
+    Ok(raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+impl SparseExtent {
+    /// Open the sparse extent in `storage` (host file `file`), whose header
+    /// sector is `head`.
+    pub fn open(file: HostFile, storage: Arc<dyn Storage>, head: &[u8], writable: bool) -> Result<SparseExtent> {
+        let file_len = storage.len()?;
+        let mut h = header::SparseHeader::parse(head)?;
+        if h.gd_offset == header::GD_AT_END {
+            if file_len < 1536 + 512 {
+                return Err(corrupt("stream-optimized extent is too short for its footer"));
+            }
+            let mut tail = vec![0u8; 1536];
+            storage.read_at(&mut tail, file_len - 1536)?;
+            h = header::parse_footer(&tail)?;
+            if h.gd_offset == header::GD_AT_END {
+                return Err(corrupt("stream-optimized footer has no grain directory either"));
+            }
+        }
+        let layout = header::validate(&h, file_len, writable)?;
+        let n = layout.gd_entries as usize;
+        let gd = read_u32s(storage.as_ref(), layout.gd_offset, n, "the grain directory")?;
+        let rgd = match layout.rgd_offset {
+            Some(o) => Some(read_u32s(storage.as_ref(), o, n, "the redundant grain directory")?),
+            None => None,
+        };
+        let gt_bytes = layout.gt_bytes();
+        for (i, &e) in gd.iter().chain(rgd.iter().flatten()).enumerate() {
+            let at = u64::from(e) * SECTOR;
+            if e != 0 && at.checked_add(gt_bytes).is_none_or(|end| end > file_len) {
+                return Err(corrupt(format!("grain table {} at sector {e} is outside the file", i % n.max(1))));
+            }
+        }
+        if let Some(r) = &rgd {
+            if writable && gd.iter().zip(r).any(|(&a, &b)| (a == 0) != (b == 0)) {
+                return Err(corrupt("grain directory and its redundant copy disagree on allocated tables"));
+            }
+        }
+        Ok(SparseExtent {
+            file,
+            storage,
+            layout,
+            gd,
+            rgd,
+            cache: RwLock::new(Cache::default()),
+            alloc: Mutex::new(()),
+            end: AtomicU64::new(file_len),
+        })
+    }
+
+    /// The grain table for directory index `l1`, None when not allocated.
+    fn table(&self, l1: usize) -> Result<Option<Table>> {
+        let sector = match self.gd.get(l1) {
+            Some(&0) => return Ok(None),
+            Some(&s) => s,
+            None => return Err(corrupt(format!("grain directory index {l1} out of range"))),
+        };
+        if let Some(t) = self.cache.read().tables.get(&(l1 as u32)) {
+            return Ok(Some(t.clone()));
+        }
+        let t = Arc::new(read_u32s(
+            self.storage.as_ref(),
+            u64::from(sector) * SECTOR,
+            self.layout.gtes_per_gt as usize,
+            "a grain table",
+        )?);
+        let mut c = self.cache.write();
+        if let Some(t) = c.tables.get(&(l1 as u32)) {
+            return Ok(Some(t.clone()));
+        }
+        if c.tables.len() >= MAX_CACHED_TABLES {
+            let Cache { tables, dirty } = &mut *c;
+            tables.retain(|k, _| dirty.contains(k));
+        }
+        c.tables.insert(l1 as u32, t.clone());
+        Ok(Some(t))
+    }
+
+    /// The grain table entry for extent-relative byte `rel`.
+    fn entry(&self, rel: u64) -> Result<u32> {
+        let l = &self.layout;
+        let l1 = (rel / l.gt_span()) as usize;
+        let l2 = ((rel % l.gt_span()) / l.grain) as usize;
+        Ok(match self.table(l1)? {
+            None => 0,
+            Some(t) => t[l2],
+        })
+    }
+
+    fn classify(&self, gte: u32, rel_in_grain: u64) -> Result<Mapped> {
+        if gte == 0 {
+            return Ok(Mapped::Unallocated);
+        }
+        if gte == GTE_ZEROED && self.layout.zero_grain {
+            return Ok(Mapped::Zero { host: None });
+        }
+        let at = u64::from(gte) * SECTOR;
+        if at >= self.end.load(Ordering::Acquire) {
+            return Err(corrupt(format!("grain at sector {gte} is beyond the end of the extent file")));
+        }
+        if self.layout.compressed {
+            return Ok(Mapped::Encoded);
+        }
+        Ok(Mapped::Data { file: self.file, offset: at + rel_in_grain })
+    }
+
+    /// How extent-relative `[rel, rel+len)` maps, as far as it maps one way
+    /// (`len` already clipped to the extent).
+    pub fn map(&self, rel: u64, len: u64) -> Result<(Mapped, u64)> {
+        let l = &self.layout;
+        let grain = l.grain;
+        let in_grain = rel % grain;
+        let first = self.classify(self.entry(rel)?, in_grain)?;
+        let mut run = (grain - in_grain).min(len);
+        // Compressed grains are decoded one at a time.
+        if first == Mapped::Encoded {
+            return Ok((first, run));
+        }
+        while run < len {
+            let pos = rel + run;
+            // A missing grain table is one unallocated run of its whole span.
+            let l1 = (pos / l.gt_span()) as usize;
+            if first == Mapped::Unallocated && self.gd.get(l1) == Some(&0) {
+                run = (run + l.gt_span() - pos % l.gt_span()).min(len);
+                continue;
+            }
+            let next = self.classify(self.entry(pos)?, 0)?;
+            let same = match (first, next) {
+                (Mapped::Data { offset: a, .. }, Mapped::Data { offset: b, .. }) => a + run == b,
+                (a, b) => a == b,
+            };
+            if !same {
+                break;
+            }
+            run = (run + grain).min(len);
+        }
+        Ok((first, run))
+    }
+
+    /// Decode the compressed grain holding extent-relative `rel` into `buf`
+    /// (which stays inside that grain).
+    pub fn read_compressed(&self, buf: &mut [u8], rel: u64) -> Result<()> {
+        let grain = self.layout.grain;
+        let gte = self.entry(rel)?;
+        let at = u64::from(gte) * SECTOR;
+        // A grain marker (lba u64, size u32) precedes the zlib stream; QEMU
+        // reads up to two grains of it.
+        let max = (2 * grain) as usize;
+        let (data_at, data_len) = if self.layout.markers {
+            let mut m = [0u8; 12];
+            self.storage.read_at(&mut m, at)?;
+            let size = u32::from_le_bytes([m[8], m[9], m[10], m[11]]) as usize;
+            if size == 0 || size > max {
+                return Err(corrupt(format!("compressed grain at sector {gte} has a bad size {size}")));
+            }
+            (at + 12, size)
+        } else {
+            (at, grain as usize)
+        };
+        let mut src = try_zeroed(data_len, "a compressed grain")?;
+        self.storage.read_at(&mut src, data_at)?;
+        let mut out = try_zeroed(grain as usize, "a decompressed grain")?;
+        let mut z = flate2::Decompress::new(true);
+        let st = z.decompress(&src, &mut out, flate2::FlushDecompress::Finish);
+        let produced = z.total_out() as usize;
+        match st {
+            Ok(flate2::Status::StreamEnd) => {}
+            // The whole grain was produced but the stream wants more room: too big.
+            Ok(_) | Err(_) => {
+                return Err(corrupt(format!("compressed grain at sector {gte} does not decompress")));
+            }
+        }
+        let off = (rel % grain) as usize;
+        if off + buf.len() > produced {
+            return Err(corrupt(format!("compressed grain at sector {gte} decompresses short")));
+        }
+        buf.copy_from_slice(&out[off..off + buf.len()]);
+        Ok(())
+    }
+
+    /// Write `buf` at extent-relative `rel`; `guest_base` is the extent's
+    /// first guest byte (for copy-on-write reads from `below`).
+    pub fn write(&self, buf: &[u8], rel: u64, guest_base: u64, below: &dyn Below) -> Result<()> {
+        if self.layout.compressed {
+            return Err(unsupported("writing to stream-optimized (compressed) VMDK extents is not supported"));
+        }
+        let _g = self.alloc.lock();
+        let grain = self.layout.grain;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = rel + done as u64;
+            let in_grain = pos % grain;
+            let n = ((grain - in_grain) as usize).min(buf.len() - done);
+            let chunk = &buf[done..done + n];
+            let gte = self.entry(pos)?;
+            match self.classify(gte, in_grain)? {
+                Mapped::Data { offset, .. } => {
+                    if u64::from(gte) * SECTOR < self.layout.overhead {
+                        return Err(corrupt(format!("grain at sector {gte} overlaps the extent's metadata")));
+                    }
+                    self.storage.write_at(chunk, offset)?;
+                }
+                Mapped::Unallocated | Mapped::Zero { .. } => {
+                    self.allocate(pos - in_grain, in_grain as usize, chunk, gte != 0, guest_base, below)?;
+                }
+                Mapped::Hole { .. } | Mapped::Encoded => unreachable!("sparse extents map no holes"),
+            }
+            done += n;
+        }
+        let dirty = self.cache.read().dirty.len();
+        if dirty >= MAX_DIRTY_TABLES {
+            self.flush_tables()?;
+        }
+        Ok(())
+    }
+
+    /// Allocate the grain at extent-relative `grain_start`, fill it from
+    /// `below` (or zeroes when it was a zeroed grain) around `chunk` at
+    /// `skip`, write it, then point its table entry at it (dirty).
+    fn allocate(
+        &self,
+        grain_start: u64,
+        skip: usize,
+        chunk: &[u8],
+        zeroed: bool,
+        guest_base: u64,
+        below: &dyn Below,
+    ) -> Result<()> {
+        let l = &self.layout;
+        let l1 = (grain_start / l.gt_span()) as usize;
+        let l2 = ((grain_start % l.gt_span()) / l.grain) as usize;
+        if self.gd.get(l1).is_none_or(|&s| s == 0) {
+            return Err(unsupported(
+                "writing where the VMDK extent has no grain table is not supported (QEMU and VMware preallocate them)",
+            ));
+        }
+        let grain = l.grain;
+        let end = self.end.load(Ordering::Acquire);
+        let at = end.div_ceil(grain) * grain;
+        if at.checked_add(grain).is_none_or(|e| e > MAX_EXTENT_FILE) {
+            return Err(Error::NoMemory("the VMDK extent file is full (grain offsets are 32-bit sectors)".into()));
+        }
+        let mut g = try_zeroed(grain as usize, "a new grain")?;
+        if !zeroed && below.has_backing() {
+            below.read_below(&mut g, guest_base + grain_start)?;
+        }
+        g[skip..skip + chunk.len()].copy_from_slice(chunk);
+        // The data first: nothing references it until its table entry does.
+        self.storage.write_at(&g, at)?;
+        self.end.store(at + grain, Ordering::Release);
+        let t = self.table(l1)?.expect("checked above");
+        let mut c = self.cache.write();
+        let slot = c.tables.entry(l1 as u32).or_insert(t);
+        Arc::make_mut(slot)[l2] = (at / SECTOR) as u32;
+        c.dirty.insert(l1 as u32);
+        Ok(())
+    }
+
+    /// Write dirty grain tables back: grains durable first, then the
+    /// redundant tables, then the primary ones, then durable again.
+    pub fn flush_tables(&self) -> Result<()> {
+        let dirty: Vec<(u32, Table)> = {
+            let c = self.cache.read();
+            c.dirty.iter().map(|k| (*k, c.tables[k].clone())).collect()
+        };
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        self.storage.flush()?;
+        let bytes = |t: &Table| t.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
+        if let Some(r) = &self.rgd {
+            for (k, t) in &dirty {
+                self.storage.write_at(&bytes(t), u64::from(r[*k as usize]) * SECTOR)?;
+            }
+        }
+        for (k, t) in &dirty {
+            self.storage.write_at(&bytes(t), u64::from(self.gd[*k as usize]) * SECTOR)?;
+        }
+        self.storage.flush()?;
+        let mut c = self.cache.write();
+        for (k, t) in &dirty {
+            // Still the same table (no write raced in): clean.
+            if c.tables.get(k).is_some_and(|cur| Arc::ptr_eq(cur, t)) {
+                c.dirty.remove(k);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! Driver-level tests: images built byte by byte in memory (each rejection
+//! at open or at read), and round trips through files we create.
+
+use super::header::*;
+use super::*;
+use crate::backend::memory::MemoryStorage;
+use crate::driver::NoBacking;
+use crate::error::ErrorKind;
+use crate::image::{Image, OpenOptions};
+use crate::options::{CreateOptions, OptValue};
+
+const MIB: u64 = 1 << 20;
+
+/// A 1 MiB monolithicSparse image as QEMU lays it out, with `desc` embedded.
+fn sparse_image(desc: &str) -> Vec<u8> {
+    let s = MemoryStorage::new(Vec::new(), false);
+    create::init_sparse(&s, MIB, false).unwrap();
+    s.write_at(desc.as_bytes(), 512).unwrap();
+    s.into_inner()
+}
+
+fn open_mem(data: Vec<u8>, read_only: bool) -> Result<Box<dyn Driver>> {
+    let loc = Location::file("/nonexistent-dir/x.vmdk");
+    open(Arc::new(MemoryStorage::new(data, read_only)), &OpenCtx { location: &loc, read_only })
+}
+
+fn kind_of(data: Vec<u8>) -> ErrorKind {
+    match open_mem(data, true) {
+        Ok(d) => {
+            // Lazy checks: read everything.
+            let mut buf = vec![0u8; 65536];
+            let mut pos = 0;
+            while pos < d.virtual_size() {
+                let m = match d.map(pos, d.virtual_size() - pos) {
+                    Ok(m) => m,
+                    Err(e) => return e.kind(),
+                };
+                if m.kind == Mapped::Encoded {
+                    let n = m.len.min(buf.len() as u64) as usize;
+                    if let Err(e) = d.read_encoded(&mut buf[..n], pos) {
+                        return e.kind();
+                    }
+                    pos += n as u64;
+                } else {
+                    pos += m.len;
+                }
+            }
+            panic!("image opened and read without error")
+        }
+        Err(e) => e.kind(),
+    }
+}
+
+fn put32(d: &mut [u8], at: usize, v: u32) {
+    d[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put64(d: &mut [u8], at: usize, v: u64) {
+    d[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[test]
+fn probe_matches_qemus_rules() {
+    let s = MemoryStorage::new(Vec::new(), true);
+    assert_eq!(probe(b"KDMV\x01\0\0\0", &s), 100);
+    assert_eq!(probe(b"COWD", &s), 100);
+    assert_eq!(probe(b"# Disk DescriptorFile\nversion=1\nCID=1\n", &s), 100);
+    assert_eq!(probe(b"# c\r\n  \r\n\nversion=3\r\n", &s), 100);
+    assert_eq!(probe(b"version=4\n", &s), 0);
+    assert_eq!(probe(b"# Disk DescriptorFile\ngarbage\n", &s), 0);
+    assert_eq!(probe(b"  x\nversion=1\n", &s), 0);
+    assert_eq!(probe(b"\xbe\xba\xfe\xca", &s), 0); // a bare SEsparse extent stays raw
+    assert_eq!(probe(b"", &s), 0);
+}
+
+#[test]
+fn fresh_image_reads_zeroes_and_writes_back() {
+    let d = open_mem(sparse_image("createType=\"monolithicSparse\"\nCID=abc\nparentCID=ffffffff\n"), false).unwrap();
+    assert_eq!(d.virtual_size(), MIB);
+    assert_eq!(d.map(0, MIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: MIB });
+    d.write_at(b"hello", 70000, &NoBacking).unwrap();
+    let m = d.map(65536, MIB - 65536).unwrap();
+    let Mapped::Data { file: 0, offset } = m.kind else { panic!("{m:?}") };
+    assert_eq!(m.len, 65536);
+    let mut b = [0u8; 5];
+    d.host_file(0).unwrap().read_at(&mut b, offset + 70000 - 65536).unwrap();
+    assert_eq!(&b, b"hello");
+    d.flush().unwrap();
+    let info = d.info().unwrap();
+    assert_eq!(info.cluster_size, Some(65536));
+    assert!(info.format_specific.contains(&("cid".into(), InfoValue::UInt(0xabc))));
+}
+
+#[test]
+fn tables_are_written_on_flush_to_both_copies() {
+    let s = Arc::new(MemoryStorage::new(sparse_image("createType=\"monolithicSparse\"\n"), false));
+    let loc = Location::file("/x.vmdk");
+    let d = open(s.clone(), &OpenCtx { location: &loc, read_only: false }).unwrap();
+    d.write_at(&[7u8; 512], 0, &NoBacking).unwrap();
+    let h = SparseHeader::parse(&s.snapshot()[..512]).unwrap();
+    let gte_at = |dir: u64| {
+        let img = s.snapshot();
+        let gt = u32::from_le_bytes(img[(dir * 512) as usize..][..4].try_into().unwrap()) as usize;
+        u32::from_le_bytes(img[gt * 512..][..4].try_into().unwrap())
+    };
+    assert_eq!(gte_at(h.gd_offset), 0, "the table entry waits for flush");
+    d.flush().unwrap();
+    let g = gte_at(h.gd_offset);
+    assert!(u64::from(g) >= h.grain_offset);
+    assert_eq!(gte_at(h.rgd_offset), g);
+    // Reopened: the data is there.
+    let d2 = open_mem(s.snapshot(), true).unwrap();
+    assert!(matches!(d2.map(0, 512).unwrap().kind, Mapped::Data { .. }));
+}
+
+#[test]
+fn hostile_headers_are_refused() {
+    let base = sparse_image("createType=\"monolithicSparse\"\n");
+    let c = ErrorKind::CorruptImage;
+    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, ErrorKind)> = vec![
+        ("version 4", Box::new(|d| put32(d, 4, 4)), ErrorKind::Unsupported),
+        ("huge capacity", Box::new(|d| put64(d, 12, 2233785398448881665)), c),
+        ("granularity 0", Box::new(|d| put64(d, 20, 0)), c),
+        ("granularity 1 GiB+", Box::new(|d| put64(d, 20, 0x200001)), c),
+        ("gtes 0", Box::new(|d| put32(d, 44, 0)), c),
+        ("gtes 4096", Box::new(|d| put32(d, 44, 4096)), c),
+        ("rgd outside", Box::new(|d| put64(d, 48, 1 << 40)), c),
+        ("gd outside", Box::new(|d| put64(d, 56, 1 << 40)), c),
+        ("gd at 0", Box::new(|d| put64(d, 56, 0)), c),
+        ("grain_offset beyond end", Box::new(|d| put64(d, 64, 1 << 30)), c),
+        ("compression 9", Box::new(|d| d[77] = 9), ErrorKind::Unsupported),
+        ("gt outside", Box::new(|d| {
+            let gd = u64::from_le_bytes(d[56..64].try_into().unwrap()) as usize * 512;
+            put32(d, gd, 0x7fff_ffff);
+        }), c),
+        ("grain beyond end", Box::new(|d| {
+            let gd = u64::from_le_bytes(d[56..64].try_into().unwrap()) as usize * 512;
+            let gt = u32::from_le_bytes(d[gd..gd + 4].try_into().unwrap()) as usize * 512;
+            put32(d, gt + 8, 0x00ff_ffff);
+        }), c),
+        ("truncated", Box::new(|d| d.truncate(300)), c),
+        ("gd at end without footer", Box::new(|d| put64(d, 56, u64::MAX)), c),
+    ];
+    for (name, f, want) in cases {
+        let mut d = base.clone();
+        f(&mut d);
+        assert_eq!(kind_of(d), want, "{name}");
+    }
+}
+
+/// A stream-optimized extent with one compressed grain and the directory
+/// found through the footer.
+fn stream_image(grain_payload: &[u8], marker_size: Option<u32>) -> Vec<u8> {
+    let h = SparseHeader {
+        version: 3,
+        flags: FLAG_NL_DETECT | FLAG_COMPRESS | FLAG_MARKER,
+        capacity: 256, // two grains
+        granularity: 128,
+        desc_offset: 0,
+        desc_size: 0,
+        gtes_per_gt: 512,
+        rgd_offset: 0,
+        gd_offset: GD_AT_END,
+        grain_offset: 1,
+        compress: COMPRESSION_DEFLATE,
+    };
+    let mut img = h.serialize().to_vec();
+    // grain 0 at sector 1: marker (lba, size) + zlib data
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut z, grain_payload).unwrap();
+    let comp = z.finish().unwrap();
+    img.extend_from_slice(&0u64.to_le_bytes());
+    img.extend_from_slice(&marker_size.unwrap_or(comp.len() as u32).to_le_bytes());
+    img.extend_from_slice(&comp);
+    img.resize(img.len().next_multiple_of(512), 0);
+    let gt_sector = img.len() / 512;
+    let mut gt = vec![0u8; 2048];
+    put32(&mut gt, 0, 1);
+    img.extend_from_slice(&gt);
+    let gd_sector = img.len() / 512;
+    let mut gd = vec![0u8; 512];
+    put32(&mut gd, 0, gt_sector as u32);
+    img.extend_from_slice(&gd);
+    // footer marker, footer, end-of-stream marker
+    let mut fm = vec![0u8; 512];
+    put32(&mut fm, 12, MARKER_FOOTER);
+    img.extend_from_slice(&fm);
+    let mut f = h.clone();
+    f.gd_offset = gd_sector as u64;
+    img.extend_from_slice(&f.serialize());
+    img.extend_from_slice(&[0u8; 512]);
+    img
+}
+
+#[test]
+fn stream_optimized_reads_and_refuses_writes() {
+    let payload: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let d = open_mem(stream_image(&payload, None), true).unwrap();
+    assert_eq!(d.virtual_size(), 131072);
+    assert_eq!(d.map(0, 131072).unwrap(), Mapping { kind: Mapped::Encoded, len: 65536 });
+    assert_eq!(d.map(65536, 65536).unwrap().kind, Mapped::Unallocated);
+    let mut b = vec![0u8; 1000];
+    d.read_encoded(&mut b, 4000).unwrap();
+    assert_eq!(b, payload[4000..5000]);
+    let info = d.info().unwrap();
+    assert!(info.format_specific.contains(&("create-type".into(), "streamOptimized".into())));
+    let w = open_mem(stream_image(&payload, None), false).unwrap();
+    assert_eq!(w.write_at(&[1], 70000, &NoBacking).unwrap_err().kind(), ErrorKind::Unsupported);
+}
+
+#[test]
+fn hostile_compressed_grains() {
+    let payload = vec![5u8; 65536];
+    assert_eq!(kind_of(stream_image(&payload, Some(0))), ErrorKind::CorruptImage);
+    assert_eq!(kind_of(stream_image(&payload, Some(u32::MAX))), ErrorKind::CorruptImage);
+    assert_eq!(kind_of(stream_image(&payload, Some(3))), ErrorKind::CorruptImage);
+    // Decompresses to more than one grain.
+    assert_eq!(kind_of(stream_image(&vec![5u8; 200000], None)), ErrorKind::CorruptImage);
+    // Decompresses short.
+    assert_eq!(kind_of(stream_image(&[5u8; 100], None)), ErrorKind::CorruptImage);
+    let mut bad_footer = stream_image(&payload, None);
+    let n = bad_footer.len();
+    bad_footer[n - 1024] = b'X';
+    assert_eq!(kind_of(bad_footer), ErrorKind::CorruptImage);
+}
+
+#[test]
+fn descriptor_files_need_a_known_type_and_extents() {
+    let d = |t: &str| kind_of(t.as_bytes().to_vec());
+    assert_eq!(d("version=1\n"), ErrorKind::CorruptImage);
+    assert_eq!(d("version=1\ncreateType=\"custom\"\nRW 8 ZERO\n"), ErrorKind::Unsupported);
+    assert_eq!(d("version=1\ncreateType=\"monolithicFlat\"\n"), ErrorKind::CorruptImage);
+    assert_eq!(d("version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"x\"\n"), ErrorKind::CorruptImage);
+    // Zero extents need no file.
+    let z = open_mem(b"version=1\ncreateType=\"monolithicFlat\"\nRW 8 ZERO\nRW 16 ZERO\n".to_vec(), true).unwrap();
+    assert_eq!(z.virtual_size(), 24 * 512);
+    assert_eq!(z.map(0, 24 * 512).unwrap(), Mapping { kind: Mapped::Zero { host: None }, len: 8 * 512 });
+    assert_eq!(z.map(8 * 512, 16 * 512).unwrap().len, 16 * 512);
+}
+
+fn create_opts(sub: &str, size: u64) -> CreateOptions {
+    CreateOptions::new().with("size", OptValue::Int(size)).with("subformat", OptValue::Str(sub.into()))
+}
+
+#[test]
+fn create_every_subformat_and_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+        let loc = Location::file(dir.path().join(format!("{sub}.vmdk")));
+        Image::create(&loc, Format::Vmdk, create_opts(sub, 3 * MIB)).unwrap();
+        let img = Image::open(&loc, None, &OpenOptions::default()).unwrap();
+        assert_eq!(img.format(), Format::Vmdk, "{sub}");
+        assert_eq!(img.virtual_size(), 3 * MIB);
+        img.write_at(b"abcdef", MIB + 3).unwrap();
+        img.close().unwrap();
+        let img = Image::open(&loc, None, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let mut b = [0u8; 8];
+        img.read_at(&mut b, MIB + 2).unwrap();
+        assert_eq!(&b, b"\0abcdef\0", "{sub}");
+    }
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for n in ["monolithicFlat-flat.vmdk", "twoGbMaxExtentSparse-s001.vmdk", "twoGbMaxExtentFlat-f001.vmdk"] {
+        assert!(names.contains(&n.to_string()), "{n} in {names:?}");
+    }
+}
+
+#[test]
+fn create_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = Location::file(dir.path().join("x.vmdk"));
+    let e = Image::create(&loc, Format::Vmdk, create_opts("streamOptimized", MIB)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    let e = Image::create(&loc, Format::Vmdk, create_opts("bogus", MIB)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidParam);
+    let o = create_opts("monolithicSparse", MIB).with("compat6", OptValue::Bool(true)).with("hwversion", OptValue::Str("7".into()));
+    assert_eq!(Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(), ErrorKind::InvalidParam);
+    let o = create_opts("monolithicFlat", MIB).with("zeroed_grain", OptValue::Bool(true));
+    assert_eq!(Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(), ErrorKind::InvalidParam);
+    let o = create_opts("monolithicSparse", MIB).with("cluster_size", OptValue::Int(4096));
+    assert_eq!(Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(), ErrorKind::InvalidParam);
+}
+
+#[test]
+fn backing_chain_reads_and_copies_on_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = Location::file(dir.path().join("base.vmdk"));
+    Image::create(&base, Format::Vmdk, create_opts("monolithicSparse", MIB)).unwrap();
+    let b = Image::open(&base, None, &OpenOptions::default()).unwrap();
+    b.write_at(&[0xaau8; 65536], 0).unwrap();
+    b.close().unwrap();
+    let top = Location::file(dir.path().join("top.vmdk"));
+    let o = create_opts("monolithicSparse", 0).with("backing_file", OptValue::Str("base.vmdk".into()));
+    Image::create(&top, Format::Vmdk, o).unwrap();
+    let t = Image::open(&top, None, &OpenOptions::default()).unwrap();
+    assert_eq!(t.virtual_size(), MIB);
+    let info = t.info().unwrap();
+    assert_eq!(info.backing_filename.as_deref(), Some("base.vmdk"));
+    assert_eq!(info.backing_format.as_deref(), Some("vmdk"));
+    t.write_at(&[1u8; 10], 100).unwrap();
+    let mut buf = vec![0u8; 300];
+    t.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..100].iter().all(|&x| x == 0xaa) && buf[100..110].iter().all(|&x| x == 1));
+    assert!(buf[110..].iter().all(|&x| x == 0xaa));
+    let st = t.block_status(0, MIB).unwrap();
+    assert!(st.allocated && st.data && st.depth == 0 && st.len == 65536);
+}
