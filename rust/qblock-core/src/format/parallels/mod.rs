@@ -53,6 +53,9 @@ const EXT_MAGIC: u64 = 0xab23_4cef_23dc_ea87;
 const MAX_TRACKS: u32 = (i32::MAX / 513) as u32;
 /// Largest BAT QEMU opens (its byte size must fit an int).
 const MAX_BAT_ENTRIES: u32 = (i32::MAX / 4) as u32;
+/// Largest disk in sectors: QEMU's BDRV_MAX_LENGTH (the byte size must fit
+/// an int64 rounded down to a page).
+const MAX_SECTORS: u64 = (i64::MAX as u64 & !4095) / SECTOR;
 /// QEMU's create limit: at most 2^32 clusters.
 const MAX_IMAGE_FACTOR: u64 = 1 << 32;
 const DEFAULT_CLUSTER_SIZE: u64 = 1 << 20;
@@ -151,11 +154,11 @@ impl Header {
             nb_sectors &= 0xffff_ffff;
         }
         let cluster_size = u64::from(tracks) * SECTOR;
-        let capacity = u64::from(bat_entries) * cluster_size;
-        if nb_sectors > capacity / SECTOR {
-            return Err(corrupt(format!(
-                "parallels disk of {nb_sectors} sectors exceeds its BAT ({bat_entries} clusters of {cluster_size} bytes)"
-            )));
+        // The disk may extend past what the BAT covers (QEMU's old test
+        // image fake.parallels does): that part reads as unallocated. The
+        // size is still bounded as QEMU bounds every image (BDRV_MAX_LENGTH).
+        if nb_sectors > MAX_SECTORS {
+            return Err(corrupt(format!("parallels disk of {nb_sectors} sectors is larger than any image may be")));
         }
         let size = nb_sectors * SECTOR;
         let data_off = u64::from(f(off::DATA_OFF));
@@ -308,6 +311,18 @@ impl Parallels {
         Ok(())
     }
 
+    /// Writes past the clusters the BAT can address have nowhere to go.
+    fn check_bat_reach(&self, offset: u64, len: u64) -> Result<()> {
+        let reach = self.bat.len() as u64 * self.header.cluster_size();
+        if offset + len > reach {
+            return Err(unsupported(format!(
+                "cannot write past {reach} bytes: the parallels BAT addresses no more (the disk claims {})",
+                self.header.size
+            )));
+        }
+        Ok(())
+    }
+
     /// Set the in-use flag on disk before the first change, as QEMU does
     /// when it opens an image for writing.
     fn mark_in_use(&self, st: &mut Alloc) -> Result<()> {
@@ -397,8 +412,13 @@ impl Driver for Parallels {
 
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
         let cs = self.header.cluster_size();
-        let ci = (offset / cs) as usize;
+        let ci = offset / cs;
         let within = offset % cs;
+        if ci >= self.bat.len() as u64 {
+            // Past the BAT's reach: nothing is stored there.
+            return Ok(Mapping { kind: Mapped::Unallocated, len });
+        }
+        let ci = ci as usize;
         let first = self.bat[ci].load(Ordering::Acquire);
         let mut run = cs - within;
         let mut prev = self.host_of(first);
@@ -427,6 +447,7 @@ impl Driver for Parallels {
             let mut st = self.alloc.lock();
             self.mark_in_use(&mut st)?;
         }
+        self.check_bat_reach(offset, buf.len() as u64)?;
         let mut done = 0usize;
         for (ci, within, n) in self.pieces(offset, buf.len() as u64) {
             let chunk = &buf[done..done + n as usize];
@@ -443,6 +464,7 @@ impl Driver for Parallels {
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         self.check_writable()?;
+        self.check_bat_reach(offset, len)?;
         for (ci, within, n) in self.pieces(offset, len) {
             let e = self.bat[ci].load(Ordering::Acquire);
             if e != 0 {

@@ -69,6 +69,15 @@ fn v1_entries_count_sectors() {
 }
 
 #[test]
+fn disk_past_the_bat_reads_unallocated_and_refuses_writes() {
+    let mut b = v1_image();
+    put32(&mut b, off::NB_SECTORS, 1024);
+    let p = open_bytes(b, false).unwrap();
+    assert_eq!(p.map(256 * KIB, 256 * KIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: 256 * KIB });
+    assert_eq!(p.write_at(&[1], 256 * KIB, &NoBacking).unwrap_err().kind(), ErrorKind::Unsupported);
+}
+
+#[test]
 fn writes_allocate_after_the_last_cluster_and_close_clears_inuse() {
     let s = Arc::new(MemoryStorage::new(image(4 * MIB, 64 * KIB), false));
     let p = Parallels::open(s.clone(), false).unwrap();
@@ -119,11 +128,17 @@ fn hostile_headers_are_refused() {
     let cases: Vec<(&str, Patch)> = vec![
         ("truncated", Box::new(|b| b.truncate(40))),
         ("version", Box::new(|b| put32(b, off::VERSION, 3))),
+        (
+            "huge size",
+            Box::new(|b| {
+                b[..16].copy_from_slice(MAGIC_V2);
+                b[off::NB_SECTORS..off::NB_SECTORS + 8].copy_from_slice(&u64::MAX.to_le_bytes())
+            }),
+        ),
         ("zero tracks", Box::new(|b| put32(b, off::TRACKS, 0))),
         ("huge tracks", Box::new(|b| put32(b, off::TRACKS, u32::MAX))),
         ("huge BAT", Box::new(|b| put32(b, off::BAT_ENTRIES, u32::MAX))),
         ("BAT past eof", Box::new(|b| put32(b, off::BAT_ENTRIES, 1 << 20))),
-        ("size > BAT", Box::new(|b| b[off::NB_SECTORS..off::NB_SECTORS + 8].copy_from_slice(&u64::MAX.to_le_bytes()))),
         (
             "data_off in BAT",
             Box::new(|b| {
