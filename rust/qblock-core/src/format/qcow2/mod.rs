@@ -347,14 +347,6 @@ impl Qcow2 {
         })
     }
 
-    /// The host clusters a compressed entry's bytes touch (for refcounts).
-    fn compressed_clusters(&self, e: u64) -> (u64, u64) {
-        let (off, len) = self.g.compressed(e);
-        let first = (off & !511) >> self.g.cluster_bits;
-        let last = (off + len - 1) >> self.g.cluster_bits;
-        (first, last - first + 1)
-    }
-
     fn to_mapping(&self, u: Unit, len: u64) -> Mapping {
         let hf = self.data_host();
         let kind = match u {

@@ -538,6 +538,24 @@ fn data_write_onto_metadata_is_refused() {
 }
 
 #[test]
+fn releasing_a_hostile_entry_never_touches_metadata_refcounts() {
+    // A compressed cluster "stored" in the L1 table, and a data cluster that
+    // is the L2 table itself: zeroing or discarding must not lower the
+    // refcounts of those metadata clusters.
+    for entry in [COMPRESSED | (3 * CS as u64), (4 * CS as u64)] {
+        let mut b = base();
+        put64(&mut b, 4 * CS + 8, entry);
+        let before = b[2 * CS..3 * CS].to_vec();
+        let d = open_bytes(b, false).unwrap();
+        assert_eq!(d.discard(CS as u64, CS as u64).unwrap_err().kind(), ErrorKind::CorruptImage);
+        assert_eq!(d.write_zeroes(CS as u64, CS as u64, &NoBacking).unwrap_err().kind(), ErrorKind::CorruptImage);
+        let mut after = vec![0u8; CS];
+        d.file.read_at(&mut after, 2 * CS as u64).unwrap();
+        assert_eq!(after, before);
+    }
+}
+
+#[test]
 fn discard_releases_clusters() {
     let d = open_bytes(base(), false).unwrap();
     d.write_at(&[5u8; 2048], 4096, &NoBacking).unwrap();

@@ -130,6 +130,28 @@ impl Qcow2 {
         }
     }
 
+    /// The host clusters whose refcounts an L2 entry holds (a data
+    /// cluster, or the clusters a compressed cluster's bytes touch),
+    /// checked: releasing them must not touch metadata or leave the file.
+    fn release_range(&self, e: u64) -> Result<(u64, u64)> {
+        let g = &self.g;
+        if e & COMPRESSED != 0 {
+            let (off, len) = g.compressed(e);
+            let end = off.checked_add(len).ok_or_else(|| corrupt("compressed cluster range overflows"))?;
+            if off < g.cluster_size || off >= self.file_end.load(Ordering::Relaxed) {
+                return Err(corrupt(format!("compressed cluster at {off:#x} is outside the image file")));
+            }
+            let first = (off & !511) >> g.cluster_bits;
+            let last = (end - 1) >> g.cluster_bits;
+            self.check_not_meta(first << g.cluster_bits, (last - first + 1) << g.cluster_bits)?;
+            return Ok((first, last - first + 1));
+        }
+        let host = e & OFFSET_MASK;
+        self.check_host(host)?;
+        self.check_not_meta(host, g.cluster_size)?;
+        Ok((host >> g.cluster_bits, 1))
+    }
+
     /// Refuse a data write onto metadata (a hostile or damaged L2 entry).
     fn check_not_meta(&self, host: u64, len: u64) -> Result<()> {
         if self.has_data_file() {
@@ -365,6 +387,12 @@ impl Qcow2 {
         let end = in_cl as usize + wlen;
         self.fill_old(e0, bm0, cl_guest, end as u64, &mut buf[end..], below)?;
         buf[in_cl as usize..end].copy_from_slice(&data[..wlen]);
+        // What the new cluster replaces, checked before anything is written.
+        let release = if !in_place && !self.has_data_file() && (compressed || old_host != 0) {
+            Some(self.release_range(e0)?)
+        } else {
+            None
+        };
         let host = if in_place {
             self.check_host(old_host)?;
             self.check_not_meta(old_host, cs)?;
@@ -380,14 +408,9 @@ impl Qcow2 {
         if new[..] != [e0, bm0][..w] {
             self.set_l2(l2_off, ci, &new)?;
         }
-        if !in_place && !self.has_data_file() {
+        if let Some((first, count)) = release {
             // Nothing points at the old cluster from the active table now.
-            if compressed {
-                let (first, count) = self.compressed_clusters(e0);
-                rc.update(self.file.as_ref(), first, count, -1)?;
-            } else if old_host != 0 {
-                rc.update(self.file.as_ref(), old_host >> g.cluster_bits, 1, -1)?;
-            }
+            rc.update(self.file.as_ref(), first, count, -1)?;
         }
         Ok(wlen)
     }
@@ -478,7 +501,6 @@ impl Qcow2 {
             let (a, b) = (start.max(cl), stop.min(cl + cs));
             let e = old[k * w];
             let compressed = e & COMPRESSED != 0;
-            let host = e & OFFSET_MASK;
             let allocated = !self.is_fresh(e) && !compressed;
             let shared = allocated && e & COPIED == 0 && !self.has_data_file();
             if g.extended {
@@ -489,25 +511,25 @@ impl Qcow2 {
                     if count == 32 {
                         new[k * w] = 0;
                         new[k * w + 1] = 0xffff_ffff << 32;
-                        release.push(self.compressed_clusters(e));
+                        release.push(self.release_range(e)?);
                     } else {
                         partial.push((a, b - a));
                     }
                 } else if shared && count == 32 {
                     new[k * w] = 0;
                     new[k * w + 1] = 0xffff_ffff << 32;
-                    release.push((host >> g.cluster_bits, 1));
+                    release.push(self.release_range(e)?);
                 } else {
                     let bm = old[k * w + 1];
                     new[k * w + 1] = (bm & !mask) | (mask << 32);
                 }
             } else if compressed {
                 new[k] = ZERO_FLAG;
-                release.push(self.compressed_clusters(e));
+                release.push(self.release_range(e)?);
             } else if shared || !allocated {
                 new[k] = ZERO_FLAG;
                 if shared {
-                    release.push((host >> g.cluster_bits, 1));
+                    release.push(self.release_range(e)?);
                 }
             } else {
                 // Keep our own cluster allocated, reading as zeroes.
@@ -562,9 +584,9 @@ impl Qcow2 {
                 for k in 0..n {
                     let e = old[k * w];
                     if e & COMPRESSED != 0 {
-                        release.push(self.compressed_clusters(e));
+                        release.push(self.release_range(e)?);
                     } else if e & OFFSET_MASK != 0 {
-                        release.push(((e & OFFSET_MASK) >> g.cluster_bits, 1));
+                        release.push(self.release_range(e)?);
                     }
                     if g.extended {
                         new[k * w] = 0;
