@@ -137,10 +137,7 @@ impl Footer {
     /// current size, and so does any image with the maximal geometry.
     fn virtual_size(&self) -> Result<u64> {
         let chs = self.cyls as u64 * self.heads as u64 * self.secs as u64;
-        let trusts_size = matches!(
-            &self.creator_app,
-            b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0"
-        );
+        let trusts_size = matches!(&self.creator_app, b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
         let sectors = if trusts_size || chs == MAX_GEOMETRY {
             self.current_size / SECTOR
         } else {
@@ -269,18 +266,9 @@ impl Vpc {
         })
     }
 
-    fn open_dynamic(
-        storage: &dyn Storage,
-        footer: &Footer,
-        size: u64,
-        file_len: u64,
-    ) -> Result<Dynamic> {
+    fn open_dynamic(storage: &dyn Storage, footer: &Footer, size: u64, file_len: u64) -> Result<Dynamic> {
         let hdr_off = footer.data_offset;
-        if hdr_off < FOOTER_SIZE
-            || hdr_off
-                .checked_add(DYN_HEADER_SIZE)
-                .is_none_or(|e| e > file_len)
-        {
+        if hdr_off < FOOTER_SIZE || hdr_off.checked_add(DYN_HEADER_SIZE).is_none_or(|e| e > file_len) {
             return Err(corrupt(format!(
                 "VHD dynamic disk header offset {hdr_off} is outside the file"
             )));
@@ -388,10 +376,7 @@ impl Vpc {
         let bm = self.read_bitmap(d, bitmap_at)?;
         let sectors = (d.block_size / SECTOR) as usize;
         let full = (0..sectors).all(|s| bit(&bm, s));
-        d.bitmap_state[idx].store(
-            if full { BITMAP_FULL } else { BITMAP_PARTIAL },
-            Ordering::Release,
-        );
+        d.bitmap_state[idx].store(if full { BITMAP_FULL } else { BITMAP_PARTIAL }, Ordering::Release);
         Ok(full)
     }
 
@@ -410,10 +395,7 @@ impl Vpc {
             // Merge the following unallocated blocks into one run.
             let mut run = (bs - in_block).min(len);
             let mut next = idx + 1;
-            while run < len
-                && next < d.bat.len()
-                && d.bat[next].load(Ordering::Acquire) == UNALLOCATED
-            {
+            while run < len && next < d.bat.len() && d.bat[next].load(Ordering::Acquire) == UNALLOCATED {
                 run = (run + bs).min(len);
                 next += 1;
             }
@@ -480,14 +462,11 @@ impl Vpc {
                     while s < sectors && !bit(&bm, s) {
                         s += 1;
                     }
-                    self.storage.write_zeroes(
-                        data_at + start as u64 * SECTOR,
-                        (s - start) as u64 * SECTOR,
-                    )?;
+                    self.storage
+                        .write_zeroes(data_at + start as u64 * SECTOR, (s - start) as u64 * SECTOR)?;
                 }
                 self.storage.flush()?;
-                self.storage
-                    .write_at(&vec![0xff; d.bitmap_size as usize], bitmap_at)?;
+                self.storage.write_at(&vec![0xff; d.bitmap_size as usize], bitmap_at)?;
                 d.bitmap_state[idx].store(BITMAP_FULL, Ordering::Release);
             }
             return self.storage.write_at(buf, data_at + in_block);
@@ -509,18 +488,14 @@ impl Vpc {
         let file_len = self.storage.len()?;
         if file_len > data_at {
             // Old footer or trailing bytes inside the new block: zero them.
-            self.storage
-                .write_zeroes(data_at, file_len.min(block_end) - data_at)?;
+            self.storage.write_zeroes(data_at, file_len.min(block_end) - data_at)?;
         }
-        self.storage
-            .write_at(&vec![0xff; d.bitmap_size as usize], bitmap_at)?;
+        self.storage.write_at(&vec![0xff; d.bitmap_size as usize], bitmap_at)?;
         self.storage.write_at(buf, data_at + in_block)?;
         self.storage.write_at(&self.footer.raw, block_end)?;
         self.storage.flush()?;
-        self.storage.write_at(
-            &(sector as u32).to_be_bytes(),
-            d.bat_offset + 4 * idx as u64,
-        )?;
+        self.storage
+            .write_at(&(sector as u32).to_be_bytes(), d.bat_offset + 4 * idx as u64)?;
         d.bitmap_state[idx].store(BITMAP_FULL, Ordering::Release);
         d.bat[idx].store(sector as u32, Ordering::Release);
         *next_free = block_end;
@@ -652,15 +627,9 @@ pub fn plan_size(size: u64, force_size: bool) -> Result<(u64, (u16, u8, u8))> {
         g
     };
     let chs = geo.0 as u64 * geo.1 as u64 * geo.2 as u64;
-    let sectors = if chs == MAX_GEOMETRY {
-        size / SECTOR
-    } else {
-        chs
-    };
+    let sectors = if chs == MAX_GEOMETRY { size / SECTOR } else { chs };
     if sectors > MAX_SECTORS {
-        return Err(invalid(format!(
-            "a VHD image is at most 2040 GiB, not {size} bytes"
-        )));
+        return Err(invalid(format!("a VHD image is at most 2040 GiB, not {size} bytes")));
     }
     Ok((sectors * SECTOR, geo))
 }
@@ -675,8 +644,7 @@ fn random_uuid() -> [u8; 16] {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        u[..16]
-            .copy_from_slice(&(t.as_nanos() ^ ((std::process::id() as u128) << 64)).to_le_bytes());
+        u[..16].copy_from_slice(&(t.as_nanos() ^ ((std::process::id() as u128) << 64)).to_le_bytes());
     }
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
@@ -697,11 +665,7 @@ fn build_footer(size: u64, geo: (u16, u8, u8), disk_type: u32, force_size: bool)
     f[0..8].copy_from_slice(COOKIE);
     f[8..12].copy_from_slice(&2u32.to_be_bytes()); // features: reserved bit, always set
     f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes());
-    let data_offset = if disk_type == TYPE_FIXED {
-        u64::MAX
-    } else {
-        FOOTER_SIZE
-    };
+    let data_offset = if disk_type == TYPE_FIXED { u64::MAX } else { FOOTER_SIZE };
     f[16..24].copy_from_slice(&data_offset.to_be_bytes());
     f[24..28].copy_from_slice(&vhd_timestamp().to_be_bytes());
     // 'qem2' tells readers (QEMU, us) to trust the current size over CHS.
@@ -723,9 +687,7 @@ fn build_footer(size: u64, geo: (u16, u8, u8), disk_type: u32, force_size: bool)
 
 fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let size = opts.take_u64("size")?.unwrap_or(0);
-    let subformat = opts
-        .take_str("subformat")?
-        .unwrap_or_else(|| "dynamic".into());
+    let subformat = opts.take_str("subformat")?.unwrap_or_else(|| "dynamic".into());
     let force_size = opts.take_bool("force_size")?.unwrap_or(false);
     opts.finish("vpc")?;
     let fixed = match subformat.as_str() {
@@ -744,12 +706,7 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
 }
 
 /// Lay out a new image of `plan` (size, geometry) on empty storage.
-fn write_new(
-    storage: &dyn Storage,
-    (size, geo): (u64, (u16, u8, u8)),
-    fixed: bool,
-    force_size: bool,
-) -> Result<()> {
+fn write_new(storage: &dyn Storage, (size, geo): (u64, (u16, u8, u8)), fixed: bool, force_size: bool) -> Result<()> {
     if fixed {
         let footer = build_footer(size, geo, TYPE_FIXED, force_size);
         storage.set_len(size + FOOTER_SIZE)?;
@@ -833,8 +790,7 @@ mod tests {
         let v = open_bytes(b).unwrap();
         assert_eq!(v.virtual_size(), 5 << 20);
         assert_eq!(v.map(0, 5 << 20).unwrap().kind, Mapped::Zero { host: None });
-        v.write_at(&[7u8; 1000], (2 << 20) - 500, &NoBacking)
-            .unwrap();
+        v.write_at(&[7u8; 1000], (2 << 20) - 500, &NoBacking).unwrap();
         let m = v.map((2 << 20) - 500, 1000).unwrap();
         assert!(matches!(m.kind, Mapped::Data { .. }));
         assert_eq!(m.len, 500);
@@ -842,10 +798,7 @@ mod tests {
         v.storage.read_at(&mut snap, 0).unwrap();
         // Reopen: the end footer moved, the BAT points at two blocks.
         let v2 = open_bytes(snap.clone()).unwrap();
-        assert!(matches!(
-            v2.map(2 << 20, 10).unwrap().kind,
-            Mapped::Data { .. }
-        ));
+        assert!(matches!(v2.map(2 << 20, 10).unwrap().kind, Mapped::Data { .. }));
         let tail: [u8; 512] = snap[snap.len() - 512..].try_into().unwrap();
         assert!(Footer::parse(&tail).is_ok());
         // Clear one sector's bit: it reads as zeroes, its neighbours as data.
@@ -860,10 +813,7 @@ mod tests {
                 len: 512
             }
         );
-        assert!(matches!(
-            v3.map(512, 4096).unwrap().kind,
-            Mapped::Data { .. }
-        ));
+        assert!(matches!(v3.map(512, 4096).unwrap().kind, Mapped::Data { .. }));
     }
 
     #[test]
@@ -892,10 +842,7 @@ mod tests {
         b[58] = 4;
         b[59] = 17;
         refix_footer(&mut b, 0);
-        assert_eq!(
-            open_bytes(b.clone()).unwrap().virtual_size(),
-            100 * 4 * 17 * 512
-        );
+        assert_eq!(open_bytes(b.clone()).unwrap().virtual_size(), 100 * 4 * 17 * 512);
         b[28..32].copy_from_slice(b"win ");
         refix_footer(&mut b, 0);
         assert_eq!(open_bytes(b).unwrap().virtual_size(), 4 << 20);
