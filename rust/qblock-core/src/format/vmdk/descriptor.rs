@@ -88,6 +88,17 @@ impl Descriptor {
     /// is corruption, an unknown type unsupported); other lines are
     /// `key = value` or ignored.
     pub fn parse(raw: &[u8]) -> Result<Descriptor> {
+        Self::parse_with(raw, true)
+    }
+
+    /// The descriptor embedded in a monolithic sparse extent: its extent
+    /// lines describe the file itself and are not used (QEMU ignores them;
+    /// FreeBSD's mkimg writes an empty name there), so they are skipped.
+    pub fn parse_embedded(raw: &[u8]) -> Result<Descriptor> {
+        Self::parse_with(raw, false)
+    }
+
+    fn parse_with(raw: &[u8], with_extents: bool) -> Result<Descriptor> {
         let t = String::from_utf8_lossy(text(raw));
         let mut d = Descriptor::default();
         for line in t.lines() {
@@ -97,6 +108,9 @@ impl Descriptor {
             }
             let first = line.split_ascii_whitespace().next().unwrap_or("");
             if matches!(first, "RW" | "RDONLY" | "NOACCESS") {
+                if !with_extents {
+                    continue;
+                }
                 if d.extents.len() >= MAX_EXTENTS {
                     return Err(corrupt(format!("descriptor names more than {MAX_EXTENTS} extents")));
                 }

@@ -145,15 +145,16 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
         let desc = if h.desc_offset != 0 {
             let at = h.desc_offset.checked_mul(SECTOR).ok_or_else(|| corrupt("descriptor offset overflows"))?;
             let size = h.desc_size.saturating_mul(SECTOR);
-            Descriptor::parse(&read_text(storage.as_ref(), at, size)?)?
+            let text = read_text(storage.as_ref(), at, size)?;
+            if h.capacity == 0 {
+                // A descriptor inside a sparse header of no capacity: the
+                // descriptor names the extents (QEMU's vmdk_open_vmdk4).
+                return open_descriptor(storage, Descriptor::parse(&text)?, ctx);
+            }
+            Descriptor::parse_embedded(&text)?
         } else {
             Descriptor::default()
         };
-        if h.capacity == 0 && h.desc_offset != 0 {
-            // A descriptor inside a sparse header of no capacity: the
-            // descriptor names the extents (QEMU's vmdk_open_vmdk4).
-            return open_descriptor(storage, desc, ctx);
-        }
         let ext = SparseExtent::open(0, storage.clone(), &head, writable)?;
         let ct = if ext.layout.compressed { "streamOptimized".to_string() } else { "monolithicSparse".to_string() };
         let size = ext.layout.capacity;

@@ -73,6 +73,13 @@ fn probe_matches_qemus_rules() {
 }
 
 #[test]
+fn embedded_extent_lines_are_ignored() {
+    // FreeBSD's mkimg writes `RW 2048 SPARSE ""`.
+    let d = open_mem(sparse_image("createType=\"monolithicSparse\"\nRW 2048 SPARSE \"\"\n"), true).unwrap();
+    assert_eq!(d.virtual_size(), MIB);
+}
+
+#[test]
 fn fresh_image_reads_zeroes_and_writes_back() {
     let d = open_mem(sparse_image("createType=\"monolithicSparse\"\nCID=abc\nparentCID=ffffffff\n"), false).unwrap();
     assert_eq!(d.virtual_size(), MIB);
