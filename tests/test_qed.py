@@ -1,0 +1,399 @@
+"""qed against qemu-img/qemu-io: images QEMU wrote read back byte for byte
+and map as `qemu-img map` says; images we create are byte-identical to QEMU's
+and pass `qemu-img check` after random writes of ours, comparing equal to a
+model; the need-check flag is set while allocating writes are in flight and
+cleared on flush/close; a writable open of an image left with the flag set
+repairs what QEMU's check repairs. Hand-made corrupt images are refused with
+CorruptImageError in a child process with bounded memory and time.
+
+QEMU cannot open images with table_size=1 (its table offset check rejects a
+one-cluster table), so the QEMU-facing tests use table_size >= 2."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import libqblock as qb
+
+from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
+
+KiB, MiB = 1024, 1024 * 1024
+MAP_KEYS = ("start", "length", "depth", "present", "zero", "data", "compressed", "offset")
+F_BACKING, F_NEED_CHECK, F_NO_PROBE = 1, 2, 4
+
+QEMU_IO_WRITES = (
+    "write -P 0x11 1000 5000",
+    "write -P 0x22 70001 200000",
+    "write -z 1M 192k",
+    "write -P 0x33 2M 4096",
+    "write -z 2150000 3000",
+    "write -P 0x44 3145721 17",
+    "write -P 0x55 5000000 70000",
+)
+
+
+def strip(entries):
+    out = []
+    for e in entries:
+        e = {k: e[k] for k in MAP_KEYS if k in e}
+        if out:
+            last = out[-1]
+            same = all(last.get(k) == e.get(k) for k in MAP_KEYS if k not in ("start", "length", "offset"))
+            cont = ("offset" in last) == ("offset" in e) and (
+                "offset" not in e or last["offset"] + last["length"] == e["offset"]
+            )
+            if same and cont and last["start"] + last["length"] == e["start"]:
+                last["length"] += e["length"]
+                continue
+        out.append(e)
+    return out
+
+
+def assert_reads_like_qemu(path, tmp):
+    expected = qemu_raw_bytes(str(path), tmp)
+    with qb.open(path, flags=0) as img:
+        assert img.virt_size == len(expected)
+        assert img.read(len(expected), 0) == expected
+        for off, n in ((1, 1), (999, 7777), (65535, 65538), (len(expected) - 3, 3)):
+            assert img.read(n, off) == expected[off : off + n], (off, n)
+        assert strip([e.to_qemu_map() for e in img.map()]) == strip(qemu_map(str(path)))
+    return expected
+
+
+def check_clean(path):
+    r = qemu_check(str(path))
+    assert r.get("corruptions", 0) == 0 and r.get("leaks", 0) == 0, r
+    return r
+
+
+def features(path) -> int:
+    return struct.unpack_from("<Q", Path(path).read_bytes(), 16)[0]
+
+
+GEOMETRIES = {
+    "default": (),
+    "c4k-t2": ("-o", "cluster_size=4096,table_size=2"),
+    "c16k-t16": ("-o", "cluster_size=16384,table_size=16"),
+    "c1m-t4": ("-o", "cluster_size=1M,table_size=4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_read_and_map_what_qemu_wrote(tmp, name):
+    p = tmp / "a.qed"
+    qemu_img("create", "-f", "qed", *GEOMETRIES[name], str(p), "6M")
+    qemu_io(str(p), *QEMU_IO_WRITES, fmt="qed")
+    assert_reads_like_qemu(p, tmp)
+    info = qemu_info(str(p))
+    with qb.open(p, flags=0) as img:
+        i = img.info()
+        assert i.format is qb.Format.QED
+        assert i.virt_size == info["virtual-size"]
+        assert i.cluster_size == info["cluster-size"]
+    # Our writes on top of QEMU's pass its check and read back in QEMU.
+    with qb.open(p) as img:
+        data = bytearray(img.read(img.virt_size, 0))
+        img.write(b"\x66" * 100000, 3 * MiB - 7)
+        img.write_zeroes(0, 200000)
+        data[3 * MiB - 7 : 3 * MiB - 7 + 100000] = b"\x66" * 100000
+        data[0:200000] = bytes(200000)
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(data)
+    assert features(p) & F_NEED_CHECK == 0
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(cluster_size=4096, table_size=2), dict(cluster_size=1 << 20, table_size=16)])
+def test_create_matches_qemu(tmp, opts):
+    ours, theirs = tmp / "ours.qed", tmp / "theirs.qed"
+    qb.create(ours, qb.QedOptions(6 * MiB, **opts))
+    o = ",".join(f"{k}={v}" for k, v in opts.items())
+    qemu_img("create", "-f", "qed", *(("-o", o) if o else ()), str(theirs), str(6 * MiB))
+    assert ours.read_bytes() == theirs.read_bytes()
+    info = qemu_info(str(ours))
+    assert info["format"] == "qed" and info["virtual-size"] == 6 * MiB
+    check_clean(ours)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", None])
+def test_backing_file_and_format(tmp, fmt):
+    base = tmp / "base.img"
+    bfmt = fmt or "raw"
+    qemu_img("create", "-f", bfmt, str(base), "5M")
+    qemu_io(str(base), "write -P 0xb0 0 5M", "write -z 1M 64k", fmt=bfmt)
+    ours, theirs = tmp / "ours.qed", tmp / "theirs.qed"
+    kw = dict(backing=base.name)
+    if fmt:
+        kw["backing_fmt"] = qb.Format.from_str(fmt)
+    qb.create(ours, qb.QedOptions(6 * MiB, **kw))
+    qemu_img("create", "-f", "qed", "-b", base.name, "-F", bfmt, str(theirs), str(6 * MiB))
+    if fmt:
+        assert ours.read_bytes() == theirs.read_bytes()
+    info = qemu_info(str(ours))
+    assert info["backing-filename"] == base.name
+    with qb.open(ours, flags=0) as img:
+        i = img.info()
+        assert i.backing_filename == base.name
+        assert i.backing_format == (qb.Format.RAW if fmt == "raw" else None)
+        assert (features(ours) & F_NO_PROBE != 0) == (fmt == "raw")
+    qemu_io(str(theirs), "write -P 0xa1 10000 30000", "write -z 2M 64k", fmt="qed")
+    assert_reads_like_qemu(theirs, tmp)
+    # Partial-cluster writes of ours copy the backing data around them.
+    with qb.open(ours) as img:
+        img.write(b"\x01\x02\x03", 12345)
+        img.write(b"\x04" * 70000, 5242800)
+        img.write_zeroes(3 * MiB, 128 * KiB)
+    check_clean(ours)
+    expected = qemu_raw_bytes(str(ours), tmp)
+    base_data = qemu_raw_bytes(str(base), tmp)
+    assert expected[12345:12348] == b"\x01\x02\x03"
+    assert expected[:12345] == base_data[:12345]
+    assert expected[3 * MiB : 3 * MiB + 128 * KiB] == bytes(128 * KiB)
+    assert expected[5242800 : 5242800 + 70000] == b"\x04" * 70000
+    assert_reads_like_qemu(ours, tmp)
+
+
+def test_need_check_flag(tmp):
+    p = tmp / "n.qed"
+    qb.create(p, qb.QedOptions(4 * MiB, cluster_size=4096, table_size=2))
+    img = qb.open(p)
+    img.write(b"x" * 10, 5000)
+    # Set on disk before the allocating write, shown as dirty.
+    assert features(p) & F_NEED_CHECK
+    assert img.info().dirty
+    img.flush()
+    assert not img.info().dirty
+    assert features(p) & F_NEED_CHECK == 0
+    img.write(b"y" * 10, 5000)  # in place: no flag
+    assert features(p) & F_NEED_CHECK == 0
+    img.write(b"z" * 10, 3 * MiB)
+    assert features(p) & F_NEED_CHECK
+    img.close()
+    assert features(p) & F_NEED_CHECK == 0
+    check_clean(p)
+
+
+def _dirty_with_bad_entries(tmp: Path) -> Path:
+    """An image left with need-check set whose tables name clusters past
+    the end of the file (a crash after the metadata reached the disk and
+    before the data did)."""
+    p = tmp / "d.qed"
+    qemu_img("create", "-f", "qed", "-o", "cluster_size=4096,table_size=2", str(p), "4M")
+    qemu_io(str(p), "write -P 0x11 0 8k", "write -P 0x22 2M 4k", fmt="qed")
+    b = bytearray(p.read_bytes())
+    l1 = 4096
+    l2a = struct.unpack_from("<Q", b, l1)[0]
+    struct.pack_into("<Q", b, l2a + 8, 1 << 30)  # cluster 1: past the end
+    struct.pack_into("<Q", b, l1 + 8, 1 << 31)  # L1 entry 1: table past the end
+    struct.pack_into("<Q", b, 16, F_NEED_CHECK)
+    p.write_bytes(bytes(b))
+    return p
+
+
+def test_dirty_image_is_repaired_on_writable_open(tmp):
+    p = _dirty_with_bad_entries(tmp)
+    # Read-only: served as is, the bad entry refused when reached.
+    with qb.open(p, flags=0) as img:
+        assert img.read(4096, 0) == b"\x11" * 4096
+        with pytest.raises(qb.CorruptImageError):
+            img.read(4096, 4096)
+    before = p.read_bytes()
+    with qb.open(p, flags=0) as img:
+        pass
+    assert p.read_bytes() == before
+    # Writable: the bad entries are dropped and the flag cleared.
+    with qb.open(p) as img:
+        assert img.read(8192, 0) == b"\x11" * 4096 + bytes(4096)
+        assert img.read(4096, 2 * MiB) == b"\x22" * 4096
+    assert features(p) & F_NEED_CHECK == 0
+    # The dropped cluster leaks (exit code 3); nothing is corrupt.
+    r = qemu_img("check", "--output=json", str(p), check=False)
+    assert r.returncode in (0, 3) and json.loads(r.stdout).get("corruptions", 0) == 0, r.stdout
+    # QEMU repairs the same image the same way.
+    (tmp / "q").mkdir()
+    q = _dirty_with_bad_entries(tmp / "q")
+    qemu_img("check", "-r", "all", str(q), check=False)
+    assert qemu_raw_bytes(str(q), tmp) == qemu_raw_bytes(str(p), tmp)
+
+
+# --- random operations against a model -----------------------------------------
+
+SIZE = 3 * MiB + 512
+offsets = st.one_of(st.integers(0, SIZE - 1), st.sampled_from([0, 511, 4095, 4096, MiB - 1, 2 * MiB + 1, SIZE - 1]))
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), offsets, st.integers(1, 100 * KiB), st.integers(1, 255)),
+        st.tuples(st.just("zero"), offsets, st.integers(1, 200 * KiB), st.just(0)),
+        st.tuples(st.just("flush"), st.just(0), st.just(0), st.just(0)),
+        st.tuples(st.just("reopen"), st.just(0), st.just(0), st.just(0)),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_random_ops_against_model(backing):
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(ops)
+    def run(seq):
+        with tempfile.TemporaryDirectory() as td:
+            d = Path(td)
+            model = bytearray(SIZE)
+            p = d / "img.qed"
+            kw = dict(cluster_size=4096, table_size=2)
+            if backing:
+                base = d / "base.raw"
+                base.write_bytes(b"\xba" * MiB + bytes(MiB) + b"\xbb" * (SIZE - 2 * MiB - 4096))
+                model[: SIZE - 4096] = base.read_bytes()
+                kw.update(backing=base.name, backing_fmt=qb.Format.RAW)
+            qb.create(p, qb.QedOptions(SIZE, **kw))
+            img = qb.open(p)
+            try:
+                for op, off, n, v in seq:
+                    n = min(n, SIZE - off)
+                    if op == "write":
+                        img.write(bytes([v]) * n, off)
+                        model[off : off + n] = bytes([v]) * n
+                    elif op == "zero":
+                        img.write_zeroes(off, n)
+                        model[off : off + n] = bytes(n)
+                    elif op == "flush":
+                        img.flush()
+                    else:
+                        img.close()
+                        img = qb.open(p)
+                assert img.read(SIZE, 0) == bytes(model)
+            finally:
+                if not img.closed:
+                    img.close()
+            check_clean(p)
+            raw = d / "model.raw"
+            raw.write_bytes(bytes(model))
+            c = qemu_img("compare", "-f", "qed", "-F", "raw", str(p), str(raw), check=False)
+            assert c.returncode == 0, c.stdout + c.stderr
+
+    run()
+
+
+# --- hostile images ------------------------------------------------------------
+
+CHILD = r"""
+import json, resource, sys
+p = json.loads(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+out = {"exc": None, "msg": None}
+try:
+    import libqblock as qb
+    with qb.open(p["path"], fmt=qb.Format.from_str(p["fmt"]), flags=qb.O_RDWR if p["rw"] else 0) as img:
+        img.info()
+        size = img.virt_size
+        pos = 0
+        while pos < size:
+            n = min(1 << 20, size - pos)
+            img.read(n, pos)
+            pos += n
+        list(img.map())
+        if p["rw"]:
+            img.write(b"x" * 5000, min(1000, max(size - 5000, 0)))
+except Exception as e:
+    out["exc"], out["msg"] = type(e).__name__, str(e)
+print(json.dumps(out))
+"""
+
+
+def run_hostile(path: Path, fmt: str, rw: bool = False) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps({"path": str(path), "fmt": fmt, "rw": rw})],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert r.returncode == 0, f"child died ({r.returncode}): {r.stdout}{r.stderr}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+CS = 4096
+
+
+def _base(tmp: Path) -> bytearray:
+    p = tmp / "base.qed"
+    qemu_img("create", "-f", "qed", "-o", f"cluster_size={CS},table_size=2", str(p), "4M")
+    qemu_io(str(p), "write -P 0x11 0 8k", "write -z 1M 4k", fmt="qed")
+    return bytearray(p.read_bytes())
+
+
+def _set(b: bytearray, off: int, fmt: str, v: int) -> bytearray:
+    struct.pack_into(fmt, b, off, v)
+    return b
+
+
+def _l2(b: bytearray) -> int:
+    return struct.unpack_from("<Q", b, CS)[0]
+
+
+HOSTILE = {
+    "cluster-size-2k": lambda b: _set(b, 4, "<I", 2048),
+    "cluster-size-not-pow2": lambda b: _set(b, 4, "<I", 12288),
+    "cluster-size-huge": lambda b: _set(b, 4, "<I", 1 << 31),
+    "table-size-3": lambda b: _set(b, 8, "<I", 3),
+    "table-size-32": lambda b: _set(b, 8, "<I", 32),
+    "header-size-0": lambda b: _set(b, 12, "<I", 0),
+    "header-size-over-l1": lambda b: _set(b, 12, "<I", 2),
+    "header-size-huge": lambda b: _set(b, 12, "<I", 0xFFFFFFFF),
+    "image-size-unaligned": lambda b: _set(b, 48, "<Q", 4 * MiB + 1),
+    "image-size-too-big": lambda b: _set(b, 48, "<Q", 1 << 62),
+    "l1-offset-unaligned": lambda b: _set(b, 40, "<Q", CS + 8),
+    "l1-offset-past-eof": lambda b: _set(b, 40, "<Q", 1 << 40),
+    "l1-offset-wraps": lambda b: _set(b, 40, "<Q", (1 << 64) - CS),
+    "l1-offset-in-header": lambda b: _set(b, 40, "<Q", 0),
+    "backing-name-outside-header": lambda b: _set(_set(_set(b, 16, "<Q", F_BACKING), 56, "<I", 4000), 60, "<I", 500),
+    "backing-name-offset-in-header-struct": lambda b: _set(_set(_set(b, 16, "<Q", F_BACKING), 56, "<I", 0), 60, "<I", 8),
+    "l1-entry-past-eof": lambda b: _set(b, CS, "<Q", 1 << 40),
+    "l1-entry-unaligned": lambda b: _set(b, CS, "<Q", _l2(b) + 8),
+    "l1-entry-wraps": lambda b: _set(b, CS, "<Q", (1 << 64) - CS),
+    "l2-entry-past-eof": lambda b: _set(b, _l2(b), "<Q", 1 << 40),
+    "l2-entry-unaligned": lambda b: _set(b, _l2(b), "<Q", 3 * CS + 1),
+    "l2-entry-in-header": lambda b: _set(b, _l2(b), "<Q", 2),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_base():
+    with tempfile.TemporaryDirectory() as td:
+        yield _base(Path(td))
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_image_is_refused(tmp, hostile_base, name):
+    b = HOSTILE[name](bytearray(hostile_base))
+    p = tmp / f"{name}.qed"
+    p.write_bytes(bytes(b))
+    before = p.read_bytes()
+    out = run_hostile(p, "qed")
+    assert out["exc"] == "CorruptImageError", out
+    assert p.read_bytes() == before
+    out = run_hostile(p, "qed", rw=True)
+    assert out["exc"] == "CorruptImageError", out
+
+
+def test_unknown_feature_is_unsupported(tmp, hostile_base):
+    p = tmp / "f.qed"
+    p.write_bytes(bytes(_set(bytearray(hostile_base), 16, "<Q", 8)))
+    assert run_hostile(p, "qed")["exc"] == "UnsupportedError"
+
+
+def test_hostile_base_is_fine(tmp, hostile_base):
+    p = tmp / "ok.qed"
+    p.write_bytes(bytes(hostile_base))
+    assert run_hostile(p, "qed")["exc"] is None
+    assert run_hostile(p, "qed", rw=True)["exc"] is None
+    check_clean(p)
