@@ -599,3 +599,31 @@ def test_preallocation_with_backing_needs_extended_l2(tmp):
     data = qemu_raw_bytes(str(p), tmp)
     assert data[70000:70100] == b"\x01" * 100 and data[:70000] == b"\x66" * 70000
     assert data[70100:] == b"\x66" * (MiB - 70100)
+
+
+def test_l2_cache_memory_is_bounded(tmp):
+    # 32 GiB of 4 KiB clusters: each L2 table covers 2 MiB, so touching every
+    # region needs 16384 tables (64 MiB); the cache must stay near 16 MiB.
+    import subprocess
+    import sys
+
+    p = tmp / "wide.qcow2"
+    size = 32 << 30
+    qb.create(p, qb.Qcow2Options(size, cluster_size=4096))
+    step = 2 * MiB
+    with qb.open(p) as img:
+        for i in range(size // step):
+            img.write(b"\x01", i * step + 7)
+    check_clean(p)
+    script = f"""
+import resource, libqblock as qb
+img = qb.open({str(p)!r}, flags=0)
+assert img.read(1, 7) == b"\\x01"
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for rnd in range(2):
+    for i in range({size // step}):
+        assert img.read(1, i * {step} + 7) == b"\\x01"
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+    grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert grown_kib < 32 * 1024, f"RSS grew by {grown_kib} KiB"
