@@ -46,7 +46,12 @@ use crate::registry::{FormatEntry, OpenCtx};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-pub const ENTRY: FormatEntry = FormatEntry { format: Format::Cow, probe: Some(probe), open: Some(open), create: Some(create) };
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Cow,
+    probe: Some(probe),
+    open: Some(open),
+    create: Some(create),
+};
 
 pub const MAGIC: u32 = 0x4f4f_4f4d;
 pub const VERSION: u32 = 2;
@@ -85,15 +90,17 @@ impl Header {
         }
         let version = be32(b, 4).unwrap_or(0);
         if version != VERSION {
-            return Err(unsupported(format!("cow version {version} (only version 2 is supported)")));
+            return Err(unsupported(format!(
+                "cow version {version} (only version 2 is supported)"
+            )));
         }
         let name = &b[8..8 + BACKING_NAME_LEN];
         let len = name
             .iter()
             .position(|&c| c == 0)
             .ok_or_else(|| corrupt("backing file name is not NUL-terminated within 1024 bytes"))?;
-        let backing_file =
-            String::from_utf8(name[..len].to_vec()).map_err(|_| corrupt("backing file name is not UTF-8"))?;
+        let backing_file = String::from_utf8(name[..len].to_vec())
+            .map_err(|_| corrupt("backing file name is not UTF-8"))?;
         let h = Header {
             backing_file,
             mtime: be32(b, OFF_MTIME).unwrap_or(0),
@@ -107,7 +114,10 @@ impl Header {
             if h.sectorsize == 0 || !h.sectorsize.is_power_of_two() {
                 return Err(corrupt(format!("sector size {} is invalid", h.sectorsize)));
             }
-            return Err(unsupported(format!("cow sector size {} (only 512 is supported)", h.sectorsize)));
+            return Err(unsupported(format!(
+                "cow sector size {} (only 512 is supported)",
+                h.sectorsize
+            )));
         }
         Ok(h)
     }
@@ -124,7 +134,10 @@ impl Header {
 
     pub fn encode(&self) -> Result<Vec<u8>> {
         if self.backing_file.len() >= BACKING_NAME_LEN {
-            return Err(invalid(format!("backing file name is longer than {} bytes", BACKING_NAME_LEN - 1)));
+            return Err(invalid(format!(
+                "backing file name is longer than {} bytes",
+                BACKING_NAME_LEN - 1
+            )));
         }
         let mut b = vec![0u8; HEADER_SIZE as usize];
         b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
@@ -156,7 +169,9 @@ impl Cow {
     pub fn open(storage: Arc<dyn Storage>) -> Result<Cow> {
         let file_len = storage.len()?;
         if file_len < HEADER_SIZE {
-            return Err(corrupt(format!("file of {file_len} bytes is shorter than the cow header")));
+            return Err(corrupt(format!(
+                "file of {file_len} bytes is shorter than the cow header"
+            )));
         }
         let mut hb = vec![0u8; HEADER_SIZE as usize];
         storage.read_at(&mut hb, 0)?;
@@ -183,7 +198,9 @@ impl Cow {
     /// Whether sector `s` is present, and how many sectors from `s` on
     /// (within one cache chunk, at most `max`) share that answer.
     fn run(&self, s: u64, max: u64) -> Result<(bool, u64)> {
-        let chunk = self.bitmap.get(self.storage.as_ref(), HEADER_SIZE, self.words, s / 64)?;
+        let chunk = self
+            .bitmap
+            .get(self.storage.as_ref(), HEADER_SIZE, self.words, s / 64)?;
         let words = &chunk.entries[chunk.index..];
         let bit = |n: u64| words[(n / 64) as usize] >> (n % 64) & 1 == 1;
         let first_bit = s % 64;
@@ -194,7 +211,7 @@ impl Cow {
         while n < limit {
             let b = first_bit + n;
             // Whole words at once where they agree.
-            if b % 64 == 0 && limit - n >= 64 {
+            if b.is_multiple_of(64) && limit - n >= 64 {
                 let w = words[(b / 64) as usize];
                 if (present && w == u64::MAX) || (!present && w == 0) {
                     n += 64;
@@ -216,10 +233,22 @@ impl Cow {
             let w = s / 64;
             let lo = s % 64;
             let hi = (end - w * 64).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            let old = self.bitmap.entry(self.storage.as_ref(), HEADER_SIZE, self.words, w)?;
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let old = self
+                .bitmap
+                .entry(self.storage.as_ref(), HEADER_SIZE, self.words, w)?;
             if old & mask != mask {
-                self.bitmap.set(self.storage.as_ref(), HEADER_SIZE, self.words, w, old | mask)?;
+                self.bitmap.set(
+                    self.storage.as_ref(),
+                    HEADER_SIZE,
+                    self.words,
+                    w,
+                    old | mask,
+                )?;
             }
             s = w * 64 + hi;
         }
@@ -235,7 +264,10 @@ impl Driver for Cow {
         self.size
     }
     fn backing(&self) -> Option<BackingRef> {
-        self.backing.as_ref().map(|b| BackingRef { filename: b.clone(), format: None })
+        self.backing.as_ref().map(|b| BackingRef {
+            filename: b.clone(),
+            format: None,
+        })
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
@@ -244,7 +276,14 @@ impl Driver for Cow {
         let want = (in_sector + len).div_ceil(SECTOR);
         let (present, n) = self.run(s, want)?;
         let run = (n * SECTOR - in_sector).min(len);
-        let kind = if present { Mapped::Data { file: 0, offset: self.data_offset + offset } } else { Mapped::Unallocated };
+        let kind = if present {
+            Mapped::Data {
+                file: 0,
+                offset: self.data_offset + offset,
+            }
+        } else {
+            Mapped::Unallocated
+        };
         Ok(Mapping { kind, len: run })
     }
 
@@ -273,7 +312,8 @@ impl Driver for Cow {
             if !present {
                 let mut sb = [0u8; SECTOR as usize];
                 below.read_below(&mut sb, sec * SECTOR)?;
-                self.storage.write_at(&sb, self.data_offset + sec * SECTOR)?;
+                self.storage
+                    .write_at(&sb, self.data_offset + sec * SECTOR)?;
             }
         }
         self.storage.write_at(buf, self.data_offset + offset)?;
@@ -310,7 +350,12 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs() as u32);
-    let h = Header { backing_file: backing.unwrap_or_default(), mtime, size: size / SECTOR * SECTOR, sectorsize: 512 };
+    let h = Header {
+        backing_file: backing.unwrap_or_default(),
+        mtime,
+        size: size / SECTOR * SECTOR,
+        sectorsize: 512,
+    };
     let bytes = h.encode()?;
     let storage = location.create_storage()?;
     storage.write_at(&bytes, 0)?;
@@ -320,7 +365,12 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
 
 /// The bytes of a new image (for tests and fuzz seeds).
 pub fn build_image(size: u64, backing: &str, mtime: u32) -> Result<Vec<u8>> {
-    let h = Header { backing_file: backing.into(), mtime, size: size / SECTOR * SECTOR, sectorsize: 512 };
+    let h = Header {
+        backing_file: backing.into(),
+        mtime,
+        size: size / SECTOR * SECTOR,
+        sectorsize: 512,
+    };
     let header = h.encode()?;
     let mut out = try_zeroed((HEADER_SIZE + h.bitmap_bytes()) as usize, "a new cow image")?;
     out[..header.len()].copy_from_slice(&header);
@@ -373,24 +423,60 @@ mod tests {
     #[test]
     fn writes_and_bitmap() {
         let c = open_bytes(build_image(1 << 20, "b", 0).unwrap()).unwrap();
-        assert_eq!(c.map(0, 1 << 20).unwrap(), Mapping { kind: Mapped::Unallocated, len: 1 << 20 });
+        assert_eq!(
+            c.map(0, 1 << 20).unwrap(),
+            Mapping {
+                kind: Mapped::Unallocated,
+                len: 1 << 20
+            }
+        );
         c.write_at(&[7u8; 1000], 700, &Pattern).unwrap();
         // Sectors 1..=3 present: 512..2048.
-        assert_eq!(c.map(0, 4096).unwrap(), Mapping { kind: Mapped::Unallocated, len: 512 });
-        assert_eq!(c.map(512, 4096).unwrap(), Mapping { kind: Mapped::Data { file: 0, offset: 1536 + 512 }, len: 1536 });
+        assert_eq!(
+            c.map(0, 4096).unwrap(),
+            Mapping {
+                kind: Mapped::Unallocated,
+                len: 512
+            }
+        );
+        assert_eq!(
+            c.map(512, 4096).unwrap(),
+            Mapping {
+                kind: Mapped::Data {
+                    file: 0,
+                    offset: 1536 + 512
+                },
+                len: 1536
+            }
+        );
         let mut b = vec![0u8; 1536];
         c.storage.read_at(&mut b, 1536 + 512).unwrap();
-        let want: Vec<u8> = (512..2048u64).map(|o| if (700..1700).contains(&o) { 7 } else { (o % 251) as u8 }).collect();
+        let want: Vec<u8> = (512..2048u64)
+            .map(|o| {
+                if (700..1700).contains(&o) {
+                    7
+                } else {
+                    (o % 251) as u8
+                }
+            })
+            .collect();
         assert_eq!(b, want);
         // Bit order: sector 1..3 are bits 1..3 of byte 0.
         let mut bm = [0u8; 1];
         c.storage.read_at(&mut bm, 1056).unwrap();
         assert_eq!(bm[0], 0b1110);
         // Long runs and word boundaries.
-        c.write_at(&vec![1u8; 200 * 512], 60 * 512, &NoBacking).unwrap();
+        c.write_at(&vec![1u8; 200 * 512], 60 * 512, &NoBacking)
+            .unwrap();
         assert_eq!(c.map(60 * 512, 1 << 20).unwrap().len, 200 * 512);
         let c2 = Cow::open(c.storage.clone()).unwrap();
-        assert_eq!(c2.map(59 * 512, 1 << 20).unwrap(), Mapping { kind: Mapped::Unallocated, len: 512 });
+        assert_eq!(
+            c2.map(59 * 512, 1 << 20).unwrap(),
+            Mapping {
+                kind: Mapped::Unallocated,
+                len: 512
+            }
+        );
         assert_eq!(c2.map(60 * 512 + 3, 1 << 20).unwrap().len, 200 * 512 - 3);
     }
 
@@ -398,7 +484,10 @@ mod tests {
     fn rejects_bad_headers() {
         let ok = build_image(1 << 20, "", 0).unwrap();
         assert!(open_bytes(ok.clone()).is_ok());
-        assert_eq!(kind(open_bytes(ok[..1000].to_vec())), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(ok[..1000].to_vec())),
+            ErrorKind::CorruptImage
+        );
         let mut v = ok.clone();
         v[7] = 3;
         assert_eq!(kind(open_bytes(v)), ErrorKind::Unsupported);

@@ -44,7 +44,12 @@ use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub const ENTRY: FormatEntry = FormatEntry { format: Format::Qed, probe: Some(probe), open: Some(open), create: Some(create) };
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Qed,
+    probe: Some(probe),
+    open: Some(open),
+    create: Some(create),
+};
 
 pub const MAGIC: &[u8; 4] = b"QED\0";
 pub const HEADER_SIZE: usize = 64;
@@ -83,7 +88,9 @@ fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
 /// does (64-bit wrap-around included, so that QEMU opens what we accept).
 pub fn max_image_size(cluster_size: u32, table_size: u32) -> u64 {
     let entries = u64::from(table_size.wrapping_mul(cluster_size)) / 8;
-    entries.wrapping_mul(u64::from(cluster_size)).wrapping_mul(entries)
+    entries
+        .wrapping_mul(u64::from(cluster_size))
+        .wrapping_mul(entries)
 }
 
 fn cluster_size_valid(c: u32) -> bool {
@@ -126,15 +133,26 @@ impl Header {
             backing_filename_size: le32(b, 60).unwrap_or(0),
         };
         if h.features & !FEATURE_MASK != 0 {
-            return Err(unsupported(format!("unknown qed features {:#x}", h.features & !FEATURE_MASK)));
+            return Err(unsupported(format!(
+                "unknown qed features {:#x}",
+                h.features & !FEATURE_MASK
+            )));
         }
         if !cluster_size_valid(h.cluster_size) {
-            return Err(corrupt(format!("cluster size {} is not a power of two in 4 KiB..64 MiB", h.cluster_size)));
+            return Err(corrupt(format!(
+                "cluster size {} is not a power of two in 4 KiB..64 MiB",
+                h.cluster_size
+            )));
         }
         if !table_size_valid(h.table_size) {
-            return Err(corrupt(format!("table size {} is not a power of two in 1..16", h.table_size)));
+            return Err(corrupt(format!(
+                "table size {} is not a power of two in 1..16",
+                h.table_size
+            )));
         }
-        if h.image_size % 512 != 0 || h.image_size > max_image_size(h.cluster_size, h.table_size) {
+        if !h.image_size.is_multiple_of(512)
+            || h.image_size > max_image_size(h.cluster_size, h.table_size)
+        {
             return Err(corrupt(format!(
                 "image size {} is not a multiple of 512 or larger than the tables map",
                 h.image_size
@@ -143,15 +161,23 @@ impl Header {
         // The header must hold at least the header itself; its clusters
         // come before every table and data cluster.
         if h.header_size == 0 || u64::from(h.header_size) * u64::from(h.cluster_size) > 1 << 40 {
-            return Err(corrupt(format!("header size of {} clusters is invalid", h.header_size)));
+            return Err(corrupt(format!(
+                "header size of {} clusters is invalid",
+                h.header_size
+            )));
         }
         if h.features & F_BACKING_FILE != 0 {
             let end = u64::from(h.backing_filename_offset) + u64::from(h.backing_filename_size);
             if end > h.header_bytes() || h.backing_filename_offset < HEADER_SIZE as u32 {
-                return Err(corrupt("backing file name lies outside the header clusters"));
+                return Err(corrupt(
+                    "backing file name lies outside the header clusters",
+                ));
             }
             if h.backing_filename_size > MAX_BACKING_NAME {
-                return Err(corrupt(format!("backing file name of {} bytes is too long", h.backing_filename_size)));
+                return Err(corrupt(format!(
+                    "backing file name of {} bytes is too long",
+                    h.backing_filename_size
+                )));
             }
         }
         Ok(h)
@@ -209,7 +235,9 @@ impl Qed {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qed> {
         let file_len = storage.len()?;
         if file_len < HEADER_SIZE as u64 {
-            return Err(corrupt(format!("file of {file_len} bytes is shorter than the qed header")));
+            return Err(corrupt(format!(
+                "file of {file_len} bytes is shorter than the qed header"
+            )));
         }
         let mut hb = [0u8; HEADER_SIZE];
         storage.read_at(&mut hb, 0)?;
@@ -239,13 +267,18 @@ impl Qed {
         }
         let backing = if h.features & F_BACKING_FILE != 0 {
             let mut name = vec![0u8; h.backing_filename_size as usize];
-            q.storage.read_at(&mut name, u64::from(h.backing_filename_offset))?;
+            q.storage
+                .read_at(&mut name, u64::from(h.backing_filename_offset))?;
             if let Some(z) = name.iter().position(|&c| c == 0) {
                 name.truncate(z);
             }
-            let s = String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
+            let s =
+                String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
             let format = (h.features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string());
-            (!s.is_empty()).then_some(BackingRef { filename: s, format })
+            (!s.is_empty()).then_some(BackingRef {
+                filename: s,
+                format,
+            })
         } else {
             None
         };
@@ -253,7 +286,10 @@ impl Qed {
         // bounded by the file's own size.
         let mut raw = try_zeroed(h.table_bytes() as usize, "the qed L1 table")?;
         q.storage.read_at(&mut raw, h.l1_table_offset)?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         drop(raw);
         *q.l1.write() = l1;
         let q = Qed { backing, ..q };
@@ -270,7 +306,9 @@ impl Qed {
             // serves it, each entry checked when used.)
             for (i, &e) in q.l1.read().iter().enumerate() {
                 if e != 0 && !q.table_ok(e) {
-                    return Err(corrupt(format!("L1 entry {i}: L2 table at {e:#x} is unaligned or outside the file")));
+                    return Err(corrupt(format!(
+                        "L1 entry {i}: L2 table at {e:#x} is unaligned or outside the file"
+                    )));
                 }
             }
         }
@@ -287,7 +325,9 @@ impl Qed {
     /// A cluster offset QEMU accepts: aligned, after the header, before
     /// the (cluster-rounded) end of the file.
     fn cluster_ok(&self, off: u64) -> bool {
-        off & (self.cluster_size() - 1) == 0 && off >= self.header_bytes && off < self.end.load(Ordering::Acquire)
+        off & (self.cluster_size() - 1) == 0
+            && off >= self.header_bytes
+            && off < self.end.load(Ordering::Acquire)
     }
     fn table_ok(&self, off: u64) -> bool {
         match off.checked_add(self.table_bytes() - self.cluster_size()) {
@@ -311,7 +351,8 @@ impl Qed {
         }
         self.write_header(&h)?;
         self.storage.flush()?;
-        self.need_check.store(h.features & F_NEED_CHECK, Ordering::Release);
+        self.need_check
+            .store(h.features & F_NEED_CHECK, Ordering::Release);
         Ok(())
     }
 
@@ -328,7 +369,8 @@ impl Qed {
                 continue;
             }
             if !self.table_ok(t) {
-                self.storage.write_at(&0u64.to_le_bytes(), self.l1_offset + i as u64 * 8)?;
+                self.storage
+                    .write_at(&0u64.to_le_bytes(), self.l1_offset + i as u64 * 8)?;
                 l1[i] = 0;
                 continue;
             }
@@ -343,7 +385,8 @@ impl Qed {
                 for k in 0..n {
                     let e = chunk.entries[chunk.index + k];
                     if e != 0 && e != ZERO_CLUSTER && !self.cluster_ok(e) {
-                        self.l2.set(self.storage.as_ref(), t, self.entries, j + k as u64, 0)?;
+                        self.l2
+                            .set(self.storage.as_ref(), t, self.entries, j + k as u64, 0)?;
                     }
                 }
                 j += n as u64;
@@ -366,14 +409,18 @@ impl Qed {
     fn l1_entry(&self, i1: usize) -> Result<u64> {
         let t = self.l1.read().get(i1).copied().unwrap_or(0);
         if t != 0 && !self.table_ok(t) {
-            return Err(corrupt(format!("L1 entry {i1}: L2 table at {t:#x} is outside the file")));
+            return Err(corrupt(format!(
+                "L1 entry {i1}: L2 table at {t:#x} is outside the file"
+            )));
         }
         Ok(t)
     }
 
     fn check_entry(&self, e: u64) -> Result<()> {
         if e > ZERO_CLUSTER && !self.cluster_ok(e) {
-            return Err(corrupt(format!("L2 entry names cluster {e:#x}, unaligned or outside the file")));
+            return Err(corrupt(format!(
+                "L2 entry names cluster {e:#x}, unaligned or outside the file"
+            )));
         }
         Ok(())
     }
@@ -398,7 +445,10 @@ impl Driver for Qed {
         if t == 0 {
             let span = self.entries << self.cluster_bits;
             let span_end = (offset / span + 1).saturating_mul(span);
-            return Ok(Mapping { kind: Mapped::Unallocated, len: len.min(span_end - offset) });
+            return Ok(Mapping {
+                kind: Mapped::Unallocated,
+                len: len.min(span_end - offset),
+            });
         }
         let chunk = self.l2.get(self.storage.as_ref(), t, self.entries, i2)?;
         let entries = &chunk.entries[chunk.index..];
@@ -428,10 +478,16 @@ impl Driver for Qed {
                     run += cs;
                     next += cs;
                 }
-                Mapped::Data { file: 0, offset: host + in_cluster }
+                Mapped::Data {
+                    file: 0,
+                    offset: host + in_cluster,
+                }
             }
         };
-        Ok(Mapping { kind, len: run.min(len) })
+        Ok(Mapping {
+            kind,
+            len: run.min(len),
+        })
     }
 
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
@@ -505,7 +561,11 @@ impl Qed {
         let start = pos - in_cluster;
         let (i1, i2) = self.indices(pos);
         let t = self.l1_entry(i1)?;
-        let e = if t == 0 { 0 } else { self.l2.entry(self.storage.as_ref(), t, self.entries, i2)? };
+        let e = if t == 0 {
+            0
+        } else {
+            self.l2.entry(self.storage.as_ref(), t, self.entries, i2)?
+        };
         self.check_entry(e)?;
         if e > ZERO_CLUSTER {
             return self.storage.write_at(data, e + in_cluster);
@@ -529,14 +589,17 @@ impl Qed {
     /// before the L1 entry names it.
     fn set_l2(&self, i1: usize, i2: u64, t: u64, value: u64) -> Result<()> {
         if t != 0 {
-            return self.l2.set(self.storage.as_ref(), t, self.entries, i2, value);
+            return self
+                .l2
+                .set(self.storage.as_ref(), t, self.entries, i2, value);
         }
         let table = self.alloc(u64::from(self.header.lock().table_size))?;
         let mut tb = try_zeroed(self.table_bytes() as usize, "a qed L2 table")?;
         tb[i2 as usize * 8..i2 as usize * 8 + 8].copy_from_slice(&value.to_le_bytes());
         self.storage.write_at(&tb, table)?;
         self.storage.flush()?;
-        self.storage.write_at(&table.to_le_bytes(), self.l1_offset + i1 as u64 * 8)?;
+        self.storage
+            .write_at(&table.to_le_bytes(), self.l1_offset + i1 as u64 * 8)?;
         self.l1.write()[i1] = table;
         Ok(())
     }
@@ -547,7 +610,11 @@ impl Qed {
         let _g = self.write_lock.lock();
         let (i1, i2) = self.indices(pos);
         let t = self.l1_entry(i1)?;
-        let e = if t == 0 { 0 } else { self.l2.entry(self.storage.as_ref(), t, self.entries, i2)? };
+        let e = if t == 0 {
+            0
+        } else {
+            self.l2.entry(self.storage.as_ref(), t, self.entries, i2)?
+        };
         self.check_entry(e)?;
         match e {
             ZERO_CLUSTER => Ok(()),
@@ -568,10 +635,20 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let size = opts.take_u64("size")?.unwrap_or(0);
     let backing = opts.take_str("backing_file")?.filter(|s| !s.is_empty());
     let backing_fmt = opts.take_str("backing_fmt")?.filter(|s| !s.is_empty());
-    let cluster_size = opts.take_u64("cluster_size")?.unwrap_or(u64::from(DEFAULT_CLUSTER_SIZE));
-    let table_size = opts.take_u64("table_size")?.unwrap_or(u64::from(DEFAULT_TABLE_SIZE));
+    let cluster_size = opts
+        .take_u64("cluster_size")?
+        .unwrap_or(u64::from(DEFAULT_CLUSTER_SIZE));
+    let table_size = opts
+        .take_u64("table_size")?
+        .unwrap_or(u64::from(DEFAULT_TABLE_SIZE));
     opts.finish("qed")?;
-    let bytes = build_image(size, cluster_size, table_size, backing.as_deref(), backing_fmt.as_deref())?;
+    let bytes = build_image(
+        size,
+        cluster_size,
+        table_size,
+        backing.as_deref(),
+        backing_fmt.as_deref(),
+    )?;
     let storage = location.create_storage()?;
     storage.write_at(&bytes, 0)?;
     storage.flush()
@@ -584,14 +661,23 @@ pub fn build_image(
     backing: Option<&str>,
     backing_fmt: Option<&str>,
 ) -> Result<Vec<u8>> {
-    let cs = u32::try_from(cluster_size).ok().filter(|&c| cluster_size_valid(c)).ok_or_else(|| {
-        invalid(format!("qed cluster_size must be a power of two from 4 KiB to 64 MiB, not {cluster_size}"))
-    })?;
+    let cs = u32::try_from(cluster_size)
+        .ok()
+        .filter(|&c| cluster_size_valid(c))
+        .ok_or_else(|| {
+            invalid(format!(
+                "qed cluster_size must be a power of two from 4 KiB to 64 MiB, not {cluster_size}"
+            ))
+        })?;
     let ts = u32::try_from(table_size)
         .ok()
         .filter(|&t| table_size_valid(t))
-        .ok_or_else(|| invalid(format!("qed table_size must be a power of two from 1 to 16, not {table_size}")))?;
-    if size % 512 != 0 || size > max_image_size(cs, ts) {
+        .ok_or_else(|| {
+            invalid(format!(
+                "qed table_size must be a power of two from 1 to 16, not {table_size}"
+            ))
+        })?;
+    if !size.is_multiple_of(512) || size > max_image_size(cs, ts) {
         return Err(invalid(format!(
             "qed size {size} must be a multiple of 512 and at most {} with these cluster and table sizes",
             max_image_size(cs, ts)
@@ -610,8 +696,12 @@ pub fn build_image(
         backing_filename_size: 0,
     };
     if let Some(b) = backing {
-        if b.len() as u64 > u64::from(cs) - HEADER_SIZE as u64 || b.len() as u64 > u64::from(MAX_BACKING_NAME) {
-            return Err(invalid("backing file name does not fit in the qed header cluster"));
+        if b.len() as u64 > u64::from(cs) - HEADER_SIZE as u64
+            || b.len() as u64 > u64::from(MAX_BACKING_NAME)
+        {
+            return Err(invalid(
+                "backing file name does not fit in the qed header cluster",
+            ));
         }
         h.features |= F_BACKING_FILE;
         h.backing_filename_offset = HEADER_SIZE as u32;
@@ -666,12 +756,21 @@ mod tests {
         let v = build_image(10 << 20, 65536, 4, Some("b.raw"), Some("raw")).unwrap();
         assert_eq!(v.len(), 65536 * 5);
         assert_eq!(&v[..4], b"QED\0");
-        assert_eq!(le64(&v, 16), Some(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE));
+        assert_eq!(
+            le64(&v, 16),
+            Some(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE)
+        );
         assert_eq!(le64(&v, 40), Some(65536));
         assert_eq!(le64(&v, 48), Some(10 << 20));
         assert_eq!(&v[64..69], b"b.raw");
         let q = open_bytes(v, false).unwrap();
-        assert_eq!(q.backing(), Some(BackingRef { filename: "b.raw".into(), format: Some("raw".into()) }));
+        assert_eq!(
+            q.backing(),
+            Some(BackingRef {
+                filename: "b.raw".into(),
+                format: Some("raw".into())
+            })
+        );
         assert!(build_image(1000, 65536, 4, None, None).is_err());
         assert!(build_image(1 << 20, 65536, 3, None, None).is_err());
         assert!(build_image(1 << 20, 2048, 4, None, None).is_err());
@@ -689,7 +788,13 @@ mod tests {
         assert!(matches!(m.kind, Mapped::Data { .. }), "{m:?}");
         q.write_at(&[8u8; 5000], 4000, &NoBacking).unwrap();
         let q2 = open_bytes(q_bytes(&q), false).unwrap();
-        assert_eq!(q2.map(0, 4096).unwrap().kind, Mapped::Data { file: 0, offset: 16384 });
+        assert_eq!(
+            q2.map(0, 4096).unwrap().kind,
+            Mapped::Data {
+                file: 0,
+                offset: 16384
+            }
+        );
     }
 
     fn q_bytes(q: &Qed) -> Vec<u8> {
@@ -712,10 +817,22 @@ mod tests {
             (16, 8u64.to_le_bytes().to_vec(), ErrorKind::Unsupported),
             (40, 4097u64.to_le_bytes().to_vec(), ErrorKind::CorruptImage),
             (40, 0u64.to_le_bytes().to_vec(), ErrorKind::CorruptImage),
-            (40, (1u64 << 40).to_le_bytes().to_vec(), ErrorKind::CorruptImage),
-            (40, (u64::MAX - 4095).to_le_bytes().to_vec(), ErrorKind::CorruptImage),
+            (
+                40,
+                (1u64 << 40).to_le_bytes().to_vec(),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                40,
+                (u64::MAX - 4095).to_le_bytes().to_vec(),
+                ErrorKind::CorruptImage,
+            ),
             (48, 1001u64.to_le_bytes().to_vec(), ErrorKind::CorruptImage),
-            (48, (1u64 << 40).to_le_bytes().to_vec(), ErrorKind::CorruptImage),
+            (
+                48,
+                (1u64 << 40).to_le_bytes().to_vec(),
+                ErrorKind::CorruptImage,
+            ),
         ];
         for (at, bytes, k) in cases {
             let mut v = base();
@@ -728,7 +845,10 @@ mod tests {
         set(&mut v, 56, &4000u32.to_le_bytes());
         set(&mut v, 60, &200u32.to_le_bytes());
         assert_eq!(kind(open_bytes(v, false)), ErrorKind::CorruptImage);
-        assert_eq!(kind(open_bytes(b"QED\0".to_vec(), false)), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(b"QED\0".to_vec(), false)),
+            ErrorKind::CorruptImage
+        );
     }
 
     #[test]
@@ -754,7 +874,11 @@ mod tests {
             set(&mut v, CS, &(2 * CS as u64).to_le_bytes());
             set(&mut v, 2 * CS, &bad.to_le_bytes());
             let q = open_bytes(v.clone(), false).unwrap();
-            assert_eq!(q.map(0, 4096).unwrap_err().kind(), ErrorKind::CorruptImage, "{bad:#x}");
+            assert_eq!(
+                q.map(0, 4096).unwrap_err().kind(),
+                ErrorKind::CorruptImage,
+                "{bad:#x}"
+            );
             set(&mut v, 16, &F_NEED_CHECK.to_le_bytes());
             let q = open_bytes(v, true).unwrap();
             assert_eq!(q.map(0, 4096).unwrap().kind, Mapped::Unallocated);
@@ -765,6 +889,12 @@ mod tests {
         set(&mut v, CS, &(2 * CS as u64).to_le_bytes());
         set(&mut v, 2 * CS, &ZERO_CLUSTER.to_le_bytes());
         let q = open_bytes(v, false).unwrap();
-        assert_eq!(q.map(0, 8192).unwrap(), Mapping { kind: Mapped::Zero { host: None }, len: 4096 });
+        assert_eq!(
+            q.map(0, 8192).unwrap(),
+            Mapping {
+                kind: Mapped::Zero { host: None },
+                len: 4096
+            }
+        );
     }
 }

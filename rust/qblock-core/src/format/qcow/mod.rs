@@ -37,7 +37,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use table::TableCache;
 
-pub const ENTRY: FormatEntry = FormatEntry { format: Format::Qcow, probe: Some(probe), open: Some(open), create: Some(create) };
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Qcow,
+    probe: Some(probe),
+    open: Some(open),
+    create: Some(create),
+};
 
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 pub const VERSION: u32 = 1;
@@ -82,7 +87,9 @@ impl Header {
         }
         let version = be32(b, 4).unwrap_or(0);
         if version != VERSION {
-            return Err(unsupported(format!("qcow version {version} (only version 1 is qcow)")));
+            return Err(unsupported(format!(
+                "qcow version {version} (only version 1 is qcow)"
+            )));
         }
         let h = Header {
             backing_file_offset: be64(b, 8).unwrap_or(0),
@@ -96,10 +103,16 @@ impl Header {
         };
         // QEMU's checks, in its order.
         if h.size <= 1 {
-            return Err(corrupt(format!("image size {} is too small (must be at least 2 bytes)", h.size)));
+            return Err(corrupt(format!(
+                "image size {} is too small (must be at least 2 bytes)",
+                h.size
+            )));
         }
         if !(9..=16).contains(&h.cluster_bits) {
-            return Err(corrupt(format!("cluster_bits {} out of range 9..16", h.cluster_bits)));
+            return Err(corrupt(format!(
+                "cluster_bits {} out of range 9..16",
+                h.cluster_bits
+            )));
         }
         // l2_bits counts 8-byte entries: tables of 512 B to 64 KiB.
         if !(6..=13).contains(&h.l2_bits) {
@@ -129,7 +142,10 @@ impl Header {
             .map(|s| s >> shift)
             .ok_or_else(|| corrupt(format!("image size {} is too large", self.size)))?;
         if n > MAX_L1_ENTRIES {
-            return Err(corrupt(format!("image size {} needs {n} L1 entries, more than {MAX_L1_ENTRIES}", self.size)));
+            return Err(corrupt(format!(
+                "image size {} needs {n} L1 entries, more than {MAX_L1_ENTRIES}",
+                self.size
+            )));
         }
         Ok(n)
     }
@@ -178,7 +194,9 @@ impl Qcow {
     pub fn open(storage: Arc<dyn Storage>) -> Result<Qcow> {
         let file_len = storage.len()?;
         if file_len < HEADER_SIZE as u64 {
-            return Err(corrupt(format!("file of {file_len} bytes is shorter than the qcow header")));
+            return Err(corrupt(format!(
+                "file of {file_len} bytes is shorter than the qcow header"
+            )));
         }
         let mut hb = [0u8; HEADER_SIZE];
         storage.read_at(&mut hb, 0)?;
@@ -200,7 +218,10 @@ impl Qcow {
         }
         let mut raw = try_zeroed(l1_bytes as usize, "the qcow L1 table")?;
         storage.read_at(&mut raw, h.l1_table_offset)?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect();
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         drop(raw);
         let l2_bytes = 8u64 << l2_bits;
         for (i, &e) in l1.iter().enumerate() {
@@ -209,7 +230,11 @@ impl Qcow {
             }
             match e.checked_add(l2_bytes) {
                 Some(end) if end <= file_len && e >= HEADER_SIZE as u64 => {}
-                _ => return Err(corrupt(format!("L1 entry {i}: L2 table at {e} is outside the file ({file_len} bytes)"))),
+                _ => {
+                    return Err(corrupt(format!(
+                        "L1 entry {i}: L2 table at {e} is outside the file ({file_len} bytes)"
+                    )))
+                }
             }
         }
         let backing = if h.backing_file_offset != 0 && h.backing_file_size != 0 {
@@ -229,7 +254,8 @@ impl Qcow {
             if let Some(z) = name.iter().position(|&c| c == 0) {
                 name.truncate(z);
             }
-            let s = String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
+            let s =
+                String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
             (!s.is_empty()).then_some(s)
         } else {
             None
@@ -255,7 +281,10 @@ impl Qcow {
         1 << self.l2_bits
     }
     fn indices(&self, offset: u64) -> (usize, u64) {
-        ((offset >> (self.cluster_bits + self.l2_bits)) as usize, (offset >> self.cluster_bits) & (self.l2_entries() - 1))
+        (
+            (offset >> (self.cluster_bits + self.l2_bits)) as usize,
+            (offset >> self.cluster_bits) & (self.l2_entries() - 1),
+        )
     }
 
     /// What an L2 entry means, checked against the file.
@@ -269,19 +298,25 @@ impl Qcow {
             let shift = 63 - self.cluster_bits;
             let csize = (e >> shift) & (cs - 1);
             let off = e & ((1u64 << shift) - 1);
-            if csize == 0 || off.checked_add(csize).map_or(true, |x| x > end) {
-                return Err(corrupt(format!("compressed cluster at {off} of {csize} bytes is outside the file")));
+            if csize == 0 || off.checked_add(csize).is_none_or(|x| x > end) {
+                return Err(corrupt(format!(
+                    "compressed cluster at {off} of {csize} bytes is outside the file"
+                )));
             }
             return Ok(Entry::Compressed { off, csize });
         }
         // QEMU fails reads of clusters not on a sector boundary.
         if e & 511 != 0 {
-            return Err(corrupt(format!("data cluster offset {e:#x} is not sector aligned")));
+            return Err(corrupt(format!(
+                "data cluster offset {e:#x} is not sector aligned"
+            )));
         }
         // A last cluster may be cut short by the file end (it reads zeroes
         // there, as in QEMU); one that starts past the end is corrupt.
         if e < HEADER_SIZE as u64 || e >= end {
-            return Err(corrupt(format!("data cluster at {e:#x} is outside the file ({end} bytes)")));
+            return Err(corrupt(format!(
+                "data cluster at {e:#x} is outside the file ({end} bytes)"
+            )));
         }
         Ok(Entry::Data(e))
     }
@@ -292,7 +327,11 @@ impl Qcow {
         if l2 == 0 {
             return Ok((0, 0));
         }
-        Ok((l2, self.l2.entry(self.storage.as_ref(), l2, self.l2_entries(), i2)?))
+        Ok((
+            l2,
+            self.l2
+                .entry(self.storage.as_ref(), l2, self.l2_entries(), i2)?,
+        ))
     }
 
     fn read_compressed(&self, off: u64, csize: u64, out: &mut [u8]) -> Result<()> {
@@ -324,7 +363,10 @@ pub(crate) fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
         }
         let progressed = d.total_in() as usize != i || done != o;
         if st == Status::StreamEnd || !progressed {
-            return Err(corrupt(format!("compressed cluster inflates to {done} bytes, not {}", out.len())));
+            return Err(corrupt(format!(
+                "compressed cluster inflates to {done} bytes, not {}",
+                out.len()
+            )));
         }
     }
 }
@@ -337,7 +379,10 @@ impl Driver for Qcow {
         self.size
     }
     fn backing(&self) -> Option<BackingRef> {
-        self.backing.as_ref().map(|b| BackingRef { filename: b.clone(), format: None })
+        self.backing.as_ref().map(|b| BackingRef {
+            filename: b.clone(),
+            format: None,
+        })
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
@@ -348,14 +393,22 @@ impl Driver for Qcow {
         if l2 == 0 {
             // The whole L2 span is unallocated.
             let span_end = ((i1 as u64) + 1) << (self.cluster_bits + self.l2_bits);
-            return Ok(Mapping { kind: Mapped::Unallocated, len: len.min(span_end - offset) });
+            return Ok(Mapping {
+                kind: Mapped::Unallocated,
+                len: len.min(span_end - offset),
+            });
         }
-        let chunk = self.l2.get(self.storage.as_ref(), l2, self.l2_entries(), i2)?;
+        let chunk = self
+            .l2
+            .get(self.storage.as_ref(), l2, self.l2_entries(), i2)?;
         let entries = &chunk.entries[chunk.index..];
         let first = self.decode(entries[0])?;
         let mut run = cs - in_cluster;
         match first {
-            Entry::Compressed { .. } => return Ok(Mapping { kind: Mapped::Encoded, len: run.min(len) }),
+            Entry::Compressed { .. } => Ok(Mapping {
+                kind: Mapped::Encoded,
+                len: run.min(len),
+            }),
             Entry::Unallocated => {
                 for &e in &entries[1..] {
                     if run >= len || e != 0 {
@@ -363,7 +416,10 @@ impl Driver for Qcow {
                     }
                     run += cs;
                 }
-                Ok(Mapping { kind: Mapped::Unallocated, len: run.min(len) })
+                Ok(Mapping {
+                    kind: Mapped::Unallocated,
+                    len: run.min(len),
+                })
             }
             Entry::Data(host) => {
                 let mut next = host + cs;
@@ -376,7 +432,13 @@ impl Driver for Qcow {
                     run += cs;
                     next += cs;
                 }
-                Ok(Mapping { kind: Mapped::Data { file: 0, offset: host + in_cluster }, len: run.min(len) })
+                Ok(Mapping {
+                    kind: Mapped::Data {
+                        file: 0,
+                        offset: host + in_cluster,
+                    },
+                    len: run.min(len),
+                })
             }
         }
     }
@@ -396,7 +458,9 @@ impl Driver for Qcow {
                 buf.copy_from_slice(&out[at..at + buf.len()]);
                 Ok(())
             }
-            _ => Err(crate::error::Error::Internal("qcow cluster changed under a compressed read".into())),
+            _ => Err(crate::error::Error::Internal(
+                "qcow cluster changed under a compressed read".into(),
+            )),
         }
     }
 
@@ -419,7 +483,10 @@ impl Driver for Qcow {
     }
 
     fn info(&self) -> Result<DriverInfo> {
-        Ok(DriverInfo { cluster_size: Some(self.cluster_size()), ..Default::default() })
+        Ok(DriverInfo {
+            cluster_size: Some(self.cluster_size()),
+            ..Default::default()
+        })
     }
 }
 
@@ -436,7 +503,12 @@ impl Qcow {
         let start = pos - in_cluster;
         let (i1, i2) = self.indices(pos);
         let mut l2 = self.l1.read()[i1];
-        let e = if l2 == 0 { 0 } else { self.l2.entry(self.storage.as_ref(), l2, self.l2_entries(), i2)? };
+        let e = if l2 == 0 {
+            0
+        } else {
+            self.l2
+                .entry(self.storage.as_ref(), l2, self.l2_entries(), i2)?
+        };
         let old = self.decode(e)?;
         if let Entry::Data(host) = old {
             return self.storage.write_at(data, host + in_cluster);
@@ -446,7 +518,9 @@ impl Qcow {
         let mut content = try_zeroed(cs as usize, "a qcow cluster")?;
         if data.len() as u64 != cs {
             match old {
-                Entry::Compressed { off, csize } => self.read_compressed(off, csize, &mut content)?,
+                Entry::Compressed { off, csize } => {
+                    self.read_compressed(off, csize, &mut content)?
+                }
                 _ => {
                     let inside = self.size.saturating_sub(start).min(cs) as usize;
                     below.read_below(&mut content[..inside], start)?;
@@ -465,16 +539,20 @@ impl Qcow {
         }
         let host = align_up(end, cs).ok_or_else(|| invalid("qcow image file is too large"))?;
         if host >= 1u64 << (63 - self.cluster_bits) {
-            return Err(invalid("qcow image file is too large for its cluster offsets"));
+            return Err(invalid(
+                "qcow image file is too large for its cluster offsets",
+            ));
         }
         self.storage.write_at(&content, host)?;
         self.end.store(host + cs, Ordering::Release);
         if new_table {
             self.storage.flush()?;
         }
-        self.l2.set(self.storage.as_ref(), l2, self.l2_entries(), i2, host)?;
+        self.l2
+            .set(self.storage.as_ref(), l2, self.l2_entries(), i2, host)?;
         if new_table {
-            self.storage.write_at(&l2.to_be_bytes(), self.l1_offset + i1 as u64 * 8)?;
+            self.storage
+                .write_at(&l2.to_be_bytes(), self.l1_offset + i1 as u64 * 8)?;
             self.l1.write()[i1] = l2;
         }
         Ok(())
@@ -493,7 +571,9 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let encrypt = opts.take_bool("encrypt")?.unwrap_or(false);
     opts.finish("qcow")?;
     if encrypt {
-        return Err(unsupported("creating encrypted qcow images is not supported"));
+        return Err(unsupported(
+            "creating encrypted qcow images is not supported",
+        ));
     }
     let bytes = build_image(size, backing.as_deref())?;
     let storage = location.create_storage()?;
@@ -504,12 +584,18 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
 /// The bytes of a new, empty image.
 pub fn build_image(size: u64, backing: Option<&str>) -> Result<Vec<u8>> {
     let size = size / 512 * 512;
-    let (cluster_bits, l2_bits) = if backing.is_some() { (9u8, 12u8) } else { (12u8, 9u8) };
+    let (cluster_bits, l2_bits) = if backing.is_some() {
+        (9u8, 12u8)
+    } else {
+        (12u8, 9u8)
+    };
     let mut header_size = HEADER_SIZE as u64;
     let (mut bo, mut bs) = (0u64, 0u32);
     if let Some(b) = backing {
         if b.len() as u64 > u64::from(MAX_BACKING_NAME) {
-            return Err(invalid(format!("backing file name is longer than {MAX_BACKING_NAME} bytes")));
+            return Err(invalid(format!(
+                "backing file name is longer than {MAX_BACKING_NAME} bytes"
+            )));
         }
         bo = header_size;
         bs = b.len() as u32;
@@ -526,7 +612,9 @@ pub fn build_image(size: u64, backing: Option<&str>) -> Result<Vec<u8>> {
         crypt_method: 0,
         l1_table_offset: header_size,
     };
-    let l1_entries = h.l1_entries().map_err(|_| invalid(format!("size {size} is too large for qcow")))?;
+    let l1_entries = h
+        .l1_entries()
+        .map_err(|_| invalid(format!("size {size} is too large for qcow")))?;
     let total = header_size + (l1_entries * 8).div_ceil(512) * 512;
     let mut out = try_zeroed(total as usize, "a new qcow image")?;
     out[..HEADER_SIZE].copy_from_slice(&h.encode());
@@ -591,12 +679,20 @@ mod tests {
         let img = build_image(1 << 20, None).unwrap();
         let q = open_bytes(img).unwrap();
         assert_eq!(q.virtual_size(), 1 << 20);
-        assert_eq!(q.map(0, 1 << 20).unwrap(), Mapping { kind: Mapped::Unallocated, len: 1 << 20 });
+        assert_eq!(
+            q.map(0, 1 << 20).unwrap(),
+            Mapping {
+                kind: Mapped::Unallocated,
+                len: 1 << 20
+            }
+        );
         q.write_at(&[7u8; 5000], 1000, &NoBacking).unwrap();
         let m = q.map(1000, 5000).unwrap();
         assert!(matches!(m.kind, Mapped::Data { .. }));
         assert_eq!(m.len, 5000);
-        let Mapped::Data { offset, .. } = m.kind else { unreachable!() };
+        let Mapped::Data { offset, .. } = m.kind else {
+            unreachable!()
+        };
         let mut b = [0u8; 5000];
         q.storage.read_at(&mut b, offset).unwrap();
         assert_eq!(b, [7u8; 5000]);
@@ -611,46 +707,85 @@ mod tests {
         assert!(open_bytes(ok.clone()).is_ok());
         let mut h = header();
         h.size = 1;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.cluster_bits = 8;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.cluster_bits = 17;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.l2_bits = 14;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.l2_bits = 5;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.crypt_method = 1;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::Unsupported);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::Unsupported
+        );
         let mut h = header();
         h.crypt_method = 2;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.size = u64::MAX - 10;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         // An L1 table bigger than QEMU reads, or outside the file.
         let mut h = header();
         h.size = 1 << 62;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.size = 1 << 40;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.l1_table_offset = u64::MAX - 3;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.backing_file_offset = 48;
         h.backing_file_size = 1024;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         let mut h = header();
         h.backing_file_offset = 4000;
         h.backing_file_size = 200;
-        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
+        assert_eq!(
+            kind(open_bytes(image_with(&h, 4096))),
+            ErrorKind::CorruptImage
+        );
         // Short file, wrong version.
         assert_eq!(kind(open_bytes(ok[..40].to_vec())), ErrorKind::CorruptImage);
         let mut v = ok.clone();
@@ -670,7 +805,11 @@ mod tests {
             v[48..56].copy_from_slice(&4096u64.to_be_bytes());
             v[4096..4104].copy_from_slice(&bad.to_be_bytes());
             let q = open_bytes(v).unwrap();
-            assert_eq!(q.map(0, 4096).unwrap_err().kind(), ErrorKind::CorruptImage, "{bad:#x}");
+            assert_eq!(
+                q.map(0, 4096).unwrap_err().kind(),
+                ErrorKind::CorruptImage,
+                "{bad:#x}"
+            );
         }
         // Garbage deflate data.
         let mut v = image_with(&header(), 8192);
@@ -681,14 +820,18 @@ mod tests {
         let q = open_bytes(v).unwrap();
         assert_eq!(q.map(0, 4096).unwrap().kind, Mapped::Encoded);
         let mut b = [0u8; 512];
-        assert_eq!(q.read_encoded(&mut b, 0).unwrap_err().kind(), ErrorKind::CorruptImage);
+        assert_eq!(
+            q.read_encoded(&mut b, 0).unwrap_err().kind(),
+            ErrorKind::CorruptImage
+        );
     }
 
     #[test]
     fn compressed_cluster_reads() {
         use std::io::Write;
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let c = enc.finish().unwrap();
         let mut v = image_with(&header(), 8192);
@@ -704,7 +847,9 @@ mod tests {
         // Writing into it decompresses into a new plain cluster.
         q.write_at(&[1, 2, 3], 10, &NoBacking).unwrap();
         let m = q.map(0, 4096).unwrap();
-        let Mapped::Data { offset, .. } = m.kind else { panic!("{m:?}") };
+        let Mapped::Data { offset, .. } = m.kind else {
+            panic!("{m:?}")
+        };
         let mut out = vec![0u8; 4096];
         q.storage.read_at(&mut out, offset).unwrap();
         let mut want = data.clone();

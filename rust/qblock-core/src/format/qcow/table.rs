@@ -28,14 +28,20 @@ pub struct Chunk {
     pub index: usize,
 }
 
+/// Cached chunks by (host offset, entry count).
+type Chunks = HashMap<(u64, u64), Arc<Vec<u64>>>;
+
 pub struct TableCache {
     big_endian: bool,
-    chunks: RwLock<HashMap<(u64, u64), Arc<Vec<u64>>>>,
+    chunks: RwLock<Chunks>,
 }
 
 impl TableCache {
     pub fn new(big_endian: bool) -> Self {
-        TableCache { big_endian, chunks: RwLock::new(HashMap::new()) }
+        TableCache {
+            big_endian,
+            chunks: RwLock::new(HashMap::new()),
+        }
     }
 
     fn chunk_of(table: u64, entries: u64, index: u64) -> (u64, u64, usize) {
@@ -47,10 +53,19 @@ impl TableCache {
     /// The entries of the table at host offset `table` (of `entries`
     /// entries) from `index` on, as far as one chunk goes. The caller has
     /// checked that the table lies inside the file and `index < entries`.
-    pub fn get(&self, storage: &dyn Storage, table: u64, entries: u64, index: u64) -> Result<Chunk> {
+    pub fn get(
+        &self,
+        storage: &dyn Storage,
+        table: u64,
+        entries: u64,
+        index: u64,
+    ) -> Result<Chunk> {
         let (off, n, at) = Self::chunk_of(table, entries, index);
         if let Some(c) = self.chunks.read().get(&(off, n)) {
-            return Ok(Chunk { entries: c.clone(), index: at });
+            return Ok(Chunk {
+                entries: c.clone(),
+                index: at,
+            });
         }
         let mut raw = try_zeroed(n as usize * 8, "a table chunk")?;
         storage.read_at(&mut raw, off)?;
@@ -71,19 +86,39 @@ impl TableCache {
             w.clear();
         }
         w.insert((off, n), v.clone());
-        Ok(Chunk { entries: v, index: at })
+        Ok(Chunk {
+            entries: v,
+            index: at,
+        })
     }
 
     /// One entry of a table.
-    pub fn entry(&self, storage: &dyn Storage, table: u64, entries: u64, index: u64) -> Result<u64> {
+    pub fn entry(
+        &self,
+        storage: &dyn Storage,
+        table: u64,
+        entries: u64,
+        index: u64,
+    ) -> Result<u64> {
         let c = self.get(storage, table, entries, index)?;
         Ok(c.entries[c.index])
     }
 
     /// Write one entry to the file, then to the cache (the file is the
     /// truth; a failed write leaves the cache as it was).
-    pub fn set(&self, storage: &dyn Storage, table: u64, entries: u64, index: u64, value: u64) -> Result<()> {
-        let bytes = if self.big_endian { value.to_be_bytes() } else { value.to_le_bytes() };
+    pub fn set(
+        &self,
+        storage: &dyn Storage,
+        table: u64,
+        entries: u64,
+        index: u64,
+        value: u64,
+    ) -> Result<()> {
+        let bytes = if self.big_endian {
+            value.to_be_bytes()
+        } else {
+            value.to_le_bytes()
+        };
         storage.write_at(&bytes, table + index * 8)?;
         let (off, n, at) = Self::chunk_of(table, entries, index);
         let mut w = self.chunks.write();
@@ -121,6 +156,9 @@ mod tests {
         c.clear();
         assert_eq!(c.entry(&s, 0, 10000, 4100).unwrap(), 7);
         // The last chunk is short.
-        assert_eq!(c.get(&s, 0, 10000, 8192).unwrap().entries.len(), 10000 - 8192);
+        assert_eq!(
+            c.get(&s, 0, 10000, 8192).unwrap().entries.len(),
+            10000 - 8192
+        );
     }
 }
