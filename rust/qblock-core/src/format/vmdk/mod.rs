@@ -158,7 +158,8 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
         let ext = SparseExtent::open(0, storage.clone(), &head, writable)?;
         let ct = if ext.layout.compressed { "streamOptimized".to_string() } else { "monolithicSparse".to_string() };
         let size = ext.layout.capacity;
-        let extent = Extent { start: 0, len: size, read_only: false, kind: Kind::Sparse(ext), type_name: "SPARSE" };
+        // No extent line names it: QEMU reports an empty extent format.
+        let extent = Extent { start: 0, len: size, read_only: false, kind: Kind::Sparse(ext), type_name: "" };
         return Ok(Box::new(Vmdk {
             files: vec![storage],
             extents: vec![extent],

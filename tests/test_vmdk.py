@@ -1,0 +1,541 @@
+"""vmdk against qemu-img/qemu-io: every subformat QEMU writes reads back byte
+for byte and maps as `qemu-img map` says; images we create and write pass
+`qemu-img check` and compare equal to a model; descriptors with mixed
+extents; backing chains both ways; hostile images refused in a limited
+child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import libqblock as qb
+
+from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+GRAIN = 64 * KiB
+MAP_KEYS = ("start", "length", "depth", "present", "zero", "data", "compressed", "offset")
+# For flat extents QEMU asks the host file too and reports holes as
+# data+zero, which our status model (data xor hole) does not express.
+FLAT_MAP_KEYS = ("start", "length", "depth", "present", "data", "compressed", "offset")
+
+QEMU_IO_WRITES = (
+    "write -P 0x11 1000 5000",
+    "write -P 0x22 70001 200000",
+    "write -P 0x33 2M 4096",
+    "write -P 0x44 3145721 17",
+    "write -P 0x55 5000000 70000",
+)
+
+
+def strip(entries, keys=MAP_KEYS):
+    """Comparable map: chosen keys, adjacent extents merged where all but the
+    length agree and host offsets continue."""
+    out = []
+    for e in entries:
+        e = {k: e[k] for k in keys if k in e}
+        if out:
+            last = out[-1]
+            same = all(last.get(k) == e.get(k) for k in keys if k not in ("start", "length", "offset"))
+            cont = ("offset" in last) == ("offset" in e) and (
+                "offset" not in e or last["offset"] + last["length"] == e["offset"]
+            )
+            if same and cont and last["start"] + last["length"] == e["start"]:
+                last["length"] += e["length"]
+                continue
+        out.append(e)
+    return out
+
+
+def ours_map(img):
+    return [e.to_qemu_map() for e in img.map()]
+
+
+def check_clean(path):
+    r = qemu_check(str(path))
+    assert r.get("corruptions", 0) == 0 and r.get("check-errors", 0) == 0, r
+    return r
+
+
+def assert_reads_like_qemu(path, tmp, map_keys=MAP_KEYS):
+    expected = qemu_raw_bytes(str(path), tmp)
+    with qb.open(path, flags=0) as img:
+        assert img.format is qb.Format.VMDK
+        assert img.virt_size == len(expected)
+        assert img.read(len(expected), 0) == expected
+        for off, n in ((1, 1), (999, 7777), (65535, 65538), (len(expected) - 3, 3)):
+            if off + n <= len(expected):
+                assert img.read(n, off) == expected[off : off + n], (off, n)
+        assert strip(ours_map(img), map_keys) == strip(qemu_map(str(path)), map_keys)
+    return expected
+
+
+def assert_info_like_qemu(path):
+    info = qemu_info(str(path))
+    with qb.open(path, flags=0) as img:
+        i = img.info()
+        assert i.format is qb.Format.VMDK
+        assert i.virt_size == info["virtual-size"]
+        assert i.cluster_size == info.get("cluster-size")
+        assert i.format_specific == info["format-specific"]["data"]
+        assert (i.backing_location is None) == ("backing-filename" not in info)
+
+
+# --- reading what QEMU wrote ---------------------------------------------------
+
+READ_MATRIX = {
+    "monolithicSparse": ("-o", "subformat=monolithicSparse"),
+    "monolithicFlat": ("-o", "subformat=monolithicFlat"),
+    "twoGbMaxExtentSparse": ("-o", "subformat=twoGbMaxExtentSparse"),
+    "twoGbMaxExtentFlat": ("-o", "subformat=twoGbMaxExtentFlat"),
+    "zeroed_grain": ("-o", "zeroed_grain=on"),
+    "compat6": ("-o", "compat6=on,adapter_type=lsilogic"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READ_MATRIX))
+def test_read_and_map_what_qemu_wrote(tmp, name):
+    p = tmp / f"{name}.vmdk"
+    qemu_img("create", "-f", "vmdk", *READ_MATRIX[name], str(p), "6M")
+    writes = QEMU_IO_WRITES
+    if name == "zeroed_grain":
+        writes += ("write -z 128k 192k", "write -z 64k 64k")
+    qemu_io(str(p), *writes, fmt="vmdk")
+    assert_reads_like_qemu(p, tmp, FLAT_MAP_KEYS if "Flat" in name else MAP_KEYS)
+    assert_info_like_qemu(p)
+
+
+def test_stream_optimized_read(tmp):
+    raw = tmp / "src.raw"
+    rnd = random.Random(4)
+    data = bytearray(5 * MiB + 512)
+    for off in (0, 70001, 2 * MiB, 5 * MiB - 100):
+        chunk = bytes(rnd.getrandbits(8) for _ in range(3000)) * 10
+        data[off : off + len(chunk)] = chunk[: len(data) - off]
+    data[3 * MiB : 3 * MiB + 65536] = b"\x5a" * 65536  # compresses well
+    raw.write_bytes(bytes(data))
+    p = tmp / "s.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(p))
+    assert_reads_like_qemu(p, tmp)
+    assert_info_like_qemu(p)
+    with qb.open(p, flags=0) as img:
+        assert img.read(len(data), 0) == bytes(data)
+        assert img.info().format_specific["create-type"] == "streamOptimized"
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        with pytest.raises(qb.UnsupportedError):
+            img.write(b"x", 4 * MiB)
+
+
+def test_split_extents_across_2gb_boundaries(tmp):
+    """4.5 GiB in three extents (sparse and flat): writes crossing extent
+    boundaries read back, maps agree; only small ranges are compared."""
+    for sub in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat"):
+        p = tmp / f"{sub}.vmdk"
+        qemu_img("create", "-f", "vmdk", "-o", f"subformat={sub}", str(p), str(4 * GiB + GiB // 2))
+        qemu_io(str(p), f"write -P 0x61 {2 * GiB - 1000} 3000", f"write -P 0x62 {4 * GiB - 5} 70000", fmt="vmdk")
+        with qb.open(p, flags=qb.O_RDWR) as img:
+            assert img.virt_size == 4 * GiB + GiB // 2
+            assert img.read(3000, 2 * GiB - 1000) == b"\x61" * 3000
+            assert img.read(70002, 4 * GiB - 6) == b"\0" + b"\x62" * 70000 + b"\0"
+            keys = FLAT_MAP_KEYS if "Flat" in sub else MAP_KEYS
+            assert strip(ours_map(img), keys) == strip(qemu_map(str(p)), keys)
+            assert len(img.info().format_specific["extents"]) == 3
+            img.write(b"\x63" * 100000, 2 * GiB - 50000)
+        out = qemu_io(str(p), f"read -P 0x63 {2 * GiB - 50000} 100000", fmt="vmdk")
+        assert "Pattern verification failed" not in out
+        check_clean(p)
+
+
+# --- images we create -------------------------------------------------------------
+
+CREATE_MATRIX = [
+    dict(),
+    dict(subformat="monolithicFlat"),
+    dict(subformat="twoGbMaxExtentSparse"),
+    dict(subformat="twoGbMaxExtentFlat"),
+    dict(zeroed_grain=True),
+    dict(compat6=True),
+    dict(adapter_type="lsilogic", hwversion="10", toolsversion="12"),
+    dict(adapter_type="legacyESX", subformat="monolithicFlat"),
+]
+
+
+@pytest.mark.parametrize("opts", CREATE_MATRIX, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_create_matches_qemu(tmp, opts):
+    p = tmp / "n.vmdk"
+    size = 5 * MiB + 512 * 3
+    qb.create(p, qb.VmdkOptions(size, **opts))
+    check_clean(p)
+    info = qemu_info(str(p))
+    assert info["format"] == "vmdk" and info["virtual-size"] == size
+    fs = info["format-specific"]["data"]
+    assert fs["create-type"] == opts.get("subformat", "monolithicSparse")
+    assert fs["parent-cid"] == 0xFFFFFFFF
+    assert qemu_raw_bytes(str(p), tmp) == bytes(size)
+    desc = qemu_desc(p)
+    hw = "6" if opts.get("compat6") else opts.get("hwversion", "4")
+    assert f'ddb.virtualHWVersion = "{hw}"' in desc
+    assert f'ddb.adapterType = "{opts.get("adapter_type", "ide")}"' in desc
+    model = bytearray(size)
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        assert img.info().format_specific == fs
+        for off, n in ((12345, 70000), (size - 700, 700), (GRAIN, GRAIN), (3 * MiB + 1, 1)):
+            chunk = os.urandom(n)
+            img.write(chunk, off)
+            model[off : off + n] = chunk
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(model)
+    assert_reads_like_qemu(p, tmp, FLAT_MAP_KEYS if "Flat" in opts.get("subformat", "") else MAP_KEYS)
+
+
+def qemu_desc(p: Path) -> str:
+    data = p.read_bytes()
+    if data[:4] == b"KDMV":
+        data = data[512 : 512 * 21]
+    return data.split(b"\0")[0].decode()
+
+
+def test_stream_optimized_create_is_unsupported(tmp):
+    with pytest.raises(qb.UnsupportedError):
+        qb.create(tmp / "s.vmdk", qb.VmdkOptions(MiB, subformat="streamOptimized"))
+
+
+def model_ops():
+    size = 3 * MiB
+    op = st.tuples(
+        st.sampled_from(["write", "zero"]),
+        st.integers(0, size - 1),
+        st.integers(1, 150000),
+        st.integers(1, 255),
+    )
+    return st.lists(op, min_size=1, max_size=8)
+
+
+@pytest.mark.parametrize("sub", ["monolithicSparse", "twoGbMaxExtentFlat"])
+def test_random_ops_against_model(tmp, sub):
+    size = 3 * MiB
+    counter = [0]
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(model_ops())
+    def run(ops):
+        counter[0] += 1
+        p = tmp / f"m{counter[0]}.vmdk"
+        qb.create(p, qb.VmdkOptions(size, subformat=sub))
+        model = bytearray(size)
+        with qb.open(p, flags=qb.O_RDWR | qb.O_CACHE_WB) as img:
+            for kind, off, n, byte in ops:
+                n = min(n, size - off)
+                data = bytes([byte]) * n if kind == "write" else bytes(n)
+                img.write(data, off)
+                model[off : off + n] = data
+                assert img.read(n, off) == data
+        with qb.open(p, flags=0) as img:
+            assert img.read(size, 0) == bytes(model)
+        check_clean(p)
+        modelp = tmp / f"m{counter[0]}.raw"
+        modelp.write_bytes(bytes(model))
+        r = qemu_img("compare", "-f", "vmdk", "-F", "raw", str(p), str(modelp), check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        for f in tmp.glob(f"m{counter[0]}*"):
+            f.unlink()
+
+    run()
+
+
+# --- backing files ----------------------------------------------------------------
+
+
+def test_our_overlay_on_qemu_base(tmp):
+    base = tmp / "base.vmdk"
+    qemu_img("create", "-f", "vmdk", str(base), "4M")
+    qemu_io(str(base), "write -P 0xaa 0 4M", fmt="vmdk")
+    top = tmp / "top.vmdk"
+    qb.create(top, qb.VmdkOptions(0, backing="base.vmdk"))
+    info = qemu_info(str(top))
+    assert info["backing-filename"] == "base.vmdk" and info["virtual-size"] == 4 * MiB
+    base_cid = qemu_info(str(base))["format-specific"]["data"]["cid"]
+    assert info["format-specific"]["data"]["parent-cid"] == base_cid
+    with qb.open(top, flags=qb.O_RDWR) as img:
+        i = img.info()
+        assert i.backing_format is qb.Format.VMDK
+        img.write(b"\x01" * 1000, 100000)
+        st_ = img.block_status(0, 4 * MiB)
+        assert not st_.allocated and st_.depth == 1
+    check_clean(top)
+    expected = bytearray(b"\xaa" * 4 * MiB)
+    expected[100000:101000] = b"\x01" * 1000
+    assert qemu_raw_bytes(str(top), tmp) == bytes(expected)
+    assert_reads_like_qemu(top, tmp)
+
+
+def test_qemu_overlay_on_our_base(tmp):
+    base = tmp / "base.vmdk"
+    qb.create(base, qb.VmdkOptions(4 * MiB))
+    with qb.open(base, flags=qb.O_RDWR) as img:
+        img.write(b"\xbb" * (2 * MiB), MiB)
+    top = tmp / "top.vmdk"
+    qemu_img("create", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", str(top))
+    qemu_io(str(top), "write -P 0x77 1500000 100", fmt="vmdk")
+    assert_reads_like_qemu(top, tmp)
+    with qb.open(top, flags=0) as img:
+        assert img.info().backing_location is not None
+
+
+# --- hand-written descriptors -------------------------------------------------------
+
+
+def test_descriptor_with_mixed_extents(tmp):
+    """FLAT at an offset, VMFS, and a SPARSE extent made by qemu-img, in one
+    descriptor; QEMU reads it the same way."""
+    flat = tmp / "data.bin"
+    flat_bytes = os.urandom(3 * MiB)
+    flat.write_bytes(flat_bytes)
+    vmfs = tmp / "vmfs.bin"
+    vmfs.write_bytes(b"\x42" * MiB)
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", str(tmp / "sp.vmdk"), "2M")
+    qemu_io(str(tmp / "sp.vmdk"), "write -P 0x99 65536 65536", fmt="vmdk")
+    desc = (
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n\n# Extent description\n'
+        'RW 2048 FLAT "data.bin" 2048\n'
+        'RW 4096 SPARSE "sp-s001.vmdk"\n'
+        'RW 2048 VMFS "vmfs.bin"\n'
+    )
+    p = tmp / "mixed.vmdk"
+    p.write_text(desc)
+    expected = assert_reads_like_qemu(p, tmp, FLAT_MAP_KEYS)
+    assert expected[: MiB] == flat_bytes[MiB : 2 * MiB]
+    assert expected[MiB + 65536 : MiB + 131072] == b"\x99" * 65536
+    assert expected[3 * MiB :] == b"\x42" * MiB
+    assert_info_like_qemu(p)
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        img.write(b"\x07" * 200000, MiB - 100000)  # flat into sparse
+        img.write(b"\x08" * 5, 4 * MiB - 5)
+    out = qemu_io(str(p), f"read -P 0x07 {MiB - 100000} 200000", "read -P 0x08 4194299 5", fmt="vmdk")
+    assert "Pattern verification failed" not in out
+    assert flat.read_bytes()[2 * MiB - 100000 : 2 * MiB] == b"\x07" * 100000
+
+
+def test_zero_and_rdonly_extents(tmp):
+    """Extents QEMU skips: ZERO reads as zeroes, RDONLY reads but refuses
+    writes (our behaviour; see the module docs)."""
+    (tmp / "a.bin").write_bytes(b"\x11" * MiB)
+    (tmp / "b.bin").write_bytes(b"\x22" * MiB)
+    p = tmp / "z.vmdk"
+    p.write_text(
+        'version=1\ncreateType="monolithicFlat"\n'
+        'RW 2048 FLAT "a.bin" 0\nRW 2048 ZERO\nRDONLY 2048 FLAT "b.bin" 0\n'
+    )
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        assert img.virt_size == 3 * MiB
+        assert img.read(3 * MiB, 0) == b"\x11" * MiB + bytes(MiB) + b"\x22" * MiB
+        st_ = img.block_status(MiB, MiB)
+        assert st_.allocated and st_.zero and not st_.data and st_.length == MiB
+        img.write(b"x", 5)
+        with pytest.raises(qb.UnsupportedError):
+            img.write(b"x", MiB + 5)
+        with pytest.raises(qb.UnsupportedError):
+            img.write(b"x", 2 * MiB + 5)
+
+
+def test_sesparse_extent_without_descriptor_is_raw(tmp):
+    p = tmp / "se.vmdk"
+    p.write_bytes(struct.pack("<Q", 0xCAFEBABE) + bytes(4096))
+    with qb.open(p, flags=0) as img:
+        assert img.format is qb.Format.RAW
+
+
+# --- hostile images -----------------------------------------------------------------
+
+CHILD = r"""
+import sys, resource
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+import libqblock as qb
+try:
+    with qb.open(sys.argv[1], flags=0) as img:
+        img.info()
+        size = img.virt_size
+        pos = 0
+        while pos < size and pos < (256 << 20):
+            n = min(1 << 20, size - pos)
+            img.read(n, pos)
+            pos += n
+        if size:
+            img.read(1, size - 1)
+        img.map()
+    print("ok")
+except qb.QBlockError as e:
+    print(type(e).__name__, e.message[:200])
+"""
+
+
+def run_child(path):
+    r = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, f"child crashed ({r.returncode}): {r.stderr[-2000:]}"
+    return r.stdout.strip()
+
+
+def hdr_field(data: bytearray, off: int, fmt: str, value: int):
+    struct.pack_into(fmt, data, off, value)
+
+
+def make_sparse(tmp: Path) -> bytearray:
+    p = tmp / "base-sparse.vmdk"
+    if not p.exists():
+        qemu_img("create", "-f", "vmdk", str(p), "4M")
+        qemu_io(str(p), "write -P 0x33 0 128k", fmt="vmdk")
+    return bytearray(p.read_bytes())
+
+
+def with_footer(d: bytearray) -> bytearray:
+    """Move the grain directory offset into a footer (GD_AT_END), as VMware's
+    stream writers do: footer marker, header copy, end-of-stream marker."""
+    footer = bytearray(d[:512])
+    hdr_field(d, 56, "<Q", (1 << 64) - 1)
+    marker = bytearray(512)
+    hdr_field(marker, 12, "<I", 3)
+    return d + marker + footer + bytearray(512)
+
+
+def make_stream(tmp: Path) -> bytearray:
+    p = tmp / "base-stream.vmdk"
+    if not p.exists():
+        raw = tmp / "s.raw"
+        raw.write_bytes(os.urandom(128 * KiB) + bytes(MiB))
+        q = tmp / "q-stream.vmdk"
+        qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(q))
+        p.write_bytes(bytes(with_footer(bytearray(q.read_bytes()))))
+    return bytearray(p.read_bytes())
+
+
+def test_stream_optimized_footer(tmp):
+    """The grain directory found through the footer reads as QEMU reads it."""
+    p = tmp / "f.vmdk"
+    p.write_bytes(bytes(make_stream(tmp)))
+    assert_reads_like_qemu(p, tmp)
+
+
+def gd_of(d: bytearray) -> int:
+    return struct.unpack_from("<Q", d, 56)[0] * 512
+
+
+def gt_of(d: bytearray) -> int:
+    return struct.unpack_from("<I", d, gd_of(d))[0] * 512
+
+
+def first_grain(d: bytearray) -> int:
+    return struct.unpack_from("<I", d, gt_of(d))[0] * 512
+
+
+def stream_grain(d: bytearray) -> int:
+    # the footer (second-to-last sector) holds the grain directory offset
+    footer = len(d) - 1024
+    gd = struct.unpack_from("<Q", d, footer + 56)[0] * 512
+    gt = struct.unpack_from("<I", d, gd)[0] * 512
+    return struct.unpack_from("<I", d, gt)[0] * 512
+
+
+def _set(off, fmt, value):
+    return lambda d: hdr_field(d, off, fmt, value)
+
+
+HOSTILE_SPARSE = {
+    "capacity-huge": _set(12, "<Q", 2233785398448881665),
+    "capacity-overflow": _set(12, "<Q", 1 << 62),
+    "granularity-0": _set(20, "<Q", 0),
+    "granularity-huge": _set(20, "<Q", 1 << 40),
+    "gtes-0": _set(44, "<I", 0),
+    "gtes-huge": _set(44, "<I", 1 << 31),
+    "rgd-beyond-eof": _set(48, "<Q", 1 << 40),
+    "gd-beyond-eof": _set(56, "<Q", 1 << 33),
+    "gd-at-header": _set(56, "<Q", 0),
+    "grain-offset-beyond-eof": _set(64, "<Q", 1 << 50),
+    "gd-entry-beyond-eof": lambda d: hdr_field(d, gd_of(d), "<I", 0xFFFFFFF0),
+    "gte-beyond-eof": lambda d: hdr_field(d, gt_of(d), "<I", 0x7FFFFFFF),
+    "gd-at-end-no-footer": _set(56, "<Q", (1 << 64) - 1),
+    "truncated-header": lambda d: d.__delitem__(slice(200, None)),
+}
+
+HOSTILE_STREAM = {
+    "footer-magic": lambda d: d.__setitem__(len(d) - 1024, 0),
+    "footer-marker-type": lambda d: hdr_field(d, len(d) - 1536 + 12, "<I", 7),
+    "eos-marker": lambda d: hdr_field(d, len(d) - 512, "<Q", 5),
+    "grain-marker-size-0": lambda d: hdr_field(d, stream_grain(d) + 8, "<I", 0),
+    "grain-marker-size-huge": lambda d: hdr_field(d, stream_grain(d) + 8, "<I", 0xFFFFFFFF),
+    "grain-garbage": lambda d: d.__setitem__(slice(stream_grain(d) + 12, stream_grain(d) + 40), b"\xff" * 28),
+    "footer-gd-beyond-eof": lambda d: hdr_field(d, len(d) - 1024 + 56, "<Q", 1 << 40),
+}
+
+HOSTILE_DESC = {
+    "no-create-type": "version=1\nRW 8 FLAT \"x.bin\" 0\n",
+    "flat-without-offset": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x.bin"\n',
+    "negative-sectors": 'version=1\ncreateType="monolithicFlat"\nRW -8 FLAT "x.bin" 0\n',
+    "sectors-overflow": 'version=1\ncreateType="monolithicFlat"\nRW 99999999999999999999 FLAT "x.bin" 0\n',
+    "offset-overflow": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x.bin" 36028797018963968\n',
+    "too-many-extents": 'version=1\ncreateType="monolithicFlat"\n' + "RW 1 ZERO\n" * 5000,
+    "no-extents": 'version=1\ncreateType="monolithicFlat"\n',
+    "sparse-not-kdmv": 'version=1\ncreateType="twoGbMaxExtentSparse"\nRW 8 SPARSE "x.bin"\n',
+    "unterminated-name": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x.bin 0\n',
+    "self-parent": 'version=1\ncreateType="monolithicFlat"\nparentFileNameHint="d.vmdk"\nRW 8 FLAT "x.bin" 0\n',
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hostile")
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_SPARSE))
+def test_hostile_sparse(hostile_dir, name):
+    d = make_sparse(hostile_dir)
+    HOSTILE_SPARSE[name](d)
+    p = hostile_dir / f"{name}.vmdk"
+    p.write_bytes(bytes(d))
+    out = run_child(p)
+    assert out.startswith("CorruptImageError"), out
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_STREAM))
+def test_hostile_stream_optimized(hostile_dir, name):
+    d = make_stream(hostile_dir)
+    HOSTILE_STREAM[name](d)
+    p = hostile_dir / f"{name}.vmdk"
+    p.write_bytes(bytes(d))
+    out = run_child(p)
+    assert out.startswith("CorruptImageError"), out
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_DESC))
+def test_hostile_descriptor(tmp, name):
+    (tmp / "x.bin").write_bytes(bytes(8 * 512))
+    p = tmp / "d.vmdk"
+    p.write_text(HOSTILE_DESC[name])
+    out = run_child(p)
+    assert out.startswith("CorruptImageError"), out
+
+
+def test_version_3_uncompressed_is_read_only(tmp):
+    p = tmp / "v3.vmdk"
+    qemu_img("create", "-f", "vmdk", str(p), "1M")
+    d = bytearray(p.read_bytes())
+    hdr_field(d, 4, "<I", 3)
+    p.write_bytes(bytes(d))
+    with qb.open(p, flags=0) as img:
+        assert img.read(10, 0) == bytes(10)
+    with pytest.raises(qb.UnsupportedError):
+        qb.open(p, flags=qb.O_RDWR)
