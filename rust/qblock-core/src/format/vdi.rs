@@ -30,7 +30,8 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-pub const ENTRY: FormatEntry = FormatEntry { format: Format::Vdi, probe: Some(probe), open: Some(open), create: Some(create) };
+pub const ENTRY: FormatEntry =
+    FormatEntry { format: Format::Vdi, probe: Some(probe), open: Some(open), create: Some(create) };
 
 const SIGNATURE: u32 = 0xbeda_107f;
 const VERSION_1_1: u32 = 0x0001_0001;
@@ -151,9 +152,7 @@ impl Header {
         }
         let uuid_null = |at: usize| b[at..at + 16].iter().all(|&x| x == 0);
         if !uuid_null(off::UUID_LINK) || !uuid_null(off::UUID_PARENT) {
-            return Err(unsupported(
-                "VDI images linked to a parent (non-null link or parent UUID) are not supported",
-            ));
+            return Err(unsupported("VDI images linked to a parent (non-null link or parent UUID) are not supported"));
         }
         let sector_size = f(off::SECTOR_SIZE);
         if sector_size != SECTOR as u32 {
@@ -168,7 +167,9 @@ impl Header {
         }
         let header_end = HEADER_START + u64::from(header_size);
         if offset_bmap < header_end {
-            return Err(corrupt(format!("VDI block map at {offset_bmap:#x} overlaps the header (ends {header_end:#x})")));
+            return Err(corrupt(format!(
+                "VDI block map at {offset_bmap:#x} overlaps the header (ends {header_end:#x})"
+            )));
         }
         let block_size = f(off::BLOCK_SIZE);
         if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
@@ -178,7 +179,9 @@ impl Header {
         }
         let block_extra = f(off::BLOCK_EXTRA);
         if block_extra != 0 {
-            return Err(unsupported(format!("VDI images with per-block extra data ({block_extra} bytes) are not supported")));
+            return Err(unsupported(format!(
+                "VDI images with per-block extra data ({block_extra} bytes) are not supported"
+            )));
         }
         let blocks_in_image = f(off::BLOCKS_IN_IMAGE);
         if blocks_in_image > MAX_BLOCKS {
@@ -206,7 +209,9 @@ impl Header {
             )));
         }
         if offset_data < bmap_end {
-            return Err(corrupt(format!("VDI data offset {offset_data:#x} overlaps the block map (ends {bmap_end:#x})")));
+            return Err(corrupt(format!(
+                "VDI data offset {offset_data:#x} overlaps the block map (ends {bmap_end:#x})"
+            )));
         }
         Ok(Header { image_type, offset_bmap, offset_data, disk_size, block_size, blocks_in_image, blocks_allocated })
     }
@@ -441,14 +446,14 @@ impl Driver for Vdi {
 fn random_uuid() -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
     let mut u = [0u8; 16];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut u))
-        .is_ok();
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut u)).is_ok();
     if !ok {
         for (i, half) in u.chunks_mut(8).enumerate() {
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
             h.write_usize(i);
-            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+            h.write_u128(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+            );
             half.copy_from_slice(&h.finish().to_le_bytes());
         }
     }
@@ -592,7 +597,10 @@ mod tests {
         assert_eq!(b[1024 + 5], 7);
         assert_eq!(b[1024 + 2 * MIB as usize - 5], 9);
         let v2 = open_bytes(b).unwrap();
-        assert_eq!(v2.map(MIB - 1, 2).unwrap(), Mapping { kind: Mapped::Data { file: 0, offset: 1024 + 2 * MIB - 1 }, len: 2 });
+        assert_eq!(
+            v2.map(MIB - 1, 2).unwrap(),
+            Mapping { kind: Mapped::Data { file: 0, offset: 1024 + 2 * MIB - 1 }, len: 2 }
+        );
         assert_eq!(v2.alloc.lock().next, 3);
     }
 
@@ -609,7 +617,8 @@ mod tests {
     #[test]
     fn hostile_headers_are_refused() {
         let base = image(4 * MIB, false);
-        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, ErrorKind)> = vec![
+        type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(&str, Patch, ErrorKind)> = vec![
             ("truncated", Box::new(|b| b.truncate(300)), ErrorKind::CorruptImage),
             ("signature", Box::new(|b| put32(b, off::SIGNATURE, 1)), ErrorKind::CorruptImage),
             ("version 1.0", Box::new(|b| put32(b, off::VERSION, 0x0001_0000)), ErrorKind::Unsupported),
@@ -663,6 +672,9 @@ mod tests {
         put32(&mut b, off::BLOCKS_ALLOCATED, 2);
         let v = open_bytes(b).unwrap();
         assert_eq!(v.map(0, 4 * MIB).unwrap(), Mapping { kind: Mapped::Zero { host: None }, len: 2 * MIB });
-        assert_eq!(v.map(2 * MIB, 2 * MIB).unwrap(), Mapping { kind: Mapped::Data { file: 0, offset: 1024 }, len: 2 * MIB });
+        assert_eq!(
+            v.map(2 * MIB, 2 * MIB).unwrap(),
+            Mapping { kind: Mapped::Data { file: 0, offset: 1024 }, len: 2 * MIB }
+        );
     }
 }

@@ -84,7 +84,8 @@ pub struct ExtentDesc {
 /// Parse the descriptor: disk size in bytes and the extents, checked to
 /// tile the disk from 0 without gaps or overlaps.
 pub fn parse(text: &str) -> Result<(u64, Vec<ExtentDesc>)> {
-    let params = tag(text, "Disk_Parameters").ok_or_else(|| corrupt("parallels descriptor has no <Disk_Parameters>"))?;
+    let params =
+        tag(text, "Disk_Parameters").ok_or_else(|| corrupt("parallels descriptor has no <Disk_Parameters>"))?;
     let sectors = number(params, "Disk_size", "the disk")?;
     let size = sectors
         .checked_mul(SECTOR)
@@ -124,7 +125,8 @@ pub fn parse(text: &str) -> Result<(u64, Vec<ExtentDesc>)> {
             "Plain" => false,
             k => return Err(unsupported(format!("parallels descriptor: extent type '{k}' is not supported"))),
         };
-        let file = tag(images[0], "File").ok_or_else(|| corrupt(format!("parallels descriptor: {what} names no <File>")))?;
+        let file =
+            tag(images[0], "File").ok_or_else(|| corrupt(format!("parallels descriptor: {what} names no <File>")))?;
         // Extents live inside the bundle directory.
         if file.is_empty() || file.contains('/') || file.contains('\\') || file == "." || file == ".." {
             return Err(corrupt(format!("parallels descriptor: extent file '{file}' is not a name inside the bundle")));
@@ -197,7 +199,8 @@ impl Driver for Bundle {
     }
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
         let k = self.extents.partition_point(|e| e.end <= offset);
-        let e = self.extents.get(k).ok_or_else(|| crate::Error::Internal(format!("offset {offset} is past the bundle")))?;
+        let e =
+            self.extents.get(k).ok_or_else(|| crate::Error::Internal(format!("offset {offset} is past the bundle")))?;
         let rel = offset - e.start;
         let len = len.min(e.end - offset);
         let file = (k + 1) as HostFile;

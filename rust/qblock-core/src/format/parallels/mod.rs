@@ -167,9 +167,7 @@ impl Header {
         } else {
             let d = data_off * SECTOR;
             if d < bat_end {
-                return Err(corrupt(format!(
-                    "parallels data offset {d:#x} overlaps the BAT (ends {bat_end:#x})"
-                )));
+                return Err(corrupt(format!("parallels data offset {d:#x} overlaps the BAT (ends {bat_end:#x})")));
             }
             if d > file_len {
                 return Err(corrupt(format!(
@@ -275,7 +273,13 @@ impl Parallels {
         used.sort_unstable();
         for w in used.windows(2) {
             if w[1].0 < w[0].0 + cluster {
-                let name = |i: usize| if i == usize::MAX { "the format extension".to_string() } else { format!("BAT entry {i}") };
+                let name = |i: usize| {
+                    if i == usize::MAX {
+                        "the format extension".to_string()
+                    } else {
+                        format!("BAT entry {i}")
+                    }
+                };
                 return Err(corrupt(format!(
                     "parallels clusters overlap: {} at {:#x} and {} at {:#x}",
                     name(w[0].1),
@@ -433,7 +437,11 @@ impl Driver for Parallels {
             run += cs;
             i += 1;
         }
-        let kind = if first != 0 { Mapped::Data { file: 0, offset: self.host_of(first) + within } } else { Mapped::Unallocated };
+        let kind = if first != 0 {
+            Mapped::Data { file: 0, offset: self.host_of(first) + within }
+        } else {
+            Mapped::Unallocated
+        };
         Ok(Mapping { kind, len: run.min(len) })
     }
 
@@ -521,13 +529,13 @@ impl Drop for Parallels {
 
 /// The first sector of a new v2 image; returns it and the data offset.
 pub fn new_header(size: u64, cluster_size: u64) -> Result<(Vec<u8>, u64)> {
-    if cluster_size == 0 || cluster_size % SECTOR != 0 {
+    if cluster_size == 0 || !cluster_size.is_multiple_of(SECTOR) {
         return Err(invalid(format!("parallels cluster_size {cluster_size} is not a positive multiple of 512")));
     }
     if cluster_size / SECTOR > u64::from(MAX_TRACKS) {
         return Err(invalid(format!("parallels cluster_size {cluster_size} is too large")));
     }
-    if size % SECTOR != 0 {
+    if !size.is_multiple_of(SECTOR) {
         return Err(invalid(format!("parallels size {size} is not a multiple of 512")));
     }
     if size >= MAX_IMAGE_FACTOR * cluster_size {

@@ -63,8 +63,14 @@ fn created_header_matches_qemu_layout() {
 fn v1_entries_count_sectors() {
     let p = open_bytes(v1_image(), true).unwrap();
     assert_eq!(p.virtual_size(), 512 * 512);
-    assert_eq!(p.map(0, 256 * KIB).unwrap(), Mapping { kind: Mapped::Data { file: 0, offset: 4096 + 64 * KIB }, len: 64 * KIB });
-    assert_eq!(p.map(64 * KIB, 192 * KIB).unwrap(), Mapping { kind: Mapped::Data { file: 0, offset: 4096 }, len: 64 * KIB });
+    assert_eq!(
+        p.map(0, 256 * KIB).unwrap(),
+        Mapping { kind: Mapped::Data { file: 0, offset: 4096 + 64 * KIB }, len: 64 * KIB }
+    );
+    assert_eq!(
+        p.map(64 * KIB, 192 * KIB).unwrap(),
+        Mapping { kind: Mapped::Data { file: 0, offset: 4096 }, len: 64 * KIB }
+    );
     assert_eq!(p.map(128 * KIB, 128 * KIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: 128 * KIB });
 }
 
@@ -193,6 +199,9 @@ fn descriptor_parsing() {
     assert_eq!(bundle::parse(&escape).unwrap_err().kind(), ErrorKind::CorruptImage);
     let short = xml.replace("<Disk_size>4096", "<Disk_size>4097");
     assert_eq!(bundle::parse(&short).unwrap_err().kind(), ErrorKind::CorruptImage);
-    let snap = xml.replace("</Image></Storage></StorageData>", "</Image><Image><Type>Plain</Type><File>c</File></Image></Storage></StorageData>");
+    let snap = xml.replace(
+        "</Image></Storage></StorageData>",
+        "</Image><Image><Type>Plain</Type><File>c</File></Image></Storage></StorageData>",
+    );
     assert_eq!(bundle::parse(&snap).unwrap_err().kind(), ErrorKind::Unsupported);
 }
