@@ -331,7 +331,6 @@ def test_limits_agree_with_qemu_img(tmp, fmt, kw, size):
         qb.QcowOptions(MiB),
         qb.RbdOptions(MiB),
         qb.SheepdogOptions(MiB),
-        qb.VdiOptions(MiB),
         qb.VmdkOptions(MiB),
         qb.VpcOptions(MiB),
         qb.VhdxOptions(MiB),
