@@ -225,27 +225,34 @@ def model_ops():
     return st.lists(op, min_size=1, max_size=8)
 
 
-@pytest.mark.parametrize("sub", ["monolithicSparse", "twoGbMaxExtentFlat"])
+@pytest.mark.parametrize("sub", ["monolithicSparse", "zeroed_grain", "twoGbMaxExtentFlat"])
 def test_random_ops_against_model(tmp, sub):
     size = 3 * MiB
     counter = [0]
+    opts = dict(zeroed_grain=True) if sub == "zeroed_grain" else dict(subformat=sub)
 
     @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
     @given(model_ops())
     def run(ops):
         counter[0] += 1
         p = tmp / f"m{counter[0]}.vmdk"
-        qb.create(p, qb.VmdkOptions(size, subformat=sub))
+        qb.create(p, qb.VmdkOptions(size, **opts))
         model = bytearray(size)
         with qb.open(p, flags=qb.O_RDWR | qb.O_CACHE_WB) as img:
             for kind, off, n, byte in ops:
                 n = min(n, size - off)
-                data = bytes([byte]) * n if kind == "write" else bytes(n)
-                img.write(data, off)
+                if kind == "write":
+                    data = bytes([byte]) * n
+                    img.write(data, off)
+                else:
+                    data = bytes(n)
+                    img.write_zeroes(off, n)
                 model[off : off + n] = data
                 assert img.read(n, off) == data
         with qb.open(p, flags=0) as img:
             assert img.read(size, 0) == bytes(model)
+            keys = FLAT_MAP_KEYS if "Flat" in sub else MAP_KEYS
+            assert strip(ours_map(img), keys) == strip(qemu_map(str(p)), keys)
         check_clean(p)
         modelp = tmp / f"m{counter[0]}.raw"
         modelp.write_bytes(bytes(model))

@@ -43,6 +43,7 @@ use crate::registry::{FormatEntry, OpenCtx};
 use descriptor::{Access, Descriptor, ExtentType, MAX_DESCRIPTOR};
 use header::{SparseHeader, MAGIC, MAGIC_COWD, SECTOR};
 use sparse::SparseExtent;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 pub const ENTRY: FormatEntry =
@@ -111,10 +112,15 @@ pub struct Vmdk {
     extents: Vec<Extent>,
     size: u64,
     create_type: String,
-    cid: u32,
+    cid: AtomicU32,
     parent_cid: u32,
     parent: Option<String>,
     read_only: bool,
+    /// Where the descriptor text is: host file, offset, most bytes.
+    desc_at: (HostFile, u64, u64),
+    /// The CID changes on the first write of each open, as QEMU does, so
+    /// that images made over this one see that it changed.
+    cid_updated: AtomicBool,
 }
 
 /// Read a descriptor of at most `max` bytes from `at`.
@@ -149,7 +155,7 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
             if h.capacity == 0 {
                 // A descriptor inside a sparse header of no capacity: the
                 // descriptor names the extents (QEMU's vmdk_open_vmdk4).
-                return open_descriptor(storage, Descriptor::parse(&text)?, ctx);
+                return open_descriptor(storage, Descriptor::parse(&text)?, ctx, (at, size));
             }
             Descriptor::parse_embedded(&text)?
         } else {
@@ -165,18 +171,25 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
             extents: vec![extent],
             size,
             create_type: ct,
-            cid: desc.cid.unwrap_or(0),
+            cid: AtomicU32::new(desc.cid.unwrap_or(0)),
             parent_cid: desc.parent_cid.unwrap_or(0),
             parent: desc.parent_hint,
             read_only: ctx.read_only,
+            desc_at: (0, h.desc_offset.saturating_mul(SECTOR), h.desc_size.saturating_mul(SECTOR)),
+            cid_updated: AtomicBool::new(false),
         }));
     }
     let desc = Descriptor::parse(&read_text(storage.as_ref(), 0, MAX_DESCRIPTOR as u64)?)?;
-    open_descriptor(storage, desc, ctx)
+    open_descriptor(storage, desc, ctx, (0, MAX_DESCRIPTOR as u64))
 }
 
 /// Open the extents a descriptor names, relative to the image's directory.
-fn open_descriptor(storage: Arc<dyn Storage>, desc: Descriptor, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
+fn open_descriptor(
+    storage: Arc<dyn Storage>,
+    desc: Descriptor,
+    ctx: &OpenCtx,
+    (desc_off, desc_max): (u64, u64),
+) -> Result<Box<dyn Driver>> {
     let ct = desc.create_type.clone().ok_or_else(|| corrupt("invalid VMDK image descriptor (no createType)"))?;
     if !matches!(
         ct.as_str(),
@@ -250,14 +263,55 @@ fn open_descriptor(storage: Arc<dyn Storage>, desc: Descriptor, ctx: &OpenCtx) -
         extents,
         size: pos,
         create_type: ct,
-        cid: desc.cid.unwrap_or(0),
+        cid: AtomicU32::new(desc.cid.unwrap_or(0)),
         parent_cid: desc.parent_cid.unwrap_or(0),
         parent: desc.parent_hint,
         read_only: ctx.read_only,
+        desc_at: (0, desc_off, desc_max),
+        cid_updated: AtomicBool::new(false),
     }))
 }
 
 impl Vmdk {
+    /// Give the descriptor a new random CID of the same number of hex
+    /// digits, in place: one write of a few bytes, the text's length and
+    /// every other line unchanged.
+    fn update_cid(&self) -> Result<()> {
+        let (file, at, max) = self.desc_at;
+        let s = &self.files[file as usize];
+        let raw = read_text(s.as_ref(), at, max)?;
+        let text = descriptor::text(&raw);
+        let mut pos = 0usize;
+        for line in text.split(|&c| c == b'\n') {
+            let lead = line.iter().take_while(|c| c.is_ascii_whitespace()).count();
+            if line[lead..].starts_with(b"CID=") {
+                let start = lead + 4;
+                let digits = line[start..].iter().take_while(|c| c.is_ascii_hexdigit()).count().min(8);
+                if digits == 0 {
+                    return Ok(());
+                }
+                let mask = if digits == 8 { u32::MAX } else { (1u32 << (4 * digits)) - 1 };
+                let cid = create::random_cid() & mask;
+                let new = format!("{cid:0digits$x}");
+                s.write_at(new.as_bytes(), at + (pos + start) as u64)?;
+                self.cid.store(cid, Ordering::Relaxed);
+                return Ok(());
+            }
+            pos += line.len() + 1;
+        }
+        Ok(())
+    }
+
+    fn before_write(&self) -> Result<()> {
+        if self.read_only {
+            return Err(invalid("the VMDK image is open read-only"));
+        }
+        if !self.cid_updated.swap(true, Ordering::AcqRel) {
+            self.update_cid()?;
+        }
+        Ok(())
+    }
+
     fn extent_at(&self, offset: u64) -> Result<&Extent> {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset);
         self.extents.get(i).ok_or_else(|| corrupt(format!("no VMDK extent holds offset {offset}")))
@@ -296,9 +350,7 @@ impl Driver for Vmdk {
         }
     }
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
-        if self.read_only {
-            return Err(invalid("the VMDK image is open read-only"));
-        }
+        self.before_write()?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -313,6 +365,26 @@ impl Driver for Vmdk {
                 Kind::Flat { file, start } => self.files[*file as usize].write_at(chunk, start + rel)?,
                 Kind::Zero => return Err(unsupported("writing to a ZERO VMDK extent")),
                 Kind::Sparse(s) => s.write(chunk, rel, e.start, below)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        self.before_write()?;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let e = self.extent_at(pos)?;
+            let rel = pos - e.start;
+            let n = (e.len - rel).min(len - done);
+            if e.read_only {
+                return Err(unsupported("writing to a read-only (RDONLY) VMDK extent"));
+            }
+            match &e.kind {
+                Kind::Flat { file, start } => self.files[*file as usize].write_zeroes(start + rel, n)?,
+                Kind::Zero => {}
+                Kind::Sparse(s) => s.write_zeroes(rel, n, e.start, below)?,
             }
             done += n;
         }
@@ -375,7 +447,7 @@ impl Driver for Vmdk {
             encrypted: false,
             dirty: false,
             format_specific: vec![
-                ("cid".into(), self.cid.into()),
+                ("cid".into(), self.cid.load(Ordering::Relaxed).into()),
                 ("parent-cid".into(), self.parent_cid.into()),
                 ("create-type".into(), self.create_type.clone().into()),
                 ("extents".into(), InfoValue::List(list)),

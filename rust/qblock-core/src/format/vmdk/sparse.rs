@@ -15,6 +15,7 @@ use crate::backend::Storage;
 use crate::driver::{Below, HostFile, Mapped};
 use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
 use parking_lot::{Mutex, RwLock};
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,15 @@ const MAX_CACHED_TABLES: usize = 8192;
 const MAX_DIRTY_TABLES: usize = 1024;
 
 type Table = Arc<Vec<u32>>;
+
+/// Distinguishes extents in the per-thread decompression cache.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The last grain this thread decompressed: (extent id, entry, bytes).
+    /// Sequential small reads of a compressed grain decompress it once.
+    static DECOMPRESSED: RefCell<(u64, u32, Vec<u8>)> = const { RefCell::new((0, 0, Vec::new())) };
+}
 
 #[derive(Default)]
 struct Cache {
@@ -44,6 +54,7 @@ pub struct SparseExtent {
     /// Serialises allocating writers; holds the file's end (next grain).
     alloc: Mutex<()>,
     end: AtomicU64,
+    id: u64,
 }
 
 /// Read `n` little-endian u32 from `at`.
@@ -98,6 +109,7 @@ impl SparseExtent {
             cache: RwLock::new(Cache::default()),
             alloc: Mutex::new(()),
             end: AtomicU64::new(file_len),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -193,8 +205,28 @@ impl SparseExtent {
     /// Decode the compressed grain holding extent-relative `rel` into `buf`
     /// (which stays inside that grain).
     pub fn read_compressed(&self, buf: &mut [u8], rel: u64) -> Result<()> {
-        let grain = self.layout.grain;
         let gte = self.entry(rel)?;
+        let off = (rel % self.layout.grain) as usize;
+        DECOMPRESSED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != self.id || c.1 != gte {
+                *c = (0, 0, Vec::new());
+                let out = self.decompress(gte)?;
+                *c = (self.id, gte, out);
+            }
+            let out = &c.2;
+            if off + buf.len() > out.len() {
+                return Err(corrupt(format!("compressed grain at sector {gte} decompresses short")));
+            }
+            buf.copy_from_slice(&out[off..off + buf.len()]);
+            Ok(())
+        })
+    }
+
+    /// Decode the compressed grain at sector `gte`: the bytes it produced
+    /// (at most one grain).
+    fn decompress(&self, gte: u32) -> Result<Vec<u8>> {
+        let grain = self.layout.grain;
         let at = u64::from(gte) * SECTOR;
         // A grain marker (lba u64, size u32) precedes the zlib stream; QEMU
         // reads up to two grains of it.
@@ -214,21 +246,14 @@ impl SparseExtent {
         self.storage.read_at(&mut src, data_at)?;
         let mut out = try_zeroed(grain as usize, "a decompressed grain")?;
         let mut z = flate2::Decompress::new(true);
-        let st = z.decompress(&src, &mut out, flate2::FlushDecompress::Finish);
-        let produced = z.total_out() as usize;
-        match st {
+        match z.decompress(&src, &mut out, flate2::FlushDecompress::Finish) {
             Ok(flate2::Status::StreamEnd) => {}
-            // The whole grain was produced but the stream wants more room: too big.
-            Ok(_) | Err(_) => {
-                return Err(corrupt(format!("compressed grain at sector {gte} does not decompress")));
-            }
+            // Anything else: a broken stream, or one that wants more room
+            // than a grain (too big).
+            _ => return Err(corrupt(format!("compressed grain at sector {gte} does not decompress"))),
         }
-        let off = (rel % grain) as usize;
-        if off + buf.len() > produced {
-            return Err(corrupt(format!("compressed grain at sector {gte} decompresses short")));
-        }
-        buf.copy_from_slice(&out[off..off + buf.len()]);
-        Ok(())
+        out.truncate(z.total_out() as usize);
+        Ok(out)
     }
 
     /// Write `buf` at extent-relative `rel`; `guest_base` is the extent's
@@ -238,6 +263,50 @@ impl SparseExtent {
             return Err(unsupported("writing to stream-optimized (compressed) VMDK extents is not supported"));
         }
         let _g = self.alloc.lock();
+        self.write_locked(buf, rel, guest_base, below)?;
+        let dirty = self.cache.read().dirty.len();
+        if dirty >= MAX_DIRTY_TABLES {
+            self.flush_tables()?;
+        }
+        Ok(())
+    }
+
+    /// Make extent-relative `[rel, rel+len)` read as zeroes. Whole grains
+    /// become zeroed-grain entries when the extent has them (as QEMU);
+    /// unallocated grains with nothing below, and zeroed grains, already
+    /// read as zeroes; the rest is written with zeroes.
+    pub fn write_zeroes(&self, rel: u64, len: u64, guest_base: u64, below: &dyn Below) -> Result<()> {
+        if self.layout.compressed {
+            return Err(unsupported("writing to stream-optimized (compressed) VMDK extents is not supported"));
+        }
+        let _g = self.alloc.lock();
+        let grain = self.layout.grain;
+        let mut done = 0u64;
+        while done < len {
+            let pos = rel + done;
+            let in_grain = pos % grain;
+            let n = (grain - in_grain).min(len - done);
+            let gte = self.entry(pos)?;
+            let kind = self.classify(gte, in_grain)?;
+            let has_table = self.gd.get((pos / self.layout.gt_span()) as usize).is_some_and(|&s| s != 0);
+            if matches!(kind, Mapped::Zero { .. }) || (kind == Mapped::Unallocated && !below.has_backing()) {
+                // Already reads as zeroes.
+            } else if self.layout.zero_grain && n == grain && has_table {
+                self.set_entry(pos, GTE_ZEROED)?;
+            } else {
+                let z = try_zeroed(n as usize, "zeroes")?;
+                self.write_locked(&z, pos, guest_base, below)?;
+            }
+            done += n;
+        }
+        let dirty = self.cache.read().dirty.len();
+        if dirty >= MAX_DIRTY_TABLES {
+            self.flush_tables()?;
+        }
+        Ok(())
+    }
+
+    fn write_locked(&self, buf: &[u8], rel: u64, guest_base: u64, below: &dyn Below) -> Result<()> {
         let grain = self.layout.grain;
         let mut done = 0usize;
         while done < buf.len() {
@@ -260,10 +329,20 @@ impl SparseExtent {
             }
             done += n;
         }
-        let dirty = self.cache.read().dirty.len();
-        if dirty >= MAX_DIRTY_TABLES {
-            self.flush_tables()?;
-        }
+        Ok(())
+    }
+
+    /// Point the table entry of the grain holding extent-relative `pos` at
+    /// `value` in the cache (written back by `flush_tables`).
+    fn set_entry(&self, pos: u64, value: u32) -> Result<()> {
+        let l = &self.layout;
+        let l1 = (pos / l.gt_span()) as usize;
+        let l2 = ((pos % l.gt_span()) / l.grain) as usize;
+        let t = self.table(l1)?.ok_or_else(|| unsupported("no grain table for this grain"))?;
+        let mut c = self.cache.write();
+        let slot = c.tables.entry(l1 as u32).or_insert(t);
+        Arc::make_mut(slot)[l2] = value;
+        c.dirty.insert(l1 as u32);
         Ok(())
     }
 
@@ -281,7 +360,6 @@ impl SparseExtent {
     ) -> Result<()> {
         let l = &self.layout;
         let l1 = (grain_start / l.gt_span()) as usize;
-        let l2 = ((grain_start % l.gt_span()) / l.grain) as usize;
         if self.gd.get(l1).is_none_or(|&s| s == 0) {
             return Err(unsupported(
                 "writing where the VMDK extent has no grain table is not supported (QEMU and VMware preallocate them)",
@@ -301,12 +379,7 @@ impl SparseExtent {
         // The data first: nothing references it until its table entry does.
         self.storage.write_at(&g, at)?;
         self.end.store(at + grain, Ordering::Release);
-        let t = self.table(l1)?.expect("checked above");
-        let mut c = self.cache.write();
-        let slot = c.tables.entry(l1 as u32).or_insert(t);
-        Arc::make_mut(slot)[l2] = (at / SECTOR) as u32;
-        c.dirty.insert(l1 as u32);
-        Ok(())
+        self.set_entry(grain_start, (at / SECTOR) as u32)
     }
 
     /// Write dirty grain tables back: grains durable first, then the

@@ -94,7 +94,43 @@ fn fresh_image_reads_zeroes_and_writes_back() {
     d.flush().unwrap();
     let info = d.info().unwrap();
     assert_eq!(info.cluster_size, Some(65536));
-    assert!(info.format_specific.contains(&("cid".into(), InfoValue::UInt(0xabc))));
+    // The first write gave the image a new CID of the same width.
+    let cid = info.format_specific.iter().find(|(k, _)| k == "cid").unwrap().1.clone();
+    let InfoValue::UInt(cid) = cid else { panic!() };
+    assert!(cid <= 0xfff);
+    let mut text = [0u8; 40];
+    d.host_file(0).unwrap().read_at(&mut text, 512).unwrap();
+    assert_eq!(&text[..38], format!("createType=\"monolithicSparse\"\nCID={cid:03x}\n").as_bytes());
+}
+
+#[test]
+fn zero_writes_use_zeroed_grains_when_enabled() {
+    for zeroed in [false, true] {
+        let s = MemoryStorage::new(Vec::new(), false);
+        create::init_sparse(&s, MIB, zeroed).unwrap();
+        s.write_at(b"createType=\"monolithicSparse\"\nCID=1\n", 512).unwrap();
+        let d = open_mem(s.into_inner(), false).unwrap();
+        d.write_at(&[9u8; 200000], 0, &NoBacking).unwrap();
+        let before = d.host_file(0).unwrap().len().unwrap();
+        d.write_zeroes(65536, 65536, &NoBacking).unwrap();
+        d.write_zeroes(300000, 100000, &NoBacking).unwrap(); // unallocated: nothing to do
+        assert_eq!(d.host_file(0).unwrap().len().unwrap(), before);
+        let m = d.map(65536, 65536).unwrap();
+        if zeroed {
+            assert_eq!(m.kind, Mapped::Zero { host: None });
+        } else {
+            let Mapped::Data { offset, .. } = m.kind else { panic!("{m:?}") };
+            let mut b = vec![1u8; 65536];
+            d.host_file(0).unwrap().read_at(&mut b, offset).unwrap();
+            assert!(b.iter().all(|&x| x == 0));
+        }
+        // A zeroed grain written again is allocated afresh.
+        d.write_at(&[3u8; 10], 65536 + 5, &NoBacking).unwrap();
+        let Mapped::Data { offset, .. } = d.map(65536, 1).unwrap().kind else { panic!() };
+        let mut b = vec![1u8; 20];
+        d.host_file(0).unwrap().read_at(&mut b, offset).unwrap();
+        assert_eq!(&b[..15], &[0, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]);
+    }
 }
 
 #[test]
