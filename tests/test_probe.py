@@ -55,12 +55,10 @@ def test_probe_picks_qcow2_and_raw(tmp):
     [
         ("qcow", []),
         ("qed", []),
-        ("vdi", []),
         ("vmdk", []),
         ("vpc", []),
         ("vpc", ["-o", "subformat=fixed"]),
         ("vhdx", []),
-        ("parallels", []),
         ("luks", ["--object", "secret,id=s0,data=pw", "-o", "key-secret=s0"]),
     ],
 )
