@@ -296,6 +296,8 @@ HOSTILE = {
     "backing-name-past-eof": lambda b: _set(_set(b, 8, ">Q", 1 << 33), 16, ">I", 10),
     "l1-entry-past-eof": lambda b: _set(b, 48, ">Q", 1 << 40),
     "l1-entry-wraps": lambda b: _set(b, 48, ">Q", (1 << 64) - 100),
+    "l1-entry-on-l1-table": lambda b: _set(b, 48, ">Q", 48),
+    "l1-entry-on-header": lambda b: _set(b, 48, ">Q", 8),
     "l2-entry-unaligned": lambda b: _set(b, _first_l2_entry_offset(b), ">Q", 4097),
     "l2-entry-past-eof": lambda b: _set(b, _first_l2_entry_offset(b), ">Q", 1 << 50),
     "l2-entry-compressed-past-eof": lambda b: _set(
@@ -330,3 +332,17 @@ def test_hostile_base_is_fine(tmp, hostile_base):
     p.write_bytes(bytes(hostile_base))
     assert run_hostile(p, "qcow")["exc"] is None
     assert run_hostile(p, "qcow", rw=True)["exc"] is None
+
+
+def test_data_cluster_on_metadata_is_never_written(tmp, hostile_base):
+    """A data cluster placed on the image's own L2 table reads (as QEMU
+    reads it) but is never written into: that would rewrite the table."""
+    b = bytearray(hostile_base)
+    l2 = _first_l2_entry_offset(b)
+    struct.pack_into(">Q", b, l2, l2)
+    p = tmp / "overlap.qcow"
+    p.write_bytes(bytes(b))
+    assert run_hostile(p, "qcow")["exc"] is None
+    before = p.read_bytes()
+    assert run_hostile(p, "qcow", rw=True)["exc"] == "CorruptImageError"
+    assert p.read_bytes() == before

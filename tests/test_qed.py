@@ -360,6 +360,8 @@ HOSTILE = {
     "l1-entry-past-eof": lambda b: _set(b, CS, "<Q", 1 << 40),
     "l1-entry-unaligned": lambda b: _set(b, CS, "<Q", _l2(b) + 8),
     "l1-entry-wraps": lambda b: _set(b, CS, "<Q", (1 << 64) - CS),
+    "l1-entry-on-l1-table": lambda b: _set(b, CS, "<Q", CS),
+    "l1-entry-on-header": lambda b: _set(b, CS, "<Q", 0x100),
     "l2-entry-past-eof": lambda b: _set(b, _l2(b), "<Q", 1 << 40),
     "l2-entry-unaligned": lambda b: _set(b, _l2(b), "<Q", 3 * CS + 1),
     "l2-entry-in-header": lambda b: _set(b, _l2(b), "<Q", 2),
@@ -397,3 +399,16 @@ def test_hostile_base_is_fine(tmp, hostile_base):
     assert run_hostile(p, "qed")["exc"] is None
     assert run_hostile(p, "qed", rw=True)["exc"] is None
     check_clean(p)
+
+
+def test_data_cluster_on_metadata_is_never_written(tmp, hostile_base):
+    """A data cluster placed on the L1 table reads (as QEMU reads it) but
+    is never written into: that would rewrite the table."""
+    b = bytearray(hostile_base)
+    struct.pack_into("<Q", b, _l2(b), CS)
+    p = tmp / "overlap.qed"
+    p.write_bytes(bytes(b))
+    assert run_hostile(p, "qed")["exc"] is None
+    before = p.read_bytes()
+    assert run_hostile(p, "qed", rw=True)["exc"] == "CorruptImageError"
+    assert p.read_bytes() == before

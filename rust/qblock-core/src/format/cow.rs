@@ -99,8 +99,8 @@ impl Header {
             .iter()
             .position(|&c| c == 0)
             .ok_or_else(|| corrupt("backing file name is not NUL-terminated within 1024 bytes"))?;
-        let backing_file = String::from_utf8(name[..len].to_vec())
-            .map_err(|_| corrupt("backing file name is not UTF-8"))?;
+        let backing_file =
+            String::from_utf8(name[..len].to_vec()).map_err(|_| corrupt("backing file name is not UTF-8"))?;
         let h = Header {
             backing_file,
             mtime: be32(b, OFF_MTIME).unwrap_or(0),
@@ -238,17 +238,10 @@ impl Cow {
             } else {
                 ((1u64 << (hi - lo)) - 1) << lo
             };
-            let old = self
-                .bitmap
-                .entry(self.storage.as_ref(), HEADER_SIZE, self.words, w)?;
+            let old = self.bitmap.entry(self.storage.as_ref(), HEADER_SIZE, self.words, w)?;
             if old & mask != mask {
-                self.bitmap.set(
-                    self.storage.as_ref(),
-                    HEADER_SIZE,
-                    self.words,
-                    w,
-                    old | mask,
-                )?;
+                self.bitmap
+                    .set(self.storage.as_ref(), HEADER_SIZE, self.words, w, old | mask)?;
             }
             s = w * 64 + hi;
         }
@@ -312,8 +305,7 @@ impl Driver for Cow {
             if !present {
                 let mut sb = [0u8; SECTOR as usize];
                 below.read_below(&mut sb, sec * SECTOR)?;
-                self.storage
-                    .write_at(&sb, self.data_offset + sec * SECTOR)?;
+                self.storage.write_at(&sb, self.data_offset + sec * SECTOR)?;
             }
         }
         self.storage.write_at(buf, self.data_offset + offset)?;
@@ -452,13 +444,7 @@ mod tests {
         let mut b = vec![0u8; 1536];
         c.storage.read_at(&mut b, 1536 + 512).unwrap();
         let want: Vec<u8> = (512..2048u64)
-            .map(|o| {
-                if (700..1700).contains(&o) {
-                    7
-                } else {
-                    (o % 251) as u8
-                }
-            })
+            .map(|o| if (700..1700).contains(&o) { 7 } else { (o % 251) as u8 })
             .collect();
         assert_eq!(b, want);
         // Bit order: sector 1..3 are bits 1..3 of byte 0.
@@ -466,8 +452,7 @@ mod tests {
         c.storage.read_at(&mut bm, 1056).unwrap();
         assert_eq!(bm[0], 0b1110);
         // Long runs and word boundaries.
-        c.write_at(&vec![1u8; 200 * 512], 60 * 512, &NoBacking)
-            .unwrap();
+        c.write_at(&vec![1u8; 200 * 512], 60 * 512, &NoBacking).unwrap();
         assert_eq!(c.map(60 * 512, 1 << 20).unwrap().len, 200 * 512);
         let c2 = Cow::open(c.storage.clone()).unwrap();
         assert_eq!(
@@ -484,10 +469,7 @@ mod tests {
     fn rejects_bad_headers() {
         let ok = build_image(1 << 20, "", 0).unwrap();
         assert!(open_bytes(ok.clone()).is_ok());
-        assert_eq!(
-            kind(open_bytes(ok[..1000].to_vec())),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(ok[..1000].to_vec())), ErrorKind::CorruptImage);
         let mut v = ok.clone();
         v[7] = 3;
         assert_eq!(kind(open_bytes(v)), ErrorKind::Unsupported);

@@ -32,7 +32,7 @@
 //! entries pointing past a file end that did not reach the disk).
 
 use super::bytes::{le32, le64};
-use super::qcow::table::TableCache;
+use super::qcow::table::{ranges_meet, TableCache, TableSet};
 use crate::backend::Storage;
 use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
@@ -88,9 +88,7 @@ fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
 /// does (64-bit wrap-around included, so that QEMU opens what we accept).
 pub fn max_image_size(cluster_size: u32, table_size: u32) -> u64 {
     let entries = u64::from(table_size.wrapping_mul(cluster_size)) / 8;
-    entries
-        .wrapping_mul(u64::from(cluster_size))
-        .wrapping_mul(entries)
+    entries.wrapping_mul(u64::from(cluster_size)).wrapping_mul(entries)
 }
 
 fn cluster_size_valid(c: u32) -> bool {
@@ -150,9 +148,7 @@ impl Header {
                 h.table_size
             )));
         }
-        if !h.image_size.is_multiple_of(512)
-            || h.image_size > max_image_size(h.cluster_size, h.table_size)
-        {
+        if !h.image_size.is_multiple_of(512) || h.image_size > max_image_size(h.cluster_size, h.table_size) {
             return Err(corrupt(format!(
                 "image size {} is not a multiple of 512 or larger than the tables map",
                 h.image_size
@@ -161,17 +157,12 @@ impl Header {
         // The header must hold at least the header itself; its clusters
         // come before every table and data cluster.
         if h.header_size == 0 || u64::from(h.header_size) * u64::from(h.cluster_size) > 1 << 40 {
-            return Err(corrupt(format!(
-                "header size of {} clusters is invalid",
-                h.header_size
-            )));
+            return Err(corrupt(format!("header size of {} clusters is invalid", h.header_size)));
         }
         if h.features & F_BACKING_FILE != 0 {
             let end = u64::from(h.backing_filename_offset) + u64::from(h.backing_filename_size);
             if end > h.header_bytes() || h.backing_filename_offset < HEADER_SIZE as u32 {
-                return Err(corrupt(
-                    "backing file name lies outside the header clusters",
-                ));
+                return Err(corrupt("backing file name lies outside the header clusters"));
             }
             if h.backing_filename_size > MAX_BACKING_NAME {
                 return Err(corrupt(format!(
@@ -218,6 +209,9 @@ pub struct Qed {
     l1_offset: u64,
     l1: RwLock<Vec<u64>>,
     l2: TableCache,
+    /// Where the L2 tables are: a data cluster on one (or on the L1
+    /// table) is never written into.
+    l2_tables: TableSet,
     backing: Option<BackingRef>,
     /// The file size rounded down to whole clusters (as QEMU): where the
     /// next cluster goes, and the bound every entry is checked against.
@@ -252,6 +246,7 @@ impl Qed {
             l1_offset: h.l1_table_offset,
             l1: RwLock::new(Vec::new()),
             l2: TableCache::new(false),
+            l2_tables: TableSet::new(h.table_bytes()),
             backing: None,
             end: AtomicU64::new(end),
             need_check: AtomicU64::new(h.features & F_NEED_CHECK),
@@ -267,18 +262,13 @@ impl Qed {
         }
         let backing = if h.features & F_BACKING_FILE != 0 {
             let mut name = vec![0u8; h.backing_filename_size as usize];
-            q.storage
-                .read_at(&mut name, u64::from(h.backing_filename_offset))?;
+            q.storage.read_at(&mut name, u64::from(h.backing_filename_offset))?;
             if let Some(z) = name.iter().position(|&c| c == 0) {
                 name.truncate(z);
             }
-            let s =
-                String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
+            let s = String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
             let format = (h.features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string());
-            (!s.is_empty()).then_some(BackingRef {
-                filename: s,
-                format,
-            })
+            (!s.is_empty()).then_some(BackingRef { filename: s, format })
         } else {
             None
         };
@@ -305,11 +295,16 @@ impl Qed {
             // (A read-only image not closed cleanly is served as QEMU
             // serves it, each entry checked when used.)
             for (i, &e) in q.l1.read().iter().enumerate() {
-                if e != 0 && !q.table_ok(e) {
+                if e != 0 && !q.l2_table_ok(e) {
                     return Err(corrupt(format!(
-                        "L1 entry {i}: L2 table at {e:#x} is unaligned or outside the file"
+                        "L1 entry {i}: L2 table at {e:#x} is unaligned, outside the file or on the L1 table"
                     )));
                 }
+            }
+        }
+        for &e in q.l1.read().iter() {
+            if e != 0 {
+                q.l2_tables.insert(e);
             }
         }
         Ok(q)
@@ -325,15 +320,31 @@ impl Qed {
     /// A cluster offset QEMU accepts: aligned, after the header, before
     /// the (cluster-rounded) end of the file.
     fn cluster_ok(&self, off: u64) -> bool {
-        off & (self.cluster_size() - 1) == 0
-            && off >= self.header_bytes
-            && off < self.end.load(Ordering::Acquire)
+        off & (self.cluster_size() - 1) == 0 && off >= self.header_bytes && off < self.end.load(Ordering::Acquire)
     }
     fn table_ok(&self, off: u64) -> bool {
         match off.checked_add(self.table_bytes() - self.cluster_size()) {
             Some(last) => self.cluster_ok(off) && self.cluster_ok(last),
             None => false,
         }
+    }
+    /// An L2 table must also stay off the L1 table (writing its entries
+    /// would rewrite L1 entries).
+    fn l2_table_ok(&self, off: u64) -> bool {
+        self.table_ok(off) && !ranges_meet(self.l1_range(), (off, off + self.table_bytes()))
+    }
+    fn l1_range(&self) -> (u64, u64) {
+        (self.l1_offset, self.l1_offset + self.table_bytes())
+    }
+    /// Refuse to write into a data cluster that lies on a table.
+    fn check_in_place(&self, host: u64) -> Result<()> {
+        let r = (host, host + self.cluster_size());
+        if ranges_meet(self.l1_range(), r) || self.l2_tables.overlaps(r.0, r.1) {
+            return Err(corrupt(format!(
+                "data cluster at {host:#x} lies on a table; not writing into it"
+            )));
+        }
+        Ok(())
     }
 
     fn write_header(&self, h: &Header) -> Result<()> {
@@ -351,8 +362,7 @@ impl Qed {
         }
         self.write_header(&h)?;
         self.storage.flush()?;
-        self.need_check
-            .store(h.features & F_NEED_CHECK, Ordering::Release);
+        self.need_check.store(h.features & F_NEED_CHECK, Ordering::Release);
         Ok(())
     }
 
@@ -368,7 +378,7 @@ impl Qed {
             if t == 0 {
                 continue;
             }
-            if !self.table_ok(t) {
+            if !self.l2_table_ok(t) {
                 self.storage
                     .write_at(&0u64.to_le_bytes(), self.l1_offset + i as u64 * 8)?;
                 l1[i] = 0;
@@ -385,8 +395,7 @@ impl Qed {
                 for k in 0..n {
                     let e = chunk.entries[chunk.index + k];
                     if e != 0 && e != ZERO_CLUSTER && !self.cluster_ok(e) {
-                        self.l2
-                            .set(self.storage.as_ref(), t, self.entries, j + k as u64, 0)?;
+                        self.l2.set(self.storage.as_ref(), t, self.entries, j + k as u64, 0)?;
                     }
                 }
                 j += n as u64;
@@ -408,7 +417,7 @@ impl Qed {
 
     fn l1_entry(&self, i1: usize) -> Result<u64> {
         let t = self.l1.read().get(i1).copied().unwrap_or(0);
-        if t != 0 && !self.table_ok(t) {
+        if t != 0 && !self.l2_table_ok(t) {
             return Err(corrupt(format!(
                 "L1 entry {i1}: L2 table at {t:#x} is outside the file"
             )));
@@ -568,6 +577,7 @@ impl Qed {
         };
         self.check_entry(e)?;
         if e > ZERO_CLUSTER {
+            self.check_in_place(e)?;
             return self.storage.write_at(data, e + in_cluster);
         }
         if self.need_check.load(Ordering::Acquire) == 0 {
@@ -589,9 +599,7 @@ impl Qed {
     /// before the L1 entry names it.
     fn set_l2(&self, i1: usize, i2: u64, t: u64, value: u64) -> Result<()> {
         if t != 0 {
-            return self
-                .l2
-                .set(self.storage.as_ref(), t, self.entries, i2, value);
+            return self.l2.set(self.storage.as_ref(), t, self.entries, i2, value);
         }
         let table = self.alloc(u64::from(self.header.lock().table_size))?;
         let mut tb = try_zeroed(self.table_bytes() as usize, "a qed L2 table")?;
@@ -601,6 +609,7 @@ impl Qed {
         self.storage
             .write_at(&table.to_le_bytes(), self.l1_offset + i1 as u64 * 8)?;
         self.l1.write()[i1] = table;
+        self.l2_tables.insert(table);
         Ok(())
     }
 
@@ -624,7 +633,10 @@ impl Qed {
                 }
                 self.set_l2(i1, i2, t, ZERO_CLUSTER)
             }
-            host => self.storage.write_zeroes(host, self.cluster_size()),
+            host => {
+                self.check_in_place(host)?;
+                self.storage.write_zeroes(host, self.cluster_size())
+            }
         }
     }
 }
@@ -638,9 +650,7 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let cluster_size = opts
         .take_u64("cluster_size")?
         .unwrap_or(u64::from(DEFAULT_CLUSTER_SIZE));
-    let table_size = opts
-        .take_u64("table_size")?
-        .unwrap_or(u64::from(DEFAULT_TABLE_SIZE));
+    let table_size = opts.take_u64("table_size")?.unwrap_or(u64::from(DEFAULT_TABLE_SIZE));
     opts.finish("qed")?;
     let bytes = build_image(
         size,
@@ -696,12 +706,8 @@ pub fn build_image(
         backing_filename_size: 0,
     };
     if let Some(b) = backing {
-        if b.len() as u64 > u64::from(cs) - HEADER_SIZE as u64
-            || b.len() as u64 > u64::from(MAX_BACKING_NAME)
-        {
-            return Err(invalid(
-                "backing file name does not fit in the qed header cluster",
-            ));
+        if b.len() as u64 > u64::from(cs) - HEADER_SIZE as u64 || b.len() as u64 > u64::from(MAX_BACKING_NAME) {
+            return Err(invalid("backing file name does not fit in the qed header cluster"));
         }
         h.features |= F_BACKING_FILE;
         h.backing_filename_offset = HEADER_SIZE as u32;
@@ -756,10 +762,7 @@ mod tests {
         let v = build_image(10 << 20, 65536, 4, Some("b.raw"), Some("raw")).unwrap();
         assert_eq!(v.len(), 65536 * 5);
         assert_eq!(&v[..4], b"QED\0");
-        assert_eq!(
-            le64(&v, 16),
-            Some(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE)
-        );
+        assert_eq!(le64(&v, 16), Some(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE));
         assert_eq!(le64(&v, 40), Some(65536));
         assert_eq!(le64(&v, 48), Some(10 << 20));
         assert_eq!(&v[64..69], b"b.raw");
@@ -788,13 +791,7 @@ mod tests {
         assert!(matches!(m.kind, Mapped::Data { .. }), "{m:?}");
         q.write_at(&[8u8; 5000], 4000, &NoBacking).unwrap();
         let q2 = open_bytes(q_bytes(&q), false).unwrap();
-        assert_eq!(
-            q2.map(0, 4096).unwrap().kind,
-            Mapped::Data {
-                file: 0,
-                offset: 16384
-            }
-        );
+        assert_eq!(q2.map(0, 4096).unwrap().kind, Mapped::Data { file: 0, offset: 16384 });
     }
 
     fn q_bytes(q: &Qed) -> Vec<u8> {
@@ -817,22 +814,10 @@ mod tests {
             (16, 8u64.to_le_bytes().to_vec(), ErrorKind::Unsupported),
             (40, 4097u64.to_le_bytes().to_vec(), ErrorKind::CorruptImage),
             (40, 0u64.to_le_bytes().to_vec(), ErrorKind::CorruptImage),
-            (
-                40,
-                (1u64 << 40).to_le_bytes().to_vec(),
-                ErrorKind::CorruptImage,
-            ),
-            (
-                40,
-                (u64::MAX - 4095).to_le_bytes().to_vec(),
-                ErrorKind::CorruptImage,
-            ),
+            (40, (1u64 << 40).to_le_bytes().to_vec(), ErrorKind::CorruptImage),
+            (40, (u64::MAX - 4095).to_le_bytes().to_vec(), ErrorKind::CorruptImage),
             (48, 1001u64.to_le_bytes().to_vec(), ErrorKind::CorruptImage),
-            (
-                48,
-                (1u64 << 40).to_le_bytes().to_vec(),
-                ErrorKind::CorruptImage,
-            ),
+            (48, (1u64 << 40).to_le_bytes().to_vec(), ErrorKind::CorruptImage),
         ];
         for (at, bytes, k) in cases {
             let mut v = base();
@@ -845,10 +830,7 @@ mod tests {
         set(&mut v, 56, &4000u32.to_le_bytes());
         set(&mut v, 60, &200u32.to_le_bytes());
         assert_eq!(kind(open_bytes(v, false)), ErrorKind::CorruptImage);
-        assert_eq!(
-            kind(open_bytes(b"QED\0".to_vec(), false)),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(b"QED\0".to_vec(), false)), ErrorKind::CorruptImage);
     }
 
     #[test]
@@ -874,15 +856,29 @@ mod tests {
             set(&mut v, CS, &(2 * CS as u64).to_le_bytes());
             set(&mut v, 2 * CS, &bad.to_le_bytes());
             let q = open_bytes(v.clone(), false).unwrap();
-            assert_eq!(
-                q.map(0, 4096).unwrap_err().kind(),
-                ErrorKind::CorruptImage,
-                "{bad:#x}"
-            );
+            assert_eq!(q.map(0, 4096).unwrap_err().kind(), ErrorKind::CorruptImage, "{bad:#x}");
             set(&mut v, 16, &F_NEED_CHECK.to_le_bytes());
             let q = open_bytes(v, true).unwrap();
             assert_eq!(q.map(0, 4096).unwrap().kind, Mapped::Unallocated);
         }
+        // An L2 table on the L1 table; a data cluster on its L2 table.
+        let mut v = base();
+        set(&mut v, CS, &(CS as u64).to_le_bytes());
+        assert_eq!(kind(open_bytes(v, false)), ErrorKind::CorruptImage);
+        let mut v = base();
+        v.resize(3 * CS, 0);
+        set(&mut v, CS, &(2 * CS as u64).to_le_bytes());
+        set(&mut v, 2 * CS, &(2 * CS as u64).to_le_bytes());
+        let q = open_bytes(v, true).unwrap();
+        assert!(matches!(q.map(0, 4096).unwrap().kind, Mapped::Data { .. }));
+        assert_eq!(
+            q.write_at(&[1], 0, &NoBacking).unwrap_err().kind(),
+            ErrorKind::CorruptImage
+        );
+        assert_eq!(
+            q.write_zeroes(0, 4096, &NoBacking).unwrap_err().kind(),
+            ErrorKind::CorruptImage
+        );
         // A zero cluster reads as zeroes.
         let mut v = base();
         v.resize(3 * CS, 0);

@@ -35,7 +35,7 @@ use crate::registry::{FormatEntry, OpenCtx};
 use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use table::TableCache;
+use table::{ranges_meet, TableCache, TableSet};
 
 pub const ENTRY: FormatEntry = FormatEntry {
     format: Format::Qcow,
@@ -87,9 +87,7 @@ impl Header {
         }
         let version = be32(b, 4).unwrap_or(0);
         if version != VERSION {
-            return Err(unsupported(format!(
-                "qcow version {version} (only version 1 is qcow)"
-            )));
+            return Err(unsupported(format!("qcow version {version} (only version 1 is qcow)")));
         }
         let h = Header {
             backing_file_offset: be64(b, 8).unwrap_or(0),
@@ -109,10 +107,7 @@ impl Header {
             )));
         }
         if !(9..=16).contains(&h.cluster_bits) {
-            return Err(corrupt(format!(
-                "cluster_bits {} out of range 9..16",
-                h.cluster_bits
-            )));
+            return Err(corrupt(format!("cluster_bits {} out of range 9..16", h.cluster_bits)));
         }
         // l2_bits counts 8-byte entries: tables of 512 B to 64 KiB.
         if !(6..=13).contains(&h.l2_bits) {
@@ -175,6 +170,10 @@ pub struct Qcow {
     l1_offset: u64,
     l1: RwLock<Vec<u64>>,
     l2: TableCache,
+    /// Where the L2 tables are, and the header (with the backing name) and
+    /// L1 table: a data cluster on any of them is never written into.
+    l2_tables: TableSet,
+    fixed_meta: [(u64, u64); 2],
     backing: Option<String>,
     /// End of the host file: where the next cluster or table goes, and the
     /// bound every table entry is checked against.
@@ -224,18 +223,34 @@ impl Qcow {
             .collect();
         drop(raw);
         let l2_bytes = 8u64 << l2_bits;
+        let header_end = if h.backing_file_offset != 0 {
+            h.backing_file_offset
+                .saturating_add(u64::from(h.backing_file_size))
+                .max(HEADER_SIZE as u64)
+        } else {
+            HEADER_SIZE as u64
+        };
+        let fixed_meta = [(0, header_end), (h.l1_table_offset, h.l1_table_offset + l1_bytes)];
+        let l2_tables = TableSet::new(l2_bytes);
         for (i, &e) in l1.iter().enumerate() {
             if e == 0 {
                 continue;
             }
             match e.checked_add(l2_bytes) {
-                Some(end) if end <= file_len && e >= HEADER_SIZE as u64 => {}
+                Some(end) if end <= file_len && e >= HEADER_SIZE as u64 => {
+                    if fixed_meta.iter().any(|&m| ranges_meet(m, (e, end))) {
+                        return Err(corrupt(format!(
+                            "L1 entry {i}: L2 table at {e} overlaps the header or L1 table"
+                        )));
+                    }
+                }
                 _ => {
                     return Err(corrupt(format!(
                         "L1 entry {i}: L2 table at {e} is outside the file ({file_len} bytes)"
                     )))
                 }
             }
+            l2_tables.insert(e);
         }
         let backing = if h.backing_file_offset != 0 && h.backing_file_size != 0 {
             let n = u64::from(h.backing_file_size);
@@ -254,8 +269,7 @@ impl Qcow {
             if let Some(z) = name.iter().position(|&c| c == 0) {
                 name.truncate(z);
             }
-            let s =
-                String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
+            let s = String::from_utf8(name).map_err(|_| corrupt("backing file name is not UTF-8"))?;
             (!s.is_empty()).then_some(s)
         } else {
             None
@@ -268,6 +282,8 @@ impl Qcow {
             l1_offset: h.l1_table_offset,
             l1: RwLock::new(l1),
             l2: TableCache::new(true),
+            l2_tables,
+            fixed_meta,
             backing,
             end: AtomicU64::new(file_len),
             write_lock: Mutex::new(()),
@@ -307,9 +323,7 @@ impl Qcow {
         }
         // QEMU fails reads of clusters not on a sector boundary.
         if e & 511 != 0 {
-            return Err(corrupt(format!(
-                "data cluster offset {e:#x} is not sector aligned"
-            )));
+            return Err(corrupt(format!("data cluster offset {e:#x} is not sector aligned")));
         }
         // A last cluster may be cut short by the file end (it reads zeroes
         // there, as in QEMU); one that starts past the end is corrupt.
@@ -327,11 +341,7 @@ impl Qcow {
         if l2 == 0 {
             return Ok((0, 0));
         }
-        Ok((
-            l2,
-            self.l2
-                .entry(self.storage.as_ref(), l2, self.l2_entries(), i2)?,
-        ))
+        Ok((l2, self.l2.entry(self.storage.as_ref(), l2, self.l2_entries(), i2)?))
     }
 
     fn read_compressed(&self, off: u64, csize: u64, out: &mut [u8]) -> Result<()> {
@@ -398,9 +408,7 @@ impl Driver for Qcow {
                 len: len.min(span_end - offset),
             });
         }
-        let chunk = self
-            .l2
-            .get(self.storage.as_ref(), l2, self.l2_entries(), i2)?;
+        let chunk = self.l2.get(self.storage.as_ref(), l2, self.l2_entries(), i2)?;
         let entries = &chunk.entries[chunk.index..];
         let first = self.decode(entries[0])?;
         let mut run = cs - in_cluster;
@@ -506,11 +514,16 @@ impl Qcow {
         let e = if l2 == 0 {
             0
         } else {
-            self.l2
-                .entry(self.storage.as_ref(), l2, self.l2_entries(), i2)?
+            self.l2.entry(self.storage.as_ref(), l2, self.l2_entries(), i2)?
         };
         let old = self.decode(e)?;
         if let Entry::Data(host) = old {
+            let range = (host, host + cs);
+            if self.fixed_meta.iter().any(|&m| ranges_meet(m, range)) || self.l2_tables.overlaps(range.0, range.1) {
+                return Err(corrupt(format!(
+                    "data cluster at {host:#x} overlaps metadata; not writing into it"
+                )));
+            }
             return self.storage.write_at(data, host + in_cluster);
         }
         // A new cluster: its full content, from the old compressed cluster
@@ -518,9 +531,7 @@ impl Qcow {
         let mut content = try_zeroed(cs as usize, "a qcow cluster")?;
         if data.len() as u64 != cs {
             match old {
-                Entry::Compressed { off, csize } => {
-                    self.read_compressed(off, csize, &mut content)?
-                }
+                Entry::Compressed { off, csize } => self.read_compressed(off, csize, &mut content)?,
                 _ => {
                     let inside = self.size.saturating_sub(start).min(cs) as usize;
                     below.read_below(&mut content[..inside], start)?;
@@ -536,20 +547,18 @@ impl Qcow {
             self.storage.write_at(&zeroes, l2)?;
             end = l2 + zeroes.len() as u64;
             new_table = true;
+            self.l2_tables.insert(l2);
         }
         let host = align_up(end, cs).ok_or_else(|| invalid("qcow image file is too large"))?;
         if host >= 1u64 << (63 - self.cluster_bits) {
-            return Err(invalid(
-                "qcow image file is too large for its cluster offsets",
-            ));
+            return Err(invalid("qcow image file is too large for its cluster offsets"));
         }
         self.storage.write_at(&content, host)?;
         self.end.store(host + cs, Ordering::Release);
         if new_table {
             self.storage.flush()?;
         }
-        self.l2
-            .set(self.storage.as_ref(), l2, self.l2_entries(), i2, host)?;
+        self.l2.set(self.storage.as_ref(), l2, self.l2_entries(), i2, host)?;
         if new_table {
             self.storage
                 .write_at(&l2.to_be_bytes(), self.l1_offset + i1 as u64 * 8)?;
@@ -571,9 +580,7 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let encrypt = opts.take_bool("encrypt")?.unwrap_or(false);
     opts.finish("qcow")?;
     if encrypt {
-        return Err(unsupported(
-            "creating encrypted qcow images is not supported",
-        ));
+        return Err(unsupported("creating encrypted qcow images is not supported"));
     }
     let bytes = build_image(size, backing.as_deref())?;
     let storage = location.create_storage()?;
@@ -584,11 +591,7 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
 /// The bytes of a new, empty image.
 pub fn build_image(size: u64, backing: Option<&str>) -> Result<Vec<u8>> {
     let size = size / 512 * 512;
-    let (cluster_bits, l2_bits) = if backing.is_some() {
-        (9u8, 12u8)
-    } else {
-        (12u8, 9u8)
-    };
+    let (cluster_bits, l2_bits) = if backing.is_some() { (9u8, 12u8) } else { (12u8, 9u8) };
     let mut header_size = HEADER_SIZE as u64;
     let (mut bo, mut bs) = (0u64, 0u32);
     if let Some(b) = backing {
@@ -707,85 +710,46 @@ mod tests {
         assert!(open_bytes(ok.clone()).is_ok());
         let mut h = header();
         h.size = 1;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.cluster_bits = 8;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.cluster_bits = 17;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.l2_bits = 14;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.l2_bits = 5;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.crypt_method = 1;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::Unsupported
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::Unsupported);
         let mut h = header();
         h.crypt_method = 2;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.size = u64::MAX - 10;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         // An L1 table bigger than QEMU reads, or outside the file.
         let mut h = header();
         h.size = 1 << 62;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.size = 1 << 40;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.l1_table_offset = u64::MAX - 3;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.backing_file_offset = 48;
         h.backing_file_size = 1024;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         let mut h = header();
         h.backing_file_offset = 4000;
         h.backing_file_size = 200;
-        assert_eq!(
-            kind(open_bytes(image_with(&h, 4096))),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(kind(open_bytes(image_with(&h, 4096))), ErrorKind::CorruptImage);
         // Short file, wrong version.
         assert_eq!(kind(open_bytes(ok[..40].to_vec())), ErrorKind::CorruptImage);
         let mut v = ok.clone();
@@ -805,11 +769,7 @@ mod tests {
             v[48..56].copy_from_slice(&4096u64.to_be_bytes());
             v[4096..4104].copy_from_slice(&bad.to_be_bytes());
             let q = open_bytes(v).unwrap();
-            assert_eq!(
-                q.map(0, 4096).unwrap_err().kind(),
-                ErrorKind::CorruptImage,
-                "{bad:#x}"
-            );
+            assert_eq!(q.map(0, 4096).unwrap_err().kind(), ErrorKind::CorruptImage, "{bad:#x}");
         }
         // Garbage deflate data.
         let mut v = image_with(&header(), 8192);
@@ -820,18 +780,30 @@ mod tests {
         let q = open_bytes(v).unwrap();
         assert_eq!(q.map(0, 4096).unwrap().kind, Mapped::Encoded);
         let mut b = [0u8; 512];
-        assert_eq!(
-            q.read_encoded(&mut b, 0).unwrap_err().kind(),
-            ErrorKind::CorruptImage
-        );
+        assert_eq!(q.read_encoded(&mut b, 0).unwrap_err().kind(), ErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn metadata_overlaps() {
+        // An L2 table on the L1 table.
+        let mut v = image_with(&header(), 8192);
+        v[48..56].copy_from_slice(&48u64.to_be_bytes());
+        assert_eq!(kind(open_bytes(v)), ErrorKind::CorruptImage);
+        // A data cluster on its own L2 table: read, never written into.
+        let mut v = image_with(&header(), 8192);
+        v[48..56].copy_from_slice(&4096u64.to_be_bytes());
+        v[4096..4104].copy_from_slice(&4096u64.to_be_bytes());
+        let q = open_bytes(v).unwrap();
+        assert!(matches!(q.map(0, 4096).unwrap().kind, Mapped::Data { .. }));
+        let e = q.write_at(&[1], 0, &NoBacking).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CorruptImage);
     }
 
     #[test]
     fn compressed_cluster_reads() {
         use std::io::Write;
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
-        let mut enc =
-            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let c = enc.finish().unwrap();
         let mut v = image_with(&header(), 8192);

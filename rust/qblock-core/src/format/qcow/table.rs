@@ -11,7 +11,7 @@
 use crate::backend::Storage;
 use crate::error::{try_zeroed, Result};
 use parking_lot::RwLock;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Entries per cached chunk: 32 KiB, the size of QEMU's qcow L2 tables at
@@ -53,13 +53,7 @@ impl TableCache {
     /// The entries of the table at host offset `table` (of `entries`
     /// entries) from `index` on, as far as one chunk goes. The caller has
     /// checked that the table lies inside the file and `index < entries`.
-    pub fn get(
-        &self,
-        storage: &dyn Storage,
-        table: u64,
-        entries: u64,
-        index: u64,
-    ) -> Result<Chunk> {
+    pub fn get(&self, storage: &dyn Storage, table: u64, entries: u64, index: u64) -> Result<Chunk> {
         let (off, n, at) = Self::chunk_of(table, entries, index);
         if let Some(c) = self.chunks.read().get(&(off, n)) {
             return Ok(Chunk {
@@ -86,34 +80,18 @@ impl TableCache {
             w.clear();
         }
         w.insert((off, n), v.clone());
-        Ok(Chunk {
-            entries: v,
-            index: at,
-        })
+        Ok(Chunk { entries: v, index: at })
     }
 
     /// One entry of a table.
-    pub fn entry(
-        &self,
-        storage: &dyn Storage,
-        table: u64,
-        entries: u64,
-        index: u64,
-    ) -> Result<u64> {
+    pub fn entry(&self, storage: &dyn Storage, table: u64, entries: u64, index: u64) -> Result<u64> {
         let c = self.get(storage, table, entries, index)?;
         Ok(c.entries[c.index])
     }
 
     /// Write one entry to the file, then to the cache (the file is the
     /// truth; a failed write leaves the cache as it was).
-    pub fn set(
-        &self,
-        storage: &dyn Storage,
-        table: u64,
-        entries: u64,
-        index: u64,
-        value: u64,
-    ) -> Result<()> {
+    pub fn set(&self, storage: &dyn Storage, table: u64, entries: u64, index: u64, value: u64) -> Result<()> {
         let bytes = if self.big_endian {
             value.to_be_bytes()
         } else {
@@ -132,6 +110,40 @@ impl TableCache {
     pub fn clear(&self) {
         self.chunks.write().clear();
     }
+}
+
+/// The host places of a format's tables of one fixed size (qcow and qed
+/// L2 tables), so that a data cluster an image places on top of one is
+/// refused before we write into it: a write there would rewrite metadata.
+pub struct TableSet {
+    len: u64,
+    starts: RwLock<BTreeSet<u64>>,
+}
+
+impl TableSet {
+    pub fn new(len: u64) -> Self {
+        TableSet {
+            len: len.max(1),
+            starts: RwLock::new(BTreeSet::new()),
+        }
+    }
+    pub fn insert(&self, start: u64) {
+        self.starts.write().insert(start);
+    }
+    pub fn clear(&self) {
+        self.starts.write().clear();
+    }
+    /// Whether `[start, end)` meets any table.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        // A table at `s` meets the range when s < end and s + len > start.
+        let from = start.saturating_sub(self.len - 1);
+        from < end && self.starts.read().range(from..end).next().is_some()
+    }
+}
+
+/// Whether two half-open ranges meet.
+pub fn ranges_meet(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
 }
 
 #[cfg(test)]
@@ -156,9 +168,19 @@ mod tests {
         c.clear();
         assert_eq!(c.entry(&s, 0, 10000, 4100).unwrap(), 7);
         // The last chunk is short.
-        assert_eq!(
-            c.get(&s, 0, 10000, 8192).unwrap().entries.len(),
-            10000 - 8192
-        );
+        assert_eq!(c.get(&s, 0, 10000, 8192).unwrap().entries.len(), 10000 - 8192);
+    }
+
+    #[test]
+    fn table_set_overlaps() {
+        let t = TableSet::new(4096);
+        t.insert(8192);
+        assert!(!t.overlaps(0, 8192));
+        assert!(t.overlaps(0, 8193));
+        assert!(t.overlaps(12287, 12288));
+        assert!(!t.overlaps(12288, 20000));
+        assert!(t.overlaps(9000, 9001));
+        assert!(ranges_meet((0, 10), (9, 20)));
+        assert!(!ranges_meet((0, 10), (10, 20)));
     }
 }
