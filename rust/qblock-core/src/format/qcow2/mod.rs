@@ -360,6 +360,16 @@ impl Qcow2 {
     }
 }
 
+impl Drop for Qcow2 {
+    /// An image dropped without close still gives back its reserved
+    /// clusters (best effort: an error here can only leave leaked clusters).
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.release_reserved();
+        }
+    }
+}
+
 impl Driver for Qcow2 {
     fn format(&self) -> Format {
         Format::Qcow2
@@ -456,10 +466,12 @@ impl Driver for Qcow2 {
 
     fn flush(&self) -> Result<()> {
         // Metadata is written through under the allocation lock, so there is
-        // nothing dirty in memory: make the files durable.
+        // nothing dirty in memory: give back reserved clusters, then make the
+        // files durable.
         if self.read_only {
             return Ok(());
         }
+        self.release_reserved()?;
         if let Some(d) = &self.data {
             d.flush()?;
         }

@@ -8,6 +8,14 @@
 //! first, then its content, then the table entry), and lowered only after
 //! the last reference is gone, so a crash leaves at worst leaked clusters.
 //!
+//! Durability: writes reach the disk in any order unless flushed, so the
+//! places where order matters to QEMU's own rules are flush barriers too:
+//! clusters are reserved in pools whose raised refcounts are flushed before
+//! any of them is handed out (one flush per pool, not per write), a new
+//! refcount block is flushed before the table points at it, and a moved
+//! table before the header does. The unused rest of a pool is given back at
+//! every flush and at close, so a cleanly closed image has no leaks.
+//!
 //! New clusters are appended at the end of the file. We never reuse a freed
 //! cluster, so a cluster whose refcount we did not raise is never handed out
 //! while something (a snapshot, a bitmap) may still use it.
@@ -23,6 +31,8 @@ const BLOCK_CACHE: usize = 16;
 /// How far allocation skips over clusters that already have a refcount
 /// beyond the end of the file before calling the image corrupt.
 const MAX_SKIP: u64 = 1 << 20;
+/// Clusters are reserved this many bytes at a time (at least one cluster).
+const POOL_BYTES: u64 = 4 << 20;
 
 pub struct Refcounts {
     cluster_bits: u32,
@@ -42,6 +52,8 @@ pub struct Refcounts {
     /// An operation failed half-way (an I/O error): the in-memory state may
     /// be ahead of the disk, so the owner must reload it from disk.
     pub broken: bool,
+    /// Reserved clusters: refcount 1 on disk, not yet referenced.
+    pool: (u64, u64),
 }
 
 impl Refcounts {
@@ -86,6 +98,7 @@ impl Refcounts {
             relocating: false,
             fresh_meta: Vec::new(),
             broken: false,
+            pool: (0, 0),
         })
     }
 
@@ -137,11 +150,45 @@ impl Refcounts {
         r
     }
 
-    /// Reserve `n` contiguous clusters at the end of the file with refcount 1.
+    /// `n` contiguous clusters whose refcount 1 is already durable, from
+    /// the pool (refilled at the end of the file when it runs short).
     pub fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
-        let r = self.alloc_inner(file, n);
+        let r = self.alloc_pooled(file, n);
         self.broken |= r.is_err();
         r
+    }
+
+    fn alloc_pooled(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+        let cs = self.cs();
+        let bytes = n.checked_mul(cs).ok_or_else(|| corrupt("allocation size overflows"))?;
+        if self.pool.1 - self.pool.0 >= bytes {
+            let start = self.pool.0;
+            self.pool.0 += bytes;
+            return Ok(start);
+        }
+        self.release_pool(file)?;
+        let want = n.max(POOL_BYTES / cs);
+        let start = self.alloc_inner(file, want)?;
+        // Barrier: the raised refcounts are on disk before anything that
+        // points at these clusters can be.
+        file.flush()?;
+        self.pool = (start + bytes, start + want * cs);
+        Ok(start)
+    }
+
+    /// Give back the clusters reserved but not used (at flush and close).
+    pub fn release_pool(&mut self, file: &dyn Storage) -> Result<()> {
+        let (s, e) = self.pool;
+        if s < e {
+            let r = self.update_inner(file, s >> self.cluster_bits, (e - s) >> self.cluster_bits, -1);
+            self.broken |= r.is_err();
+            r?;
+            // They were never written: allocation may start there again
+            // (it skips any cluster that has a refcount).
+            self.next_free = self.next_free.min(s);
+        }
+        self.pool = (0, 0);
+        Ok(())
     }
 
     fn update_inner(&mut self, file: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
@@ -254,6 +301,7 @@ impl Refcounts {
         }
         // Then its content, then the table entry that points at it.
         file.write_at(&blk, off)?;
+        file.flush()?;
         self.cache.retain(|(o, _)| *o != off);
         if self.cache.len() >= BLOCK_CACHE {
             self.cache.remove(0);
@@ -310,6 +358,7 @@ impl Refcounts {
             raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
         file.write_at(&raw, new_off)?;
+        file.flush()?;
         let mut h = [0u8; 12];
         h[..8].copy_from_slice(&new_off.to_be_bytes());
         h[8..].copy_from_slice(&(clusters as u32).to_be_bytes());

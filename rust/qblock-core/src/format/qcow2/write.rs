@@ -255,6 +255,8 @@ impl Qcow2 {
             raw[i * 8..i * 8 + 8].copy_from_slice(&w.to_be_bytes());
         }
         self.file.write_at(&raw, new)?;
+        // Barrier: the table is on disk before the L1 entry points at it.
+        self.file.flush()?;
         self.l2.install(new, words);
         let ne = new | COPIED;
         self.file.write_at(&ne.to_be_bytes(), l1_off + idx as u64 * 8)?;
@@ -413,6 +415,15 @@ impl Qcow2 {
             rc.update(self.file.as_ref(), first, count, -1)?;
         }
         Ok(wlen)
+    }
+
+    /// Give back reserved clusters (before a flush, and at close).
+    pub(super) fn release_reserved(&self) -> Result<()> {
+        let mut g = self.alloc.lock();
+        if let Some(rc) = g.as_mut() {
+            rc.release_pool(self.file.as_ref())?;
+        }
+        Ok(())
     }
 
     /// Write zero bytes through the normal write path.
@@ -645,6 +656,7 @@ impl Qcow2 {
                 raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
             }
             self.file.write_at(&raw, off)?;
+            self.file.flush()?;
             let mut h = [0u8; 12];
             h[..4].copy_from_slice(&(need as u32).to_be_bytes());
             h[4..].copy_from_slice(&off.to_be_bytes());
