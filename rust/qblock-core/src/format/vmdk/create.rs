@@ -31,7 +31,10 @@ const MAX_META_SECTORS: u64 = 1 << 32;
 /// A random 32-bit content ID (CID), as QEMU's g_random_int().
 pub fn random_cid() -> u32 {
     let mut h = RandomState::new().build_hasher();
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     h.write_u128(t);
     h.write_u32(std::process::id());
     h.finish() as u32
@@ -49,7 +52,9 @@ pub fn init_sparse(s: &dyn Storage, size: u64, zeroed_grain: bool) -> Result<Spa
     let gd_offset = rgd_offset + gd_sectors + gt_sectors * gt_count;
     let grain_offset = (gd_offset + gd_sectors + gt_sectors * gt_count).next_multiple_of(GRAIN_SECTORS);
     if grain_offset >= MAX_META_SECTORS {
-        return Err(invalid(format!("a VMDK extent of {size} bytes is too large (its metadata passes 2 TiB)")));
+        return Err(invalid(format!(
+            "a VMDK extent of {size} bytes is too large (its metadata passes 2 TiB)"
+        )));
     }
     let h = SparseHeader {
         version: if zeroed_grain { 2 } else { 1 },
@@ -101,7 +106,9 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         "twoGbMaxExtentSparse" => (false, true),
         "twoGbMaxExtentFlat" => (true, true),
         "streamOptimized" => {
-            return Err(unsupported("creating streamOptimized vmdk images is not supported yet (convert to one later)"))
+            return Err(unsupported(
+                "creating streamOptimized vmdk images is not supported yet (convert to one later)",
+            ))
         }
         s => return Err(invalid(format!("unknown vmdk subformat '{s}'"))),
     };
@@ -124,7 +131,10 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         return Err(unsupported("vmdk images can only be created on local files"));
     };
     let dir = path.parent().unwrap_or(Path::new(""));
-    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (prefix, postfix) = match base.rfind('.') {
         Some(i) => (base[..i].to_string(), base[i..].to_string()),
         None => (base.clone(), String::new()),
@@ -133,16 +143,27 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let (parent_cid, parent_line) = match &backing {
         None => (0xffff_ffffu32, String::new()),
         Some(b) => {
-            let ro = OpenOptions { read_only: true, no_backing: true, ..Default::default() };
+            let ro = OpenOptions {
+                read_only: true,
+                no_backing: true,
+                ..Default::default()
+            };
             let img = Image::open(&location.relative(b), None, &ro)
                 .map_err(|e| e.context(format!("cannot open backing file '{b}'")))?;
             if img.format() != Format::Vmdk {
-                return Err(invalid(format!("invalid backing file format: {}. Must be vmdk", img.format())));
+                return Err(invalid(format!(
+                    "invalid backing file format: {}. Must be vmdk",
+                    img.format()
+                )));
             }
-            let cid = img.info()?.format_specific.iter().find_map(|(k, v)| match (k.as_str(), v) {
-                ("cid", InfoValue::UInt(c)) => Some(*c as u32),
-                _ => None,
-            });
+            let cid = img
+                .info()?
+                .format_specific
+                .iter()
+                .find_map(|(k, v)| match (k.as_str(), v) {
+                    ("cid", InfoValue::UInt(c)) => Some(*c as u32),
+                    _ => None,
+                });
             (cid.unwrap_or(0), format!("parentFileNameHint=\"{b}\"\n"))
         }
     };
@@ -192,7 +213,9 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     );
     if !flat && !split {
         if desc.len() as u64 > DESC_SECTORS * SECTOR {
-            return Err(invalid("the vmdk descriptor is longer than its 10 KiB slot (a very long backing file name?)"));
+            return Err(invalid(
+                "the vmdk descriptor is longer than its 10 KiB slot (a very long backing file name?)",
+            ));
         }
         main.write_at(desc.as_bytes(), DESC_OFFSET * SECTOR)?;
     } else {

@@ -140,7 +140,12 @@ impl Descriptor {
 
 /// `ACCESS SECTORS TYPE ["FILENAME" [OFFSET]]`.
 fn parse_extent(line: &str) -> Result<ExtentLine> {
-    let bad = || corrupt(format!("invalid extent line: {}", line.chars().take(200).collect::<String>()));
+    let bad = || {
+        corrupt(format!(
+            "invalid extent line: {}",
+            line.chars().take(200).collect::<String>()
+        ))
+    };
     let mut rest = line;
     let word = |rest: &mut &str| -> Option<String> {
         let s = rest.trim_start();
@@ -195,7 +200,13 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
         (ExtentType::Sparse | ExtentType::VmfsSparse | ExtentType::SeSparse, true, None) => 0,
         _ => return Err(bad()),
     };
-    Ok(ExtentLine { access, sectors, kind, filename, offset })
+    Ok(ExtentLine {
+        access,
+        sectors,
+        kind,
+        filename,
+        offset,
+    })
 }
 
 #[cfg(test)]
@@ -218,7 +229,10 @@ mod tests {
         assert_eq!(d.extents[0].kind, ExtentType::Sparse);
         assert_eq!(d.extents[0].filename.as_deref(), Some("x-s001.vmdk"));
         assert_eq!((d.extents[1].access, d.extents[1].offset), (Access::ReadOnly, 17));
-        assert_eq!((d.extents[2].kind, d.extents[2].filename.as_deref()), (ExtentType::Zero, None));
+        assert_eq!(
+            (d.extents[2].kind, d.extents[2].filename.as_deref()),
+            (ExtentType::Zero, None)
+        );
     }
 
     #[test]
@@ -262,7 +276,10 @@ mod tests {
     #[test]
     fn extent_count_is_capped() {
         let many = "RW 1 ZERO\n".repeat(MAX_EXTENTS + 1);
-        assert_eq!(Descriptor::parse(many.as_bytes()).unwrap_err().kind(), ErrorKind::CorruptImage);
+        assert_eq!(
+            Descriptor::parse(many.as_bytes()).unwrap_err().kind(),
+            ErrorKind::CorruptImage
+        );
         let ok = "RW 1 ZERO\n".repeat(MAX_EXTENTS);
         assert_eq!(Descriptor::parse(ok.as_bytes()).unwrap().extents.len(), MAX_EXTENTS);
     }

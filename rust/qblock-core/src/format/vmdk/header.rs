@@ -157,7 +157,10 @@ impl SparseLayout {
 /// it read-only.
 pub fn validate(h: &SparseHeader, file_len: u64, writable: bool) -> Result<SparseLayout> {
     if h.version > 3 {
-        return Err(unsupported(format!("VMDK sparse extent version {} is not supported", h.version)));
+        return Err(unsupported(format!(
+            "VMDK sparse extent version {} is not supported",
+            h.version
+        )));
     }
     let compressed = match h.compress {
         COMPRESSION_NONE => false,
@@ -165,13 +168,21 @@ pub fn validate(h: &SparseHeader, file_len: u64, writable: bool) -> Result<Spars
         c => return Err(unsupported(format!("VMDK compression algorithm {c} is not supported"))),
     };
     if h.version == 3 && writable && !compressed {
-        return Err(unsupported("VMDK version 3 (changed block tracking) extents can only be opened read-only"));
+        return Err(unsupported(
+            "VMDK version 3 (changed block tracking) extents can only be opened read-only",
+        ));
     }
     if h.gtes_per_gt == 0 || h.gtes_per_gt > MAX_GTES_PER_GT {
-        return Err(corrupt(format!("grain table size {} is not in 1..={MAX_GTES_PER_GT}", h.gtes_per_gt)));
+        return Err(corrupt(format!(
+            "grain table size {} is not in 1..={MAX_GTES_PER_GT}",
+            h.gtes_per_gt
+        )));
     }
     if h.granularity == 0 || h.granularity > MAX_GRAIN_SECTORS {
-        return Err(corrupt(format!("grain size of {} sectors is not in 1..={MAX_GRAIN_SECTORS}", h.granularity)));
+        return Err(corrupt(format!(
+            "grain size of {} sectors is not in 1..={MAX_GRAIN_SECTORS}",
+            h.granularity
+        )));
     }
     let capacity = h
         .capacity
@@ -180,13 +191,20 @@ pub fn validate(h: &SparseHeader, file_len: u64, writable: bool) -> Result<Spars
     let gt_span_sectors = u64::from(h.gtes_per_gt) * h.granularity;
     let gd_entries = h.capacity.div_ceil(gt_span_sectors);
     if gd_entries > MAX_GD_ENTRIES {
-        return Err(corrupt(format!("grain directory of {gd_entries} entries is larger than {MAX_GD_ENTRIES}")));
+        return Err(corrupt(format!(
+            "grain directory of {gd_entries} entries is larger than {MAX_GD_ENTRIES}"
+        )));
     }
     let overhead = h
         .grain_offset
         .checked_mul(SECTOR)
         .filter(|&o| o <= file_len)
-        .ok_or_else(|| corrupt(format!("file truncated: grains start at sector {}, beyond its end", h.grain_offset)))?;
+        .ok_or_else(|| {
+            corrupt(format!(
+                "file truncated: grains start at sector {}, beyond its end",
+                h.grain_offset
+            ))
+        })?;
     let gd_bytes = gd_entries * 4;
     let table_at = |sector: u64, what: &str| -> Result<u64> {
         sector
@@ -195,7 +213,11 @@ pub fn validate(h: &SparseHeader, file_len: u64, writable: bool) -> Result<Spars
             .ok_or_else(|| corrupt(format!("{what} at sector {sector} is outside the file")))
     };
     let gd_offset = table_at(h.gd_offset, "grain directory")?;
-    let rgd_offset = if h.flags & FLAG_RGD != 0 { Some(table_at(h.rgd_offset, "redundant grain directory")?) } else { None };
+    let rgd_offset = if h.flags & FLAG_RGD != 0 {
+        Some(table_at(h.rgd_offset, "redundant grain directory")?)
+    } else {
+        None
+    };
     Ok(SparseLayout {
         version: h.version,
         capacity,
@@ -245,7 +267,10 @@ mod tests {
         assert_eq!(&b[73..77], b"\n \r\n");
         assert_eq!(SparseHeader::parse(&b).unwrap(), h);
         let l = validate(&h, LEN, true).unwrap();
-        assert_eq!((l.grain, l.gd_entries, l.gd_offset, l.rgd_offset), (65536, 1, 26 * 512, Some(21 * 512)));
+        assert_eq!(
+            (l.grain, l.gd_entries, l.gd_offset, l.rgd_offset),
+            (65536, 1, 26 * 512, Some(21 * 512))
+        );
         assert_eq!(l.gt_span(), 32 << 20);
     }
 

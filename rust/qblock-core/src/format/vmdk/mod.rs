@@ -46,8 +46,12 @@ use sparse::SparseExtent;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-pub const ENTRY: FormatEntry =
-    FormatEntry { format: Format::Vmdk, probe: Some(probe), open: Some(open), create: Some(create::create) };
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Vmdk,
+    probe: Some(probe),
+    open: Some(open),
+    create: Some(create::create),
+};
 
 /// QEMU's probe: a sparse extent magic, or a text whose first line that is
 /// not a comment or blank is `version=1|2|3`.
@@ -94,7 +98,7 @@ fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
 enum Kind {
     Flat { file: HostFile, start: u64 },
     Zero,
-    Sparse(SparseExtent),
+    Sparse(Box<SparseExtent>),
 }
 
 struct Extent {
@@ -149,7 +153,10 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
         }
         let h = SparseHeader::parse(&head)?;
         let desc = if h.desc_offset != 0 {
-            let at = h.desc_offset.checked_mul(SECTOR).ok_or_else(|| corrupt("descriptor offset overflows"))?;
+            let at = h
+                .desc_offset
+                .checked_mul(SECTOR)
+                .ok_or_else(|| corrupt("descriptor offset overflows"))?;
             let size = h.desc_size.saturating_mul(SECTOR);
             let text = read_text(storage.as_ref(), at, size)?;
             if h.capacity == 0 {
@@ -162,10 +169,20 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
             Descriptor::default()
         };
         let ext = SparseExtent::open(0, storage.clone(), &head, writable)?;
-        let ct = if ext.layout.compressed { "streamOptimized".to_string() } else { "monolithicSparse".to_string() };
+        let ct = if ext.layout.compressed {
+            "streamOptimized".to_string()
+        } else {
+            "monolithicSparse".to_string()
+        };
         let size = ext.layout.capacity;
         // No extent line names it: QEMU reports an empty extent format.
-        let extent = Extent { start: 0, len: size, read_only: false, kind: Kind::Sparse(ext), type_name: "" };
+        let extent = Extent {
+            start: 0,
+            len: size,
+            read_only: false,
+            kind: Kind::Sparse(Box::new(ext)),
+            type_name: "",
+        };
         return Ok(Box::new(Vmdk {
             files: vec![storage],
             extents: vec![extent],
@@ -175,7 +192,11 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
             parent_cid: desc.parent_cid.unwrap_or(0),
             parent: desc.parent_hint,
             read_only: ctx.read_only,
-            desc_at: (0, h.desc_offset.saturating_mul(SECTOR), h.desc_size.saturating_mul(SECTOR)),
+            desc_at: (
+                0,
+                h.desc_offset.saturating_mul(SECTOR),
+                h.desc_size.saturating_mul(SECTOR),
+            ),
             cid_updated: AtomicBool::new(false),
         }));
     }
@@ -190,12 +211,17 @@ fn open_descriptor(
     ctx: &OpenCtx,
     (desc_off, desc_max): (u64, u64),
 ) -> Result<Box<dyn Driver>> {
-    let ct = desc.create_type.clone().ok_or_else(|| corrupt("invalid VMDK image descriptor (no createType)"))?;
+    let ct = desc
+        .create_type
+        .clone()
+        .ok_or_else(|| corrupt("invalid VMDK image descriptor (no createType)"))?;
     if !matches!(
         ct.as_str(),
         "monolithicFlat" | "vmfs" | "vmfsSparse" | "seSparse" | "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat"
     ) {
-        return Err(unsupported(format!("VMDK image type '{ct}' is not supported in a descriptor file")));
+        return Err(unsupported(format!(
+            "VMDK image type '{ct}' is not supported in a descriptor file"
+        )));
     }
     if desc.extents.is_empty() {
         return Err(corrupt("VMDK descriptor names no extents"));
@@ -211,19 +237,29 @@ fn open_descriptor(
                 return Ok(*f);
             }
             let loc: Location = ctx.location.relative(name);
-            let s = loc.open_storage(read_only).map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
+            let s = loc
+                .open_storage(read_only)
+                .map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
             files.push(s);
             let f = (files.len() - 1) as HostFile;
             opened.push((name.to_string(), read_only, f));
             Ok(f)
         };
-        let mut len = e.sectors.checked_mul(SECTOR).ok_or_else(|| corrupt("extent size overflows"))?;
+        let mut len = e
+            .sectors
+            .checked_mul(SECTOR)
+            .ok_or_else(|| corrupt("extent size overflows"))?;
         let kind = match e.kind {
             ExtentType::Zero => Kind::Zero,
             ExtentType::Flat | ExtentType::Vmfs => {
                 let f = file_of(e.filename.as_deref().unwrap_or_default())?;
-                let start = e.offset.checked_mul(SECTOR).ok_or_else(|| corrupt("flat extent offset overflows"))?;
-                start.checked_add(len).ok_or_else(|| corrupt("flat extent end overflows"))?;
+                let start = e
+                    .offset
+                    .checked_mul(SECTOR)
+                    .ok_or_else(|| corrupt("flat extent offset overflows"))?;
+                start
+                    .checked_add(len)
+                    .ok_or_else(|| corrupt("flat extent end overflows"))?;
                 Kind::Flat { file: f, start }
             }
             ExtentType::Sparse => {
@@ -235,7 +271,10 @@ fn open_descriptor(
                     return Err(unsupported("VMFS sparse (COWD) VMDK extents are not supported"));
                 }
                 if s.len()? < 512 || !head.starts_with(MAGIC) {
-                    return Err(corrupt(format!("extent '{}' is not a VMDK sparse extent", e.filename.as_deref().unwrap_or(""))));
+                    return Err(corrupt(format!(
+                        "extent '{}' is not a VMDK sparse extent",
+                        e.filename.as_deref().unwrap_or("")
+                    )));
                 }
                 let h = SparseHeader::parse(&head)?;
                 if h.capacity == 0 && h.desc_offset != 0 {
@@ -244,7 +283,7 @@ fn open_descriptor(
                 let ext = SparseExtent::open(f, s, &head, !read_only)?;
                 // The extent's own capacity counts, not the line's (QEMU).
                 len = ext.layout.capacity;
-                Kind::Sparse(ext)
+                Kind::Sparse(Box::new(ext))
             }
             ExtentType::VmfsSparse => return Err(unsupported("VMFSSPARSE (COWD) VMDK extents are not supported")),
             ExtentType::SeSparse => return Err(unsupported("SESPARSE VMDK extents are not supported")),
@@ -252,8 +291,16 @@ fn open_descriptor(
         if len == 0 {
             continue;
         }
-        extents.push(Extent { start: pos, len, read_only, kind, type_name: e.kind.name() });
-        pos = pos.checked_add(len).ok_or_else(|| corrupt("VMDK virtual size overflows"))?;
+        extents.push(Extent {
+            start: pos,
+            len,
+            read_only,
+            kind,
+            type_name: e.kind.name(),
+        });
+        pos = pos
+            .checked_add(len)
+            .ok_or_else(|| corrupt("VMDK virtual size overflows"))?;
     }
     if extents.is_empty() {
         return Err(corrupt("VMDK descriptor names no extent with data"));
@@ -286,11 +333,19 @@ impl Vmdk {
             let lead = line.iter().take_while(|c| c.is_ascii_whitespace()).count();
             if line[lead..].starts_with(b"CID=") {
                 let start = lead + 4;
-                let digits = line[start..].iter().take_while(|c| c.is_ascii_hexdigit()).count().min(8);
+                let digits = line[start..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_hexdigit())
+                    .count()
+                    .min(8);
                 if digits == 0 {
                     return Ok(());
                 }
-                let mask = if digits == 8 { u32::MAX } else { (1u32 << (4 * digits)) - 1 };
+                let mask = if digits == 8 {
+                    u32::MAX
+                } else {
+                    (1u32 << (4 * digits)) - 1
+                };
                 let cid = create::random_cid() & mask;
                 let new = format!("{cid:0digits$x}");
                 s.write_at(new.as_bytes(), at + (pos + start) as u64)?;
@@ -314,7 +369,9 @@ impl Vmdk {
 
     fn extent_at(&self, offset: u64) -> Result<&Extent> {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset);
-        self.extents.get(i).ok_or_else(|| corrupt(format!("no VMDK extent holds offset {offset}")))
+        self.extents
+            .get(i)
+            .ok_or_else(|| corrupt(format!("no VMDK extent holds offset {offset}")))
     }
 }
 
@@ -326,14 +383,23 @@ impl Driver for Vmdk {
         self.size
     }
     fn backing(&self) -> Option<BackingRef> {
-        self.parent.as_ref().map(|p| BackingRef { filename: p.clone(), format: Some("vmdk".into()) })
+        self.parent.as_ref().map(|p| BackingRef {
+            filename: p.clone(),
+            format: Some("vmdk".into()),
+        })
     }
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
         let e = self.extent_at(offset)?;
         let rel = offset - e.start;
         let len = len.min(e.len - rel);
         let (kind, len) = match &e.kind {
-            Kind::Flat { file, start } => (Mapped::Data { file: *file, offset: start + rel }, len),
+            Kind::Flat { file, start } => (
+                Mapped::Data {
+                    file: *file,
+                    offset: start + rel,
+                },
+                len,
+            ),
             Kind::Zero => (Mapped::Zero { host: None }, len),
             Kind::Sparse(s) => s.map(rel, len)?,
         };

@@ -61,7 +61,10 @@ pub struct SparseExtent {
 fn read_u32s(s: &dyn Storage, at: u64, n: usize, what: &str) -> Result<Vec<u32>> {
     let mut raw = try_zeroed(n * 4, what)?;
     s.read_at(&mut raw, at)?;
-    Ok(raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 impl SparseExtent {
@@ -92,12 +95,17 @@ impl SparseExtent {
         for (i, &e) in gd.iter().chain(rgd.iter().flatten()).enumerate() {
             let at = u64::from(e) * SECTOR;
             if e != 0 && at.checked_add(gt_bytes).is_none_or(|end| end > file_len) {
-                return Err(corrupt(format!("grain table {} at sector {e} is outside the file", i % n.max(1))));
+                return Err(corrupt(format!(
+                    "grain table {} at sector {e} is outside the file",
+                    i % n.max(1)
+                )));
             }
         }
         if let Some(r) = &rgd {
             if writable && gd.iter().zip(r).any(|(&a, &b)| (a == 0) != (b == 0)) {
-                return Err(corrupt("grain directory and its redundant copy disagree on allocated tables"));
+                return Err(corrupt(
+                    "grain directory and its redundant copy disagree on allocated tables",
+                ));
             }
         }
         Ok(SparseExtent {
@@ -161,12 +169,17 @@ impl SparseExtent {
         }
         let at = u64::from(gte) * SECTOR;
         if at >= self.end.load(Ordering::Acquire) {
-            return Err(corrupt(format!("grain at sector {gte} is beyond the end of the extent file")));
+            return Err(corrupt(format!(
+                "grain at sector {gte} is beyond the end of the extent file"
+            )));
         }
         if self.layout.compressed {
             return Ok(Mapped::Encoded);
         }
-        Ok(Mapped::Data { file: self.file, offset: at + rel_in_grain })
+        Ok(Mapped::Data {
+            file: self.file,
+            offset: at + rel_in_grain,
+        })
     }
 
     /// How extent-relative `[rel, rel+len)` maps, as far as it maps one way
@@ -236,7 +249,9 @@ impl SparseExtent {
             self.storage.read_at(&mut m, at)?;
             let size = u32::from_le_bytes([m[8], m[9], m[10], m[11]]) as usize;
             if size == 0 || size > max {
-                return Err(corrupt(format!("compressed grain at sector {gte} has a bad size {size}")));
+                return Err(corrupt(format!(
+                    "compressed grain at sector {gte} has a bad size {size}"
+                )));
             }
             (at + 12, size)
         } else {
@@ -260,7 +275,9 @@ impl SparseExtent {
     /// first guest byte (for copy-on-write reads from `below`).
     pub fn write(&self, buf: &[u8], rel: u64, guest_base: u64, below: &dyn Below) -> Result<()> {
         if self.layout.compressed {
-            return Err(unsupported("writing to stream-optimized (compressed) VMDK extents is not supported"));
+            return Err(unsupported(
+                "writing to stream-optimized (compressed) VMDK extents is not supported",
+            ));
         }
         let _g = self.alloc.lock();
         self.write_locked(buf, rel, guest_base, below)?;
@@ -277,7 +294,9 @@ impl SparseExtent {
     /// read as zeroes; the rest is written with zeroes.
     pub fn write_zeroes(&self, rel: u64, len: u64, guest_base: u64, below: &dyn Below) -> Result<()> {
         if self.layout.compressed {
-            return Err(unsupported("writing to stream-optimized (compressed) VMDK extents is not supported"));
+            return Err(unsupported(
+                "writing to stream-optimized (compressed) VMDK extents is not supported",
+            ));
         }
         let _g = self.alloc.lock();
         let grain = self.layout.grain;
@@ -288,7 +307,10 @@ impl SparseExtent {
             let n = (grain - in_grain).min(len - done);
             let gte = self.entry(pos)?;
             let kind = self.classify(gte, in_grain)?;
-            let has_table = self.gd.get((pos / self.layout.gt_span()) as usize).is_some_and(|&s| s != 0);
+            let has_table = self
+                .gd
+                .get((pos / self.layout.gt_span()) as usize)
+                .is_some_and(|&s| s != 0);
             if matches!(kind, Mapped::Zero { .. }) || (kind == Mapped::Unallocated && !below.has_backing()) {
                 // Already reads as zeroes.
             } else if self.layout.zero_grain && n == grain && has_table {
@@ -338,7 +360,9 @@ impl SparseExtent {
         let l = &self.layout;
         let l1 = (pos / l.gt_span()) as usize;
         let l2 = ((pos % l.gt_span()) / l.grain) as usize;
-        let t = self.table(l1)?.ok_or_else(|| unsupported("no grain table for this grain"))?;
+        let t = self
+            .table(l1)?
+            .ok_or_else(|| unsupported("no grain table for this grain"))?;
         let mut c = self.cache.write();
         let slot = c.tables.entry(l1 as u32).or_insert(t);
         Arc::make_mut(slot)[l2] = value;
@@ -369,7 +393,9 @@ impl SparseExtent {
         let end = self.end.load(Ordering::Acquire);
         let at = end.div_ceil(grain) * grain;
         if at.checked_add(grain).is_none_or(|e| e > MAX_EXTENT_FILE) {
-            return Err(Error::NoMemory("the VMDK extent file is full (grain offsets are 32-bit sectors)".into()));
+            return Err(Error::NoMemory(
+                "the VMDK extent file is full (grain offsets are 32-bit sectors)".into(),
+            ));
         }
         let mut g = try_zeroed(grain as usize, "a new grain")?;
         if !zeroed && below.has_backing() {
@@ -400,7 +426,8 @@ impl SparseExtent {
             }
         }
         for (k, t) in &dirty {
-            self.storage.write_at(&bytes(t), u64::from(self.gd[*k as usize]) * SECTOR)?;
+            self.storage
+                .write_at(&bytes(t), u64::from(self.gd[*k as usize]) * SECTOR)?;
         }
         self.storage.flush()?;
         let mut c = self.cache.write();

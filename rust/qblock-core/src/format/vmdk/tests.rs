@@ -21,7 +21,13 @@ fn sparse_image(desc: &str) -> Vec<u8> {
 
 fn open_mem(data: Vec<u8>, read_only: bool) -> Result<Box<dyn Driver>> {
     let loc = Location::file("/nonexistent-dir/x.vmdk");
-    open(Arc::new(MemoryStorage::new(data, read_only)), &OpenCtx { location: &loc, read_only })
+    open(
+        Arc::new(MemoryStorage::new(data, read_only)),
+        &OpenCtx {
+            location: &loc,
+            read_only,
+        },
+    )
 }
 
 fn kind_of(data: Vec<u8>) -> ErrorKind {
@@ -75,18 +81,34 @@ fn probe_matches_qemus_rules() {
 #[test]
 fn embedded_extent_lines_are_ignored() {
     // FreeBSD's mkimg writes `RW 2048 SPARSE ""`.
-    let d = open_mem(sparse_image("createType=\"monolithicSparse\"\nRW 2048 SPARSE \"\"\n"), true).unwrap();
+    let d = open_mem(
+        sparse_image("createType=\"monolithicSparse\"\nRW 2048 SPARSE \"\"\n"),
+        true,
+    )
+    .unwrap();
     assert_eq!(d.virtual_size(), MIB);
 }
 
 #[test]
 fn fresh_image_reads_zeroes_and_writes_back() {
-    let d = open_mem(sparse_image("createType=\"monolithicSparse\"\nCID=abc\nparentCID=ffffffff\n"), false).unwrap();
+    let d = open_mem(
+        sparse_image("createType=\"monolithicSparse\"\nCID=abc\nparentCID=ffffffff\n"),
+        false,
+    )
+    .unwrap();
     assert_eq!(d.virtual_size(), MIB);
-    assert_eq!(d.map(0, MIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: MIB });
+    assert_eq!(
+        d.map(0, MIB).unwrap(),
+        Mapping {
+            kind: Mapped::Unallocated,
+            len: MIB
+        }
+    );
     d.write_at(b"hello", 70000, &NoBacking).unwrap();
     let m = d.map(65536, MIB - 65536).unwrap();
-    let Mapped::Data { file: 0, offset } = m.kind else { panic!("{m:?}") };
+    let Mapped::Data { file: 0, offset } = m.kind else {
+        panic!("{m:?}")
+    };
     assert_eq!(m.len, 65536);
     let mut b = [0u8; 5];
     d.host_file(0).unwrap().read_at(&mut b, offset + 70000 - 65536).unwrap();
@@ -100,7 +122,10 @@ fn fresh_image_reads_zeroes_and_writes_back() {
     assert!(cid <= 0xfff);
     let mut text = [0u8; 40];
     d.host_file(0).unwrap().read_at(&mut text, 512).unwrap();
-    assert_eq!(&text[..38], format!("createType=\"monolithicSparse\"\nCID={cid:03x}\n").as_bytes());
+    assert_eq!(
+        &text[..38],
+        format!("createType=\"monolithicSparse\"\nCID={cid:03x}\n").as_bytes()
+    );
 }
 
 #[test]
@@ -119,14 +144,18 @@ fn zero_writes_use_zeroed_grains_when_enabled() {
         if zeroed {
             assert_eq!(m.kind, Mapped::Zero { host: None });
         } else {
-            let Mapped::Data { offset, .. } = m.kind else { panic!("{m:?}") };
+            let Mapped::Data { offset, .. } = m.kind else {
+                panic!("{m:?}")
+            };
             let mut b = vec![1u8; 65536];
             d.host_file(0).unwrap().read_at(&mut b, offset).unwrap();
             assert!(b.iter().all(|&x| x == 0));
         }
         // A zeroed grain written again is allocated afresh.
         d.write_at(&[3u8; 10], 65536 + 5, &NoBacking).unwrap();
-        let Mapped::Data { offset, .. } = d.map(65536, 1).unwrap().kind else { panic!() };
+        let Mapped::Data { offset, .. } = d.map(65536, 1).unwrap().kind else {
+            panic!()
+        };
         let mut b = vec![1u8; 20];
         d.host_file(0).unwrap().read_at(&mut b, offset).unwrap();
         assert_eq!(&b[..15], &[0, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]);
@@ -135,9 +164,19 @@ fn zero_writes_use_zeroed_grains_when_enabled() {
 
 #[test]
 fn tables_are_written_on_flush_to_both_copies() {
-    let s = Arc::new(MemoryStorage::new(sparse_image("createType=\"monolithicSparse\"\n"), false));
+    let s = Arc::new(MemoryStorage::new(
+        sparse_image("createType=\"monolithicSparse\"\n"),
+        false,
+    ));
     let loc = Location::file("/x.vmdk");
-    let d = open(s.clone(), &OpenCtx { location: &loc, read_only: false }).unwrap();
+    let d = open(
+        s.clone(),
+        &OpenCtx {
+            location: &loc,
+            read_only: false,
+        },
+    )
+    .unwrap();
     d.write_at(&[7u8; 512], 0, &NoBacking).unwrap();
     let h = SparseHeader::parse(&s.snapshot()[..512]).unwrap();
     let gte_at = |dir: u64| {
@@ -159,7 +198,8 @@ fn tables_are_written_on_flush_to_both_copies() {
 fn hostile_headers_are_refused() {
     let base = sparse_image("createType=\"monolithicSparse\"\n");
     let c = ErrorKind::CorruptImage;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, ErrorKind)> = vec![
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Patch, ErrorKind)> = vec![
         ("version 4", Box::new(|d| put32(d, 4, 4)), ErrorKind::Unsupported),
         ("huge capacity", Box::new(|d| put64(d, 12, 2233785398448881665)), c),
         ("granularity 0", Box::new(|d| put64(d, 20, 0)), c),
@@ -171,15 +211,23 @@ fn hostile_headers_are_refused() {
         ("gd at 0", Box::new(|d| put64(d, 56, 0)), c),
         ("grain_offset beyond end", Box::new(|d| put64(d, 64, 1 << 30)), c),
         ("compression 9", Box::new(|d| d[77] = 9), ErrorKind::Unsupported),
-        ("gt outside", Box::new(|d| {
-            let gd = u64::from_le_bytes(d[56..64].try_into().unwrap()) as usize * 512;
-            put32(d, gd, 0x7fff_ffff);
-        }), c),
-        ("grain beyond end", Box::new(|d| {
-            let gd = u64::from_le_bytes(d[56..64].try_into().unwrap()) as usize * 512;
-            let gt = u32::from_le_bytes(d[gd..gd + 4].try_into().unwrap()) as usize * 512;
-            put32(d, gt + 8, 0x00ff_ffff);
-        }), c),
+        (
+            "gt outside",
+            Box::new(|d| {
+                let gd = u64::from_le_bytes(d[56..64].try_into().unwrap()) as usize * 512;
+                put32(d, gd, 0x7fff_ffff);
+            }),
+            c,
+        ),
+        (
+            "grain beyond end",
+            Box::new(|d| {
+                let gd = u64::from_le_bytes(d[56..64].try_into().unwrap()) as usize * 512;
+                let gt = u32::from_le_bytes(d[gd..gd + 4].try_into().unwrap()) as usize * 512;
+                put32(d, gt + 8, 0x00ff_ffff);
+            }),
+            c,
+        ),
         ("truncated", Box::new(|d| d.truncate(300)), c),
         ("gd at end without footer", Box::new(|d| put64(d, 56, u64::MAX)), c),
     ];
@@ -239,15 +287,26 @@ fn stream_optimized_reads_and_refuses_writes() {
     let payload: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
     let d = open_mem(stream_image(&payload, None), true).unwrap();
     assert_eq!(d.virtual_size(), 131072);
-    assert_eq!(d.map(0, 131072).unwrap(), Mapping { kind: Mapped::Encoded, len: 65536 });
+    assert_eq!(
+        d.map(0, 131072).unwrap(),
+        Mapping {
+            kind: Mapped::Encoded,
+            len: 65536
+        }
+    );
     assert_eq!(d.map(65536, 65536).unwrap().kind, Mapped::Unallocated);
     let mut b = vec![0u8; 1000];
     d.read_encoded(&mut b, 4000).unwrap();
     assert_eq!(b, payload[4000..5000]);
     let info = d.info().unwrap();
-    assert!(info.format_specific.contains(&("create-type".into(), "streamOptimized".into())));
+    assert!(info
+        .format_specific
+        .contains(&("create-type".into(), "streamOptimized".into())));
     let w = open_mem(stream_image(&payload, None), false).unwrap();
-    assert_eq!(w.write_at(&[1], 70000, &NoBacking).unwrap_err().kind(), ErrorKind::Unsupported);
+    assert_eq!(
+        w.write_at(&[1], 70000, &NoBacking).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
 }
 
 #[test]
@@ -270,24 +329,47 @@ fn hostile_compressed_grains() {
 fn descriptor_files_need_a_known_type_and_extents() {
     let d = |t: &str| kind_of(t.as_bytes().to_vec());
     assert_eq!(d("version=1\n"), ErrorKind::CorruptImage);
-    assert_eq!(d("version=1\ncreateType=\"custom\"\nRW 8 ZERO\n"), ErrorKind::Unsupported);
+    assert_eq!(
+        d("version=1\ncreateType=\"custom\"\nRW 8 ZERO\n"),
+        ErrorKind::Unsupported
+    );
     assert_eq!(d("version=1\ncreateType=\"monolithicFlat\"\n"), ErrorKind::CorruptImage);
-    assert_eq!(d("version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"x\"\n"), ErrorKind::CorruptImage);
+    assert_eq!(
+        d("version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"x\"\n"),
+        ErrorKind::CorruptImage
+    );
     // Zero extents need no file.
-    let z = open_mem(b"version=1\ncreateType=\"monolithicFlat\"\nRW 8 ZERO\nRW 16 ZERO\n".to_vec(), true).unwrap();
+    let z = open_mem(
+        b"version=1\ncreateType=\"monolithicFlat\"\nRW 8 ZERO\nRW 16 ZERO\n".to_vec(),
+        true,
+    )
+    .unwrap();
     assert_eq!(z.virtual_size(), 24 * 512);
-    assert_eq!(z.map(0, 24 * 512).unwrap(), Mapping { kind: Mapped::Zero { host: None }, len: 8 * 512 });
+    assert_eq!(
+        z.map(0, 24 * 512).unwrap(),
+        Mapping {
+            kind: Mapped::Zero { host: None },
+            len: 8 * 512
+        }
+    );
     assert_eq!(z.map(8 * 512, 16 * 512).unwrap().len, 16 * 512);
 }
 
 fn create_opts(sub: &str, size: u64) -> CreateOptions {
-    CreateOptions::new().with("size", OptValue::Int(size)).with("subformat", OptValue::Str(sub.into()))
+    CreateOptions::new()
+        .with("size", OptValue::Int(size))
+        .with("subformat", OptValue::Str(sub.into()))
 }
 
 #[test]
 fn create_every_subformat_and_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    for sub in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+    for sub in [
+        "monolithicSparse",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+        "twoGbMaxExtentFlat",
+    ] {
         let loc = Location::file(dir.path().join(format!("{sub}.vmdk")));
         Image::create(&loc, Format::Vmdk, create_opts(sub, 3 * MIB)).unwrap();
         let img = Image::open(&loc, None, &OpenOptions::default()).unwrap();
@@ -295,7 +377,15 @@ fn create_every_subformat_and_round_trip() {
         assert_eq!(img.virtual_size(), 3 * MIB);
         img.write_at(b"abcdef", MIB + 3).unwrap();
         img.close().unwrap();
-        let img = Image::open(&loc, None, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let img = Image::open(
+            &loc,
+            None,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut b = [0u8; 8];
         img.read_at(&mut b, MIB + 2).unwrap();
         assert_eq!(&b, b"\0abcdef\0", "{sub}");
@@ -304,7 +394,11 @@ fn create_every_subformat_and_round_trip() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    for n in ["monolithicFlat-flat.vmdk", "twoGbMaxExtentSparse-s001.vmdk", "twoGbMaxExtentFlat-f001.vmdk"] {
+    for n in [
+        "monolithicFlat-flat.vmdk",
+        "twoGbMaxExtentSparse-s001.vmdk",
+        "twoGbMaxExtentFlat-f001.vmdk",
+    ] {
         assert!(names.contains(&n.to_string()), "{n} in {names:?}");
     }
 }
@@ -317,12 +411,23 @@ fn create_refusals() {
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     let e = Image::create(&loc, Format::Vmdk, create_opts("bogus", MIB)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidParam);
-    let o = create_opts("monolithicSparse", MIB).with("compat6", OptValue::Bool(true)).with("hwversion", OptValue::Str("7".into()));
-    assert_eq!(Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(), ErrorKind::InvalidParam);
+    let o = create_opts("monolithicSparse", MIB)
+        .with("compat6", OptValue::Bool(true))
+        .with("hwversion", OptValue::Str("7".into()));
+    assert_eq!(
+        Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(),
+        ErrorKind::InvalidParam
+    );
     let o = create_opts("monolithicFlat", MIB).with("zeroed_grain", OptValue::Bool(true));
-    assert_eq!(Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(), ErrorKind::InvalidParam);
+    assert_eq!(
+        Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(),
+        ErrorKind::InvalidParam
+    );
     let o = create_opts("monolithicSparse", MIB).with("cluster_size", OptValue::Int(4096));
-    assert_eq!(Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(), ErrorKind::InvalidParam);
+    assert_eq!(
+        Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(),
+        ErrorKind::InvalidParam
+    );
 }
 
 #[test]
