@@ -594,9 +594,7 @@ impl Qcow2 {
                 let mut release = Vec::new();
                 for k in 0..n {
                     let e = old[k * w];
-                    if e & COMPRESSED != 0 {
-                        release.push(self.release_range(e)?);
-                    } else if e & OFFSET_MASK != 0 {
+                    if e & COMPRESSED != 0 || e & OFFSET_MASK != 0 {
                         release.push(self.release_range(e)?);
                     }
                     if g.extended {
