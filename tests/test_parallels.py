@@ -112,6 +112,7 @@ def test_qemu_images_read_identically(tmp, cluster):
     p = tmp / "q.hds"
     opts = ["-o", f"cluster_size={cluster}"] if cluster else []
     qemu_img("create", "-f", "parallels", *opts, str(p), str(4 * MiB + 512))
+    assert qb.probe(p) is qb.Format.PARALLELS
     assert_reads_like_qemu(p, tmp)
     qemu_io(str(p), *QEMU_IO_WRITES, fmt="parallels")
     assert_reads_like_qemu(p, tmp)
@@ -527,6 +528,8 @@ HOSTILE_BUNDLES = {
     "</Storage></StorageData>",
     "not-a-number": "<StorageData><Storage><Start>0</Start><End>x</End><Image><Type>Plain</Type><File>a</File>"
     "</Image></Storage></StorageData>",
+    "plain-extent-too-small": "<StorageData><Storage><Start>0</Start><End>2048</End><Image><Type>Plain</Type>"
+    "<File>b</File></Image></Storage></StorageData>",
     "extent-too-small": "<StorageData><Storage><Start>0</Start><End>2048</End><Image><Type>Compressed</Type>"
     "<File>small.hds</File></Image></Storage></StorageData>",
 }
@@ -535,6 +538,7 @@ HOSTILE_BUNDLES = {
 @pytest.mark.parametrize("name", sorted(HOSTILE_BUNDLES))
 def test_hostile_descriptor_is_refused(tmp, name):
     (tmp / "a").write_bytes(bytes(MiB))
+    (tmp / "b").write_bytes(bytes(MiB - 512))
     pcreate(tmp / "small.hds", 512 * KiB, 64 * KiB)
     xml = ("<?xml version='1.0' encoding='UTF-8'?>\n<Parallels_disk_image Version=\"1.0\"><Disk_Parameters>"
            "<Disk_size>2048</Disk_size></Disk_Parameters>" + HOSTILE_BUNDLES[name] + "</Parallels_disk_image>\n")

@@ -96,6 +96,7 @@ def assert_reads_like_qemu(path, tmp):
 def test_qemu_images_read_identically(tmp, static, size):
     p = tmp / "q.vdi"
     qemu_img("create", "-f", "vdi", "-o", f"static={'on' if static else 'off'}", str(p), str(size))
+    assert qb.probe(p) is qb.Format.VDI
     assert_reads_like_qemu(p, tmp)
     qemu_io(str(p), *QEMU_IO_WRITES, fmt="vdi")
     assert_reads_like_qemu(p, tmp)

@@ -183,6 +183,14 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
             }
             Data::Expanding(Box::new(p))
         } else {
+            // A short raw extent would read zeroes where data is missing.
+            let have = st.len()?;
+            if have < need {
+                return Err(corrupt(format!(
+                    "parallels extent '{}' has {have} bytes, the descriptor gives it {need}",
+                    d.file
+                )));
+            }
             Data::Plain(st)
         };
         extents.push(Extent { start: d.start, end: d.end, data });
