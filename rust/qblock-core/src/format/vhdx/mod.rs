@@ -1,0 +1,682 @@
+//! vhdx: Hyper-V virtual hard disks, per Microsoft's "VHDX Format
+//! Specification" v1.00 (MS-VHDX).
+//!
+//! - `guid`: the spec's GUIDs in their on-disk (mixed-endian) form.
+//! - `header`: file identifier, the two headers (CRC-32C, sequence
+//!   numbers), the region tables.
+//! - `log`: finding the active log sequence and the updates it replays.
+//! - `metadata`: the metadata table and items (block size, virtual size,
+//!   sector sizes, page 83, parent locator).
+//! - `bat`: BAT entries, states, the chunk ratio.
+//!
+//! Supported: dynamic and fixed disks, 512 and 4096-byte logical sectors,
+//! block sizes of 1-256 MiB; read, write, create. A dirty log (a header
+//! with a log GUID and a valid active sequence) is replayed into the file
+//! on a writable open, as QEMU does; a read-only open of such a file is
+//! `Unsupported` with that advice (as QEMU, which refuses it too).
+//! Differencing disks (`has_parent`) are `Unsupported`, naming the parent.
+//!
+//! Payload states: FULLY_PRESENT blocks map to the file; ZERO reads as
+//! zeroes (allocated); NOT_PRESENT, UNDEFINED and UNMAPPED read as zeroes
+//! (not allocated: the disk has no parent). PARTIALLY_PRESENT is only
+//! meaningful with a parent and is refused as corrupt.
+//!
+//! Writes allocate whole payload blocks at the end of the file (1 MiB
+//! aligned). The BAT entry is written in place after the block's data is
+//! durable, not through the log: a crash leaves either the old entry (the
+//! new block leaked) or the new one (its data already on disk). The log
+//! GUID stays zero, so QEMU and Hyper-V see a clean file. Before the first
+//! write both headers get new file and data write GUIDs, as the spec asks.
+//!
+//! Reading takes no lock: the BAT is a vector of atomics.
+
+mod bat;
+mod guid;
+mod header;
+mod log;
+mod metadata;
+
+use crate::backend::Storage;
+use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
+use crate::format_name::Format;
+use crate::location::Location;
+use crate::options::CreateOptions;
+use crate::registry::{FormatEntry, OpenCtx};
+use bat::*;
+use guid::{random_guid, ZERO_GUID};
+use header::{Header, Region, Regions, HEADER_OFFSETS, HEADER_SECTION_END, MIB};
+use metadata::Metadata;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Vhdx,
+    probe: Some(probe),
+    open: Some(open),
+    create: Some(create),
+};
+
+fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
+    if h.starts_with(header::FILE_ID_SIGNATURE) {
+        100
+    } else {
+        0
+    }
+}
+
+/// Header state the writer keeps: the current header and its slot.
+struct WriteState {
+    header: Header,
+    slot: usize,
+    /// Both headers carry this session's write GUIDs (done before the first write).
+    headers_updated: bool,
+    /// Where the next payload block goes (1 MiB aligned, past everything).
+    next_free: u64,
+}
+
+pub struct Vhdx {
+    storage: Arc<dyn Storage>,
+    meta: Metadata,
+    layout: Layout,
+    bat_offset: u64,
+    bat: Vec<AtomicU64>,
+    write: Mutex<WriteState>,
+}
+
+fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
+    Ok(Box::new(Vhdx::open(storage, ctx.read_only)?))
+}
+
+fn round_up_mib(x: u64) -> u64 {
+    x.div_ceil(MIB) * MIB
+}
+
+impl Vhdx {
+    pub fn open(storage: Arc<dyn Storage>, read_only: bool) -> Result<Vhdx> {
+        let file_len = storage.len()?;
+        let mut id = [0u8; 8];
+        storage.read_at(&mut id, 0)?;
+        if &id != header::FILE_ID_SIGNATURE {
+            return Err(corrupt("VHDX file identifier 'vhdxfile' is missing"));
+        }
+        if file_len < HEADER_SECTION_END {
+            return Err(corrupt(format!(
+                "file of {file_len} bytes is too small for a VHDX header section"
+            )));
+        }
+        let (mut hdr, mut slot) = header::read_headers(storage.as_ref())?;
+        let log = Region {
+            offset: hdr.log_offset,
+            length: hdr.log_length as u64,
+        };
+        if log.offset < HEADER_SECTION_END
+            || log.offset % MIB != 0
+            || log.length % MIB != 0
+            || log.offset.checked_add(log.length).is_none_or(|e| e > file_len)
+            || (log.length == 0 && hdr.log_guid != ZERO_GUID)
+        {
+            return Err(corrupt(format!(
+                "VHDX log at {} of {} bytes is not whole MiBs inside the file",
+                log.offset, log.length
+            )));
+        }
+        if hdr.log_guid != ZERO_GUID {
+            let bytes = log::load(storage.as_ref(), log.offset, log.length)?;
+            if let Some(replay) = log::find_replay(&bytes, &hdr.log_guid)? {
+                if read_only {
+                    return Err(unsupported(format!(
+                        "the VHDX image has a log to replay (sequence {}): open it read-write to replay it",
+                        replay.head_sequence
+                    )));
+                }
+                Self::replay(storage.as_ref(), &replay, &mut hdr, &mut slot)?;
+            }
+        }
+        let file_len = storage.len()?;
+        let regions = header::read_regions(storage.as_ref(), file_len)?;
+        for r in [regions.bat, regions.metadata] {
+            if header::overlaps(&r, &log) {
+                return Err(corrupt(format!("VHDX region at {} overlaps the log", r.offset)));
+            }
+        }
+        let meta = metadata::read_metadata(storage.as_ref(), regions.metadata)?;
+        let layout = Layout::new(meta.disk_size, meta.block_size, meta.chunk_ratio());
+        if layout.entries * 8 > regions.bat.length {
+            return Err(corrupt(format!(
+                "VHDX BAT region of {} bytes is too small for {} entries",
+                regions.bat.length, layout.entries
+            )));
+        }
+        let mut raw = try_zeroed((layout.entries * 8) as usize, "the VHDX BAT")?;
+        storage.read_at(&mut raw, regions.bat.offset)?;
+        let entries: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        drop(raw);
+        let next_free = Self::check_bat(
+            &meta,
+            &layout,
+            &entries,
+            &[log, regions.bat, regions.metadata],
+            file_len,
+        )?;
+        Ok(Vhdx {
+            storage,
+            meta,
+            layout,
+            bat_offset: regions.bat.offset,
+            bat: entries.into_iter().map(AtomicU64::new).collect(),
+            write: Mutex::new(WriteState {
+                header: hdr,
+                slot,
+                headers_updated: false,
+                next_free,
+            }),
+        })
+    }
+
+    /// Check every BAT entry; return where the next block may go.
+    fn check_bat(
+        meta: &Metadata,
+        layout: &Layout,
+        entries: &[u64],
+        meta_regions: &[Region],
+        file_len: u64,
+    ) -> Result<u64> {
+        let bs = meta.block_size;
+        let mut end = meta_regions
+            .iter()
+            .map(|r| r.offset + r.length)
+            .max()
+            .unwrap_or(0)
+            .max(file_len);
+        let mut blocks: Vec<(u64, u64, u64)> = Vec::new();
+        for block in 0..layout.payload_blocks {
+            let i = layout.payload_index(block);
+            let e = entries[i as usize];
+            match state(e) {
+                PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => continue,
+                PAYLOAD_FULLY_PRESENT => {}
+                PAYLOAD_PARTIALLY_PRESENT => {
+                    return Err(corrupt(format!(
+                        "VHDX block {block} is PARTIALLY_PRESENT in a disk without parent"
+                    )))
+                }
+                s => return Err(corrupt(format!("VHDX block {block} has the invalid state {s}"))),
+            }
+            let off = offset(e);
+            // The last block may lie only partly in the file (QEMU wrote such files).
+            let len = bs.min(meta.disk_size - block * bs);
+            if off < HEADER_SECTION_END || off.checked_add(len).is_none_or(|x| x > file_len) {
+                return Err(corrupt(format!(
+                    "VHDX block {block} at {off} lies outside the file ({file_len} bytes): truncated?"
+                )));
+            }
+            let r = Region {
+                offset: off,
+                length: len,
+            };
+            if meta_regions.iter().any(|m| header::overlaps(m, &r)) {
+                return Err(corrupt(format!(
+                    "VHDX block {block} at {off} overlaps the log, BAT or metadata"
+                )));
+            }
+            end = end.max(off + bs);
+            blocks
+                .try_reserve(1)
+                .map_err(|_| crate::error::Error::NoMemory("VHDX block list".into()))?;
+            blocks.push((off, len, block));
+        }
+        // Sector bitmap blocks of a disk without parent are unused, but stay
+        // clear of new payload blocks.
+        for i in (layout.chunk_ratio..layout.entries).step_by(layout.chunk_ratio as usize + 1) {
+            let e = entries[i as usize];
+            if state(e) == SB_PRESENT && offset(e) >= HEADER_SECTION_END {
+                end = end.max(offset(e).saturating_add(MIB));
+            }
+        }
+        blocks.sort_unstable();
+        for w in blocks.windows(2) {
+            if w[1].0 < w[0].0 + w[0].1 {
+                return Err(corrupt(format!(
+                    "VHDX blocks {} and {} overlap at {}",
+                    w[0].2, w[1].2, w[1].0
+                )));
+            }
+        }
+        Ok(round_up_mib(end))
+    }
+
+    /// Replay the log into the file. Crash order: the updates, flushed,
+    /// then the headers without the log GUID (a crash before that replays
+    /// the same updates again, which is idempotent).
+    fn replay(storage: &dyn Storage, r: &log::Replay, hdr: &mut Header, slot: &mut usize) -> Result<()> {
+        for u in &r.updates {
+            match u {
+                log::Update::Data { offset, bytes } => storage.write_at(bytes, *offset)?,
+                log::Update::Zero { offset, len } => storage.write_zeroes(*offset, *len)?,
+            }
+        }
+        if storage.len()? < r.last_file_offset {
+            storage.set_len(r.last_file_offset)?;
+        }
+        storage.flush()?;
+        hdr.log_guid = ZERO_GUID;
+        Self::write_headers(storage, hdr, slot)
+    }
+
+    /// Update both headers as the spec asks: the non-current one first
+    /// with the next sequence number, then the other. Flushed.
+    fn write_headers(storage: &dyn Storage, hdr: &mut Header, slot: &mut usize) -> Result<()> {
+        for _ in 0..2 {
+            let other = 1 - *slot;
+            hdr.sequence = hdr.sequence.wrapping_add(1);
+            storage.write_at(&hdr.to_bytes(), HEADER_OFFSETS[other])?;
+            storage.flush()?;
+            *slot = other;
+        }
+        Ok(())
+    }
+
+    fn entry_of(&self, block: u64) -> u64 {
+        self.bat[self.layout.payload_index(block) as usize].load(Ordering::Acquire)
+    }
+
+    fn kind_of(e: u64) -> u8 {
+        match state(e) {
+            PAYLOAD_FULLY_PRESENT => 0,
+            PAYLOAD_ZERO => 1,
+            _ => 2,
+        }
+    }
+}
+
+impl Driver for Vhdx {
+    fn format(&self) -> Format {
+        Format::Vhdx
+    }
+    fn virtual_size(&self) -> u64 {
+        self.meta.disk_size
+    }
+    fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
+        let bs = self.meta.block_size;
+        let block = offset / bs;
+        let in_block = offset % bs;
+        let e = self.entry_of(block);
+        let kind = Self::kind_of(e);
+        let mut run = (bs - in_block).min(len);
+        let mut next = block + 1;
+        // One run across following blocks that map the same way (and, for
+        // data, continue in the file).
+        while run < len && next < self.layout.payload_blocks {
+            let n = self.entry_of(next);
+            let contiguous = kind != 0 || bat::offset(n) == bat::offset(e) + (next - block) * bs;
+            if Self::kind_of(n) != kind || !contiguous {
+                break;
+            }
+            run = (run + bs).min(len);
+            next += 1;
+        }
+        let kind = match kind {
+            0 => Mapped::Data {
+                file: 0,
+                offset: bat::offset(e) + in_block,
+            },
+            1 => Mapped::Zero { host: None },
+            _ => Mapped::Unallocated,
+        };
+        Ok(Mapping { kind, len: run })
+    }
+    fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
+        (file == 0).then_some(self.storage.as_ref())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, _below: &dyn Below) -> Result<()> {
+        let mut w = self.write.lock();
+        if !w.headers_updated {
+            let ws = &mut *w;
+            ws.header.file_write_guid = random_guid();
+            ws.header.data_write_guid = random_guid();
+            ws.header.log_guid = ZERO_GUID;
+            Self::write_headers(self.storage.as_ref(), &mut ws.header, &mut ws.slot)?;
+            ws.headers_updated = true;
+        }
+        let bs = self.meta.block_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = ((bs - in_block) as usize).min(buf.len() - done);
+            let chunk = &buf[done..done + n];
+            let idx = self.layout.payload_index(block) as usize;
+            let e = self.bat[idx].load(Ordering::Acquire);
+            if state(e) == PAYLOAD_FULLY_PRESENT {
+                self.storage.write_at(chunk, bat::offset(e) + in_block)?;
+            } else {
+                // Allocate at the end. Every other state reads as zeroes, so
+                // the rest of the new block is zeroes: the file grows past it
+                // (holes). Crash order: data durable, then the BAT entry.
+                let at = w.next_free;
+                if self.storage.len()? < at + bs {
+                    self.storage.set_len(at + bs)?;
+                }
+                self.storage.write_at(chunk, at + in_block)?;
+                self.storage.flush()?;
+                let ne = bat::entry(PAYLOAD_FULLY_PRESENT, at);
+                self.storage
+                    .write_at(&ne.to_le_bytes(), self.bat_offset + 8 * idx as u64)?;
+                self.bat[idx].store(ne, Ordering::Release);
+                w.next_free = at + bs;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        // Blocks not present already read as zeroes: write only present ones.
+        let bs = self.meta.block_size;
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (bs - pos % bs).min(end - pos);
+            if state(self.entry_of(pos / bs)) == PAYLOAD_FULLY_PRESENT {
+                let mut done = 0;
+                while done < n {
+                    let k = (n - done).min(1 << 20);
+                    self.write_at(&vec![0u8; k as usize], pos + done, below)?;
+                    done += k;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.storage.flush()
+    }
+    fn info(&self) -> Result<DriverInfo> {
+        Ok(DriverInfo {
+            cluster_size: Some(self.meta.block_size),
+            ..Default::default()
+        })
+    }
+}
+
+// ---------------------------------------------------------------- create
+
+/// QEMU's default block size for a disk size: keeps the BAT small.
+fn default_block_size(size: u64) -> u64 {
+    const GIB: u64 = 1 << 30;
+    if size > 32 << 40 {
+        64 * MIB
+    } else if size > 100 * GIB {
+        32 * MIB
+    } else if size > GIB {
+        16 * MIB
+    } else {
+        8 * MIB
+    }
+}
+
+fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
+    let size = opts.take_u64("size")?.unwrap_or(0);
+    let block_size = opts.take_u64("block_size")?.unwrap_or(0);
+    let log_size = opts.take_u64("log_size")?.unwrap_or(MIB);
+    let subformat = opts.take_str("subformat")?.unwrap_or_else(|| "dynamic".into());
+    let zero_blocks = opts.take_bool("block_state_zero")?.unwrap_or(true);
+    opts.finish("vhdx")?;
+    let fixed = match subformat.as_str() {
+        "dynamic" => false,
+        "fixed" => true,
+        other => {
+            return Err(invalid(format!(
+                "vhdx subformat must be dynamic or fixed, not '{other}'"
+            )))
+        }
+    };
+    let storage = location.create_storage()?;
+    write_new(storage.as_ref(), size, block_size, log_size, fixed, zero_blocks)?;
+    storage.flush()
+}
+
+/// Lay out a new image (QEMU's layout): header section, log at 1 MiB, BAT,
+/// metadata, payload. The headers go last, so a crash mid-way leaves a file
+/// no reader takes for a VHDX.
+fn write_new(s: &dyn Storage, size: u64, block_size: u64, log_size: u64, fixed: bool, zero_blocks: bool) -> Result<()> {
+    let size = size.div_ceil(512) * 512;
+    if size > metadata::MAX_DISK_SIZE {
+        return Err(invalid(format!("a VHDX image is at most 64 TiB, not {size} bytes")));
+    }
+    let bs = if block_size == 0 {
+        default_block_size(size)
+    } else {
+        block_size
+    };
+    if !bs.is_power_of_two() || !(metadata::MIN_BLOCK_SIZE..=metadata::MAX_BLOCK_SIZE).contains(&bs) {
+        return Err(invalid(format!(
+            "vhdx block_size must be a power of two from 1 MiB to 256 MiB, not {bs}"
+        )));
+    }
+    if log_size == 0 || log_size % MIB != 0 || log_size >= 1 << 32 {
+        return Err(invalid(format!(
+            "vhdx log_size must be a multiple of 1 MiB below 4 GiB, not {log_size}"
+        )));
+    }
+    let meta = Metadata {
+        block_size: bs,
+        flags: if fixed { metadata::LEAVE_BLOCKS_ALLOCATED } else { 0 },
+        disk_size: size,
+        logical_sector_size: 512,
+        physical_sector_size: 512,
+        page83: random_guid(),
+    };
+    let layout = Layout::new(size, bs, meta.chunk_ratio());
+    let log = Region {
+        offset: HEADER_SECTION_END,
+        length: log_size,
+    };
+    let bat_region = Region {
+        offset: log.offset + log.length,
+        length: round_up_mib(layout.entries * 8).max(MIB),
+    };
+    let meta_region = Region {
+        offset: bat_region.offset + bat_region.length,
+        length: MIB,
+    };
+    let data_start = meta_region.offset + meta_region.length;
+
+    let mut id = vec![0u8; 64 * 1024];
+    id[..8].copy_from_slice(header::FILE_ID_SIGNATURE);
+    for (i, c) in "libqblock".encode_utf16().enumerate() {
+        id[8 + 2 * i..10 + 2 * i].copy_from_slice(&c.to_le_bytes());
+    }
+    s.write_at(&id, 0)?;
+    let regions = Regions {
+        bat: bat_region,
+        metadata: meta_region,
+    };
+    let table = header::region_table_bytes(&regions);
+    for off in header::REGION_TABLE_OFFSETS {
+        s.write_at(&table, off)?;
+    }
+    metadata::write_metadata(s, meta_region.offset, &meta)?;
+    let mut bat = try_zeroed((layout.entries * 8) as usize, "the VHDX BAT")?;
+    for block in 0..layout.payload_blocks {
+        let e = if fixed {
+            bat::entry(PAYLOAD_FULLY_PRESENT, data_start + block * bs)
+        } else if zero_blocks {
+            bat::entry(PAYLOAD_ZERO, 0)
+        } else {
+            bat::entry(PAYLOAD_NOT_PRESENT, 0)
+        };
+        let i = layout.payload_index(block) as usize * 8;
+        bat[i..i + 8].copy_from_slice(&e.to_le_bytes());
+    }
+    s.write_at(&bat, bat_region.offset)?;
+    let end = if fixed {
+        data_start + layout.payload_blocks * bs
+    } else {
+        data_start
+    };
+    s.set_len(end)?;
+    let mut h = Header {
+        sequence: 0,
+        file_write_guid: random_guid(),
+        data_write_guid: random_guid(),
+        log_guid: ZERO_GUID,
+        log_version: 0,
+        version: 1,
+        log_length: log_size as u32,
+        log_offset: log.offset,
+    };
+    s.flush()?;
+    let mut slot = 1;
+    Vhdx::write_headers(s, &mut h, &mut slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemoryStorage;
+    use crate::driver::NoBacking;
+    use crate::error::Error;
+
+    fn image(size: u64, bs: u64, fixed: bool) -> Vec<u8> {
+        let s = MemoryStorage::new(Vec::new(), false);
+        write_new(&s, size, bs, MIB, fixed, true).unwrap();
+        s.into_inner()
+    }
+
+    fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Vhdx> {
+        Vhdx::open(Arc::new(MemoryStorage::new(b, false)), read_only)
+    }
+
+    fn corrupt_msg(b: Vec<u8>) -> String {
+        match open_bytes(b, true) {
+            Err(Error::CorruptImage(m)) => m,
+            Err(e) => panic!("expected CorruptImage, got {e:?}"),
+            Ok(_) => panic!("expected CorruptImage, opened"),
+        }
+    }
+
+    fn snapshot(v: &Vhdx) -> Vec<u8> {
+        let mut b = vec![0u8; v.storage.len().unwrap() as usize];
+        v.storage.read_at(&mut b, 0).unwrap();
+        b
+    }
+
+    const BAT_AT: usize = 2 << 20; // 1 MiB header section + 1 MiB log
+
+    #[test]
+    fn create_open_write_reopen() {
+        let v = open_bytes(image(20 << 20, MIB, false), false).unwrap();
+        assert_eq!(v.virtual_size(), 20 << 20);
+        assert_eq!(
+            v.map(0, 20 << 20).unwrap(),
+            Mapping {
+                kind: Mapped::Zero { host: None },
+                len: 20 << 20
+            }
+        );
+        v.write_at(&[9u8; 3000], MIB - 1000, &NoBacking).unwrap();
+        // Blocks 0 and 1 were allocated one after the other: one run.
+        assert!(matches!(
+            v.map(MIB - 1000, 3000).unwrap(),
+            Mapping {
+                kind: Mapped::Data { .. },
+                len: 3000
+            }
+        ));
+        assert_eq!(v.map(2 * MIB, 10).unwrap().kind, Mapped::Zero { host: None });
+        let b = snapshot(&v);
+        let v2 = open_bytes(b, true).unwrap();
+        assert!(matches!(v2.map(MIB, 10).unwrap().kind, Mapped::Data { .. }));
+        assert_eq!(v2.write.lock().header.sequence, 4);
+    }
+
+    #[test]
+    fn fixed_maps_in_one_run() {
+        let v = open_bytes(image(8 << 20, MIB, true), true).unwrap();
+        let m = v.map(0, 8 << 20).unwrap();
+        assert_eq!(m.len, 8 << 20);
+        assert!(matches!(m.kind, Mapped::Data { .. }));
+    }
+
+    #[test]
+    fn dirty_log_is_replayed_on_a_writable_open_only() {
+        let mut b = image(4 << 20, MIB, false);
+        let g = [5u8; 16];
+        // A logged BAT update: block 1 becomes FULLY_PRESENT at 16 MiB.
+        let mut sector = b[BAT_AT..BAT_AT + 4096].to_vec();
+        sector[8..16].copy_from_slice(&bat::entry(PAYLOAD_FULLY_PRESENT, 16 << 20).to_le_bytes());
+        let e = log::build_entry(&g, 1, 0, &[(BAT_AT as u64, sector)], &[]);
+        b[MIB as usize..MIB as usize + e.len()].copy_from_slice(&e);
+        b.resize(17 << 20, 0);
+        b[(16 << 20) + 5] = 0x77;
+        // Make the current header carry the log GUID.
+        let (mut h, slot) = header::read_headers(&MemoryStorage::new(b.clone(), true)).unwrap();
+        h.log_guid = g;
+        h.sequence += 10;
+        let at = HEADER_OFFSETS[slot] as usize;
+        b[at..at + 4096].copy_from_slice(&h.to_bytes());
+        assert!(matches!(open_bytes(b.clone(), true), Err(Error::Unsupported(_))));
+        let v = open_bytes(b, false).unwrap();
+        assert_eq!(
+            v.map(MIB + 5, 1).unwrap().kind,
+            Mapped::Data {
+                file: 0,
+                offset: (16 << 20) + 5
+            }
+        );
+        // The log is gone afterwards: a read-only open works.
+        let again = open_bytes(snapshot(&v), true).unwrap();
+        assert!(matches!(again.map(MIB, 1).unwrap().kind, Mapped::Data { .. }));
+    }
+
+    #[test]
+    fn rejections() {
+        let good = image(4 << 20, MIB, true);
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert!(corrupt_msg(b).contains("identifier"));
+        let mut b = good.clone();
+        b[64 << 10] ^= 1;
+        b[128 << 10] ^= 1;
+        assert!(corrupt_msg(b).contains("no valid VHDX header"));
+        let mut b = good.clone();
+        b[192 << 10] ^= 1;
+        b[256 << 10] ^= 1;
+        assert!(corrupt_msg(b).contains("region table"));
+        // A block beyond the end of the file.
+        let mut b = good.clone();
+        b[BAT_AT..BAT_AT + 8].copy_from_slice(&bat::entry(PAYLOAD_FULLY_PRESENT, 1 << 40).to_le_bytes());
+        assert!(corrupt_msg(b).contains("outside the file"));
+        // A block on the BAT.
+        let mut b = good.clone();
+        b[BAT_AT..BAT_AT + 8].copy_from_slice(&bat::entry(PAYLOAD_FULLY_PRESENT, BAT_AT as u64).to_le_bytes());
+        assert!(corrupt_msg(b).contains("overlaps"));
+        // Two blocks at one place.
+        let mut b = good.clone();
+        let e1 = b[BAT_AT..BAT_AT + 8].to_vec();
+        b[BAT_AT + 8..BAT_AT + 16].copy_from_slice(&e1);
+        assert!(corrupt_msg(b).contains("overlap"));
+        // Invalid states.
+        let mut b = good.clone();
+        b[BAT_AT] = (b[BAT_AT] & !7) | 5;
+        assert!(corrupt_msg(b).contains("invalid state"));
+        let mut b = good.clone();
+        b[BAT_AT] = (b[BAT_AT] & !7) | 7;
+        assert!(corrupt_msg(b).contains("PARTIALLY_PRESENT"));
+        // Log outside the file.
+        let mut b = good.clone();
+        let (mut h, slot) = header::read_headers(&MemoryStorage::new(b.clone(), true)).unwrap();
+        h.log_offset = 1 << 40;
+        let at = HEADER_OFFSETS[slot] as usize;
+        b[at..at + 4096].copy_from_slice(&h.to_bytes());
+        assert!(corrupt_msg(b).contains("log"));
+        assert!(corrupt_msg(b"vhdxfile".to_vec()).contains("too small"));
+    }
+}
