@@ -546,3 +546,35 @@ def test_hostile_descriptor_is_refused(tmp, name):
     p.write_text(xml)
     res = run_child(p)
     assert res["exc"] == "CorruptImageError", f"{name}: {res}"
+
+
+def test_parallels_below_qcow2(tmp):
+    """A parallels image as the backing file of a qcow2 overlay."""
+    base = tmp / "base.hds"
+    pcreate(base, 3 * MiB, 64 * KiB)
+    with qb.open(base, flags=qb.O_RDWR) as img:
+        img.write(b"\x44" * 70000, MiB - 1000)
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "parallels", str(top))
+    qemu_io(str(top), "write -P 0x55 1M 4k")
+    expected = qemu_raw_bytes(str(top), tmp)
+    with qb.open(top, flags=0) as img:
+        assert img.info().backing_format == qb.Format.PARALLELS
+        assert img.read(img.virt_size, 0) == expected
+    with qb.open(top, flags=qb.O_RDWR) as img:  # copy-on-write from the parallels layer
+        img.write(b"\x66" * 10, MiB - 5)
+        assert img.read(20, MiB - 10) == b"\x44" * 5 + b"\x66" * 10 + b"\x55" * 5
+
+
+def test_preallocated_qemu_image(tmp):
+    """qemu-img's preallocation leaves unreferenced space after the data
+    offset; we read it, write into it and close it clean."""
+    p = tmp / "pre.hds"
+    qemu_img("create", "-f", "parallels", "-o", "cluster_size=64k,preallocation=falloc", str(p), str(2 * MiB))
+    assert_reads_like_qemu(p, tmp)
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        img.write(b"\x12" * 3000, 100_000)
+    expected = bytearray(2 * MiB)
+    expected[100_000:103_000] = b"\x12" * 3000
+    assert qemu_raw_bytes(str(p), tmp) == bytes(expected)
+    check_clean(p)

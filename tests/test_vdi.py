@@ -416,3 +416,43 @@ def test_crash_between_bmap_and_header_does_not_reuse_a_block(tmp):
         assert img.read(4096, MiB) == b"\x02" * 4096
         assert img.read(4096, 2 * MiB) == b"\x03" * 4096
     check_clean(p)  # the count was rewritten past the highest block
+
+
+def test_discarded_marker_reads_as_zeroes_and_is_reallocated(tmp):
+    """0xfffffffe ("discarded": VirtualBox's zero block) reads as zeroes as in
+    QEMU; a write there takes a fresh block, and stale bytes of a reused
+    block never show."""
+    p = tmp / "z.vdi"
+    qemu_img("create", "-f", "vdi", str(p), str(4 * MiB))
+    qemu_io(str(p), "write -P 0x11 0 4k", "write -P 0x22 2M 1M", fmt="vdi")
+    b = bytearray(p.read_bytes())
+    assert struct.unpack_from("<I", b, 0x200 + 8)[0] == 1
+    struct.pack_into("<I", b, 0x200 + 8, 0xFFFFFFFE)
+    struct.pack_into("<I", b, BLOCKS_ALLOCATED, 1)  # data block 1 is free again
+    p.write_bytes(bytes(b))
+    check_clean(p)
+    assert_reads_like_qemu(p, tmp)
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        assert img.read(MiB, 2 * MiB) == bytes(MiB)
+        img.write(b"\x33" * 100, 2 * MiB + 500)
+    expected = bytearray(4 * MiB)
+    expected[:4096] = b"\x11" * 4096
+    expected[2 * MiB + 500 : 2 * MiB + 600] = b"\x33" * 100
+    assert qemu_raw_bytes(str(p), tmp) == bytes(expected)
+    check_clean(p)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_vdi_below_qcow2(tmp, static):
+    """A vdi image as the backing file of a qcow2 overlay."""
+    base = tmp / "base.vdi"
+    qb.create(base, qb.VdiOptions(3 * MiB, static=static))
+    with qb.open(base, flags=qb.O_RDWR) as img:
+        img.write(b"\x44" * 70000, MiB - 1000)
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "vdi", str(top))
+    qemu_io(str(top), "write -P 0x55 1M 4k")
+    expected = qemu_raw_bytes(str(top), tmp)
+    with qb.open(top, flags=0) as img:
+        assert img.info().backing_format == qb.Format.VDI
+        assert img.read(img.virt_size, 0) == expected
