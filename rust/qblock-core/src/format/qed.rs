@@ -75,6 +75,8 @@ pub const MAX_BACKING_NAME: u32 = 4095;
 /// Defaults of `qemu-img create -f qed`.
 pub const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
 pub const DEFAULT_TABLE_SIZE: u32 = 4;
+/// Whole clusters allocated by one write at most (one table update each).
+const MAX_RUN_CLUSTERS: u64 = 8192;
 
 fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
     if h.starts_with(MAGIC) {
@@ -509,6 +511,18 @@ impl Driver for Qed {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
+            let rem = (buf.len() - done) as u64;
+            if pos & (cs - 1) == 0 && rem >= cs {
+                // Whole clusters not yet allocated: one data write, one
+                // table write.
+                let n = self.unallocated_run(pos, rem / cs)?;
+                if n > 0 {
+                    let bytes = (n * cs) as usize;
+                    self.place_new(pos, &buf[done..done + bytes])?;
+                    done += bytes;
+                    continue;
+                }
+            }
             let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
             self.write_cluster(&buf[done..done + n], pos, below)?;
             done += n;
@@ -594,16 +608,54 @@ impl Qed {
         self.set_l2(i1, i2, t, host)
     }
 
-    /// Point L2 entry `i2` of table `t` (L1 entry `i1`; 0 for none yet) at
-    /// `value`. A new table is written whole, with the entry, and flushed
-    /// before the L1 entry names it.
+    /// How many clusters from `pos` on (at most `max`, within one table
+    /// chunk) are unallocated or zero clusters (a whole-cluster write
+    /// replaces either).
+    fn unallocated_run(&self, pos: u64, max: u64) -> Result<u64> {
+        let (i1, i2) = self.indices(pos);
+        let limit = max.min(self.entries - i2).min(MAX_RUN_CLUSTERS);
+        let t = self.l1_entry(i1)?;
+        if t == 0 {
+            return Ok(limit);
+        }
+        let chunk = self.l2.get(self.storage.as_ref(), t, self.entries, i2)?;
+        let run = chunk.entries[chunk.index..].iter().take(limit as usize);
+        Ok(run.take_while(|&&e| e == 0 || e == ZERO_CLUSTER).count() as u64)
+    }
+
+    /// Put whole clusters of `data` at the end of the file and point the
+    /// entries from `pos` on at them (data first, then the table).
+    fn place_new(&self, pos: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let n = data.len() as u64 / cs;
+        let (i1, i2) = self.indices(pos);
+        let t = self.l1_entry(i1)?;
+        if self.need_check.load(Ordering::Acquire) == 0 {
+            self.set_need_check(true)?;
+        }
+        let host = self.alloc(n)?;
+        self.storage.write_at(data, host)?;
+        let values: Vec<u64> = (0..n).map(|k| host + k * cs).collect();
+        self.set_l2_many(i1, i2, t, &values)
+    }
+
     fn set_l2(&self, i1: usize, i2: u64, t: u64, value: u64) -> Result<()> {
+        self.set_l2_many(i1, i2, t, &[value])
+    }
+
+    /// Point L2 entries `i2..` of table `t` (L1 entry `i1`; 0 for none
+    /// yet) at `values`. A new table is written whole, with the entries,
+    /// and flushed before the L1 entry names it.
+    fn set_l2_many(&self, i1: usize, i2: u64, t: u64, values: &[u64]) -> Result<()> {
         if t != 0 {
-            return self.l2.set(self.storage.as_ref(), t, self.entries, i2, value);
+            return self.l2.set_many(self.storage.as_ref(), t, self.entries, i2, values);
         }
         let table = self.alloc(u64::from(self.header.lock().table_size))?;
         let mut tb = try_zeroed(self.table_bytes() as usize, "a qed L2 table")?;
-        tb[i2 as usize * 8..i2 as usize * 8 + 8].copy_from_slice(&value.to_le_bytes());
+        for (k, v) in values.iter().enumerate() {
+            let at = (i2 as usize + k) * 8;
+            tb[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
         self.storage.write_at(&tb, table)?;
         self.storage.flush()?;
         self.storage

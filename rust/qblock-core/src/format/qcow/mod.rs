@@ -56,6 +56,8 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 /// QEMU reads the whole L1 table in one request; it refuses more than
 /// INT_MAX / 8 entries.
 pub const MAX_L1_ENTRIES: u64 = (i32::MAX as u64) / 8;
+/// Whole clusters allocated by one write at most (one L2 update each).
+const MAX_RUN_CLUSTERS: u64 = 8192;
 
 fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
     // Shares qcow2's magic; the version tells them apart.
@@ -479,6 +481,19 @@ impl Driver for Qcow {
         while done < buf.len() {
             let pos = offset + done as u64;
             let in_cluster = pos & (cs - 1);
+            let rem = (buf.len() - done) as u64;
+            if in_cluster == 0 && rem >= cs {
+                // Whole unallocated clusters: one data write, one L2 write.
+                let n = self.unallocated_run(pos, rem / cs)?;
+                if n > 0 {
+                    let (i1, i2) = self.indices(pos);
+                    let l2 = self.l1.read()[i1];
+                    let bytes = (n * cs) as usize;
+                    self.place_new(i1, i2, l2, &buf[done..done + bytes])?;
+                    done += bytes;
+                    continue;
+                }
+            }
             let n = ((cs - in_cluster) as usize).min(buf.len() - done);
             self.write_cluster(&buf[done..done + n], pos, below)?;
             done += n;
@@ -539,6 +554,32 @@ impl Qcow {
             }
         }
         content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        self.place_new(i1, i2, l2, &content)
+    }
+
+    /// How many clusters from `pos` on (at most `max`, within one L2 table
+    /// and one cache chunk) are unallocated.
+    fn unallocated_run(&self, pos: u64, max: u64) -> Result<u64> {
+        let (i1, i2) = self.indices(pos);
+        let limit = max.min(self.l2_entries() - i2).min(MAX_RUN_CLUSTERS);
+        let l2 = self.l1.read()[i1];
+        if l2 == 0 {
+            return Ok(limit);
+        }
+        let chunk = self.l2.get(self.storage.as_ref(), l2, self.l2_entries(), i2)?;
+        Ok(chunk.entries[chunk.index..]
+            .iter()
+            .take(limit as usize)
+            .take_while(|&&e| e == 0)
+            .count() as u64)
+    }
+
+    /// Put `content` (whole clusters) in new clusters at the end of the
+    /// file and point L2 entries `i2..` of L1 entry `i1` (table `l2`, 0 for
+    /// none yet) at them, in the crash order of [`Self::write_cluster`].
+    fn place_new(&self, i1: usize, i2: u64, mut l2: u64, content: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let n = content.len() as u64 / cs;
         let mut new_table = false;
         let mut end = self.end.load(Ordering::Acquire);
         if l2 == 0 {
@@ -550,15 +591,17 @@ impl Qcow {
             self.l2_tables.insert(l2);
         }
         let host = align_up(end, cs).ok_or_else(|| invalid("qcow image file is too large"))?;
-        if host >= 1u64 << (63 - self.cluster_bits) {
+        if host + n * cs > 1u64 << (63 - self.cluster_bits) {
             return Err(invalid("qcow image file is too large for its cluster offsets"));
         }
-        self.storage.write_at(&content, host)?;
-        self.end.store(host + cs, Ordering::Release);
+        self.storage.write_at(content, host)?;
+        self.end.store(host + n * cs, Ordering::Release);
         if new_table {
             self.storage.flush()?;
         }
-        self.l2.set(self.storage.as_ref(), l2, self.l2_entries(), i2, host)?;
+        let entries: Vec<u64> = (0..n).map(|k| host + k * cs).collect();
+        self.l2
+            .set_many(self.storage.as_ref(), l2, self.l2_entries(), i2, &entries)?;
         if new_table {
             self.storage
                 .write_at(&l2.to_be_bytes(), self.l1_offset + i1 as u64 * 8)?;

@@ -106,6 +106,28 @@ impl TableCache {
         Ok(())
     }
 
+    /// Write consecutive entries from `index` on in one write, then to
+    /// the cache.
+    pub fn set_many(&self, storage: &dyn Storage, table: u64, entries: u64, index: u64, values: &[u64]) -> Result<()> {
+        let mut bytes = Vec::with_capacity(values.len() * 8);
+        for v in values {
+            bytes.extend_from_slice(&if self.big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            });
+        }
+        storage.write_at(&bytes, table + index * 8)?;
+        let mut w = self.chunks.write();
+        for (k, &v) in values.iter().enumerate() {
+            let (off, n, at) = Self::chunk_of(table, entries, index + k as u64);
+            if let Some(c) = w.get_mut(&(off, n)) {
+                Arc::make_mut(c)[at] = v;
+            }
+        }
+        Ok(())
+    }
+
     /// Forget everything (after a repair rewrote tables behind our back).
     pub fn clear(&self) {
         self.chunks.write().clear();
@@ -167,6 +189,14 @@ mod tests {
         assert_eq!(c.entry(&s, 0, 10000, 4100).unwrap(), 7);
         c.clear();
         assert_eq!(c.entry(&s, 0, 10000, 4100).unwrap(), 7);
+        // Many at once, across a chunk boundary, cached or not.
+        c.entry(&s, 0, 10000, 4000).unwrap();
+        c.set_many(&s, 0, 10000, 4090, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        assert_eq!(c.entry(&s, 0, 10000, 4095).unwrap(), 6);
+        assert_eq!(c.entry(&s, 0, 10000, 4097).unwrap(), 8);
+        c.clear();
+        assert_eq!(c.entry(&s, 0, 10000, 4090).unwrap(), 1);
+        assert_eq!(c.entry(&s, 0, 10000, 4097).unwrap(), 8);
         // The last chunk is short.
         assert_eq!(c.get(&s, 0, 10000, 8192).unwrap().entries.len(), 10000 - 8192);
     }
