@@ -525,7 +525,7 @@ impl Qcow {
         let in_cluster = pos & (cs - 1);
         let start = pos - in_cluster;
         let (i1, i2) = self.indices(pos);
-        let mut l2 = self.l1.read()[i1];
+        let l2 = self.l1.read()[i1];
         let e = if l2 == 0 {
             0
         } else {
