@@ -264,6 +264,26 @@ def test_random_ops_against_model(tmp, sub):
     run()
 
 
+def test_write_where_no_grain_table_exists(tmp):
+    """An image whose directory entries are empty (tables not preallocated):
+    our writes add zeroed tables, and QEMU then reads and checks it."""
+    p = tmp / "nogt.vmdk"
+    qemu_img("create", "-f", "vmdk", str(p), "40M")  # two grain tables
+    d = bytearray(p.read_bytes())
+    gd, rgd = struct.unpack_from("<Q", d, 56)[0] * 512, struct.unpack_from("<Q", d, 48)[0] * 512
+    for at in (gd, gd + 4, rgd, rgd + 4):
+        struct.pack_into("<I", d, at, 0)
+    p.write_bytes(bytes(d))
+    model = bytearray(40 * MiB)
+    with qb.open(p, flags=qb.O_RDWR | qb.O_CACHE_WB) as img:
+        for off, n, b in ((100, 5000, 1), (33 * MiB + 3, 70000, 2), (5 * MiB, 65536, 3)):
+            img.write(bytes([b]) * n, off)
+            model[off : off + n] = bytes([b]) * n
+    check_clean(p)
+    assert qemu_raw_bytes(str(p), tmp) == bytes(model)
+    assert_reads_like_qemu(p, tmp)
+
+
 # --- backing files ----------------------------------------------------------------
 
 

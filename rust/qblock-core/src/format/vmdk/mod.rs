@@ -20,8 +20,8 @@
 //! skips their lines, shifting the extents after them), RDONLY extents are
 //! served read-only (QEMU skips them), NOACCESS extents and unknown extent
 //! types are refused (QEMU skips them). Not supported: COWD (VMFSSPARSE)
-//! and SESPARSE extents, writing to compressed extents, writing where a
-//! sparse extent has no grain table, creating streamOptimized images, the
+//! and SESPARSE extents, writing to compressed extents, creating
+//! streamOptimized images, the
 //! parentCID check against the parent's CID (QEMU refuses reads through a
 //! parent whose CID changed).
 //!
@@ -372,6 +372,21 @@ impl Vmdk {
         self.extents
             .get(i)
             .ok_or_else(|| corrupt(format!("no VMDK extent holds offset {offset}")))
+    }
+}
+
+impl Drop for Vmdk {
+    /// Best effort for images dropped without flush or close: the grain
+    /// table entries of completed writes reach the file.
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        for e in &self.extents {
+            if let (Kind::Sparse(s), false) = (&e.kind, e.read_only) {
+                let _ = s.flush_tables();
+            }
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 //! cache and is marked dirty. `flush` makes the grains durable first, then
 //! writes each dirty table to its redundant copy and to the primary, then
 //! flushes again. A crash before that leaves a grain no table references
-//! (wasted space, never wrong data), as QEMU's order does.
+//! (wasted space, never wrong data), as QEMU's order does. A grain whose
+//! directory entry is empty first gets new zeroed tables (see `new_table`).
 
 use super::header::{self, SparseLayout, GTE_ZEROED, MAX_EXTENT_FILE, SECTOR};
 use crate::backend::Storage;
@@ -17,7 +18,7 @@ use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
 use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Grain tables kept in memory per extent: 8192 tables of at most 2 KiB
@@ -48,8 +49,10 @@ pub struct SparseExtent {
     pub file: HostFile,
     storage: Arc<dyn Storage>,
     pub layout: SparseLayout,
-    gd: Vec<u32>,
-    rgd: Option<Vec<u32>>,
+    /// Grain directory and its redundant copy: atomics, because a write
+    /// may add a grain table while readers look entries up without a lock.
+    gd: Vec<AtomicU32>,
+    rgd: Option<Vec<AtomicU32>>,
     cache: RwLock<Cache>,
     /// Serialises allocating writers; holds the file's end (next grain).
     alloc: Mutex<()>,
@@ -112,8 +115,8 @@ impl SparseExtent {
             file,
             storage,
             layout,
-            gd,
-            rgd,
+            gd: gd.into_iter().map(AtomicU32::new).collect(),
+            rgd: rgd.map(|r| r.into_iter().map(AtomicU32::new).collect()),
             cache: RwLock::new(Cache::default()),
             alloc: Mutex::new(()),
             end: AtomicU64::new(file_len),
@@ -122,10 +125,14 @@ impl SparseExtent {
     }
 
     /// The grain table for directory index `l1`, None when not allocated.
+    fn gd_entry(&self, l1: usize) -> Option<u32> {
+        self.gd.get(l1).map(|e| e.load(Ordering::Acquire))
+    }
+
     fn table(&self, l1: usize) -> Result<Option<Table>> {
-        let sector = match self.gd.get(l1) {
-            Some(&0) => return Ok(None),
-            Some(&s) => s,
+        let sector = match self.gd_entry(l1) {
+            Some(0) => return Ok(None),
+            Some(s) => s,
             None => return Err(corrupt(format!("grain directory index {l1} out of range"))),
         };
         if let Some(t) = self.cache.read().tables.get(&(l1 as u32)) {
@@ -198,7 +205,7 @@ impl SparseExtent {
             let pos = rel + run;
             // A missing grain table is one unallocated run of its whole span.
             let l1 = (pos / l.gt_span()) as usize;
-            if first == Mapped::Unallocated && self.gd.get(l1) == Some(&0) {
+            if first == Mapped::Unallocated && self.gd_entry(l1) == Some(0) {
                 run = (run + l.gt_span() - pos % l.gt_span()).min(len);
                 continue;
             }
@@ -307,10 +314,7 @@ impl SparseExtent {
             let n = (grain - in_grain).min(len - done);
             let gte = self.entry(pos)?;
             let kind = self.classify(gte, in_grain)?;
-            let has_table = self
-                .gd
-                .get((pos / self.layout.gt_span()) as usize)
-                .is_some_and(|&s| s != 0);
+            let has_table = self.gd_entry((pos / self.layout.gt_span()) as usize).is_some_and(|s| s != 0);
             if matches!(kind, Mapped::Zero { .. }) || (kind == Mapped::Unallocated && !below.has_backing()) {
                 // Already reads as zeroes.
             } else if self.layout.zero_grain && n == grain && has_table {
@@ -384,10 +388,10 @@ impl SparseExtent {
     ) -> Result<()> {
         let l = &self.layout;
         let l1 = (grain_start / l.gt_span()) as usize;
-        if self.gd.get(l1).is_none_or(|&s| s == 0) {
-            return Err(unsupported(
-                "writing where the VMDK extent has no grain table is not supported (QEMU and VMware preallocate them)",
-            ));
+        match self.gd_entry(l1) {
+            None => return Err(corrupt(format!("grain directory index {l1} out of range"))),
+            Some(0) => self.new_table(l1)?,
+            Some(_) => {}
         }
         let grain = l.grain;
         let end = self.end.load(Ordering::Acquire);
@@ -408,6 +412,38 @@ impl SparseExtent {
         self.set_entry(grain_start, (at / SECTOR) as u32)
     }
 
+    /// Give directory index `l1` a new, zeroed grain table (and a redundant
+    /// one) at the end of the file. Crash order: the zeroed tables are
+    /// written and made durable before the redundant directory entry, then
+    /// the primary one, point at them; a crash before leaves unreferenced
+    /// zeroes.
+    fn new_table(&self, l1: usize) -> Result<()> {
+        let gt_len = self.layout.gt_bytes().next_multiple_of(SECTOR);
+        let copies = if self.rgd.is_some() { 2 } else { 1 };
+        let at = self.end.load(Ordering::Acquire).next_multiple_of(SECTOR);
+        let end = at + copies * gt_len;
+        if end > MAX_EXTENT_FILE {
+            return Err(Error::NoMemory("the VMDK extent file is full (table offsets are 32-bit sectors)".into()));
+        }
+        let zero = try_zeroed(gt_len as usize, "a grain table")?;
+        self.storage.write_at(&zero, at)?;
+        if self.rgd.is_some() {
+            self.storage.write_at(&zero, at + gt_len)?;
+        }
+        self.end.store(end, Ordering::Release);
+        self.storage.flush()?;
+        let entry_at = |dir: u64| dir + 4 * l1 as u64;
+        if let (Some(r), Some(dir)) = (&self.rgd, self.layout.rgd_offset) {
+            let s = ((at + gt_len) / SECTOR) as u32;
+            self.storage.write_at(&s.to_le_bytes(), entry_at(dir))?;
+            r[l1].store(s, Ordering::Release);
+        }
+        let s = (at / SECTOR) as u32;
+        self.storage.write_at(&s.to_le_bytes(), entry_at(self.layout.gd_offset))?;
+        self.gd[l1].store(s, Ordering::Release);
+        Ok(())
+    }
+
     /// Write dirty grain tables back: grains durable first, then the
     /// redundant tables, then the primary ones, then durable again.
     pub fn flush_tables(&self) -> Result<()> {
@@ -422,12 +458,13 @@ impl SparseExtent {
         let bytes = |t: &Table| t.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
         if let Some(r) = &self.rgd {
             for (k, t) in &dirty {
-                self.storage.write_at(&bytes(t), u64::from(r[*k as usize]) * SECTOR)?;
+                let at = u64::from(r[*k as usize].load(Ordering::Acquire)) * SECTOR;
+                self.storage.write_at(&bytes(t), at)?;
             }
         }
         for (k, t) in &dirty {
-            self.storage
-                .write_at(&bytes(t), u64::from(self.gd[*k as usize]) * SECTOR)?;
+            let at = u64::from(self.gd[*k as usize].load(Ordering::Acquire)) * SECTOR;
+            self.storage.write_at(&bytes(t), at)?;
         }
         self.storage.flush()?;
         let mut c = self.cache.write();

@@ -454,3 +454,26 @@ fn backing_chain_reads_and_copies_on_write() {
     let st = t.block_status(0, MIB).unwrap();
     assert!(st.allocated && st.data && st.depth == 0 && st.len == 65536);
 }
+
+#[test]
+fn writes_where_no_grain_table_exists_add_one() {
+    let mut img = sparse_image("createType=\"monolithicSparse\"\nCID=1\n");
+    let h = SparseHeader::parse(&img[..512]).unwrap();
+    for dir in [h.gd_offset, h.rgd_offset] {
+        put32(&mut img, (dir * 512) as usize, 0);
+    }
+    let s = Arc::new(MemoryStorage::new(img, false));
+    let loc = Location::file("/x.vmdk");
+    let d = open(s.clone(), &OpenCtx { location: &loc, read_only: false }).unwrap();
+    assert_eq!(d.map(0, MIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: MIB });
+    d.write_at(&[4u8; 100], 65536 * 3 + 7, &NoBacking).unwrap();
+    drop(d); // tables written back on drop
+    let d = open_mem(s.snapshot(), true).unwrap();
+    let raw = s.snapshot();
+    let gd = u32::from_le_bytes(raw[(h.gd_offset * 512) as usize..][..4].try_into().unwrap());
+    let rgd = u32::from_le_bytes(raw[(h.rgd_offset * 512) as usize..][..4].try_into().unwrap());
+    assert!(gd != 0 && rgd != 0 && gd != rgd);
+    assert_eq!(raw[gd as usize * 512..][..2048], raw[rgd as usize * 512..][..2048]);
+    let Mapped::Data { offset, .. } = d.map(65536 * 3, 65536).unwrap().kind else { panic!() };
+    assert_eq!(&raw[offset as usize + 6..offset as usize + 108], &[&[0u8][..], &[4u8; 100][..], &[0u8][..]].concat()[..]);
+}
