@@ -244,11 +244,6 @@ impl Vdi {
         storage.read_at(&mut sector, 0)?;
         let header = Header::parse(&sector, file_len)?;
         let n = header.blocks_in_image as usize;
-        // Bounded by the file: the map was checked to lie inside it.
-        let mut raw = try_zeroed(n * 4, "the VDI block map")?;
-        for (i, chunk) in raw.chunks_mut(1 << 20).enumerate() {
-            storage.read_at(chunk, header.offset_bmap + (i as u64) * (1 << 20))?;
-        }
         let mut bmap = Vec::new();
         bmap.try_reserve_exact(n)
             .map_err(|_| crate::Error::NoMemory(format!("cannot allocate the VDI block map ({n} entries)")))?;
@@ -256,23 +251,33 @@ impl Vdi {
         // block (a write to one would change the other).
         let mut used = try_zeroed(n.div_ceil(8), "the VDI block map check")?;
         let mut max_ref: Option<u32> = None;
-        for (i, e) in raw.chunks_exact(4).enumerate() {
-            let e = u32::from_le_bytes(e.try_into().expect("4 bytes"));
-            if is_allocated(e) {
-                if e >= header.blocks_in_image {
-                    return Err(corrupt(format!(
-                        "VDI block map entry {i} points to data block {e}, beyond the {} blocks of the image",
-                        header.blocks_in_image
-                    )));
+        // Read in 1 MiB pieces: the map itself is the only copy we keep.
+        let mut chunk = vec![0u8; (n * 4).min(1 << 20)];
+        let mut i = 0usize;
+        while i < n {
+            let k = (n - i).min(chunk.len() / 4);
+            storage.read_at(&mut chunk[..4 * k], header.offset_bmap + 4 * i as u64)?;
+            for e in chunk[..4 * k].chunks_exact(4) {
+                let e = u32::from_le_bytes(e.try_into().expect("4 bytes"));
+                if is_allocated(e) {
+                    if e >= header.blocks_in_image {
+                        return Err(corrupt(format!(
+                            "VDI block map entry {i} points to data block {e}, beyond the {} blocks of the image",
+                            header.blocks_in_image
+                        )));
+                    }
+                    let (byte, bit) = ((e / 8) as usize, 1u8 << (e % 8));
+                    if used[byte] & bit != 0 {
+                        return Err(corrupt(format!(
+                            "VDI data block {e} is used twice (again by block map entry {i})"
+                        )));
+                    }
+                    used[byte] |= bit;
+                    max_ref = Some(max_ref.map_or(e, |m| m.max(e)));
                 }
-                let (byte, bit) = ((e / 8) as usize, 1u8 << (e % 8));
-                if used[byte] & bit != 0 {
-                    return Err(corrupt(format!("VDI data block {e} is used twice (again by block map entry {i})")));
-                }
-                used[byte] |= bit;
-                max_ref = Some(max_ref.map_or(e, |m| m.max(e)));
+                bmap.push(AtomicU32::new(e));
+                i += 1;
             }
-            bmap.push(AtomicU32::new(e));
         }
         // After a crash between the bmap and the header update the header
         // count lags behind the map: never hand out a referenced block again.

@@ -28,7 +28,6 @@ use crate::backend::Storage;
 use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
 use crate::format_name::Format;
-use crate::info::InfoValue;
 use crate::location::Location;
 use crate::options::CreateOptions;
 use crate::registry::{FormatEntry, OpenCtx};
@@ -229,67 +228,75 @@ impl Parallels {
         let cluster = header.cluster_size();
         let n = header.bat_entries as usize;
         // Bounded by the file: the BAT was checked to lie inside it.
-        let mut raw = try_zeroed(n * 4, "the parallels BAT")?;
-        for (i, chunk) in raw.chunks_mut(1 << 20).enumerate() {
-            storage.read_at(chunk, HEADER_SIZE + (i as u64) * (1 << 20))?;
-        }
         let mut bat = Vec::new();
         bat.try_reserve_exact(n)
             .map_err(|_| crate::Error::NoMemory(format!("cannot allocate the parallels BAT ({n} entries)")))?;
-        let mut used: Vec<(u64, usize)> = Vec::new();
-        for (i, e) in raw.chunks_exact(4).enumerate() {
-            let e = u32::from_le_bytes(e.try_into().expect("4 bytes"));
-            if e != 0 {
-                let host = u64::from(e) * header.unit();
-                if host < header.data_start {
-                    return Err(corrupt(format!(
-                        "parallels BAT entry {i} points to {host:#x}, inside the header and BAT (data starts {:#x})",
-                        header.data_start
-                    )));
+        // The used entries, sorted below to find overlapping clusters: at
+        // most as many as the BAT has, 4 bytes each like the BAT itself.
+        let mut used: Vec<u32> = Vec::new();
+        let mut chunk = vec![0u8; (n * 4).min(1 << 20)];
+        let mut i = 0usize;
+        while i < n {
+            let k = (n - i).min(chunk.len() / 4);
+            storage.read_at(&mut chunk[..4 * k], HEADER_SIZE + 4 * i as u64)?;
+            for e in chunk[..4 * k].chunks_exact(4) {
+                let e = u32::from_le_bytes(e.try_into().expect("4 bytes"));
+                if e != 0 {
+                    let host = u64::from(e) * header.unit();
+                    if host < header.data_start {
+                        return Err(corrupt(format!(
+                            "parallels BAT entry {i} points to {host:#x}, inside the header and BAT (data starts {:#x})",
+                            header.data_start
+                        )));
+                    }
+                    if host >= file_len {
+                        return Err(corrupt(format!(
+                            "parallels BAT entry {i} points to {host:#x}, past the end of the file ({file_len} bytes)"
+                        )));
+                    }
+                    used.try_reserve(1).map_err(|_| crate::Error::NoMemory("parallels BAT check".into()))?;
+                    used.push(e);
                 }
-                if host >= file_len {
-                    return Err(corrupt(format!(
-                        "parallels BAT entry {i} points to {host:#x}, past the end of the file ({file_len} bytes)"
-                    )));
-                }
-                used.try_reserve(1).map_err(|_| crate::Error::NoMemory("parallels BAT check".into()))?;
-                used.push((host, i));
+                bat.push(AtomicU32::new(e));
+                i += 1;
             }
-            bat.push(AtomicU32::new(e));
         }
-        drop(raw);
+        drop(chunk);
+        // No two clusters may overlap (v1 entries count sectors, so clusters
+        // need not be aligned; v2 entries count clusters, so only equal
+        // entries overlap).
+        used.sort_unstable();
+        let unit = header.unit();
+        for w in used.windows(2) {
+            if (u64::from(w[1]) - u64::from(w[0])) * unit < cluster {
+                return Err(corrupt(format!(
+                    "parallels clusters overlap: two BAT entries point to {:#x} and {:#x}",
+                    u64::from(w[0]) * unit,
+                    u64::from(w[1]) * unit
+                )));
+            }
+        }
+        let mut data_end =
+            used.last().map_or(header.data_start, |&e| (u64::from(e) * unit + cluster).max(header.data_start));
         if header.ext_off != 0 {
             let mut m = [0u8; 8];
             storage.read_at(&mut m, header.ext_off)?;
             if u64::from_le_bytes(m) != EXT_MAGIC {
                 return Err(corrupt(format!("parallels format extension at {:#x} has a bad magic", header.ext_off)));
             }
-        }
-        // No two clusters may overlap (v1 entries count sectors, so clusters
-        // need not be aligned), nor overlap the extension cluster.
-        if header.ext_off != 0 {
-            used.push((header.ext_off, usize::MAX));
-        }
-        used.sort_unstable();
-        for w in used.windows(2) {
-            if w[1].0 < w[0].0 + cluster {
-                let name = |i: usize| {
-                    if i == usize::MAX {
-                        "the format extension".to_string()
-                    } else {
-                        format!("BAT entry {i}")
-                    }
-                };
-                return Err(corrupt(format!(
-                    "parallels clusters overlap: {} at {:#x} and {} at {:#x}",
-                    name(w[0].1),
-                    w[0].0,
-                    name(w[1].1),
-                    w[1].0
-                )));
+            // Nor may a data cluster overlap the extension cluster.
+            let first_after = used.partition_point(|&e| u64::from(e) * unit + cluster <= header.ext_off);
+            if let Some(&e) = used.get(first_after) {
+                if u64::from(e) * unit < header.ext_off + cluster {
+                    return Err(corrupt(format!(
+                        "parallels data cluster at {:#x} overlaps the format extension at {:#x}",
+                        u64::from(e) * unit,
+                        header.ext_off
+                    )));
+                }
             }
+            data_end = data_end.max(header.ext_off + cluster);
         }
-        let data_end = used.last().map_or(header.data_start, |&(h, _)| (h + cluster).max(header.data_start));
         // A dirty image opened for writing is repaired as QEMU repairs it:
         // our checks above are its check; close truncates leaked space and
         // clears the flag.
@@ -498,12 +505,10 @@ impl Driver for Parallels {
         self.storage.flush()
     }
 
+    /// As `qemu-img info` reports parallels: no cluster size, no
+    /// format-specific data.
     fn info(&self) -> Result<DriverInfo> {
-        let mut fs: Vec<(String, InfoValue)> = Vec::new();
-        if self.header.ext_off != 0 {
-            fs.push(("format-extension".into(), true.into()));
-        }
-        Ok(DriverInfo { cluster_size: None, dirty: self.header.dirty, format_specific: fs, ..Default::default() })
+        Ok(DriverInfo { cluster_size: None, dirty: self.header.dirty, ..Default::default() })
     }
 
     fn close(&self) -> Result<()> {
