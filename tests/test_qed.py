@@ -454,3 +454,21 @@ def test_threads_write_and_read_concurrently(tmp):
     with qb.open(p, flags=0) as img:
         assert img.read(8 * MiB, 0) == bytes(model)
     check_clean(p)
+
+
+def test_grow(tmp):
+    p = tmp / "g.qed"
+    qb.create(p, qb.QedOptions(3 * MiB, cluster_size=4096, table_size=2))
+    with qb.open(p) as img:
+        img.write(b"a" * 5000, 3 * MiB - 5000)
+        img.truncate(5 * MiB)
+        assert img.virt_size == 5 * MiB
+        img.write(b"b" * 5000, 5 * MiB - 5000)
+        with pytest.raises(qb.UnsupportedError):
+            img.truncate(MiB)
+    assert qemu_info(str(p))["virtual-size"] == 5 * MiB
+    check_clean(p)
+    data = qemu_raw_bytes(str(p), tmp)
+    assert data[3 * MiB - 5000 : 3 * MiB] == b"a" * 5000
+    assert data[3 * MiB : 5 * MiB - 5000] == bytes(2 * MiB - 5000)
+    assert data[5 * MiB - 5000 :] == b"b" * 5000

@@ -203,7 +203,7 @@ impl Header {
 pub struct Qed {
     storage: Arc<dyn Storage>,
     header: Mutex<Header>,
-    size: u64,
+    size: AtomicU64,
     cluster_bits: u32,
     /// Entries per table.
     entries: u64,
@@ -241,7 +241,7 @@ impl Qed {
         let cs = u64::from(h.cluster_size);
         let end = file_len & !(cs - 1);
         let q = Qed {
-            size: h.image_size,
+            size: AtomicU64::new(h.image_size),
             cluster_bits: h.cluster_size.trailing_zeros(),
             entries: h.table_bytes() / 8,
             header_bytes: h.header_bytes(),
@@ -442,7 +442,7 @@ impl Driver for Qed {
         Format::Qed
     }
     fn virtual_size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     fn backing(&self) -> Option<BackingRef> {
         self.backing.clone()
@@ -557,6 +557,23 @@ impl Driver for Qed {
         Ok(())
     }
 
+    /// Grow the disk, as QEMU does (only the header's size changes;
+    /// shrinking is not supported, as in QEMU).
+    fn truncate(&self, size: u64) -> Result<()> {
+        let _g = self.write_lock.lock();
+        let mut h = self.header.lock().clone();
+        if !size.is_multiple_of(512) || size > max_image_size(h.cluster_size, h.table_size) {
+            return Err(invalid(format!("invalid qed image size {size}")));
+        }
+        if size < h.image_size {
+            return Err(unsupported("shrinking qed images is not supported"));
+        }
+        h.image_size = size;
+        self.write_header(&h)?;
+        self.size.store(size, Ordering::Release);
+        self.storage.flush()
+    }
+
     fn info(&self) -> Result<DriverInfo> {
         Ok(DriverInfo {
             cluster_size: Some(self.cluster_size()),
@@ -599,7 +616,7 @@ impl Qed {
         }
         let mut content = try_zeroed(cs as usize, "a qed cluster")?;
         if e == 0 && data.len() as u64 != cs {
-            let inside = self.size.saturating_sub(start).min(cs) as usize;
+            let inside = self.virtual_size().saturating_sub(start).min(cs) as usize;
             below.read_below(&mut content[..inside], start)?;
         }
         content[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
@@ -851,6 +868,17 @@ mod tests {
         let mut v = vec![0u8; n];
         q.storage.read_at(&mut v, 0).unwrap();
         v
+    }
+
+    #[test]
+    fn grows_as_qemu() {
+        let q = open_bytes(base(), true).unwrap();
+        q.truncate(2 << 20).unwrap();
+        assert_eq!(q.virtual_size(), 2 << 20);
+        assert_eq!(le64(&q_bytes(&q), 48), Some(2 << 20));
+        assert_eq!(q.truncate(1 << 20).unwrap_err().kind(), ErrorKind::Unsupported);
+        assert_eq!(q.truncate((2 << 20) + 1).unwrap_err().kind(), ErrorKind::InvalidParam);
+        assert_eq!(q.truncate(1 << 40).unwrap_err().kind(), ErrorKind::InvalidParam);
     }
 
     #[test]
