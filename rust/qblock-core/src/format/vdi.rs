@@ -682,4 +682,52 @@ mod tests {
             Mapping { kind: Mapped::Data { file: 0, offset: 1024 }, len: 2 * MIB }
         );
     }
+
+    /// Random byte and word mutations of a valid image with data: opening,
+    /// mapping the whole disk and writing must never panic.
+    #[test]
+    fn mutated_images_never_panic() {
+        let s = Arc::new(MemoryStorage::new(image(3 * MIB, false), false));
+        let v = Vdi::open(s.clone()).unwrap();
+        v.write_at(&[5u8; 3000], MIB + 10, &NoBacking).unwrap();
+        v.write_at(&[6u8; 3000], 10, &NoBacking).unwrap();
+        let base = s.snapshot();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let fields = [
+            0x40usize, 0x44, 0x48, 0x4c, 0x154, 0x158, 0x168, 0x170, 0x174, 0x178, 0x17c, 0x180, 0x184, 0x200, 0x204,
+            0x208,
+        ];
+        for _ in 0..3000 {
+            let mut b = base.clone();
+            for _ in 0..(next() % 3 + 1) {
+                let at = fields[(next() % fields.len() as u64) as usize];
+                let v = [0u32, 1, 2, 3, 512, 0x200, 0x400, 1 << 20, u32::MAX, 0xffff_fffe, 0x1fff_ff80]
+                    [(next() % 11) as usize];
+                b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                if next() % 3 == 0 {
+                    let at = (next() % 0x220) as usize;
+                    b[at] = next() as u8;
+                }
+            }
+            let Ok(v) = open_bytes(b) else { continue };
+            let size = v.virtual_size();
+            let mut pos = 0;
+            let mut steps = 0;
+            while pos < size && steps < 10_000 {
+                let m = v.map(pos, size - pos).unwrap();
+                assert!(m.len >= 1);
+                pos += m.len;
+                steps += 1;
+            }
+            if size > 0 {
+                let _ = v.write_at(&[1u8; 700], size / 2, &NoBacking);
+            }
+        }
+    }
 }

@@ -205,3 +205,53 @@ fn descriptor_parsing() {
     );
     assert_eq!(bundle::parse(&snap).unwrap_err().kind(), ErrorKind::Unsupported);
 }
+
+/// Random byte and word mutations of valid images (v1 and v2, with data):
+/// opening, mapping the whole disk and writing must never panic.
+#[test]
+fn mutated_images_never_panic() {
+    let mut v2 = image(2 * MIB, 64 * KIB);
+    {
+        let s = Arc::new(MemoryStorage::new(std::mem::take(&mut v2), false));
+        let p = Parallels::open(s.clone(), false).unwrap();
+        p.write_at(&[7u8; 5000], 100_000, &NoBacking).unwrap();
+        p.close().unwrap();
+        drop(p);
+        v2 = s.snapshot();
+    }
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for base in [v1_image(), v2] {
+        for _ in 0..1500 {
+            let mut b = base.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() % 128) as usize; // the header and the first BAT entries
+                if next() % 2 == 0 {
+                    b[at] = next() as u8;
+                } else if at + 4 <= b.len() {
+                    let v = [0u32, 1, u32::MAX, 0x7fff_ffff, 128, 8][(next() % 6) as usize];
+                    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            let Ok(p) = open_bytes(b, false) else { continue };
+            let size = p.virtual_size();
+            let mut pos = 0;
+            let mut steps = 0;
+            while pos < size && steps < 10_000 {
+                let m = p.map(pos, size - pos).unwrap();
+                assert!(m.len >= 1);
+                pos += m.len;
+                steps += 1;
+            }
+            if size > 0 {
+                let _ = p.write_at(&[1u8; 700], size / 2, &NoBacking);
+            }
+            let _ = p.close();
+        }
+    }
+}
