@@ -334,3 +334,61 @@ def test_differencing_vhd_is_read_only_and_names_its_parent(tmp):
         assert img.read(4096, 0) == b"\x5a" * 4096
         with pytest.raises(qb.UnsupportedError, match="parent.vhd"):
             img.write(b"x", 0)
+
+
+def _make_child(tmp: Path, parent_uuid: bytes, locator: str = ".\\parent.vhd") -> Path:
+    """A differencing child of 4 MiB: our dynamic image turned into type 4,
+    naming its parent by a relative Windows locator and the Unicode name."""
+    p = tmp / "child.vhd"
+    qb.create(p, qb.VpcOptions(4 * MiB, force_size=True))
+    b = bytearray(p.read_bytes())
+    footer = b[:512]
+    loc = locator.encode("utf-16-le")
+    sector = loc + bytes(512 - len(loc))
+    b = b[:2048] + sector + footer  # the locator data, then the footer
+    for at in (0, len(b) - 512):
+        struct.pack_into(">I", b, at + 60, 4)
+    b[512 + 40 : 512 + 56] = parent_uuid
+    name = "parent.vhd".encode("utf-16-be")
+    b[512 + 64 : 512 + 64 + len(name)] = name
+    b[512 + 576 : 512 + 580] = b"W2ru"
+    struct.pack_into(">IIIQ", b, 512 + 580, 1, len(loc), 0, 2048)
+    _refix(b)
+    p.write_bytes(bytes(b))
+    return p
+
+
+def test_differencing_vhd_reads_and_writes_through_its_parent(tmp):
+    parent = tmp / "parent.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", str(parent), "4M")
+    qemu_io(str(parent), "write -P 0x5a 0 3M", fmt="vpc")
+    model = bytearray(qemu_raw_bytes(str(parent), tmp, "-f", "vpc"))
+    child = _make_child(tmp, parent.read_bytes()[68:84])
+    with qb.open(child, flags=qb.O_RDWR) as img:
+        assert img.info().backing_location is not None
+        assert img.read(4 * MiB, 0) == bytes(model)
+        st = img.block_status(0, 4 * MiB)
+        assert (st.allocated, st.depth, st.data) == (False, 1, True)
+        for off, n, v in ((1000, 5000, 1), (2 * MiB - 7, 14, 2), (3 * MiB + 3, 100, 3)):
+            img.write(bytes([v]) * n, off)
+            model[off : off + n] = bytes([v]) * n
+        assert img.read(4 * MiB, 0) == bytes(model)
+        assert img.block_status(0, 4 * MiB).depth == 0
+    # Sectors whose bitmap bit is clear come from the parent again.
+    b = bytearray(child.read_bytes())
+    first_block = struct.unpack_from(">I", b, 1536)[0] * 512
+    b[first_block] = 0x0F  # sectors 0-3 of block 0 absent
+    child.write_bytes(bytes(b))
+    with qb.open(child, flags=0) as img:
+        assert img.read(2048, 0) == b"\x5a" * 2048
+        assert img.read(4096, 2048) == bytes(model[2048:6144])
+    # QEMU reads the child alone (no parent support): our blocks are there.
+    assert qemu_raw_bytes(str(child), tmp, "-f", "vpc")[1000:6000] == b"\x01" * 5000
+
+
+def test_differencing_vhd_with_a_foreign_parent_is_refused(tmp):
+    parent = tmp / "parent.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", str(parent), "4M")
+    child = _make_child(tmp, bytes(16))
+    with pytest.raises(qb.CorruptImageError, match="UUID"):
+        qb.open(child, flags=0)

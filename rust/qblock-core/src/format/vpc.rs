@@ -12,16 +12,20 @@
 //! bit is clear reads as zeroes (QEMU reads the block's data area instead;
 //! every writer zero-fills it, so both agree on real images).
 //!
-//! Differencing disks (type 4) are read as QEMU reads them: the child's
-//! blocks only, unallocated ranges as zeroes, since the parent is not
-//! resolved; writing them is `Unsupported` with the parent's name.
+//! Differencing disks (type 4): the parent is looked for beside the image
+//! through the parent locators (relative and absolute Windows paths, Mac
+//! URLs) and the Unicode parent name; one that exists must carry the UUID
+//! the child records, and becomes the backing image (reads fall through
+//! to it, writes copy from it). Without a parent found, the disk reads as
+//! QEMU reads it (the child's blocks only, the rest zeroes) and writing is
+//! `Unsupported`, naming the parent.
 //!
 //! Reading takes no lock: the BAT is a vector of atomics and the bitmap
 //! state of each block is cached in another; writes serialize on one mutex.
 
 use super::bytes::{be16, be32, be64, tail512};
 use crate::backend::Storage;
-use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Error, Result};
 use crate::format_name::Format;
 use crate::location::Location;
@@ -159,6 +163,9 @@ struct DynHeader {
     max_table_entries: u32,
     block_size: u32,
     parent_name: String,
+    parent_uuid: [u8; 16],
+    /// Parent locators: platform code, data length, data offset.
+    locators: Vec<([u8; 4], u32, u64)>,
 }
 
 impl DynHeader {
@@ -183,6 +190,15 @@ impl DynHeader {
             max_table_entries: be32(raw, 28).unwrap_or(0),
             block_size: be32(raw, 32).unwrap_or(0),
             parent_name: String::from_utf16_lossy(&name[..end]),
+            parent_uuid: raw[40..56].try_into().unwrap_or_default(),
+            locators: (0..8)
+                .map(|i| 576 + 24 * i)
+                .filter(|&at| raw[at..at + 4] != [0; 4])
+                .map(|at| {
+                    let code = raw[at..at + 4].try_into().unwrap_or_default();
+                    (code, be32(raw, at + 8).unwrap_or(0), be64(raw, at + 16).unwrap_or(0))
+                })
+                .collect(),
         })
     }
 }
@@ -199,8 +215,12 @@ struct Dynamic {
     bitmap_state: Vec<AtomicU8>,
     /// Where the next block goes (the footer sits there): taken by writers.
     next_free: Mutex<u64>,
-    /// The parent of a differencing disk: set means writes are refused.
+    /// The parent of a differencing disk, as named in it.
     parent: Option<String>,
+    /// The parent found beside the image (its UUID checked): unallocated
+    /// ranges read from it. A differencing disk without one reads as QEMU
+    /// reads it (zeroes) and refuses writes.
+    backing: Option<BackingRef>,
 }
 
 pub struct Vpc {
@@ -210,12 +230,17 @@ pub struct Vpc {
     dynamic: Option<Dynamic>,
 }
 
-fn open(storage: Arc<dyn Storage>, _ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Vpc::open(storage)?))
+fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
+    Ok(Box::new(Vpc::open_at(storage, Some(ctx.location))?))
 }
 
 impl Vpc {
     pub fn open(storage: Arc<dyn Storage>) -> Result<Vpc> {
+        Self::open_at(storage, None)
+    }
+
+    /// Open; `location` (where the image is) lets a differencing disk find its parent.
+    pub fn open_at(storage: Arc<dyn Storage>, location: Option<&Location>) -> Result<Vpc> {
         let file_len = storage.len()?;
         if file_len < FOOTER_SIZE {
             return Err(corrupt(format!(
@@ -257,7 +282,7 @@ impl Vpc {
                 dynamic: None,
             });
         }
-        let dynamic = Self::open_dynamic(storage.as_ref(), &footer, size, file_len)?;
+        let dynamic = Self::open_dynamic(storage.as_ref(), &footer, size, file_len, location)?;
         Ok(Vpc {
             storage,
             footer,
@@ -266,7 +291,13 @@ impl Vpc {
         })
     }
 
-    fn open_dynamic(storage: &dyn Storage, footer: &Footer, size: u64, file_len: u64) -> Result<Dynamic> {
+    fn open_dynamic(
+        storage: &dyn Storage,
+        footer: &Footer,
+        size: u64,
+        file_len: u64,
+        location: Option<&Location>,
+    ) -> Result<Dynamic> {
         let hdr_off = footer.data_offset;
         if hdr_off < FOOTER_SIZE || hdr_off.checked_add(DYN_HEADER_SIZE).is_none_or(|e| e > file_len) {
             return Err(corrupt(format!(
@@ -307,6 +338,26 @@ impl Vpc {
                 "VHD BAT at {bat_off} overlaps the footer copy or the dynamic header"
             )));
         }
+        // Parent locator data (differencing disks): inside the file, clear of
+        // the BAT and the header; blocks must stay clear of it too.
+        let mut locators = Vec::new();
+        if footer.disk_type == TYPE_DIFFERENCING {
+            for &(code, len, off) in &hdr.locators {
+                if len as u64 > MAX_LOCATOR
+                    || off < FOOTER_SIZE
+                    || off.checked_add(len as u64).is_none_or(|e| e > file_len)
+                    || overlaps(off, len as u64, hdr_off, DYN_HEADER_SIZE)
+                    || overlaps(off, len as u64, bat_off, bat_bytes)
+                {
+                    return Err(corrupt(format!(
+                        "VHD parent locator at {off} of {len} bytes is misplaced"
+                    )));
+                }
+                let mut data = vec![0u8; len as usize];
+                storage.read_at(&mut data, off)?;
+                locators.push((code, off, len as u64, data));
+            }
+        }
         let mut table = try_zeroed(bat_bytes as usize, "the VHD BAT")?;
         storage.read_at(&mut table, bat_off)?;
         let bat: Vec<u32> = table
@@ -336,6 +387,7 @@ impl Vpc {
             if start < FOOTER_SIZE
                 || overlaps(start, block_len, hdr_off, DYN_HEADER_SIZE)
                 || overlaps(start, block_len, bat_off, bat_bytes)
+                || locators.iter().any(|l| overlaps(start, block_len, l.1, l.2))
             {
                 return Err(corrupt(format!(
                     "VHD block {i} at {start} overlaps the image's metadata"
@@ -353,7 +405,14 @@ impl Vpc {
                 )));
             }
         }
+        for l in &locators {
+            next_free = next_free.max((l.1 + l.2).div_ceil(SECTOR) * SECTOR);
+        }
         let parent = (footer.disk_type == TYPE_DIFFERENCING).then(|| hdr.parent_name.clone());
+        let backing = match (&parent, location) {
+            (Some(_), Some(loc)) => find_parent(loc, &hdr, &locators)?,
+            _ => None,
+        };
         Ok(Dynamic {
             block_size: bs,
             bitmap_size,
@@ -362,6 +421,7 @@ impl Vpc {
             bat: bat.into_iter().map(AtomicU32::new).collect(),
             next_free: Mutex::new(next_free),
             parent,
+            backing,
         })
     }
 
@@ -400,7 +460,7 @@ impl Vpc {
                 next += 1;
             }
             return Ok(Mapping {
-                kind: Mapped::Zero { host: None },
+                kind: d.absent(),
                 len: run,
             });
         }
@@ -432,14 +492,14 @@ impl Vpc {
                 offset: data_at + in_block,
             }
         } else {
-            Mapped::Zero { host: None }
+            d.absent()
         };
         Ok(Mapping { kind, len: n })
     }
 
     /// Write within one block of a dynamic disk, allocating it if needed.
     /// The caller holds `next_free`.
-    fn write_block(&self, d: &Dynamic, next_free: &mut u64, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_block(&self, d: &Dynamic, next_free: &mut u64, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
         let bs = d.block_size;
         let idx = (offset / bs) as usize;
         let in_block = offset % bs;
@@ -448,8 +508,9 @@ impl Vpc {
             let bitmap_at = entry as u64 * SECTOR;
             let data_at = bitmap_at + d.bitmap_size;
             if !self.bitmap_full(d, idx, bitmap_at)? {
-                // Crash order: zero the absent sectors' data (they read as
-                // zeroes), make it durable, then mark every sector present.
+                // Crash order: fill the absent sectors' data with what they
+                // read as (the parent's bytes, or zeroes), make it durable,
+                // then mark every sector present.
                 let bm = self.read_bitmap(d, bitmap_at)?;
                 let sectors = (bs / SECTOR) as usize;
                 let mut s = 0;
@@ -462,8 +523,14 @@ impl Vpc {
                     while s < sectors && !bit(&bm, s) {
                         s += 1;
                     }
-                    self.storage
-                        .write_zeroes(data_at + start as u64 * SECTOR, (s - start) as u64 * SECTOR)?;
+                    let (at, n) = (start as u64 * SECTOR, (s - start) as u64 * SECTOR);
+                    if d.backing.is_some() {
+                        let mut fill = try_zeroed(n as usize, "a VHD copy-on-write buffer")?;
+                        below.read_below(&mut fill, idx as u64 * bs + at)?;
+                        self.storage.write_at(&fill, data_at + at)?;
+                    } else {
+                        self.storage.write_zeroes(data_at + at, n)?;
+                    }
                 }
                 self.storage.flush()?;
                 self.storage.write_at(&vec![0xff; d.bitmap_size as usize], bitmap_at)?;
@@ -491,7 +558,15 @@ impl Vpc {
             self.storage.write_zeroes(data_at, file_len.min(block_end) - data_at)?;
         }
         self.storage.write_at(&vec![0xff; d.bitmap_size as usize], bitmap_at)?;
-        self.storage.write_at(buf, data_at + in_block)?;
+        if d.backing.is_some() && buf.len() as u64 != bs {
+            // Copy-on-write: the rest of the block comes from the parent.
+            let mut block = try_zeroed(bs as usize, "a VHD copy-on-write buffer")?;
+            below.read_below(&mut block, idx as u64 * bs)?;
+            block[in_block as usize..in_block as usize + buf.len()].copy_from_slice(buf);
+            self.storage.write_at(&block, data_at)?;
+        } else {
+            self.storage.write_at(buf, data_at + in_block)?;
+        }
         self.storage.write_at(&self.footer.raw, block_end)?;
         self.storage.flush()?;
         self.storage
@@ -501,6 +576,89 @@ impl Vpc {
         *next_free = block_end;
         Ok(())
     }
+}
+
+impl Dynamic {
+    /// How a range this file does not hold maps: to the parent when there
+    /// is one, else zeroes (allocated, as QEMU reports them).
+    fn absent(&self) -> Mapped {
+        if self.backing.is_some() {
+            Mapped::Unallocated
+        } else {
+            Mapped::Zero { host: None }
+        }
+    }
+}
+
+/// Largest parent locator we read (a path in UTF-16: a few hundred bytes;
+/// writers reserve a sector or a few).
+const MAX_LOCATOR: u64 = 64 * 1024;
+
+/// The parent of a differencing disk, from its locators (relative Windows
+/// path, absolute Windows path, Mac URL) or its Unicode name, tried beside
+/// the image: the first one that exists and is a VHD whose UUID matches.
+/// None when no candidate exists (the disk then reads as QEMU reads it).
+fn find_parent(
+    loc: &Location,
+    hdr: &DynHeader,
+    locators: &[([u8; 4], u64, u64, Vec<u8>)],
+) -> Result<Option<BackingRef>> {
+    let utf16le = |b: &[u8]| {
+        let u: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        String::from_utf16_lossy(&u).trim_end_matches('\0').to_string()
+    };
+    let mut names = Vec::new();
+    for code in [b"W2ru", b"W2ku", b"MacX"] {
+        for (c, _, _, data) in locators.iter().filter(|l| &l.0 == code) {
+            let name = if c == b"MacX" {
+                String::from_utf8_lossy(data)
+                    .trim_end_matches('\0')
+                    .trim_start_matches("file://")
+                    .to_string()
+            } else {
+                utf16le(data)
+            };
+            names.push(name.replace('\\', "/"));
+        }
+    }
+    names.push(hdr.parent_name.replace('\\', "/"));
+    // Absolute Windows paths rarely exist here: try their last component too.
+    let bases: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.rsplit('/').next().map(str::to_string))
+        .collect();
+    names.extend(bases);
+    for name in names {
+        let name = name.trim_start_matches("./").to_string();
+        if name.is_empty() || name.contains(':') {
+            continue;
+        }
+        let Location::File(path) = loc.relative(&name) else {
+            continue;
+        };
+        if !path.is_file() {
+            continue;
+        }
+        let parent = Location::File(path).open_storage(true)?;
+        let mut f = [0u8; 512];
+        parent.read_at(&mut f, 0)?;
+        if !f.starts_with(COOKIE) {
+            match tail512(parent.as_ref()) {
+                Some(t) => f = t,
+                None => continue,
+            }
+        }
+        if f.starts_with(COOKIE) && f[68..84] == hdr.parent_uuid {
+            return Ok(Some(BackingRef {
+                filename: name,
+                format: Some("vpc".into()),
+            }));
+        }
+        return Err(corrupt(format!(
+            "the VHD parent '{name}' has another UUID than the one recorded in the child"
+        )));
+    }
+    Ok(None)
 }
 
 /// Sector `s`'s bit in a VHD sector bitmap: most significant bit first.
@@ -530,16 +688,19 @@ impl Driver for Vpc {
             Some(d) => self.map_dynamic(d, offset, len),
         }
     }
+    fn backing(&self) -> Option<BackingRef> {
+        self.dynamic.as_ref().and_then(|d| d.backing.clone())
+    }
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
         (file == 0).then_some(self.storage.as_ref())
     }
-    fn write_at(&self, buf: &[u8], offset: u64, _below: &dyn Below) -> Result<()> {
+    fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
         let Some(d) = &self.dynamic else {
             return self.storage.write_at(buf, offset);
         };
-        if let Some(p) = &d.parent {
+        if let (Some(p), None) = (&d.parent, &d.backing) {
             return Err(unsupported(format!(
-                "writing a differencing VHD is not supported (its parent '{p}' is not resolved)"
+                "writing a differencing VHD is not supported while its parent '{p}' is not found"
             )));
         }
         let mut next_free = d.next_free.lock();
@@ -547,7 +708,7 @@ impl Driver for Vpc {
         while done < buf.len() {
             let pos = offset + done as u64;
             let n = ((d.block_size - pos % d.block_size) as usize).min(buf.len() - done);
-            self.write_block(d, &mut next_free, &buf[done..done + n], pos)?;
+            self.write_block(d, &mut next_free, &buf[done..done + n], pos, below)?;
             done += n;
         }
         Ok(())
@@ -556,12 +717,13 @@ impl Driver for Vpc {
         let Some(d) = &self.dynamic else {
             return self.storage.write_zeroes(offset, len);
         };
-        // Unallocated blocks already read as zeroes: write only allocated ones.
+        // Unallocated blocks already read as zeroes (without a parent): write
+        // only allocated ones.
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
             let n = (d.block_size - pos % d.block_size).min(end - pos);
-            if d.bat[(pos / d.block_size) as usize].load(Ordering::Acquire) != UNALLOCATED {
+            if d.backing.is_some() || d.bat[(pos / d.block_size) as usize].load(Ordering::Acquire) != UNALLOCATED {
                 let zero = vec![0u8; n as usize];
                 self.write_at(&zero, pos, below)?;
             }
