@@ -233,10 +233,87 @@ pub fn validate(h: &SparseHeader, file_len: u64, writable: bool) -> Result<Spars
     })
 }
 
+/// Grain table entries of a VMFS sparse ("COWD") extent: fixed.
+pub const COWD_GTES_PER_GT: u32 = 4096;
+
+/// The VMFS sparse ("COWD", VMDK3) extent header, QEMU's VMDK3Header:
+/// version, flags, disk sectors, granularity, grain directory offset and
+/// entries, then fields we do not need, all 32-bit. No redundant directory,
+/// no compression, 4096-entry grain tables.
+pub fn cowd_layout(b: &[u8], file_len: u64) -> Result<SparseLayout> {
+    if b.len() < 512 || &b[..4] != MAGIC_COWD || file_len < 512 {
+        return Err(corrupt("not a VMFS sparse (COWD) extent"));
+    }
+    let f = |at: usize| u64::from(le32(b, at).unwrap_or(0));
+    let (disk_sectors, granularity, gd_sector, gd_entries) = (f(12), f(16), f(20), f(24));
+    if granularity == 0 || granularity > MAX_GRAIN_SECTORS {
+        return Err(corrupt(format!(
+            "grain size of {granularity} sectors is not in 1..={MAX_GRAIN_SECTORS}"
+        )));
+    }
+    if gd_entries > MAX_GD_ENTRIES {
+        return Err(corrupt(format!(
+            "grain directory of {gd_entries} entries is larger than {MAX_GD_ENTRIES}"
+        )));
+    }
+    let span = u64::from(COWD_GTES_PER_GT) * granularity;
+    if gd_entries * span < disk_sectors {
+        return Err(corrupt(format!(
+            "grain directory of {gd_entries} entries does not cover {disk_sectors} sectors"
+        )));
+    }
+    let gd_offset = gd_sector * SECTOR;
+    if gd_offset < SECTOR || gd_offset + gd_entries * 4 > file_len {
+        return Err(corrupt(format!(
+            "grain directory at sector {gd_sector} is outside the file"
+        )));
+    }
+    Ok(SparseLayout {
+        version: le32(b, 4).unwrap_or(0),
+        capacity: disk_sectors * SECTOR,
+        grain: granularity * SECTOR,
+        gtes_per_gt: COWD_GTES_PER_GT,
+        gd_entries: gd_entries as u32,
+        gd_offset,
+        rgd_offset: None,
+        overhead: SECTOR,
+        compressed: false,
+        markers: false,
+        zero_grain: false,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    #[test]
+    fn cowd_header_checks() {
+        let mut b = vec![0u8; 512];
+        b[..4].copy_from_slice(MAGIC_COWD);
+        let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        put(&mut b, 4, 1);
+        put(&mut b, 12, 8192); // disk sectors
+        put(&mut b, 16, 1); // granularity
+        put(&mut b, 20, 1); // gd sector
+        put(&mut b, 24, 2); // gd entries
+        let l = cowd_layout(&b, 4096).unwrap();
+        assert_eq!(
+            (l.capacity, l.grain, l.gtes_per_gt, l.gd_entries, l.gd_offset),
+            (8192 * 512, 512, 4096, 2, 512)
+        );
+        for (at, v) in [(16, 0), (16, 0x20_0001), (24, 1), (24, u32::MAX), (20, 0), (20, 100)] {
+            let mut c = b.clone();
+            put(&mut c, at, v);
+            assert_eq!(
+                cowd_layout(&c, 4096).unwrap_err().kind(),
+                ErrorKind::CorruptImage,
+                "{at} {v}"
+            );
+        }
+        assert!(cowd_layout(&b, 100).is_err());
+    }
 
     /// What `qemu-img create -f vmdk x 1M` writes.
     fn good() -> SparseHeader {

@@ -9,9 +9,9 @@
 //! - `create`: new images.
 //!
 //! Supported: monolithicSparse (embedded descriptor), monolithicFlat,
-//! twoGbMaxExtentSparse, twoGbMaxExtentFlat, vmfs, vmfsSparse-style
-//! descriptors whose extents are SPARSE (KDMV), FLAT, VMFS or ZERO, in any
-//! mix, with RW or RDONLY access; streamOptimized (compressed grains with
+//! twoGbMaxExtentSparse, twoGbMaxExtentFlat, vmfs, vmfsSparse
+//! descriptors whose extents are SPARSE (KDMV), VMFSSPARSE (COWD), FLAT,
+//! VMFS or ZERO, in any mix, with RW or RDONLY access; bare COWD extents; streamOptimized (compressed grains with
 //! markers, the grain directory found through the footer) read-only;
 //! zeroed-grain entries; the parent link (parentFileNameHint, format vmdk).
 //! Writes: in place in flat extents, grain allocation in sparse extents.
@@ -19,8 +19,7 @@
 //! Differences from QEMU, deliberate: ZERO extents read as zeroes (QEMU
 //! skips their lines, shifting the extents after them), RDONLY extents are
 //! served read-only (QEMU skips them), NOACCESS extents and unknown extent
-//! types are refused (QEMU skips them). Not supported: COWD (VMFSSPARSE)
-//! and SESPARSE extents, writing to compressed extents, creating
+//! types are refused (QEMU skips them). Not supported: SESPARSE extents, writing to compressed extents, creating
 //! streamOptimized images, the
 //! parentCID check against the parent's CID (QEMU refuses reads through a
 //! parent whose CID changed).
@@ -145,7 +144,16 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     storage.read_at(&mut head, 0)?;
     let writable = !ctx.read_only;
     if head.starts_with(MAGIC_COWD) {
-        return Err(unsupported("VMFS sparse (COWD) VMDK extents are not supported"));
+        // A bare VMFS sparse extent (QEMU's vmdk_open_vmfs_sparse).
+        let ext = SparseExtent::open(0, storage.clone(), &head, writable)?;
+        return Ok(Box::new(monolithic(
+            storage,
+            ext,
+            "vmfsSparse",
+            Descriptor::default(),
+            (0, 0, 0),
+            ctx,
+        )));
     }
     if head.starts_with(MAGIC) {
         if len < 512 {
@@ -170,38 +178,51 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
         };
         let ext = SparseExtent::open(0, storage.clone(), &head, writable)?;
         let ct = if ext.layout.compressed {
-            "streamOptimized".to_string()
+            "streamOptimized"
         } else {
-            "monolithicSparse".to_string()
+            "monolithicSparse"
         };
-        let size = ext.layout.capacity;
-        // No extent line names it: QEMU reports an empty extent format.
-        let extent = Extent {
-            start: 0,
-            len: size,
-            read_only: false,
-            kind: Kind::Sparse(Box::new(ext)),
-            type_name: "",
-        };
-        return Ok(Box::new(Vmdk {
-            files: vec![storage],
-            extents: vec![extent],
-            size,
-            create_type: ct,
-            cid: AtomicU32::new(desc.cid.unwrap_or(0)),
-            parent_cid: desc.parent_cid.unwrap_or(0),
-            parent: desc.parent_hint,
-            read_only: ctx.read_only,
-            desc_at: (
-                0,
-                h.desc_offset.saturating_mul(SECTOR),
-                h.desc_size.saturating_mul(SECTOR),
-            ),
-            cid_updated: AtomicBool::new(false),
-        }));
+        let desc_at = (
+            0,
+            h.desc_offset.saturating_mul(SECTOR),
+            h.desc_size.saturating_mul(SECTOR),
+        );
+        return Ok(Box::new(monolithic(storage, ext, ct, desc, desc_at, ctx)));
     }
     let desc = Descriptor::parse(&read_text(storage.as_ref(), 0, MAX_DESCRIPTOR as u64)?)?;
     open_descriptor(storage, desc, ctx, (0, MAX_DESCRIPTOR as u64))
+}
+
+/// A disk that is one sparse extent in the image file itself.
+fn monolithic(
+    storage: Arc<dyn Storage>,
+    ext: SparseExtent,
+    create_type: &str,
+    desc: Descriptor,
+    desc_at: (HostFile, u64, u64),
+    ctx: &OpenCtx,
+) -> Vmdk {
+    let size = ext.layout.capacity;
+    // No extent line names it: QEMU reports an empty extent format.
+    let extent = Extent {
+        start: 0,
+        len: size,
+        read_only: false,
+        kind: Kind::Sparse(Box::new(ext)),
+        type_name: "",
+    };
+    Vmdk {
+        files: vec![storage],
+        extents: vec![extent],
+        size,
+        create_type: create_type.to_string(),
+        cid: AtomicU32::new(desc.cid.unwrap_or(0)),
+        parent_cid: desc.parent_cid.unwrap_or(0),
+        parent: desc.parent_hint,
+        read_only: ctx.read_only,
+        desc_at,
+        cid_updated: AtomicBool::new(false),
+    }
 }
 
 /// Open the extents a descriptor names, relative to the image's directory.
@@ -262,30 +283,28 @@ fn open_descriptor(
                     .ok_or_else(|| corrupt("flat extent end overflows"))?;
                 Kind::Flat { file: f, start }
             }
-            ExtentType::Sparse => {
+            ExtentType::Sparse | ExtentType::VmfsSparse => {
                 let f = file_of(e.filename.as_deref().unwrap_or_default())?;
                 let s = files[f as usize].clone();
                 let mut head = vec![0u8; 512];
                 s.read_at(&mut head, 0)?;
-                if head.starts_with(MAGIC_COWD) {
-                    return Err(unsupported("VMFS sparse (COWD) VMDK extents are not supported"));
-                }
-                if s.len()? < 512 || !head.starts_with(MAGIC) {
+                if s.len()? < 512 || !(head.starts_with(MAGIC) || head.starts_with(MAGIC_COWD)) {
                     return Err(corrupt(format!(
                         "extent '{}' is not a VMDK sparse extent",
                         e.filename.as_deref().unwrap_or("")
                     )));
                 }
-                let h = SparseHeader::parse(&head)?;
-                if h.capacity == 0 && h.desc_offset != 0 {
-                    return Err(corrupt("a sparse extent holds another descriptor (nested descriptors)"));
+                if head.starts_with(MAGIC) {
+                    let h = SparseHeader::parse(&head)?;
+                    if h.capacity == 0 && h.desc_offset != 0 {
+                        return Err(corrupt("a sparse extent holds another descriptor (nested descriptors)"));
+                    }
                 }
                 let ext = SparseExtent::open(f, s, &head, !read_only)?;
                 // The extent's own capacity counts, not the line's (QEMU).
                 len = ext.layout.capacity;
                 Kind::Sparse(Box::new(ext))
             }
-            ExtentType::VmfsSparse => return Err(unsupported("VMFSSPARSE (COWD) VMDK extents are not supported")),
             ExtentType::SeSparse => return Err(unsupported("SESPARSE VMDK extents are not supported")),
         };
         if len == 0 {

@@ -21,10 +21,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Grain tables kept in memory per extent: 8192 tables of at most 2 KiB
-/// (16 MiB) cover 256 GiB with the usual 64 KiB grains; when full, clean
+/// Grain table bytes kept in memory per extent: 16 MiB (8192 tables of
+/// 2 KiB cover 256 GiB with the usual 64 KiB grains); when full, clean
 /// tables are dropped.
-const MAX_CACHED_TABLES: usize = 8192;
+const MAX_CACHED_BYTES: usize = 16 << 20;
 /// Dirty tables are written back before the cache holds more than this.
 const MAX_DIRTY_TABLES: usize = 1024;
 
@@ -75,6 +75,10 @@ impl SparseExtent {
     /// sector is `head`.
     pub fn open(file: HostFile, storage: Arc<dyn Storage>, head: &[u8], writable: bool) -> Result<SparseExtent> {
         let file_len = storage.len()?;
+        if head.starts_with(header::MAGIC_COWD) {
+            let layout = header::cowd_layout(head, file_len)?;
+            return Self::with_layout(file, storage, layout, file_len, writable);
+        }
         let mut h = header::SparseHeader::parse(head)?;
         if h.gd_offset == header::GD_AT_END {
             if file_len < 1536 + 512 {
@@ -88,6 +92,16 @@ impl SparseExtent {
             }
         }
         let layout = header::validate(&h, file_len, writable)?;
+        Self::with_layout(file, storage, layout, file_len, writable)
+    }
+
+    fn with_layout(
+        file: HostFile,
+        storage: Arc<dyn Storage>,
+        layout: SparseLayout,
+        file_len: u64,
+        writable: bool,
+    ) -> Result<SparseExtent> {
         let n = layout.gd_entries as usize;
         let gd = read_u32s(storage.as_ref(), layout.gd_offset, n, "the grain directory")?;
         let rgd = match layout.rgd_offset {
@@ -148,7 +162,7 @@ impl SparseExtent {
         if let Some(t) = c.tables.get(&(l1 as u32)) {
             return Ok(Some(t.clone()));
         }
-        if c.tables.len() >= MAX_CACHED_TABLES {
+        if c.tables.len() >= MAX_CACHED_BYTES / self.layout.gt_bytes() as usize {
             let Cache { tables, dirty } = &mut *c;
             tables.retain(|k, _| dirty.contains(k));
         }
@@ -314,7 +328,9 @@ impl SparseExtent {
             let n = (grain - in_grain).min(len - done);
             let gte = self.entry(pos)?;
             let kind = self.classify(gte, in_grain)?;
-            let has_table = self.gd_entry((pos / self.layout.gt_span()) as usize).is_some_and(|s| s != 0);
+            let has_table = self
+                .gd_entry((pos / self.layout.gt_span()) as usize)
+                .is_some_and(|s| s != 0);
             if matches!(kind, Mapped::Zero { .. }) || (kind == Mapped::Unallocated && !below.has_backing()) {
                 // Already reads as zeroes.
             } else if self.layout.zero_grain && n == grain && has_table {
@@ -423,7 +439,9 @@ impl SparseExtent {
         let at = self.end.load(Ordering::Acquire).next_multiple_of(SECTOR);
         let end = at + copies * gt_len;
         if end > MAX_EXTENT_FILE {
-            return Err(Error::NoMemory("the VMDK extent file is full (table offsets are 32-bit sectors)".into()));
+            return Err(Error::NoMemory(
+                "the VMDK extent file is full (table offsets are 32-bit sectors)".into(),
+            ));
         }
         let zero = try_zeroed(gt_len as usize, "a grain table")?;
         self.storage.write_at(&zero, at)?;
@@ -439,7 +457,8 @@ impl SparseExtent {
             r[l1].store(s, Ordering::Release);
         }
         let s = (at / SECTOR) as u32;
-        self.storage.write_at(&s.to_le_bytes(), entry_at(self.layout.gd_offset))?;
+        self.storage
+            .write_at(&s.to_le_bytes(), entry_at(self.layout.gd_offset))?;
         self.gd[l1].store(s, Ordering::Release);
         Ok(())
     }

@@ -464,8 +464,21 @@ fn writes_where_no_grain_table_exists_add_one() {
     }
     let s = Arc::new(MemoryStorage::new(img, false));
     let loc = Location::file("/x.vmdk");
-    let d = open(s.clone(), &OpenCtx { location: &loc, read_only: false }).unwrap();
-    assert_eq!(d.map(0, MIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: MIB });
+    let d = open(
+        s.clone(),
+        &OpenCtx {
+            location: &loc,
+            read_only: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        d.map(0, MIB).unwrap(),
+        Mapping {
+            kind: Mapped::Unallocated,
+            len: MIB
+        }
+    );
     d.write_at(&[4u8; 100], 65536 * 3 + 7, &NoBacking).unwrap();
     drop(d); // tables written back on drop
     let d = open_mem(s.snapshot(), true).unwrap();
@@ -474,6 +487,11 @@ fn writes_where_no_grain_table_exists_add_one() {
     let rgd = u32::from_le_bytes(raw[(h.rgd_offset * 512) as usize..][..4].try_into().unwrap());
     assert!(gd != 0 && rgd != 0 && gd != rgd);
     assert_eq!(raw[gd as usize * 512..][..2048], raw[rgd as usize * 512..][..2048]);
-    let Mapped::Data { offset, .. } = d.map(65536 * 3, 65536).unwrap().kind else { panic!() };
-    assert_eq!(&raw[offset as usize + 6..offset as usize + 108], &[&[0u8][..], &[4u8; 100][..], &[0u8][..]].concat()[..]);
+    let Mapped::Data { offset, .. } = d.map(65536 * 3, 65536).unwrap().kind else {
+        panic!()
+    };
+    assert_eq!(
+        &raw[offset as usize + 6..offset as usize + 108],
+        &[&[0u8][..], &[4u8; 100][..], &[0u8][..]].concat()[..]
+    );
 }
