@@ -456,3 +456,45 @@ def test_vdi_below_qcow2(tmp, static):
     with qb.open(top, flags=0) as img:
         assert img.info().backing_format == qb.Format.VDI
         assert img.read(img.virt_size, 0) == expected
+
+
+def _virtualbox_style(size_blocks=4, order=(2, 0)):
+    """A VDI laid out as VirtualBox lays it out (not as QEMU does): the 0x190
+    header with LCHS geometry, data starting at 1 MiB, blocks stored out of
+    guest order."""
+    h = bytearray(0x200)
+    text = b"<<< Oracle VM VirtualBox Disk Image >>>\n"
+    h[: len(text)] = text
+    struct.pack_into("<IIIII", h, SIGNATURE, 0xBEDA107F, 0x00010001, 0x190, 1, 0)
+    struct.pack_into("<II", h, OFFSET_BMAP, 0x200, MiB)
+    struct.pack_into("<IIII", h, 0x15C, 0, 0, 0, 512)  # legacy geometry, sector size
+    struct.pack_into("<QIIII", h, DISK_SIZE, size_blocks * MiB, MiB, 0, size_blocks, len(order))
+    h[0x188:0x198] = os.urandom(16)
+    h[0x198:0x1A8] = os.urandom(16)
+    struct.pack_into("<IIII", h, 0x1C8, 1024, 16, 63, 512)  # LCHS geometry
+    bmap = [0xFFFFFFFF] * size_blocks
+    for idx, guest in enumerate(order):
+        bmap[guest] = idx
+    bmap[1] = 0xFFFFFFFE  # a zero block
+    body = bytearray(MiB - 0x200)
+    struct.pack_into(f"<{size_blocks}I", body, 0, *bmap)
+    data = bytearray()
+    for idx, guest in enumerate(order):
+        data += bytes([0x40 + guest]) * 1000 + bytes(MiB - 2000) + bytes([0x50 + guest]) * 1000
+    return bytes(h + body + data)
+
+
+def test_virtualbox_layout(tmp):
+    p = tmp / "vbox.vdi"
+    p.write_bytes(_virtualbox_style())
+    check_clean(p)
+    assert_reads_like_qemu(p, tmp)
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        img.write(b"\x99" * 3000, 3 * MiB - 1000)  # allocates data block 2 after the two
+        img.write(b"\x98" * 10, MiB + 5)  # inside the zero (discarded) block
+        assert img.read(10, 5) == b"\x40" * 10
+    check_clean(p)
+    assert_reads_like_qemu(p, tmp)
+    b = p.read_bytes()
+    assert struct.unpack_from("<I", b, BLOCKS_ALLOCATED)[0] == 4
+    assert len(b) == 5 * MiB
