@@ -160,7 +160,11 @@ pub fn parse_region_table(b: &[u8], file_len: u64) -> Result<Regions> {
             length: le32(b, at + 24).unwrap_or(0) as u64,
         };
         let flags = le32(b, at + 28).unwrap_or(0);
-        if r.offset < HEADER_SECTION_END || r.offset % MIB != 0 || r.length == 0 || r.length % MIB != 0 {
+        if r.offset < HEADER_SECTION_END
+            || !r.offset.is_multiple_of(MIB)
+            || r.length == 0
+            || !r.length.is_multiple_of(MIB)
+        {
             return Err(corrupt(format!(
                 "VHDX region {i} at {} of {} bytes is not whole MiBs after the header section",
                 r.offset, r.length

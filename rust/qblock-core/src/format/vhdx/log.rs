@@ -74,7 +74,7 @@ fn entry_at(log: &[u8], pos: usize, guid: &Guid) -> Option<(Entry, Vec<Update>)>
         return None;
     }
     let len = le32(&h, 8)? as usize;
-    if len == 0 || len % SECTOR != 0 || len > n || h[32..48] != guid[..] {
+    if len == 0 || !len.is_multiple_of(SECTOR) || len > n || h[32..48] != guid[..] {
         return None;
     }
     let e = circular(log, pos, len);
@@ -89,7 +89,7 @@ fn entry_at(log: &[u8], pos: usize, guid: &Guid) -> Option<(Entry, Vec<Update>)>
     };
     let count = le32(&e, 24)? as usize;
     let desc_sectors = (ENTRY_HEADER + count.checked_mul(DESCRIPTOR)?).div_ceil(SECTOR);
-    if desc_sectors * SECTOR > len || entry.tail as usize % SECTOR != 0 || entry.tail as usize >= n {
+    if desc_sectors * SECTOR > len || !(entry.tail as usize).is_multiple_of(SECTOR) || entry.tail as usize >= n {
         return None;
     }
     let mut updates = Vec::new();
@@ -97,12 +97,12 @@ fn entry_at(log: &[u8], pos: usize, guid: &Guid) -> Option<(Entry, Vec<Update>)>
     for i in 0..count {
         let d = &e[ENTRY_HEADER + DESCRIPTOR * i..ENTRY_HEADER + DESCRIPTOR * (i + 1)];
         let offset = le64(d, 16)?;
-        if le64(d, 24)? != entry.sequence || offset % SECTOR as u64 != 0 {
+        if le64(d, 24)? != entry.sequence || !offset.is_multiple_of(SECTOR as u64) {
             return None;
         }
         if &d[0..4] == ZERO_DESC {
             let zlen = le64(d, 8)?;
-            if zlen % SECTOR as u64 != 0 || offset.checked_add(zlen)? > MAX_FILE_OFFSET {
+            if !zlen.is_multiple_of(SECTOR as u64) || offset.checked_add(zlen)? > MAX_FILE_OFFSET {
                 return None;
             }
             updates.push(Update::Zero { offset, len: zlen });
@@ -132,7 +132,7 @@ fn entry_at(log: &[u8], pos: usize, guid: &Guid) -> Option<(Entry, Vec<Update>)>
 /// the updates it makes; None when nothing needs replaying.
 pub fn find_replay(log: &[u8], guid: &Guid) -> Result<Option<Replay>> {
     let n = log.len();
-    if n == 0 || n % SECTOR != 0 {
+    if n == 0 || !n.is_multiple_of(SECTOR) {
         return Err(corrupt(format!("VHDX log of {n} bytes is not whole 4 KiB sectors")));
     }
     // Runs of consecutive valid entries: (positions, head sequence).

@@ -141,7 +141,7 @@ pub fn read_metadata(storage: &dyn Storage, region: Region) -> Result<Metadata> 
             "VHDX physical sector size {physical_sector_size} is not 512 or 4096"
         )));
     }
-    if disk_size > MAX_DISK_SIZE || disk_size % logical_sector_size as u64 != 0 {
+    if disk_size > MAX_DISK_SIZE || !disk_size.is_multiple_of(logical_sector_size as u64) {
         return Err(corrupt(format!(
             "VHDX virtual disk size {disk_size} is above 64 TiB or not a multiple of the sector size"
         )));

@@ -112,8 +112,8 @@ impl Vhdx {
             length: hdr.log_length as u64,
         };
         if log.offset < HEADER_SECTION_END
-            || log.offset % MIB != 0
-            || log.length % MIB != 0
+            || !log.offset.is_multiple_of(MIB)
+            || !log.length.is_multiple_of(MIB)
             || log.offset.checked_add(log.length).is_none_or(|e| e > file_len)
             || (log.length == 0 && hdr.log_guid != ZERO_GUID)
         {
@@ -460,7 +460,7 @@ fn write_new(s: &dyn Storage, size: u64, block_size: u64, log_size: u64, fixed: 
             "vhdx block_size must be a power of two from 1 MiB to 256 MiB, not {bs}"
         )));
     }
-    if log_size == 0 || log_size % MIB != 0 || log_size >= 1 << 32 {
+    if log_size == 0 || !log_size.is_multiple_of(MIB) || log_size >= 1 << 32 {
         return Err(invalid(format!(
             "vhdx log_size must be a multiple of 1 MiB below 4 GiB, not {log_size}"
         )));
