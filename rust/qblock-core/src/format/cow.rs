@@ -309,9 +309,19 @@ impl Driver for Cow {
             }
         }
         self.storage.write_at(buf, self.data_offset + offset)?;
-        // Data first, then the bits that make it visible.
-        self.storage.flush()?;
-        self.set_bits(first, last - first + 1)
+        // Data first, then the bits that make it visible; sectors already
+        // present need neither the flush nor a bitmap write (as QEMU).
+        let count = last - first + 1;
+        let mut s = first;
+        while s <= last {
+            let (present, n) = self.run(s, last + 1 - s)?;
+            if !present {
+                self.storage.flush()?;
+                return self.set_bits(first, count);
+            }
+            s += n;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {

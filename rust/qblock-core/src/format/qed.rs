@@ -11,8 +11,10 @@
 //!
 //! Supported: reading, writing, creating (cluster_size, table_size, backing
 //! file and backing format: `raw` is recorded as the "no probe" feature,
-//! other formats are probed as in QEMU), zero clusters (read), info and
-//! block status as QEMU reports them. Not supported: resizing, discard.
+//! other formats are probed as in QEMU), zero clusters (read, and written
+//! for whole-cluster zero writes as QEMU does), info and
+//! block status as QEMU reports them, growing the disk. Not supported:
+//! shrinking, discard.
 //!
 //! The need-check flag (QED_F_NEED_CHECK), as QEMU handles it: set (and
 //! flushed) before the first allocating write, cleared after a flush on
