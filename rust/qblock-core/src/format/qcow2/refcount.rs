@@ -15,6 +15,8 @@
 //! refcount block is flushed before the table points at it, and a moved
 //! table before the header does. The unused rest of a pool is given back at
 //! every flush and at close, so a cleanly closed image has no leaks.
+//! Refcounts go down only after a flush that made the dropped reference
+//! durable (`release`).
 //!
 //! New clusters are appended at the end of the file. We never reuse a freed
 //! cluster, so a cluster whose refcount we did not raise is never handed out
@@ -146,6 +148,15 @@ impl Refcounts {
     /// Add `delta` to the refcounts of `count` clusters from `first`.
     pub fn update(&mut self, file: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
         let r = self.update_inner(file, first, count, delta);
+        self.broken |= r.is_err();
+        r
+    }
+
+    /// Drop one reference from each of `count` clusters from `first`, after
+    /// a flush barrier: whatever stopped pointing at them (an L2 entry, an
+    /// L1 entry, the header) is on disk before their refcounts go down.
+    pub fn release(&mut self, file: &dyn Storage, first: u64, count: u64) -> Result<()> {
+        let r = file.flush().and_then(|_| self.update_inner(file, first, count, -1));
         self.broken |= r.is_err();
         r
     }
@@ -365,7 +376,7 @@ impl Refcounts {
         file.write_at(&h, OFF_REFTABLE)?;
         self.table_offset = new_off;
         self.table_clusters = clusters;
-        self.update(file, old_off >> self.cluster_bits, old_clusters, -1)
+        self.release(file, old_off >> self.cluster_bits, old_clusters)
     }
 }
 

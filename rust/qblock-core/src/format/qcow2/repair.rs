@@ -81,9 +81,9 @@ impl Counter {
     }
 }
 
-/// Recount every reference and write a fresh refcount structure. Returns
-/// the new refcount table's offset and size in clusters.
-pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64) -> Result<()> {
+/// How many references each cluster of the image file has, from the
+/// metadata (the refcount structure itself excluded).
+pub fn count_references(file: &dyn Storage, h: &Header, l1_offset: u64, l1_size: u64) -> Result<Vec<u32>> {
     let cs = h.cluster_size();
     let g = Geometry::new(h.cluster_bits, h.extended_l2());
     let file_len = align_up(file.len()?, cs)?;
@@ -132,6 +132,15 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
             }
         }
     }
+    Ok(c.counts)
+}
+
+/// Recount every reference and write a fresh refcount structure.
+pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64) -> Result<()> {
+    let cs = h.cluster_size();
+    let file_len = align_up(file.len()?, cs)?;
+    let nclusters = file_len / cs;
+    let counts = count_references(file, h, l1_offset, l1_size)?;
     // The new refcount structure at the end of the file counts itself.
     let order = h.refcount_order;
     let epb = (cs * 8) >> order;
@@ -161,7 +170,7 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
             if cl >= total {
                 break;
             }
-            let v = if cl < nclusters { u64::from(c.counts[cl as usize]) } else { 1 };
+            let v = if cl < nclusters { u64::from(counts[cl as usize]) } else { 1 };
             if v > max {
                 return Err(corrupt(format!("cluster {cl} has {v} references, more than refcount_bits allow")));
             }

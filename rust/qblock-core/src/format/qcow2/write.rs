@@ -263,7 +263,7 @@ impl Qcow2 {
         self.l1.write().entries[idx] = ne;
         if old != 0 {
             // The active L1 no longer uses the shared table.
-            rc.update(self.file.as_ref(), old >> self.g.cluster_bits, 1, -1)?;
+            rc.release(self.file.as_ref(), old >> self.g.cluster_bits, 1)?;
             self.l2.forget(old);
         }
         Ok(new)
@@ -412,7 +412,7 @@ impl Qcow2 {
         }
         if let Some((first, count)) = release {
             // Nothing points at the old cluster from the active table now.
-            rc.update(self.file.as_ref(), first, count, -1)?;
+            rc.release(self.file.as_ref(), first, count)?;
         }
         Ok(wlen)
     }
@@ -551,7 +551,7 @@ impl Qcow2 {
             self.set_l2(l2_off, ci0, &new)?;
         }
         for (first, count) in release {
-            rc.update(self.file.as_ref(), first, count, -1)?;
+            rc.release(self.file.as_ref(), first, count)?;
         }
         Ok(partial)
     }
@@ -609,7 +609,7 @@ impl Qcow2 {
                     self.set_l2(l2_off, ci0, &new)?;
                 }
                 for (first, count) in release {
-                    rc.update(self.file.as_ref(), first, count, -1)?;
+                    rc.release(self.file.as_ref(), first, count)?;
                 }
             }
             drop(guard);
@@ -665,7 +665,7 @@ impl Qcow2 {
                 l1.entries = entries;
             }
             if old_len > 0 {
-                rc.update(self.file.as_ref(), old_off >> g.cluster_bits, (old_len * 8).div_ceil(cs), -1)?;
+                rc.release(self.file.as_ref(), old_off >> g.cluster_bits, (old_len * 8).div_ceil(cs))?;
             }
         }
         if self.hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0 {
