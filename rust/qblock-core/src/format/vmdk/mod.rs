@@ -19,7 +19,8 @@
 //! Differences from QEMU, deliberate: ZERO extents read as zeroes (QEMU
 //! skips their lines, shifting the extents after them), RDONLY extents are
 //! served read-only (QEMU skips them), NOACCESS extents and unknown extent
-//! types are refused (QEMU skips them). Not supported: SESPARSE extents, writing to compressed extents, creating
+//! types are refused (QEMU skips them). SESPARSE extents: read-only, as
+//! QEMU. Not supported: writing to compressed extents, creating
 //! streamOptimized images, the
 //! parentCID check against the parent's CID (QEMU refuses reads through a
 //! parent whose CID changed).
@@ -30,6 +31,7 @@
 mod create;
 mod descriptor;
 mod header;
+mod sesparse;
 mod sparse;
 
 use crate::backend::Storage;
@@ -41,6 +43,7 @@ use crate::location::Location;
 use crate::registry::{FormatEntry, OpenCtx};
 use descriptor::{Access, Descriptor, ExtentType, MAX_DESCRIPTOR};
 use header::{SparseHeader, MAGIC, MAGIC_COWD, SECTOR};
+use sesparse::SeSparseExtent;
 use sparse::SparseExtent;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -98,6 +101,7 @@ enum Kind {
     Flat { file: HostFile, start: u64 },
     Zero,
     Sparse(Box<SparseExtent>),
+    SeSparse(Box<SeSparseExtent>),
 }
 
 struct Extent {
@@ -305,7 +309,12 @@ fn open_descriptor(
                 len = ext.layout.capacity;
                 Kind::Sparse(Box::new(ext))
             }
-            ExtentType::SeSparse => return Err(unsupported("SESPARSE VMDK extents are not supported")),
+            ExtentType::SeSparse => {
+                let f = file_of(e.filename.as_deref().unwrap_or_default())?;
+                let ext = SeSparseExtent::open(f, files[f as usize].clone(), !read_only)?;
+                len = ext.capacity;
+                Kind::SeSparse(Box::new(ext))
+            }
         };
         if len == 0 {
             continue;
@@ -436,6 +445,7 @@ impl Driver for Vmdk {
             ),
             Kind::Zero => (Mapped::Zero { host: None }, len),
             Kind::Sparse(s) => s.map(rel, len)?,
+            Kind::SeSparse(s) => s.map(rel, len)?,
         };
         Ok(Mapping { kind, len })
     }
@@ -465,6 +475,7 @@ impl Driver for Vmdk {
                 Kind::Flat { file, start } => self.files[*file as usize].write_at(chunk, start + rel)?,
                 Kind::Zero => return Err(unsupported("writing to a ZERO VMDK extent")),
                 Kind::Sparse(s) => s.write(chunk, rel, e.start, below)?,
+                Kind::SeSparse(_) => return Err(unsupported("writing to SESPARSE VMDK extents is not supported")),
             }
             done += n;
         }
@@ -485,6 +496,7 @@ impl Driver for Vmdk {
                 Kind::Flat { file, start } => self.files[*file as usize].write_zeroes(start + rel, n)?,
                 Kind::Zero => {}
                 Kind::Sparse(s) => s.write_zeroes(rel, n, e.start, below)?,
+                Kind::SeSparse(_) => return Err(unsupported("writing to SESPARSE VMDK extents is not supported")),
             }
             done += n;
         }
@@ -509,24 +521,22 @@ impl Driver for Vmdk {
         Ok(())
     }
     fn info(&self) -> Result<DriverInfo> {
-        let first = &self.extents[0];
-        let same = self.extents.iter().all(|e| match (&e.kind, &first.kind) {
-            (Kind::Sparse(a), Kind::Sparse(b)) => {
-                a.layout.grain == b.layout.grain && a.layout.compressed == b.layout.compressed
-            }
-            (Kind::Sparse(_), _) | (_, Kind::Sparse(_)) => false,
-            _ => true,
-        });
-        let cluster_size = match (&first.kind, same) {
-            (Kind::Sparse(s), true) => Some(s.layout.grain),
-            _ => None,
+        // (flat, compressed, grain) per extent: QEMU gives a cluster size
+        // only when every extent is of the first one's kind and grain.
+        let shape = |e: &Extent| match &e.kind {
+            Kind::Flat { .. } | Kind::Zero => (true, false, 0),
+            Kind::Sparse(s) => (false, s.layout.compressed, s.layout.grain),
+            Kind::SeSparse(_) => (false, false, 4096),
         };
+        let first = shape(&self.extents[0]);
+        let cluster_size = (!first.0 && self.extents.iter().all(|e| shape(e) == first)).then_some(first.2);
         let mut list = Vec::new();
         for e in &self.extents {
             let mut m: Vec<(String, InfoValue)> = Vec::new();
             let file = match &e.kind {
                 Kind::Flat { file, .. } => Some(*file),
                 Kind::Sparse(s) => Some(s.file),
+                Kind::SeSparse(s) => Some(s.file),
                 Kind::Zero => None,
             };
             if let Some(f) = file {
@@ -534,6 +544,9 @@ impl Driver for Vmdk {
             }
             m.push(("format".into(), e.type_name.into()));
             m.push(("virtual-size".into(), e.len.into()));
+            if let Kind::SeSparse(_) = &e.kind {
+                m.push(("cluster-size".into(), 4096u64.into()));
+            }
             if let Kind::Sparse(s) = &e.kind {
                 m.push(("cluster-size".into(), s.layout.grain.into()));
                 if s.layout.compressed {
