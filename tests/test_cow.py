@@ -306,3 +306,62 @@ def test_threads_write_and_read_concurrently(tmp):
             model[off : off + 7000] = bytes([k + 1]) * 7000
     with qb.open(p, flags=0) as img:
         assert img.read(8 * MiB, 0) == bytes(model)
+
+
+MUTATION_CHILD = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+import libqblock as qb
+paths, fmt = json.loads(sys.argv[1]), sys.argv[2]
+seen = []
+for path in paths:
+    name = None
+    try:
+        with qb.open(path, fmt=qb.Format.from_str(fmt), flags=qb.O_RDWR) as img:
+            size = img.virt_size
+            for pos in range(0, min(size, 8 << 20), 1 << 20):
+                img.read(min(1 << 20, size - pos), pos)
+            list(img.map())
+            if size:
+                img.write(b"m" * 3000, size // 3)
+                img.read(min(size, 1 << 20), 0)
+    except qb.QBlockError as e:
+        name = type(e).__name__
+    seen.append(name)
+print(json.dumps(seen))
+"""
+
+
+def test_random_mutations_never_crash(tmp):
+    """Bytes of the header and tables flipped at random (seeded): every
+    image opens and reads, or fails with CorruptImageError or
+    UnsupportedError; never a crash, a hang or another error class."""
+    import random
+
+    p = tmp / "m.cow"
+    qb.create(p, qb.CowOptions(2 * MiB))
+    with qb.open(p) as img:
+        img.write(b"\x42" * 10000, 3000)
+    hot = [(0, 8), (1032, 24), (1056, 16)]
+    good = p.read_bytes()
+    rng = random.Random(1234)
+    paths = []
+    for i in range(60):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            start, n = rng.choice(hot)
+            at = start + rng.randrange(n)
+            if at < len(b):
+                b[at] = rng.choice([0, 1, 0x80, 0xFF, rng.randrange(256)])
+        q = tmp / f"mut{i}.cow"
+        q.write_bytes(bytes(b))
+        paths.append(str(q))
+    r = subprocess.run(
+        [sys.executable, "-c", MUTATION_CHILD, json.dumps(paths), "cow"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, f"child died ({r.returncode}): {r.stderr[-2000:]}"
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(seen) <= {None, "CorruptImageError", "UnsupportedError"}, seen
