@@ -441,3 +441,17 @@ def test_first_header_or_region_table_bad_uses_the_other(tmp):
     p.write_bytes(bytes(b))
     with qb.open(p, flags=0) as img:
         assert img.read(4096, 0) == b"\x5a" * 4096
+
+
+AVHDX = CORPUS / "images" / "dissect.hypervisor" / "vhdx" / "differencing.avhdx.gz"
+
+
+@pytest.mark.skipif(not AVHDX.exists(), reason="conformance corpus not found")
+def test_hyperv_differencing_image_names_its_parent(tmp):
+    import gzip
+
+    p = tmp / "differencing.avhdx"
+    with gzip.open(AVHDX) as f, open(p, "wb") as o:
+        shutil.copyfileobj(f, o)
+    with pytest.raises(qb.UnsupportedError, match=r"parent '.*\.avhdx'"):
+        qb.open(p, flags=0)

@@ -392,3 +392,17 @@ def test_differencing_vhd_with_a_foreign_parent_is_refused(tmp):
     child = _make_child(tmp, bytes(16))
     with pytest.raises(qb.CorruptImageError, match="UUID"):
         qb.open(child, flags=0)
+
+
+def test_alternating_sector_bitmap_reads_sector_by_sector(tmp):
+    b = _base(tmp)  # block 0 allocated by qemu-io, full of 0x5a in its first 4 KiB
+    block = struct.unpack_from(">I", b, 1536)[0] * 512
+    b[block : block + 512] = b"\xaa" * 512  # even sectors present, odd ones absent
+    p = tmp / "alt.vhd"
+    p.write_bytes(bytes(b))
+    with qb.open(p, flags=0) as img:
+        data = img.read(2 * MiB, 0)
+    expect = bytearray(2 * MiB)
+    for s in range(0, 8, 2):
+        expect[s * 512 : s * 512 + 512] = b"\x5a" * 512
+    assert data == bytes(expect)

@@ -213,6 +213,10 @@ struct Dynamic {
     bat: Vec<AtomicU32>,
     /// BITMAP_* per entry: whether every sector of the block is present.
     bitmap_state: Vec<AtomicU8>,
+    /// The last partial bitmap read (BAT index, bytes): reading a block
+    /// whose sectors alternate maps it a few sectors at a time, and must
+    /// not read its bitmap each time. Locked only for partial blocks.
+    last_bitmap: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
     /// Where the next block goes (the footer sits there): taken by writers.
     next_free: Mutex<u64>,
     /// The parent of a differencing disk, as named in it.
@@ -420,6 +424,7 @@ impl Vpc {
             bitmap_state: bat.iter().map(|_| AtomicU8::new(BITMAP_UNKNOWN)).collect(),
             bat: bat.into_iter().map(AtomicU32::new).collect(),
             next_free: Mutex::new(next_free),
+            last_bitmap: Mutex::new(None),
             parent,
             backing,
         })
@@ -477,7 +482,20 @@ impl Vpc {
             });
         }
         // A partial block: a run of sectors sharing the first one's bit.
-        let bm = self.read_bitmap(d, bitmap_at)?;
+        let cached = d
+            .last_bitmap
+            .lock()
+            .as_ref()
+            .filter(|(i, _)| *i == idx)
+            .map(|(_, b)| b.clone());
+        let bm = match cached {
+            Some(b) => b,
+            None => {
+                let b = Arc::new(self.read_bitmap(d, bitmap_at)?);
+                *d.last_bitmap.lock() = Some((idx, b.clone()));
+                b
+            }
+        };
         let first = (in_block / SECTOR) as usize;
         let present = bit(&bm, first);
         let end_sector = (in_block + run).div_ceil(SECTOR) as usize;
@@ -535,6 +553,7 @@ impl Vpc {
                 self.storage.flush()?;
                 self.storage.write_at(&vec![0xff; d.bitmap_size as usize], bitmap_at)?;
                 d.bitmap_state[idx].store(BITMAP_FULL, Ordering::Release);
+                *d.last_bitmap.lock() = None;
             }
             return self.storage.write_at(buf, data_at + in_block);
         }

@@ -67,7 +67,23 @@ fn circular(log: &[u8], pos: usize, len: usize) -> Vec<u8> {
 }
 
 /// The valid entry at `pos`, if there is one, with its updates.
-fn entry_at(log: &[u8], pos: usize, guid: &Guid) -> Option<(Entry, Vec<Update>)> {
+/// Work budget of a log search, in bytes checksummed. Every 4 KiB sector
+/// may claim to start an entry as long as the log: without a budget, a
+/// hostile log costs (log size / 4 KiB) x log size of CRC work.
+struct Budget(std::cell::Cell<u64>);
+
+impl Budget {
+    fn take(&self, n: usize) -> bool {
+        let left = self.0.get();
+        self.0.set(left.saturating_sub(n as u64));
+        left >= n as u64
+    }
+    fn exhausted(&self) -> bool {
+        self.0.get() == 0
+    }
+}
+
+fn entry_at(log: &[u8], pos: usize, guid: &Guid, budget: &Budget) -> Option<(Entry, Vec<Update>)> {
     let n = log.len();
     let h = circular(log, pos, ENTRY_HEADER);
     if !h.starts_with(ENTRY_SIGNATURE) {
@@ -75,6 +91,9 @@ fn entry_at(log: &[u8], pos: usize, guid: &Guid) -> Option<(Entry, Vec<Update>)>
     }
     let len = le32(&h, 8)? as usize;
     if len == 0 || !len.is_multiple_of(SECTOR) || len > n || h[32..48] != guid[..] {
+        return None;
+    }
+    if !budget.take(len) {
         return None;
     }
     let e = circular(log, pos, len);
@@ -135,11 +154,13 @@ pub fn find_replay(log: &[u8], guid: &Guid) -> Result<Option<Replay>> {
     if n == 0 || !n.is_multiple_of(SECTOR) {
         return Err(corrupt(format!("VHDX log of {n} bytes is not whole 4 KiB sectors")));
     }
+    // Enough to check every entry of a sane log a few times over.
+    let budget = Budget(std::cell::Cell::new(8 * n as u64 + (64 << 20)));
     // Runs of consecutive valid entries: (positions, head sequence).
     let mut best: Option<(Vec<usize>, u64)> = None;
     let mut pos = 0usize;
     while pos < n {
-        let Some((first, _)) = entry_at(log, pos, guid) else {
+        let Some((first, _)) = entry_at(log, pos, guid, &budget) else {
             pos += SECTOR;
             continue;
         };
@@ -150,7 +171,7 @@ pub fn find_replay(log: &[u8], guid: &Guid) -> Result<Option<Replay>> {
             if walked >= n || next == pos {
                 break;
             }
-            match entry_at(log, next, guid) {
+            match entry_at(log, next, guid, &budget) {
                 Some((e, _)) if Some(e.sequence) == seq.checked_add(1) => {
                     run.push(next);
                     walked += e.len;
@@ -173,11 +194,19 @@ pub fn find_replay(log: &[u8], guid: &Guid) -> Result<Option<Replay>> {
         }
         pos = end;
     }
+    if budget.exhausted() {
+        return Err(corrupt(
+            "VHDX log: too many overlapping entry candidates to search (a hostile log?)",
+        ));
+    }
     let Some((run, head_seq)) = best else {
         return Ok(None);
     };
+    // The active sequence was checked once within the budget; reading it
+    // again costs at most one log size.
+    let unbounded = Budget(std::cell::Cell::new(u64::MAX));
     let head_pos = *run.last().unwrap_or(&0);
-    let (head, _) = entry_at(log, head_pos, guid).ok_or_else(|| corrupt("VHDX log head vanished"))?;
+    let (head, _) = entry_at(log, head_pos, guid, &unbounded).ok_or_else(|| corrupt("VHDX log head vanished"))?;
     let Some(start) = run.iter().position(|&p| p as u64 == head.tail) else {
         return Err(corrupt(format!(
             "VHDX log: the tail ({}) of the active sequence's head is not one of its entries",
@@ -186,7 +215,7 @@ pub fn find_replay(log: &[u8], guid: &Guid) -> Result<Option<Replay>> {
     };
     let mut updates = Vec::new();
     for &p in &run[start..] {
-        let (_, u) = entry_at(log, p, guid).ok_or_else(|| corrupt("VHDX log entry vanished"))?;
+        let (_, u) = entry_at(log, p, guid, &unbounded).ok_or_else(|| corrupt("VHDX log entry vanished"))?;
         for x in &u {
             let off = match x {
                 Update::Data { offset, .. } | Update::Zero { offset, .. } => *offset,
@@ -351,5 +380,16 @@ mod tests {
             .to_string()
             .contains("header section"));
         assert!(find_replay(&[0u8; 100], &G).is_err());
+        // Every sector claims an entry as long as the log, all with bad CRCs:
+        // the search gives up instead of doing quadratic work.
+        let mut log = vec![0u8; 4 << 20];
+        for pos in (0..log.len()).step_by(SECTOR) {
+            log[pos..pos + 4].copy_from_slice(ENTRY_SIGNATURE);
+            log[pos + 8..pos + 12].copy_from_slice(&(4u32 << 20).to_le_bytes());
+            log[pos + 32..pos + 48].copy_from_slice(&G);
+        }
+        let t = std::time::Instant::now();
+        assert!(find_replay(&log, &G).unwrap_err().to_string().contains("hostile"));
+        assert!(t.elapsed().as_secs() < 5);
     }
 }
