@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import libqblock as qb
 
-from conftest import qemu_img, qemu_io
+from conftest import qemu_img, qemu_io, qemu_raw_bytes
 
 KiB, MiB = 1024, 1024 * 1024
 HEADER = 1056
@@ -365,3 +365,27 @@ def test_random_mutations_never_crash(tmp):
     assert r.returncode == 0, f"child died ({r.returncode}): {r.stderr[-2000:]}"
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(seen) <= {None, "CorruptImageError", "UnsupportedError"}, seen
+
+
+def test_chain_of_every_format_of_issue_4(tmp):
+    """cow over qed over qcow over raw: each layer falls through to the one
+    below, probed where nothing is recorded; QEMU reads the qed/qcow part
+    the same way."""
+    base, q1, qe, top = tmp / "base.raw", tmp / "mid.qcow", tmp / "mid.qed", tmp / "top.cow"
+    model = bytearray(b"\xa0" * (3 * MiB))
+    base.write_bytes(bytes(model))
+    qb.create(q1, qb.QcowOptions(3 * MiB, backing=base.name, backing_fmt=qb.Format.RAW))
+    qb.create(qe, qb.QedOptions(4 * MiB, backing=q1.name, backing_fmt=qb.Format.QCOW, cluster_size=4096, table_size=2))
+    qb.create(top, qb.CowOptions(0, backing=qe.name))
+    model += bytes(MiB)
+    for path, off, n, v in ((q1, 100000, 5000, 1), (qe, 2 * MiB - 100, 300, 2), (top, 4 * MiB - 700, 700, 3)):
+        with qb.open(path) as img:
+            img.write(bytes([v]) * n, off)
+        model[off : off + n] = bytes([v]) * n
+    with qb.open(top, flags=0) as img:
+        assert img.virt_size == 4 * MiB
+        assert img.read(4 * MiB, 0) == bytes(model)
+        depths = {e.depth for e in img.map()}
+        assert depths == {0, 1, 2, 3}
+    # The qed layer, as QEMU sees it (it probes the qcow below).
+    assert qemu_raw_bytes(str(qe), tmp) == bytes(model[: 4 * MiB - 700]) + bytes(700)
