@@ -25,8 +25,9 @@
 //! table outside the file and L2 entries naming a cluster outside the file
 //! (or unaligned) are cleared, and the flag is cleared. Leaked clusters are
 //! left (harmless; QEMU leaves them too). Clusters referenced twice are not
-//! repaired (QEMU reports them and keeps the flag; we do the same: the flag
-//! stays set and the image opens).
+//! repaired, as in QEMU: an L2 table named by two L1 entries keeps the flag
+//! set after the open (like QEMU, the next flush clears it); data clusters
+//! named twice are not looked for. Entries are still checked whenever used.
 //!
 //! Crash order of an allocating write: the data cluster, then (for a new L2
 //! table) the table with its entry and a flush, then the L1 entry; or the
