@@ -402,9 +402,23 @@ impl Parallels {
     fn close_clean(&self, st: &mut Alloc) -> Result<()> {
         if st.marked && !st.closed {
             self.storage.flush()?;
-            if self.storage.len()? > st.data_end {
-                self.storage.set_len(st.data_end)?;
+            // The end of the last cluster still referenced (discards may
+            // have freed the ones after it): QEMU's check counts anything
+            // past it as leaked.
+            let cs = self.header.cluster_size();
+            let used_end = self
+                .bat
+                .iter()
+                .map(|e| e.load(Ordering::Acquire))
+                .filter(|&e| e != 0)
+                .map(|e| self.host_of(e) + cs)
+                .max()
+                .unwrap_or(0)
+                .max(self.header.data_start);
+            if self.storage.len()? > used_end {
+                self.storage.set_len(used_end)?;
             }
+            st.data_end = used_end;
             self.storage.write_at(&0u32.to_le_bytes(), off::INUSE as u64)?;
             self.storage.flush()?;
             st.marked = false;
@@ -495,9 +509,36 @@ impl Driver for Parallels {
         Ok(())
     }
 
-    /// A hint only: the data stays (QEMU's driver frees nothing either
-    /// unless asked to shrink, which needs the whole image rewritten).
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+    /// As QEMU: every whole cluster inside the range is dropped from the
+    /// BAT (it reads as zeroes afterwards) and its host space is punched;
+    /// partial clusters keep their data.
+    ///
+    /// Crash order: the BAT entry is cleared before the space is freed, so a
+    /// crash leaves at most an unreferenced cluster in the middle of the
+    /// file, which QEMU's check accepts. Freed clusters are not handed out
+    /// again in this session: a write racing with the discard could
+    /// otherwise land in another guest cluster's data.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.header.cluster_size();
+        let first = offset.div_ceil(cs);
+        let end = ((offset + len) / cs).min(self.bat.len() as u64);
+        for ci in first..end {
+            let ci = ci as usize;
+            if self.bat[ci].load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let mut st = self.alloc.lock();
+            self.mark_in_use(&mut st)?;
+            let e = self.bat[ci].load(Ordering::Acquire);
+            if e == 0 {
+                continue;
+            }
+            self.storage.write_at(&0u32.to_le_bytes(), HEADER_SIZE + 4 * ci as u64)?;
+            self.bat[ci].store(0, Ordering::Release);
+            drop(st);
+            self.storage.write_zeroes(self.host_of(e), cs)?;
+        }
         Ok(())
     }
 

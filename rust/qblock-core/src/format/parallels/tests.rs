@@ -104,6 +104,23 @@ fn writes_allocate_after_the_last_cluster_and_close_clears_inuse() {
 }
 
 #[test]
+fn discard_drops_whole_clusters_only() {
+    let s = Arc::new(MemoryStorage::new(image(MIB, 64 * KIB), false));
+    let p = Parallels::open(s.clone(), false).unwrap();
+    p.write_at(&[3u8; 200 * 1024], 0, &NoBacking).unwrap();
+    p.discard(1000, 128 * KIB).unwrap(); // covers only cluster 1 entirely
+    assert_eq!(p.map(0, MIB).unwrap().kind, Mapped::Data { file: 0, offset: 64 * KIB });
+    assert_eq!(p.map(64 * KIB, MIB - 64 * KIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: 64 * KIB });
+    assert_eq!(p.map(128 * KIB, MIB - 128 * KIB).unwrap().kind, Mapped::Data { file: 0, offset: 192 * KIB });
+    let b = s.snapshot();
+    assert_eq!(le32(&b, 64 + 4), Some(0));
+    assert!(b[128 * 1024..192 * 1024].iter().all(|&x| x == 0));
+    // A new write takes a fresh cluster at the end, not the freed one.
+    p.write_at(&[4u8; 10], 64 * KIB, &NoBacking).unwrap();
+    assert_eq!(p.map(64 * KIB, 1).unwrap().kind, Mapped::Data { file: 0, offset: 320 * KIB });
+}
+
+#[test]
 fn dirty_image_is_repaired_on_writable_close() {
     let mut b = image(MIB, 64 * KIB);
     put32(&mut b, off::INUSE, INUSE_MAGIC);
