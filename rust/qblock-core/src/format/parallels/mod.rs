@@ -9,7 +9,8 @@
 //! entries count clusters). A v2 image may carry a format extension cluster
 //! (`ext_off`), which holds dirty bitmaps.
 //!
-//! Supported: both magics, read and write, create (v2, as QEMU creates),
+//! Supported: both magics, read and write, discard of whole clusters (as
+//! QEMU), create (v2, as QEMU creates),
 //! the in-use flag handled as QEMU does: set while the image is open for
 //! writing, cleared (and leaked space at the end truncated) on close, a dirty
 //! image opened for writing is repaired that way. Images with a format
@@ -537,7 +538,12 @@ impl Driver for Parallels {
             self.storage.write_at(&0u32.to_le_bytes(), HEADER_SIZE + 4 * ci as u64)?;
             self.bat[ci].store(0, Ordering::Release);
             drop(st);
-            self.storage.write_zeroes(self.host_of(e), cs)?;
+            // Only what the file holds (an old image's last cluster may be short).
+            let host = self.host_of(e);
+            let n = cs.min(self.storage.len()?.saturating_sub(host));
+            if n > 0 {
+                self.storage.write_zeroes(host, n)?;
+            }
         }
         Ok(())
     }
