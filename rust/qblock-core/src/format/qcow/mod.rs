@@ -33,6 +33,7 @@ use crate::location::Location;
 use crate::options::CreateOptions;
 use crate::registry::{FormatEntry, OpenCtx};
 use parking_lot::{Mutex, RwLock};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use table::{ranges_meet, TableCache, TableSet};
@@ -56,6 +57,14 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 /// QEMU reads the whole L1 table in one request; it refuses more than
 /// INT_MAX / 8 entries.
 pub const MAX_L1_ENTRIES: u64 = (i32::MAX as u64) / 8;
+/// Distinguishes driver instances in the per-thread decompression cache.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The last cluster this thread inflated: (driver id, L2 entry, bytes).
+    static DECOMPRESSED: RefCell<(u64, u64, Vec<u8>)> = const { RefCell::new((0, 0, Vec::new())) };
+}
+
 /// Whole clusters allocated by one write at most (one L2 update each).
 const MAX_RUN_CLUSTERS: u64 = 8192;
 
@@ -181,6 +190,8 @@ pub struct Qcow {
     /// bound every table entry is checked against.
     end: AtomicU64,
     write_lock: Mutex<()>,
+    /// Tells driver instances apart in the per-thread decompression cache.
+    id: u64,
 }
 
 fn open(storage: Arc<dyn Storage>, _ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
@@ -289,6 +300,7 @@ impl Qcow {
             backing,
             end: AtomicU64::new(file_len),
             write_lock: Mutex::new(()),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -461,13 +473,24 @@ impl Driver for Qcow {
         let cs = self.cluster_size();
         let (_, e) = self.l2_entry(offset)?;
         match self.decode(e)? {
-            Entry::Compressed { off, csize } => {
-                let mut out = try_zeroed(cs as usize, "a qcow cluster")?;
-                self.read_compressed(off, csize, &mut out)?;
+            Entry::Compressed { off, csize } => DECOMPRESSED.with(|c| {
+                // Small sequential reads of one compressed cluster inflate
+                // it once. We never write compressed clusters, so an L2
+                // entry value names immutable bytes.
+                let mut c = c.borrow_mut();
                 let at = (offset & (cs - 1)) as usize;
-                buf.copy_from_slice(&out[at..at + buf.len()]);
+                if c.0 != self.id || c.1 != e || c.2.len() != cs as usize {
+                    c.0 = 0;
+                    if c.2.len() != cs as usize {
+                        c.2 = try_zeroed(cs as usize, "a qcow cluster")?;
+                    }
+                    self.read_compressed(off, csize, &mut c.2)?;
+                    c.0 = self.id;
+                    c.1 = e;
+                }
+                buf.copy_from_slice(&c.2[at..at + buf.len()]);
                 Ok(())
-            }
+            }),
             _ => Err(crate::error::Error::Internal(
                 "qcow cluster changed under a compressed read".into(),
             )),
