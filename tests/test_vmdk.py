@@ -377,6 +377,24 @@ def test_qemu_overlay_on_our_base(tmp):
         assert img.info().backing_location is not None
 
 
+def test_changed_parent_is_refused_like_qemu(tmp):
+    """A write to the parent changes its CID; QEMU and we then refuse to read
+    the overlay's unallocated ranges through it."""
+    base = tmp / "base.vmdk"
+    qb.create(base, qb.VmdkOptions(2 * MiB))
+    top = tmp / "top.vmdk"
+    qemu_img("create", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", str(top))
+    qemu_io(str(top), "write -P 0x12 0 4096", fmt="vmdk")
+    qemu_raw_bytes(str(top), tmp)  # fine while the CIDs match
+    with qb.open(base, flags=qb.O_RDWR) as img:
+        img.write(b"x", MiB)
+    assert qemu_img("convert", "-O", "raw", str(top), str(tmp / "o.raw"), check=False).returncode != 0
+    with qb.open(top, flags=0) as img:
+        assert img.read(4096, 0) == b"\x12" * 4096
+        with pytest.raises(qb.CorruptImageError):
+            img.read(10, MiB)
+
+
 # --- hand-written descriptors -------------------------------------------------------
 
 

@@ -21,9 +21,12 @@
 //! served read-only (QEMU skips them), NOACCESS extents and unknown extent
 //! types are refused (QEMU skips them). SESPARSE extents: read-only, as
 //! QEMU. Not supported: writing to compressed extents, creating
-//! streamOptimized images, the
-//! parentCID check against the parent's CID (QEMU refuses reads through a
-//! parent whose CID changed).
+//! streamOptimized images.
+//!
+//! Parent link: at open the parent's CID is compared with parentCID, as
+//! QEMU does on first use; when they differ, reading unallocated ranges and
+//! copying from the parent are refused (QEMU: EINVAL), block status is not.
+//! Ours is checked even when the backing file is not opened (no_backing).
 //!
 //! Reading never takes a mutex: `map` finds the extent by binary search and
 //! takes the grain-table cache's read lock.
@@ -128,6 +131,10 @@ pub struct Vmdk {
     /// The CID changes on the first write of each open, as QEMU does, so
     /// that images made over this one see that it changed.
     cid_updated: AtomicBool,
+    /// The parent's CID matched parentCID at open (or there is no parent).
+    /// QEMU refuses to read or copy from a parent that changed since this
+    /// image was made (its data may no longer be what the image builds on).
+    parent_ok: bool,
 }
 
 /// Read a descriptor of at most `max` bytes from `at`.
@@ -140,6 +147,37 @@ fn read_text(s: &dyn Storage, at: u64, max: u64) -> Result<Vec<u8>> {
 }
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
+    let mut d = open_vmdk(storage, ctx)?;
+    if let Some(p) = &d.parent {
+        d.parent_ok = parent_cid(&ctx.location.relative(p)).is_none_or(|c| c == Some(d.parent_cid));
+    }
+    Ok(d)
+}
+
+/// The CID of the parent at `loc`, as QEMU's vmdk_read_cid finds it: None
+/// when the parent cannot be opened (the chain's open reports that),
+/// Some(None) when it has no CID (not a vmdk: QEMU calls the link invalid).
+fn parent_cid(loc: &Location) -> Option<Option<u32>> {
+    let s = loc.open_storage(true).ok()?;
+    let mut head = [0u8; 512];
+    s.read_at(&mut head, 0).ok()?;
+    let text = if head.starts_with(MAGIC) {
+        let h = SparseHeader::parse(&head).ok()?;
+        read_text(
+            s.as_ref(),
+            h.desc_offset.saturating_mul(SECTOR),
+            h.desc_size.saturating_mul(SECTOR),
+        )
+        .ok()?
+    } else if head.starts_with(MAGIC_COWD) {
+        return Some(None);
+    } else {
+        read_text(s.as_ref(), 0, MAX_DESCRIPTOR as u64).ok()?
+    };
+    Some(Descriptor::parse_embedded(&text).ok().and_then(|d| d.cid))
+}
+
+fn open_vmdk(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<Vmdk>> {
     let len = storage.len()?;
     if len < 4 {
         return Err(corrupt("file is too small to be a VMDK image"));
@@ -226,6 +264,7 @@ fn monolithic(
         read_only: ctx.read_only,
         desc_at,
         cid_updated: AtomicBool::new(false),
+        parent_ok: true,
     }
 }
 
@@ -235,7 +274,7 @@ fn open_descriptor(
     desc: Descriptor,
     ctx: &OpenCtx,
     (desc_off, desc_max): (u64, u64),
-) -> Result<Box<dyn Driver>> {
+) -> Result<Box<Vmdk>> {
     let ct = desc
         .create_type
         .clone()
@@ -344,6 +383,7 @@ fn open_descriptor(
         read_only: ctx.read_only,
         desc_at: (0, desc_off, desc_max),
         cid_updated: AtomicBool::new(false),
+        parent_ok: true,
     }))
 }
 
@@ -403,6 +443,23 @@ impl Vmdk {
     }
 }
 
+fn parent_changed() -> crate::error::Error {
+    corrupt("the parent image changed since this one was made (its CID is not this image's parentCID)")
+}
+
+/// What lies below an image whose parent changed: copying from it is
+/// refused, as QEMU refuses it.
+struct ChangedParent<'a>(&'a dyn Below);
+
+impl Below for ChangedParent<'_> {
+    fn read_below(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        Err(parent_changed())
+    }
+    fn has_backing(&self) -> bool {
+        self.0.has_backing()
+    }
+}
+
 impl Drop for Vmdk {
     /// Best effort for images dropped without flush or close: the grain
     /// table entries of completed writes reach the file.
@@ -432,6 +489,14 @@ impl Driver for Vmdk {
         })
     }
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
+        let m = self.map_status(offset, len)?;
+        if m.kind == Mapped::Unallocated && !self.parent_ok {
+            return Err(parent_changed());
+        }
+        Ok(m)
+    }
+    /// Block status does not check the parent's CID (QEMU's neither).
+    fn map_status(&self, offset: u64, len: u64) -> Result<Mapping> {
         let e = self.extent_at(offset)?;
         let rel = offset - e.start;
         let len = len.min(e.len - rel);
@@ -461,6 +526,8 @@ impl Driver for Vmdk {
     }
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
         self.before_write()?;
+        let guard = ChangedParent(below);
+        let below: &dyn Below = if self.parent_ok { below } else { &guard };
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -483,6 +550,8 @@ impl Driver for Vmdk {
     }
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
         self.before_write()?;
+        let guard = ChangedParent(below);
+        let below: &dyn Below = if self.parent_ok { below } else { &guard };
         let mut done = 0u64;
         while done < len {
             let pos = offset + done;

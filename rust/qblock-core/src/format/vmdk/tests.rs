@@ -495,3 +495,33 @@ fn writes_where_no_grain_table_exists_add_one() {
         &[&[0u8][..], &[4u8; 100][..], &[0u8][..]].concat()[..]
     );
 }
+
+#[test]
+fn a_changed_parent_is_refused_for_reads_and_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = Location::file(dir.path().join("base.vmdk"));
+    Image::create(&base, Format::Vmdk, create_opts("monolithicSparse", MIB)).unwrap();
+    let top = Location::file(dir.path().join("top.vmdk"));
+    let o = create_opts("monolithicSparse", 0).with("backing_file", OptValue::Str("base.vmdk".into()));
+    Image::create(&top, Format::Vmdk, o).unwrap();
+    let t = Image::open(&top, None, &OpenOptions::default()).unwrap();
+    t.write_at(&[1u8; 10], 0).unwrap();
+    t.close().unwrap();
+    // Writing the parent gives it a new CID: the overlay no longer matches.
+    let b = Image::open(&base, None, &OpenOptions::default()).unwrap();
+    b.write_at(&[2u8; 10], 500_000).unwrap();
+    b.close().unwrap();
+    let t = Image::open(&top, None, &OpenOptions::default()).unwrap();
+    let mut buf = [0u8; 10];
+    t.read_at(&mut buf, 0).unwrap(); // allocated here: fine
+    assert_eq!(buf, [1u8; 10]);
+    assert_eq!(
+        t.read_at(&mut buf, 500_000).unwrap_err().kind(),
+        ErrorKind::CorruptImage
+    );
+    assert_eq!(
+        t.write_at(&[3u8; 10], 300_000).unwrap_err().kind(),
+        ErrorKind::CorruptImage
+    );
+    assert!(!t.block_status(500_000, 10).unwrap().allocated);
+}
