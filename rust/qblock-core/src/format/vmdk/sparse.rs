@@ -215,23 +215,31 @@ impl SparseExtent {
         if first == Mapped::Encoded {
             return Ok((first, run));
         }
+        let span = l.gt_span();
+        let same = |next: Mapped, run: u64| match (first, next) {
+            (Mapped::Data { offset: a, .. }, Mapped::Data { offset: b, .. }) => a + run == b,
+            (a, b) => a == b,
+        };
+        // From here `rel + run` is grain-aligned: scan each table once.
         while run < len {
             let pos = rel + run;
-            // A missing grain table is one unallocated run of its whole span.
-            let l1 = (pos / l.gt_span()) as usize;
-            if first == Mapped::Unallocated && self.gd_entry(l1) == Some(0) {
-                run = (run + l.gt_span() - pos % l.gt_span()).min(len);
-                continue;
+            let l1 = (pos / span) as usize;
+            match self.table(l1)? {
+                // A missing grain table is one unallocated run of its span.
+                None if first == Mapped::Unallocated => run = (run + span - pos % span).min(len),
+                None => break,
+                Some(t) => {
+                    for &gte in &t[((pos % span) / grain) as usize..] {
+                        if run >= len {
+                            break;
+                        }
+                        if !same(self.classify(gte, 0)?, run) {
+                            return Ok((first, run));
+                        }
+                        run = (run + grain).min(len);
+                    }
+                }
             }
-            let next = self.classify(self.entry(pos)?, 0)?;
-            let same = match (first, next) {
-                (Mapped::Data { offset: a, .. }, Mapped::Data { offset: b, .. }) => a + run == b,
-                (a, b) => a == b,
-            };
-            if !same {
-                break;
-            }
-            run = (run + grain).min(len);
         }
         Ok((first, run))
     }
