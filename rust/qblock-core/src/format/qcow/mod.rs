@@ -562,7 +562,11 @@ impl Qcow {
                     "data cluster at {host:#x} overlaps metadata; not writing into it"
                 )));
             }
-            return self.storage.write_at(data, host + in_cluster);
+            self.storage.write_at(data, host + in_cluster)?;
+            // A last cluster cut short by the file end grows with this
+            // write: new clusters go after all of it, never into its tail.
+            self.end.fetch_max(host + cs, Ordering::AcqRel);
+            return Ok(());
         }
         // A new cluster: its full content, from the old compressed cluster
         // or from below, with the write on top.
@@ -863,6 +867,22 @@ mod tests {
         assert!(matches!(q.map(0, 4096).unwrap().kind, Mapped::Data { .. }));
         let e = q.write_at(&[1], 0, &NoBacking).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::CorruptImage);
+    }
+
+    #[test]
+    fn short_last_cluster_is_not_reused() {
+        // A data cluster at 8704 in a file of 9000 bytes: a write into it
+        // must not let the next new cluster start inside its tail.
+        let mut v = image_with(&header(), 9000);
+        v[48..56].copy_from_slice(&4096u64.to_be_bytes());
+        v[4096..4104].copy_from_slice(&8704u64.to_be_bytes());
+        let q = open_bytes(v).unwrap();
+        q.write_at(&[5u8; 4096], 0, &NoBacking).unwrap();
+        q.write_at(&[6u8; 4096], 4096, &NoBacking).unwrap();
+        assert_eq!(q.map(4096, 4096).unwrap().kind, Mapped::Data { file: 0, offset: 16384 });
+        let mut b = vec![0u8; 4096];
+        q.storage.read_at(&mut b, 8704).unwrap();
+        assert_eq!(b, vec![5u8; 4096]);
     }
 
     #[test]
