@@ -32,12 +32,12 @@ pub fn zlib(input: &[u8], out: &mut [u8]) -> Result<()> {
         let (i, o) = (d.total_in() as usize, d.total_out() as usize);
         let st = d
             .decompress(&input[i..], &mut out[o..], FlushDecompress::Finish)
-            .map_err(|e| corrupt(format!("bad zlib data in a dmg chunk: {e}")))?;
+            .map_err(|e| corrupt(format!("bad zlib data: {e}")))?;
         let done = d.total_out() as usize;
         if st == Status::StreamEnd {
             if done != out.len() {
                 return Err(corrupt(format!(
-                    "zlib chunk inflates to {done} bytes, not {}",
+                    "zlib stream inflates to {done} bytes, not {}",
                     out.len()
                 )));
             }
@@ -47,7 +47,7 @@ pub fn zlib(input: &[u8], out: &mut [u8]) -> Result<()> {
             // No progress: the input ran out, or the output is full and
             // the stream wants to go on.
             return Err(corrupt(format!(
-                "zlib chunk does not end within {} bytes of output ({} of {} input bytes used)",
+                "zlib stream does not end within {} bytes of output ({} of {} input bytes used)",
                 out.len(),
                 d.total_in(),
                 input.len()
@@ -64,12 +64,12 @@ pub fn bzip2(input: &[u8], out: &mut [u8]) -> Result<()> {
         let (i, o) = (d.total_in() as usize, d.total_out() as usize);
         let st = d
             .decompress(&input[i..], &mut out[o..])
-            .map_err(|e| corrupt(format!("bad bzip2 data in a dmg chunk: {e}")))?;
+            .map_err(|e| corrupt(format!("bad bzip2 data: {e}")))?;
         let done = d.total_out() as usize;
         if st == Status::StreamEnd {
             if done != out.len() {
                 return Err(corrupt(format!(
-                    "bzip2 chunk decodes to {done} bytes, not {}",
+                    "bzip2 stream decodes to {done} bytes, not {}",
                     out.len()
                 )));
             }
@@ -77,7 +77,7 @@ pub fn bzip2(input: &[u8], out: &mut [u8]) -> Result<()> {
         }
         if d.total_in() as usize == i && done == o {
             return Err(corrupt(format!(
-                "bzip2 chunk does not end within {} bytes of output ({} of {} input bytes used)",
+                "bzip2 stream does not end within {} bytes of output ({} of {} input bytes used)",
                 out.len(),
                 d.total_in(),
                 input.len()
@@ -88,7 +88,7 @@ pub fn bzip2(input: &[u8], out: &mut [u8]) -> Result<()> {
 
 /// Decode an LZFSE stream into exactly `out.len()` bytes.
 pub fn lzfse(input: &[u8], out: &mut [u8]) -> Result<()> {
-    let bad = |e: std::io::Error| corrupt(format!("bad lzfse data in a dmg chunk: {e}"));
+    let bad = |e: std::io::Error| corrupt(format!("bad lzfse data: {e}"));
     let mut dec = lzfse_rust::LzfseRingDecoder::default();
     let mut r = dec.reader_bytes(input);
     let mut done = 0;
@@ -96,7 +96,7 @@ pub fn lzfse(input: &[u8], out: &mut [u8]) -> Result<()> {
         let n = r.read(&mut out[done..]).map_err(bad)?;
         if n == 0 {
             return Err(corrupt(format!(
-                "lzfse chunk decodes to {done} bytes, not {}",
+                "lzfse stream decodes to {done} bytes, not {}",
                 out.len()
             )));
         }
@@ -106,7 +106,7 @@ pub fn lzfse(input: &[u8], out: &mut [u8]) -> Result<()> {
     // reader returning 0), not go on past the chunk.
     let mut extra = [0u8; 1];
     if r.read(&mut extra).map_err(bad)? != 0 {
-        return Err(corrupt(format!("lzfse chunk decodes to more than {} bytes", out.len())));
+        return Err(corrupt(format!("lzfse stream decodes to more than {} bytes", out.len())));
     }
     Ok(())
 }
