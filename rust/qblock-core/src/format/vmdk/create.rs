@@ -135,6 +135,23 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Every string lands in the descriptor text, most inside quotes: one
+    // with a quote or a line break could add lines (an extent naming any
+    // file), so those are refused.
+    for (what, v) in [
+        ("file name", Some(base.as_str())),
+        ("backing_file", backing.as_deref()),
+        ("hwversion", Some(hw.as_str())),
+        ("toolsversion", Some(toolsversion.as_str())),
+    ] {
+        if let Some(v) = v {
+            if v.chars().any(|c| matches!(c, '"' | '\n' | '\r' | '\0')) {
+                return Err(invalid(format!(
+                    "the vmdk {what} may not contain quotes or line breaks: {v:?}"
+                )));
+            }
+        }
+    }
     let (prefix, postfix) = match base.rfind('.') {
         Some(i) => (base[..i].to_string(), base[i..].to_string()),
         None => (base.clone(), String::new()),
@@ -168,8 +185,8 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         }
     };
 
-    let main = location.create_storage()?;
-    let mut lines = String::new();
+    // Plan the extents and the descriptor first, so that nothing is
+    // created when the descriptor cannot be written.
     let line = |sz: u64, name: &str| {
         if flat {
             format!("RW {} FLAT \"{name}\" 0\n", sz.div_ceil(SECTOR))
@@ -177,31 +194,24 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
             format!("RW {} SPARSE \"{name}\"\n", sz.div_ceil(SECTOR))
         }
     };
+    let mut extents: Vec<(String, u64)> = Vec::new();
     if !flat && !split {
-        init_sparse(main.as_ref(), size, zeroed_grain)?;
-        lines.push_str(&line(size, &base));
+        extents.push((base.clone(), size));
     } else {
-        let mut created = 0u64;
-        let mut idx = 1u32;
-        while created < size {
-            let cur = if split { (size - created).min(SPLIT_SIZE) } else { size };
+        let mut planned = 0u64;
+        while planned < size {
+            let cur = if split { (size - planned).min(SPLIT_SIZE) } else { size };
+            let idx = extents.len() + 1;
             let name = if split {
                 format!("{prefix}-{}{idx:03}{postfix}", if flat { 'f' } else { 's' })
             } else {
                 format!("{prefix}-flat{postfix}")
             };
-            let s = Location::file(dir.join(&name)).create_storage()?;
-            if flat {
-                s.set_len(cur)?;
-            } else {
-                init_sparse(s.as_ref(), cur, zeroed_grain)?;
-            }
-            s.flush()?;
-            lines.push_str(&line(cur, &name));
-            created += cur;
-            idx += 1;
+            extents.push((name, cur));
+            planned += cur;
         }
     }
+    let lines: String = extents.iter().map(|(n, sz)| line(*sz, n)).collect();
     let heads: u64 = if adapter == "ide" { 16 } else { 255 };
     let desc = format!(
         "# Disk DescriptorFile\nversion=1\nCID={:x}\nparentCID={parent_cid:x}\ncreateType=\"{subformat}\"\n{parent_line}\n\
@@ -211,14 +221,28 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         random_cid(),
         size / (63 * heads * SECTOR),
     );
-    if !flat && !split {
-        if desc.len() as u64 > DESC_SECTORS * SECTOR {
-            return Err(invalid(
-                "the vmdk descriptor is longer than its 10 KiB slot (a very long backing file name?)",
-            ));
-        }
+    let embedded = !flat && !split;
+    if embedded && desc.len() as u64 > DESC_SECTORS * SECTOR {
+        return Err(invalid(
+            "the vmdk descriptor is longer than its 10 KiB slot (a very long backing file name?)",
+        ));
+    }
+
+    let main = location.create_storage()?;
+    if embedded {
+        init_sparse(main.as_ref(), size, zeroed_grain)?;
         main.write_at(desc.as_bytes(), DESC_OFFSET * SECTOR)?;
     } else {
+        for (name, cur) in &extents {
+            let s = Location::file(dir.join(name)).create_storage()?;
+            if flat {
+                s.set_len(*cur)?;
+            } else {
+                init_sparse(s.as_ref(), *cur, zeroed_grain)?;
+            }
+            s.flush()?;
+        }
+        // The descriptor last: it names only extents that exist.
         main.write_at(desc.as_bytes(), 0)?;
         main.set_len(desc.len() as u64)?;
     }

@@ -423,6 +423,26 @@ fn create_refusals() {
         Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(),
         ErrorKind::InvalidParam
     );
+    for (k, v) in [
+        ("hwversion", "4\"\nRW 8 FLAT \"/etc/passwd\" 0"),
+        ("toolsversion", "1\n"),
+        ("backing_file", "a\"b"),
+    ] {
+        let o = create_opts("monolithicSparse", MIB).with(k, OptValue::Str(v.into()));
+        assert_eq!(
+            Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(),
+            ErrorKind::InvalidParam,
+            "{k}"
+        );
+    }
+    // A descriptor longer than its embedded slot: refused before any file exists.
+    let long = "7".repeat(11_000);
+    let o = create_opts("monolithicSparse", MIB).with("toolsversion", OptValue::Str(long));
+    assert_eq!(
+        Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(),
+        ErrorKind::InvalidParam
+    );
+    assert!(!dir.path().join("x.vmdk").exists());
     let o = create_opts("monolithicSparse", MIB).with("cluster_size", OptValue::Int(4096));
     assert_eq!(
         Image::create(&loc, Format::Vmdk, o).unwrap_err().kind(),
