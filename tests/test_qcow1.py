@@ -156,6 +156,14 @@ def test_writes_of_ours_read_by_qemu(tmp):
     assert assert_reads_like_qemu(p, tmp) == bytes(model)
 
 
+def test_zero_size_is_refused_as_in_qemu(tmp):
+    base = tmp / "empty.raw"
+    base.write_bytes(b"")
+    with pytest.raises(qb.InvalidParamError):
+        qb.create(tmp / "z.qcow", qb.QcowOptions(0, backing=base.name, backing_fmt=qb.Format.RAW))
+    assert qemu_img("create", "-f", "qcow", str(tmp / "q.qcow"), "0", check=False).returncode != 0
+
+
 def test_encryption_is_unsupported(tmp):
     with pytest.raises(qb.UnsupportedError):
         qb.create(tmp / "e.qcow", qb.QcowOptions(MiB, encrypt=True))

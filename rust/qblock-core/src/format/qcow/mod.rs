@@ -652,6 +652,10 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     if encrypt {
         return Err(unsupported("creating encrypted qcow images is not supported"));
     }
+    // QEMU refuses too: a header size below 2 cannot be opened.
+    if size < 512 {
+        return Err(invalid(format!("qcow images cannot be smaller than one sector (size {size})")));
+    }
     let bytes = build_image(size, backing.as_deref())?;
     let storage = location.create_storage()?;
     storage.write_at(&bytes, 0)?;
