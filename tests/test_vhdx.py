@@ -420,6 +420,7 @@ def test_differencing_vhdx_is_unsupported_naming_its_parent(tmp):
     b[at : at + 16] = struct.pack("<IHH", 0xA8D35F2D, 0xB30B, 0x454D) + bytes([0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C])
     key, val = "relative_path".encode("utf-16-le"), "parent.vhdx".encode("utf-16-le")
     loc = bytearray(20 + 12)
+    loc[:16] = struct.pack("<IHH", 0xB04AEFB7, 0xD19E, 0x4A81) + bytes([0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13])
     struct.pack_into("<H", loc, 18, 1)
     struct.pack_into("<IIHH", loc, 20, 32, 32 + len(key), len(key), len(val))
     loc += key + val

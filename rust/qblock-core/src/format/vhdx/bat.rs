@@ -36,13 +36,14 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// For a disk without parent (section 2.5: the last chunk has no
-    /// trailing sector bitmap entry unless it is complete... QEMU's count:
-    /// payload blocks plus one bitmap entry per whole chunk before the last
-    /// block).
-    pub fn new(disk_size: u64, block_size: u64, chunk_ratio: u64) -> Layout {
+    /// A disk without parent has payload entries plus one sector bitmap
+    /// entry after each whole chunk but the last (QEMU's count); a
+    /// differencing disk has whole chunks, each with its bitmap entry.
+    pub fn new(disk_size: u64, block_size: u64, chunk_ratio: u64, has_parent: bool) -> Layout {
         let payload_blocks = disk_size.div_ceil(block_size);
-        let entries = if payload_blocks == 0 {
+        let entries = if has_parent {
+            payload_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
+        } else if payload_blocks == 0 {
             0
         } else {
             payload_blocks + (payload_blocks - 1) / chunk_ratio
@@ -53,6 +54,11 @@ impl Layout {
             payload_blocks,
             entries,
         }
+    }
+
+    /// The BAT index of the sector bitmap entry covering payload block `block`.
+    pub fn bitmap_index(&self, block: u64) -> u64 {
+        (block / self.chunk_ratio) * (self.chunk_ratio + 1) + self.chunk_ratio
     }
 
     /// The BAT index of payload block `block`.
@@ -68,12 +74,15 @@ mod tests {
     #[test]
     fn layout_and_entries() {
         // 512-byte sectors, 32 MiB blocks: 128 payload blocks per bitmap.
-        let l = Layout::new(10 << 30, 32 << 20, 128);
+        let l = Layout::new(10 << 30, 32 << 20, 128, false);
         assert_eq!(l.payload_blocks, 320);
         assert_eq!(l.entries, 320 + 2);
         assert_eq!(l.payload_index(127), 127);
         assert_eq!(l.payload_index(128), 129);
-        assert_eq!(Layout::new(0, 1 << 20, 4096).entries, 0);
+        assert_eq!(Layout::new(0, 1 << 20, 4096, false).entries, 0);
+        let d = Layout::new(10 << 30, 32 << 20, 128, true);
+        assert_eq!(d.entries, 3 * 129);
+        assert_eq!(d.bitmap_index(129), 257);
         let e = entry(PAYLOAD_FULLY_PRESENT, 5 << 20);
         assert_eq!((state(e), offset(e)), (6, 5 << 20));
     }

@@ -34,7 +34,37 @@ pub struct Metadata {
     pub logical_sector_size: u32,
     pub physical_sector_size: u32,
     pub page83: Guid,
+    /// Where a differencing disk's parent is (file parameter `has_parent`).
+    pub parent: Option<ParentLocator>,
 }
+
+/// A VHDX parent locator (section 2.6.2.6): the parent's expected data
+/// write GUID and the paths it may be found at, most specific first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ParentLocator {
+    /// `parent_linkage`: the parent's data write GUID, as "{...}" text.
+    pub linkage: Option<String>,
+    /// `relative_path`, `volume_path`, `absolute_win32_path`, in that order.
+    pub paths: Vec<String>,
+}
+
+impl ParentLocator {
+    pub fn describe(&self) -> String {
+        self.paths
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "(no path recorded)".into())
+    }
+}
+
+/// The locator type of a VHDX parent (the only type the spec defines).
+pub const VHDX_PARENT_TYPE: Guid = guid(
+    0xb04a_efb7,
+    0xd19e,
+    0x4a81,
+    [0xb7, 0x89, 0x25, 0xb8, 0xe9, 0x44, 0x59, 0x13],
+);
+const PATH_KEYS: [&str; 3] = ["relative_path", "volume_path", "absolute_win32_path"];
 
 impl Metadata {
     /// Payload blocks per sector bitmap block (section 2.5.1).
@@ -111,17 +141,14 @@ pub fn read_metadata(storage: &dyn Storage, region: Region) -> Result<Metadata> 
     let fp = val(0)?;
     let block_size = le32(&fp, 0).unwrap_or(0) as u64;
     let flags = le32(&fp, 4).unwrap_or(0);
-    if flags & HAS_PARENT != 0 {
-        let parent = if found[5].is_some() {
-            parent_name(&val(5)?)
-        } else {
-            None
-        };
-        return Err(unsupported(match parent {
-            Some(p) => format!("differencing VHDX images are not supported yet (parent '{p}')"),
-            None => "differencing VHDX images are not supported yet (no parent locator)".to_string(),
-        }));
-    }
+    let parent = if flags & HAS_PARENT != 0 {
+        if found[5].is_none() {
+            return Err(corrupt("differencing VHDX (has_parent) without a parent locator"));
+        }
+        Some(parse_locator(&val(5)?)?)
+    } else {
+        None
+    };
     if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(corrupt(format!(
             "VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB"
@@ -153,34 +180,73 @@ pub fn read_metadata(storage: &dyn Storage, region: Region) -> Result<Metadata> 
         logical_sector_size,
         physical_sector_size,
         page83,
+        parent,
     })
 }
 
-/// The parent's path from a parent locator (section 2.6.2.6): the relative
-/// path, else an absolute one, as UTF-16LE keys and values.
-fn parent_name(loc: &[u8]) -> Option<String> {
-    let count = le16(loc, 18)? as usize;
-    let text = |off: u32, len: u16| -> Option<String> {
-        let b = loc.get(off as usize..off as usize + len as usize)?;
+/// Parse a parent locator: a header (type GUID, key/value count), then
+/// entries of offsets and lengths of UTF-16LE keys and values.
+fn parse_locator(loc: &[u8]) -> Result<ParentLocator> {
+    if loc.len() < 20 {
+        return Err(corrupt("VHDX parent locator is shorter than its header"));
+    }
+    if loc[..16] != VHDX_PARENT_TYPE {
+        return Err(unsupported("VHDX parent locator of a type other than VHDX"));
+    }
+    let count = le16(loc, 18).unwrap_or(0) as usize;
+    let text = |off: u32, len: u16| -> Result<String> {
+        let b = loc
+            .get(off as usize..off as usize + len as usize)
+            .ok_or_else(|| corrupt("VHDX parent locator entry points outside the locator"))?;
         let u: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-        Some(String::from_utf16_lossy(&u))
+        Ok(String::from_utf16_lossy(&u))
     };
-    let mut best: Option<(usize, String)> = None;
-    for i in 0..count.min(256) {
+    let mut out = ParentLocator::default();
+    let mut paths: [Option<String>; 3] = Default::default();
+    for i in 0..count {
         let at = 20 + 12 * i;
-        let (ko, vo) = (le32(loc, at)?, le32(loc, at + 4)?);
-        let (kl, vl) = (le16(loc, at + 8)?, le16(loc, at + 10)?);
+        let (Some(ko), Some(vo), Some(kl), Some(vl)) =
+            (le32(loc, at), le32(loc, at + 4), le16(loc, at + 8), le16(loc, at + 10))
+        else {
+            return Err(corrupt("VHDX parent locator has more entries than bytes"));
+        };
         let key = text(ko, kl)?;
-        let rank = ["relative_path", "absolute_win32_path", "volume_path"]
-            .iter()
-            .position(|k| *k == key);
-        if let Some(r) = rank {
-            if best.as_ref().is_none_or(|(br, _)| r < *br) {
-                best = Some((r, text(vo, vl)?));
-            }
+        if key == "parent_linkage" {
+            out.linkage = Some(text(vo, vl)?);
+        } else if let Some(r) = PATH_KEYS.iter().position(|k| *k == key) {
+            paths[r] = Some(text(vo, vl)?);
         }
     }
-    best.map(|(_, v)| v)
+    out.paths = paths.into_iter().flatten().collect();
+    Ok(out)
+}
+
+/// Serialize a parent locator (tests, and images made as children).
+pub fn locator_bytes(p: &ParentLocator) -> Vec<u8> {
+    let mut kv: Vec<(&str, String)> = Vec::new();
+    if let Some(l) = &p.linkage {
+        kv.push(("parent_linkage", l.clone()));
+    }
+    if let Some(r) = p.paths.first() {
+        kv.push(("relative_path", r.clone()));
+    }
+    let mut b = vec![0u8; 20 + 12 * kv.len()];
+    b[..16].copy_from_slice(&VHDX_PARENT_TYPE);
+    b[18..20].copy_from_slice(&(kv.len() as u16).to_le_bytes());
+    for (i, (k, v)) in kv.iter().enumerate() {
+        let enc = |s: &str| s.encode_utf16().flat_map(|c| c.to_le_bytes()).collect::<Vec<u8>>();
+        let (k, v) = (enc(k), enc(v));
+        let at = 20 + 12 * i;
+        let ko = b.len() as u32;
+        b.extend_from_slice(&k);
+        let vo = b.len() as u32;
+        b.extend_from_slice(&v);
+        b[at..at + 4].copy_from_slice(&ko.to_le_bytes());
+        b[at + 4..at + 8].copy_from_slice(&vo.to_le_bytes());
+        b[at + 8..at + 10].copy_from_slice(&(k.len() as u16).to_le_bytes());
+        b[at + 10..at + 12].copy_from_slice(&(v.len() as u16).to_le_bytes());
+    }
+    b
 }
 
 /// Write a new metadata region at `at` (QEMU's layout: the table, then the
@@ -188,7 +254,7 @@ fn parent_name(loc: &[u8]) -> Option<String> {
 pub fn write_metadata(storage: &dyn Storage, at: u64, m: &Metadata) -> Result<()> {
     let mut t = vec![0u8; TABLE_SIZE];
     t[0..8].copy_from_slice(TABLE_SIGNATURE);
-    t[10..12].copy_from_slice(&5u16.to_le_bytes());
+    t[10..12].copy_from_slice(&(5u16 + m.parent.is_some() as u16).to_le_bytes());
     let mut items = Vec::new();
     let mut fp = m.block_size.to_le_bytes()[..4].to_vec();
     fp.extend_from_slice(&m.flags.to_le_bytes());
@@ -203,6 +269,9 @@ pub fn write_metadata(storage: &dyn Storage, at: u64, m: &Metadata) -> Result<()
     items.push((LOGICAL_SECTOR_SIZE, lss, FLAG_IS_REQUIRED | FLAG_IS_VIRTUAL_DISK));
     let pss = m.physical_sector_size.to_le_bytes().to_vec();
     items.push((PHYSICAL_SECTOR_SIZE, pss, FLAG_IS_REQUIRED | FLAG_IS_VIRTUAL_DISK));
+    if let Some(p) = &m.parent {
+        items.push((PARENT_LOCATOR, locator_bytes(p), FLAG_IS_REQUIRED));
+    }
     let mut data = Vec::new();
     for (i, (g, v, flags)) in items.iter().enumerate() {
         let at = 32 + 32 * i;
@@ -229,6 +298,7 @@ mod tests {
             logical_sector_size: 512,
             physical_sector_size: 4096,
             page83: [9; 16],
+            parent: None,
         }
     }
 
@@ -281,8 +351,12 @@ mod tests {
         assert!(msg(region_with(&m, |_| {})).contains("64 TiB"));
         m = sample();
         m.flags = HAS_PARENT;
-        let e = region_with(&m, |_| {}).unwrap_err();
-        assert!(matches!(e, crate::error::Error::Unsupported(_)));
+        assert!(msg(region_with(&m, |_| {})).contains("without a parent locator"));
+        m.parent = Some(ParentLocator {
+            linkage: Some("{x}".into()),
+            paths: vec!["p.vhdx".into()],
+        });
+        assert_eq!(region_with(&m, |_| {}).unwrap().parent, m.parent);
         // An unknown required item.
         let e = region_with(&sample(), |b| b[32] ^= 0xff).unwrap_err();
         assert!(matches!(e, crate::error::Error::Unsupported(_)));

@@ -14,12 +14,17 @@
 //! with a log GUID and a valid active sequence) is replayed into the file
 //! on a writable open, as QEMU does; a read-only open of such a file is
 //! `Unsupported` with that advice (as QEMU, which refuses it too).
-//! Differencing disks (`has_parent`) are `Unsupported`, naming the parent.
+//! Differencing disks (`has_parent`) are read through their parent when it
+//! is found beside them by the locator's paths and carries the data write
+//! GUID the locator links to (PARTIALLY_PRESENT blocks by their sector
+//! bitmaps); writing them is `Unsupported`, and a parent not found is
+//! `Unsupported`, naming it.
 //!
 //! Payload states: FULLY_PRESENT blocks map to the file; ZERO reads as
 //! zeroes (allocated); NOT_PRESENT, UNDEFINED and UNMAPPED read as zeroes
-//! (not allocated: the disk has no parent). PARTIALLY_PRESENT is only
-//! meaningful with a parent and is refused as corrupt.
+//! (not allocated: from the parent, or zeroes without one; UNMAPPED reads
+//! as zeroes in a differencing disk).
+//! PARTIALLY_PRESENT is only valid with a parent; elsewhere it is corrupt.
 //!
 //! Writes allocate whole payload blocks at the end of the file (1 MiB
 //! aligned). The BAT entry is written in place after the block's data is
@@ -28,7 +33,8 @@
 //! GUID stays zero, so QEMU and Hyper-V see a clean file. Before the first
 //! write both headers get new file and data write GUIDs, as the spec asks.
 //!
-//! Reading takes no lock: the BAT is a vector of atomics.
+//! Reading takes no lock: the BAT is a vector of atomics (a partially
+//! present block briefly locks the one-entry sector bitmap cache).
 
 mod bat;
 mod guid;
@@ -37,7 +43,7 @@ mod log;
 mod metadata;
 
 use crate::backend::Storage;
-use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
 use crate::format_name::Format;
 use crate::location::Location;
@@ -46,7 +52,7 @@ use crate::registry::{FormatEntry, OpenCtx};
 use bat::*;
 use guid::{random_guid, ZERO_GUID};
 use header::{Header, Region, Regions, HEADER_OFFSETS, HEADER_SECTION_END, MIB};
-use metadata::Metadata;
+use metadata::{Metadata, ParentLocator};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -83,10 +89,66 @@ pub struct Vhdx {
     bat_offset: u64,
     bat: Vec<AtomicU64>,
     write: Mutex<WriteState>,
+    /// A differencing disk's parent, found beside it (its data write GUID
+    /// checked against the locator's linkage).
+    backing: Option<BackingRef>,
+    /// The last partially present block's sector bits (block, bytes):
+    /// mapping it sector run by sector run must not reread them each time.
+    last_bitmap: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Vhdx::open(storage, ctx.read_only)?))
+    Ok(Box::new(Vhdx::open_at(storage, ctx.read_only, Some(ctx.location))?))
+}
+
+/// A GUID as Windows prints it (and parent locators record it): "{8-4-4-4-12}".
+fn guid_text(g: &guid::Guid) -> String {
+    let d1 = u32::from_le_bytes([g[0], g[1], g[2], g[3]]);
+    let d2 = u16::from_le_bytes([g[4], g[5]]);
+    let d3 = u16::from_le_bytes([g[6], g[7]]);
+    let tail: String = g[10..].iter().map(|b| format!("{b:02X}")).collect();
+    format!("{{{d1:08X}-{d2:04X}-{d3:04X}-{:02X}{:02X}-{tail}}}", g[8], g[9])
+}
+
+/// Find a differencing disk's parent beside it: the locator's paths (and
+/// their last components, for absolute Windows paths), the first that
+/// exists; its data write GUID must be the recorded linkage.
+fn find_parent(loc: &Location, p: &ParentLocator) -> Result<BackingRef> {
+    let mut names: Vec<String> = p.paths.iter().map(|n| n.replace('\\', "/")).collect();
+    let bases: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.rsplit('/').next().map(str::to_string))
+        .collect();
+    names.extend(bases);
+    for name in names {
+        let name = name.trim_start_matches("./").to_string();
+        if name.is_empty() || name.contains(':') {
+            continue;
+        }
+        let Location::File(path) = loc.relative(&name) else {
+            continue;
+        };
+        if !path.is_file() {
+            continue;
+        }
+        let parent = Location::File(path).open_storage(true)?;
+        let (h, _) = header::read_headers(parent.as_ref()).map_err(|e| e.context(format!("VHDX parent '{name}'")))?;
+        let text = guid_text(&h.data_write_guid);
+        if p.linkage.as_ref().is_some_and(|l| !l.eq_ignore_ascii_case(&text)) {
+            return Err(corrupt(format!(
+                "VHDX parent '{name}' has data write GUID {text}, not the linkage {} the child records",
+                p.linkage.as_deref().unwrap_or("")
+            )));
+        }
+        return Ok(BackingRef {
+            filename: name,
+            format: Some("vhdx".into()),
+        });
+    }
+    Err(unsupported(format!(
+        "differencing VHDX image whose parent '{}' is not found beside it",
+        p.describe()
+    )))
 }
 
 fn round_up_mib(x: u64) -> u64 {
@@ -95,6 +157,11 @@ fn round_up_mib(x: u64) -> u64 {
 
 impl Vhdx {
     pub fn open(storage: Arc<dyn Storage>, read_only: bool) -> Result<Vhdx> {
+        Self::open_at(storage, read_only, None)
+    }
+
+    /// Open; `location` (where the image is) lets a differencing disk find its parent.
+    pub fn open_at(storage: Arc<dyn Storage>, read_only: bool, location: Option<&Location>) -> Result<Vhdx> {
         let file_len = storage.len()?;
         let mut id = [0u8; 8];
         storage.read_at(&mut id, 0)?;
@@ -142,7 +209,22 @@ impl Vhdx {
             }
         }
         let meta = metadata::read_metadata(storage.as_ref(), regions.metadata)?;
-        let layout = Layout::new(meta.disk_size, meta.block_size, meta.chunk_ratio());
+        let backing = match (&meta.parent, location) {
+            (None, _) => None,
+            (Some(p), Some(loc)) => Some(find_parent(loc, p)?),
+            (Some(p), None) => {
+                return Err(unsupported(format!(
+                    "differencing VHDX image (parent '{}') opened without a location",
+                    p.describe()
+                )))
+            }
+        };
+        let layout = Layout::new(
+            meta.disk_size,
+            meta.block_size,
+            meta.chunk_ratio(),
+            meta.parent.is_some(),
+        );
         if layout.entries * 8 > regions.bat.length {
             return Err(corrupt(format!(
                 "VHDX BAT region of {} bytes is too small for {} entries",
@@ -175,6 +257,8 @@ impl Vhdx {
                 headers_updated: false,
                 next_free,
             }),
+            backing,
+            last_bitmap: Mutex::new(None),
         })
     }
 
@@ -200,6 +284,14 @@ impl Vhdx {
             match state(e) {
                 PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => continue,
                 PAYLOAD_FULLY_PRESENT => {}
+                PAYLOAD_PARTIALLY_PRESENT if meta.parent.is_some() => {
+                    let sb = entries[layout.bitmap_index(block) as usize];
+                    if state(sb) != SB_PRESENT {
+                        return Err(corrupt(format!(
+                            "VHDX block {block} is PARTIALLY_PRESENT but its sector bitmap is not present"
+                        )));
+                    }
+                }
                 PAYLOAD_PARTIALLY_PRESENT => {
                     return Err(corrupt(format!(
                         "VHDX block {block} is PARTIALLY_PRESENT in a disk without parent"
@@ -230,12 +322,30 @@ impl Vhdx {
                 .map_err(|_| crate::error::Error::NoMemory("VHDX block list".into()))?;
             blocks.push((off, len, block));
         }
-        // Sector bitmap blocks of a disk without parent are unused, but stay
-        // clear of new payload blocks.
+        // Sector bitmap blocks (1 MiB): a differencing disk reads them, so
+        // they must be sane; a disk without parent does not use them, but
+        // new payload blocks stay clear of them.
         for i in (layout.chunk_ratio..layout.entries).step_by(layout.chunk_ratio as usize + 1) {
             let e = entries[i as usize];
-            if state(e) == SB_PRESENT && offset(e) >= HEADER_SECTION_END {
-                end = end.max(offset(e).saturating_add(MIB));
+            if state(e) != SB_PRESENT {
+                continue;
+            }
+            let off = offset(e);
+            if meta.parent.is_some() {
+                let r = Region {
+                    offset: off,
+                    length: MIB,
+                };
+                if off < HEADER_SECTION_END
+                    || off.checked_add(MIB).is_none_or(|x| x > file_len)
+                    || meta_regions.iter().any(|m| header::overlaps(m, &r))
+                {
+                    return Err(corrupt(format!("VHDX sector bitmap block at {off} is misplaced")));
+                }
+                blocks.push((off, MIB, u64::MAX));
+            }
+            if off >= HEADER_SECTION_END {
+                end = end.max(off.saturating_add(MIB));
             }
         }
         blocks.sort_unstable();
@@ -281,16 +391,49 @@ impl Vhdx {
         Ok(())
     }
 
+    fn refuse_differencing_writes(&self) -> Result<()> {
+        match &self.meta.parent {
+            Some(p) => Err(unsupported(format!(
+                "writing differencing VHDX images is not supported yet (parent '{}')",
+                p.describe()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn entry_of(&self, block: u64) -> u64 {
         self.bat[self.layout.payload_index(block) as usize].load(Ordering::Acquire)
     }
 
-    fn kind_of(e: u64) -> u8 {
+    /// 0: data here; 1: zeroes; 2: not here (the parent's, or zeroes);
+    /// 3: partly here (sector bitmap). UNMAPPED reads as zeroes in a
+    /// differencing disk too (the spec allows zeroes or the old contents,
+    /// never the parent's).
+    fn kind_of(&self, e: u64) -> u8 {
         match state(e) {
             PAYLOAD_FULLY_PRESENT => 0,
             PAYLOAD_ZERO => 1,
+            PAYLOAD_UNMAPPED if self.meta.parent.is_some() => 1,
+            PAYLOAD_PARTIALLY_PRESENT => 3,
             _ => 2,
         }
+    }
+
+    /// The sector bits of partially present `block` (LSB first), cached.
+    fn sector_bits(&self, block: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some((b, bits)) = self.last_bitmap.lock().as_ref() {
+            if *b == block {
+                return Ok(bits.clone());
+            }
+        }
+        let spb = self.meta.block_size / self.meta.logical_sector_size as u64;
+        let sb = self.bat[self.layout.bitmap_index(block) as usize].load(Ordering::Acquire);
+        let mut bits = try_zeroed((spb / 8) as usize, "a VHDX sector bitmap")?;
+        self.storage
+            .read_at(&mut bits, bat::offset(sb) + (block % self.layout.chunk_ratio) * spb / 8)?;
+        let bits = Arc::new(bits);
+        *self.last_bitmap.lock() = Some((block, bits.clone()));
+        Ok(bits)
     }
 }
 
@@ -306,15 +449,38 @@ impl Driver for Vhdx {
         let block = offset / bs;
         let in_block = offset % bs;
         let e = self.entry_of(block);
-        let kind = Self::kind_of(e);
+        let kind = self.kind_of(e);
         let mut run = (bs - in_block).min(len);
+        if kind == 3 {
+            // A run of sectors sharing the first one's bit: present here, or in the parent.
+            let lss = self.meta.logical_sector_size as u64;
+            let bits = self.sector_bits(block)?;
+            let bit = |s: u64| bits.get((s / 8) as usize).is_some_and(|b| b & (1 << (s % 8)) != 0);
+            let first = in_block / lss;
+            let present = bit(first);
+            let end = (in_block + run).div_ceil(lss);
+            let mut s = first + 1;
+            while s < end && bit(s) == present {
+                s += 1;
+            }
+            let n = (s * lss - in_block).min(run);
+            let kind = if present {
+                Mapped::Data {
+                    file: 0,
+                    offset: bat::offset(e) + in_block,
+                }
+            } else {
+                Mapped::Unallocated
+            };
+            return Ok(Mapping { kind, len: n });
+        }
         let mut next = block + 1;
         // One run across following blocks that map the same way (and, for
         // data, continue in the file).
         while run < len && next < self.layout.payload_blocks {
             let n = self.entry_of(next);
             let contiguous = kind != 0 || bat::offset(n) == bat::offset(e) + (next - block) * bs;
-            if Self::kind_of(n) != kind || !contiguous {
+            if self.kind_of(n) != kind || !contiguous {
                 break;
             }
             run = (run + bs).min(len);
@@ -330,10 +496,14 @@ impl Driver for Vhdx {
         };
         Ok(Mapping { kind, len: run })
     }
+    fn backing(&self) -> Option<BackingRef> {
+        self.backing.clone()
+    }
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
         (file == 0).then_some(self.storage.as_ref())
     }
     fn write_at(&self, buf: &[u8], offset: u64, _below: &dyn Below) -> Result<()> {
+        self.refuse_differencing_writes()?;
         let mut w = self.write.lock();
         if !w.headers_updated {
             let ws = &mut *w;
@@ -376,6 +546,7 @@ impl Driver for Vhdx {
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        self.refuse_differencing_writes()?;
         // Blocks not present already read as zeroes: write only present ones.
         let bs = self.meta.block_size;
         let mut pos = offset;
@@ -446,6 +617,20 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
 /// metadata, payload. The headers go last, so a crash mid-way leaves a file
 /// no reader takes for a VHDX.
 fn write_new(s: &dyn Storage, size: u64, block_size: u64, log_size: u64, fixed: bool, zero_blocks: bool) -> Result<()> {
+    write_image(s, size, block_size, log_size, fixed, zero_blocks, None)
+}
+
+/// `write_new`, or a differencing child of `parent` (tests; no option
+/// creates one yet).
+fn write_image(
+    s: &dyn Storage,
+    size: u64,
+    block_size: u64,
+    log_size: u64,
+    fixed: bool,
+    zero_blocks: bool,
+    parent: Option<&ParentLocator>,
+) -> Result<()> {
     let size = size.div_ceil(512) * 512;
     if size > metadata::MAX_DISK_SIZE {
         return Err(invalid(format!("a VHDX image is at most 64 TiB, not {size} bytes")));
@@ -467,13 +652,15 @@ fn write_new(s: &dyn Storage, size: u64, block_size: u64, log_size: u64, fixed: 
     }
     let meta = Metadata {
         block_size: bs,
-        flags: if fixed { metadata::LEAVE_BLOCKS_ALLOCATED } else { 0 },
+        flags: if fixed { metadata::LEAVE_BLOCKS_ALLOCATED } else { 0 }
+            | if parent.is_some() { metadata::HAS_PARENT } else { 0 },
         disk_size: size,
         logical_sector_size: 512,
         physical_sector_size: 512,
         page83: random_guid(),
+        parent: parent.cloned(),
     };
-    let layout = Layout::new(size, bs, meta.chunk_ratio());
+    let layout = Layout::new(size, bs, meta.chunk_ratio(), meta.parent.is_some());
     let log = Region {
         offset: HEADER_SECTION_END,
         length: log_size,
@@ -507,7 +694,7 @@ fn write_new(s: &dyn Storage, size: u64, block_size: u64, log_size: u64, fixed: 
     for block in 0..layout.payload_blocks {
         let e = if fixed {
             bat::entry(PAYLOAD_FULLY_PRESENT, data_start + block * bs)
-        } else if zero_blocks {
+        } else if zero_blocks && parent.is_none() {
             bat::entry(PAYLOAD_ZERO, 0)
         } else {
             bat::entry(PAYLOAD_NOT_PRESENT, 0)
@@ -634,6 +821,80 @@ mod tests {
         // The log is gone afterwards: a read-only open works.
         let again = open_bytes(snapshot(&v), true).unwrap();
         assert!(matches!(again.map(MIB, 1).unwrap().kind, Mapped::Data { .. }));
+    }
+
+    #[test]
+    fn differencing_reads_through_its_parent() {
+        use crate::image::{Image, OpenOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let (pp, cp) = (dir.path().join("parent.vhdx"), dir.path().join("child.vhdx"));
+        let ps: Arc<dyn Storage> = Arc::new(crate::backend::file::FileStorage::create(&pp).unwrap());
+        write_new(ps.as_ref(), 4 << 20, MIB, MIB, false, true).unwrap();
+        let parent = Vhdx::open(ps.clone(), false).unwrap();
+        parent.write_at(&vec![0x5a; 4 << 20], 0, &NoBacking).unwrap();
+        let linkage = guid_text(&parent.write.lock().header.data_write_guid);
+        drop(parent);
+        let cs = crate::backend::file::FileStorage::create(&cp).unwrap();
+        let loc = ParentLocator {
+            linkage: Some(linkage),
+            paths: vec![".\\parent.vhdx".into()],
+        };
+        write_image(&cs, 4 << 20, MIB, MIB, false, true, Some(&loc)).unwrap();
+        // Block 1 partially present: sectors 0-3 here (0xcc), the rest the parent's.
+        let end = cs.len().unwrap();
+        cs.write_at(&vec![0xcc; MIB as usize], end).unwrap();
+        cs.write_at(&vec![0u8; MIB as usize], end + MIB).unwrap();
+        cs.write_at(&[0x0f], end + MIB + (MIB / 512) / 8).unwrap(); // bit 0 is the first sector
+        let layout = Layout::new(4 << 20, MIB, (1 << 23) * 512 / MIB, true);
+        let e = bat::entry(PAYLOAD_PARTIALLY_PRESENT, end);
+        cs.write_at(&e.to_le_bytes(), BAT_AT as u64 + 8 * layout.payload_index(1))
+            .unwrap();
+        let sb = bat::entry(SB_PRESENT, end + MIB);
+        cs.write_at(&sb.to_le_bytes(), BAT_AT as u64 + 8 * layout.bitmap_index(1))
+            .unwrap();
+        // Block 2 zero.
+        let z = bat::entry(PAYLOAD_ZERO, 0);
+        cs.write_at(&z.to_le_bytes(), BAT_AT as u64 + 8 * layout.payload_index(2))
+            .unwrap();
+        cs.flush().unwrap();
+        let img = Image::open(
+            &Location::file(&cp),
+            None,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 4 << 20];
+        img.read_at(&mut buf, 0).unwrap();
+        let mut want = vec![0x5au8; 4 << 20];
+        want[MIB as usize..MIB as usize + 2048].fill(0xcc);
+        want[2 * MIB as usize..3 * MIB as usize].fill(0);
+        assert_eq!(buf, want);
+        assert!(matches!(img.write_at(b"x", 0), Err(Error::InvalidParam(_))));
+        // A parent of another linkage is refused.
+        let bad = ParentLocator {
+            linkage: Some("{00000000-0000-0000-0000-000000000000}".into()),
+            ..loc.clone()
+        };
+        let cs2 = crate::backend::file::FileStorage::create(&cp).unwrap();
+        write_image(&cs2, 4 << 20, MIB, MIB, false, true, Some(&bad)).unwrap();
+        let ro = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        assert!(matches!(
+            Image::open(&Location::file(&cp), None, &ro),
+            Err(Error::CorruptImage(_))
+        ));
+        // A missing parent: Unsupported, naming it.
+        std::fs::remove_file(&pp).unwrap();
+        match Image::open(&Location::file(&cp), None, &ro) {
+            Err(Error::Unsupported(m)) => assert!(m.contains("parent.vhdx"), "{m}"),
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("opened"),
+        }
     }
 
     #[test]
