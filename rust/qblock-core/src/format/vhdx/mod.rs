@@ -17,8 +17,9 @@
 //! Differencing disks (`has_parent`) are read through their parent when it
 //! is found beside them by the locator's paths and carries the data write
 //! GUID the locator links to (PARTIALLY_PRESENT blocks by their sector
-//! bitmaps); writing them is `Unsupported`, and a parent not found is
-//! `Unsupported`, naming it.
+//! bitmaps) and written with copy-on-write from it (new blocks whole, a
+//! partially present block completed from the parent before it becomes
+//! fully present); a parent not found is `Unsupported`, naming it.
 //!
 //! Payload states: FULLY_PRESENT blocks map to the file; ZERO reads as
 //! zeroes (allocated); NOT_PRESENT, UNDEFINED and UNMAPPED read as zeroes
@@ -391,16 +392,6 @@ impl Vhdx {
         Ok(())
     }
 
-    fn refuse_differencing_writes(&self) -> Result<()> {
-        match &self.meta.parent {
-            Some(p) => Err(unsupported(format!(
-                "writing differencing VHDX images is not supported yet (parent '{}')",
-                p.describe()
-            ))),
-            None => Ok(()),
-        }
-    }
-
     fn entry_of(&self, block: u64) -> u64 {
         self.bat[self.layout.payload_index(block) as usize].load(Ordering::Acquire)
     }
@@ -502,8 +493,7 @@ impl Driver for Vhdx {
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
         (file == 0).then_some(self.storage.as_ref())
     }
-    fn write_at(&self, buf: &[u8], offset: u64, _below: &dyn Below) -> Result<()> {
-        self.refuse_differencing_writes()?;
+    fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
         let mut w = self.write.lock();
         if !w.headers_updated {
             let ws = &mut *w;
@@ -523,17 +513,55 @@ impl Driver for Vhdx {
             let chunk = &buf[done..done + n];
             let idx = self.layout.payload_index(block) as usize;
             let e = self.bat[idx].load(Ordering::Acquire);
-            if state(e) == PAYLOAD_FULLY_PRESENT {
+            let kind = self.kind_of(e);
+            if kind == 0 {
+                self.storage.write_at(chunk, bat::offset(e) + in_block)?;
+            } else if kind == 3 {
+                // Partially present: give the sectors still in the parent
+                // their parent's bytes, durably, then call the block fully
+                // present (the BAT entry last), then write.
+                let lss = self.meta.logical_sector_size as u64;
+                let bits = self.sector_bits(block)?;
+                let bit = |s: u64| bits.get((s / 8) as usize).is_some_and(|b| b & (1 << (s % 8)) != 0);
+                let sectors = bs / lss;
+                let mut s = 0;
+                while s < sectors {
+                    if bit(s) {
+                        s += 1;
+                        continue;
+                    }
+                    let start = s;
+                    while s < sectors && !bit(s) {
+                        s += 1;
+                    }
+                    let mut fill = try_zeroed(((s - start) * lss) as usize, "a VHDX copy-on-write buffer")?;
+                    below.read_below(&mut fill, block * bs + start * lss)?;
+                    self.storage.write_at(&fill, bat::offset(e) + start * lss)?;
+                }
+                self.storage.flush()?;
+                let ne = bat::entry(PAYLOAD_FULLY_PRESENT, bat::offset(e));
+                self.storage
+                    .write_at(&ne.to_le_bytes(), self.bat_offset + 8 * idx as u64)?;
+                self.bat[idx].store(ne, Ordering::Release);
+                *self.last_bitmap.lock() = None;
                 self.storage.write_at(chunk, bat::offset(e) + in_block)?;
             } else {
-                // Allocate at the end. Every other state reads as zeroes, so
-                // the rest of the new block is zeroes: the file grows past it
-                // (holes). Crash order: data durable, then the BAT entry.
+                // Allocate at the end. The rest of the new block is what the
+                // block read as: the parent's bytes (not present in a
+                // differencing disk), else zeroes (the file grows past it,
+                // holes). Crash order: data durable, then the BAT entry.
                 let at = w.next_free;
                 if self.storage.len()? < at + bs {
                     self.storage.set_len(at + bs)?;
                 }
-                self.storage.write_at(chunk, at + in_block)?;
+                if kind == 2 && self.backing.is_some() && n as u64 != bs {
+                    let mut whole = try_zeroed(bs as usize, "a VHDX copy-on-write buffer")?;
+                    below.read_below(&mut whole, block * bs)?;
+                    whole[in_block as usize..in_block as usize + n].copy_from_slice(chunk);
+                    self.storage.write_at(&whole, at)?;
+                } else {
+                    self.storage.write_at(chunk, at + in_block)?;
+                }
                 self.storage.flush()?;
                 let ne = bat::entry(PAYLOAD_FULLY_PRESENT, at);
                 self.storage
@@ -546,14 +574,15 @@ impl Driver for Vhdx {
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
-        self.refuse_differencing_writes()?;
-        // Blocks not present already read as zeroes: write only present ones.
+        // Blocks reading as zeroes stay as they are: ZERO (and UNMAPPED in a
+        // differencing disk), and any block not present without a parent.
         let bs = self.meta.block_size;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
             let n = (bs - pos % bs).min(end - pos);
-            if state(self.entry_of(pos / bs)) == PAYLOAD_FULLY_PRESENT {
+            let kind = self.kind_of(self.entry_of(pos / bs));
+            if kind == 0 || kind == 3 || (kind == 2 && self.backing.is_some()) {
                 let mut done = 0;
                 while done < n {
                     let k = (n - done).min(1 << 20);
@@ -872,7 +901,27 @@ mod tests {
         want[MIB as usize..MIB as usize + 2048].fill(0xcc);
         want[2 * MIB as usize..3 * MIB as usize].fill(0);
         assert_eq!(buf, want);
-        assert!(matches!(img.write_at(b"x", 0), Err(Error::InvalidParam(_))));
+        drop(img);
+        // Writes: into the partial block, across the zero block into a block
+        // not present, and at the end; then reopen and read.
+        let rw = OpenOptions::default();
+        let img = Image::open(&Location::file(&cp), None, &rw).unwrap();
+        for (off, n, v) in [
+            (MIB + 1000, 2000, 1u8),
+            (3 * MIB - 10, 20, 2),
+            ((4 << 20) - 5, 5, 3),
+            (100, 1, 4),
+        ] {
+            img.write_at(&vec![v; n], off).unwrap();
+            want[off as usize..off as usize + n].fill(v);
+        }
+        img.write_zeroes(2 * MIB + 7, 9).unwrap();
+        want[2 * MIB as usize + 7..2 * MIB as usize + 16].fill(0);
+        img.close().unwrap();
+        let img = Image::open(&Location::file(&cp), None, &rw).unwrap();
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, want);
+        drop(img);
         // A parent of another linkage is refused.
         let bad = ParentLocator {
             linkage: Some("{00000000-0000-0000-0000-000000000000}".into()),
