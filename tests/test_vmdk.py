@@ -667,6 +667,7 @@ HOSTILE_DESC = {
     "sesparse-bad-magic": 'version=1\ncreateType="seSparse"\nRW 8 SESPARSE "x.bin"\n',
     "sparse-not-kdmv": 'version=1\ncreateType="twoGbMaxExtentSparse"\nRW 8 SPARSE "x.bin"\n',
     "unterminated-name": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x.bin 0\n',
+    "self-extent": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "d.vmdk" 0\n',
     "self-parent": 'version=1\ncreateType="monolithicFlat"\nparentFileNameHint="d.vmdk"\nRW 8 FLAT "x.bin" 0\n',
 }
 
@@ -714,6 +715,15 @@ def test_hostile_descriptor(tmp, name):
     p.write_text(HOSTILE_DESC[name])
     out = run_child(p)
     assert out.startswith("CorruptImageError"), out
+
+
+def test_sparse_extent_shared_with_another_extent_is_refused(tmp):
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", str(tmp / "s.vmdk"), "1M")
+    for second in ('RW 2048 SPARSE "./s-s001.vmdk"', 'RW 8 FLAT "s-s001.vmdk" 0'):
+        p = tmp / "d.vmdk"
+        p.write_text(f'version=1\ncreateType="twoGbMaxExtentSparse"\nRW 2048 SPARSE "s-s001.vmdk"\n{second}\n')
+        out = run_child(p)
+        assert out.startswith("CorruptImageError") and "shared" in out, out
 
 
 def test_version_3_uncompressed_is_read_only(tmp):

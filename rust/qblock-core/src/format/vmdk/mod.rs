@@ -291,22 +291,37 @@ fn open_descriptor(
         return Err(corrupt("VMDK descriptor names no extents"));
     }
     let mut files: Vec<Arc<dyn Storage>> = vec![storage];
-    let mut opened: Vec<(String, bool, HostFile)> = Vec::new();
+    // Extent files by identity (canonical path): (identity, read-only, file,
+    // holds a sparse extent). Flat extents may share a file (at different
+    // offsets); a sparse extent's file is its alone, or two allocators
+    // would hand out the same grains. No extent may be the descriptor.
+    let own = ctx.location.identity();
+    let mut opened: Vec<(String, bool, HostFile, bool)> = Vec::new();
     let mut extents = Vec::with_capacity(desc.extents.len());
     let mut pos = 0u64;
     for e in &desc.extents {
         let read_only = ctx.read_only || e.access == Access::ReadOnly;
+        let sparse = !matches!(e.kind, ExtentType::Flat | ExtentType::Vmfs | ExtentType::Zero);
         let mut file_of = |name: &str| -> Result<HostFile> {
-            if let Some((_, _, f)) = opened.iter().find(|(n, ro, _)| n == name && *ro == read_only) {
+            let loc: Location = ctx.location.relative(name);
+            let id = loc.identity();
+            if id == own {
+                return Err(corrupt(format!("extent '{name}' is the descriptor file itself")));
+            }
+            if opened.iter().any(|(i, _, _, s)| *i == id && (*s || sparse)) {
+                return Err(corrupt(format!(
+                    "extent file '{name}' is shared by a sparse extent and another extent"
+                )));
+            }
+            if let Some((_, _, f, _)) = opened.iter().find(|(i, ro, _, _)| *i == id && *ro == read_only) {
                 return Ok(*f);
             }
-            let loc: Location = ctx.location.relative(name);
             let s = loc
                 .open_storage(read_only)
                 .map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
             files.push(s);
             let f = (files.len() - 1) as HostFile;
-            opened.push((name.to_string(), read_only, f));
+            opened.push((id, read_only, f, sparse));
             Ok(f)
         };
         let mut len = e
