@@ -545,3 +545,80 @@ fn a_changed_parent_is_refused_for_reads_and_copies() {
     );
     assert!(!t.block_status(500_000, 10).unwrap().allocated);
 }
+
+/// Deterministic xorshift, for mutation tests without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Open, map and read a (mutated) image in memory; any error is fine, a
+/// panic is not. Reads are bounded so a huge claimed size stays cheap.
+fn exercise(data: Vec<u8>, writable: bool) {
+    let Ok(d) = open_mem(data, !writable) else { return };
+    let _ = d.info();
+    let size = d.virtual_size();
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..256 {
+        if pos >= size {
+            break;
+        }
+        let Ok(m) = d.map(pos, size - pos) else { return };
+        assert!(m.len >= 1 && m.len <= size - pos, "{m:?}");
+        if m.kind == Mapped::Encoded {
+            let n = m.len.min(buf.len() as u64) as usize;
+            let _ = d.read_encoded(&mut buf[..n], pos);
+        }
+        pos += m.len;
+    }
+    if writable && size > 0 {
+        let _ = d.write_at(&[1u8; 3000], size / 2, &NoBacking);
+        let _ = d.write_zeroes(0, size.min(200_000), &NoBacking);
+        let _ = d.flush();
+    }
+}
+
+#[test]
+fn mutated_images_never_panic() {
+    let mut base = sparse_image("createType=\"monolithicSparse\"\nCID=1\nparentCID=ffffffff\n");
+    {
+        let d = open_mem(base.clone(), false).unwrap();
+        d.write_at(&[9u8; 200_000], 12345, &NoBacking).unwrap();
+        d.flush().unwrap();
+        base = d.host_file(0).unwrap().read_at_vec();
+    }
+    let stream = stream_image(&[7u8; 65536], None);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for i in 0..10_000 {
+        let mut d = if i % 3 == 0 { stream.clone() } else { base.clone() };
+        let n = 1 + rng.next() % 8;
+        for _ in 0..n {
+            // Mostly the header and the tables, sometimes anywhere.
+            let hot = [0usize, 512, 21 * 512, 26 * 512, d.len().saturating_sub(1536)];
+            let at = if rng.next() % 4 == 0 {
+                rng.next() as usize % d.len()
+            } else {
+                (hot[rng.next() as usize % hot.len()] + rng.next() as usize % 600).min(d.len() - 1)
+            };
+            d[at] = rng.next() as u8;
+        }
+        exercise(d, i % 5 == 0);
+    }
+}
+
+trait ReadAll {
+    fn read_at_vec(&self) -> Vec<u8>;
+}
+impl ReadAll for dyn Storage + '_ {
+    fn read_at_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len().unwrap() as usize];
+        self.read_at(&mut v, 0).unwrap();
+        v
+    }
+}
