@@ -350,3 +350,19 @@ def test_hostile_image_is_corrupt(tmp, name):
     p = write(tmp, f"{name}.bochs", HOSTILE[name]())
     res = run_child(p)
     assert res["exc"] == "CorruptImageError", f"{name}: {res}"
+
+
+def test_largest_catalog_opens_and_maps_with_bounded_memory(tmp):
+    # QEMU's caps: 0x100000 catalog entries of 8 MiB extents, an 8 TiB disk.
+    n, ext = 0x100000, 0x800000
+    b = bytearray(header(catalog=n, extent=ext, bitmap=2048, disk=n * ext)) + b"\xff" * (4 * n)
+    struct.pack_into("<I", b, 512 + 4 * (n - 1), 0)  # the last extent allocated
+    b += bytes(2048) + bytes(ext)
+    b[512 + 4 * n] = 0b101  # sectors 0 and 2 present
+    p = write(tmp, "largest.bochs", bytes(b))
+    res = run_child(p)
+    assert res["exc"] is None, res
+    with qb.open(p, flags=0) as img:
+        assert img.virt_size == 8 << 40
+        m = [(e.length, e.allocated) for e in img.map()]
+        assert m == [((8 << 40) - ext, False), (512, True), (512, False), (512, True), (ext - 1536, False)]

@@ -510,3 +510,20 @@ def test_hostile_image_is_corrupt(tmp, name):
     p = write(tmp, f"{name}.dmg", HOSTILE[name]())
     res = run_child(p)
     assert res["exc"] == "CorruptImageError", f"{name}: {res}"
+
+
+def test_largest_chunk_decodes_once_with_bounded_memory(tmp):
+    # QEMU's cap: a chunk decodes to at most 64 MiB. The child reads it in
+    # 1 MiB steps (decoded once into its thread's cache) within RLIMIT_AS.
+    n = 64 * MiB // S
+    p = write(tmp, "big-chunk.dmg", build([[(UDZO, n, zlib.compress(bytes(64 * MiB), 1))]]))
+    res = run_child(p)
+    assert res["exc"] is None, res
+
+
+def test_zlib_bomb_stops_at_the_chunk_size(tmp):
+    # The stream inflates to 256 MiB; the chunk holds 64 MiB.
+    n = 64 * MiB // S
+    p = write(tmp, "bomb.dmg", build([[(UDZO, n, zlib.compress(bytes(256 * MiB), 1))]]))
+    res = run_child(p)
+    assert res["exc"] == "CorruptImageError", res
