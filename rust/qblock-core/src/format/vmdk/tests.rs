@@ -601,7 +601,7 @@ fn mutated_images_never_panic() {
         for _ in 0..n {
             // Mostly the header and the tables, sometimes anywhere.
             let hot = [0usize, 512, 21 * 512, 26 * 512, d.len().saturating_sub(1536)];
-            let at = if rng.next() % 4 == 0 {
+            let at = if rng.next().is_multiple_of(4) {
                 rng.next() as usize % d.len()
             } else {
                 (hot[rng.next() as usize % hot.len()] + rng.next() as usize % 600).min(d.len() - 1)
