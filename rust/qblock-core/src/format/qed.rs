@@ -457,8 +457,15 @@ impl Driver for Qed {
         let t = self.l1_entry(i1)?;
         let in_cluster = offset & (cs - 1);
         if t == 0 {
+            // The following empty L1 entries are unallocated too.
             let span = self.entries << self.cluster_bits;
-            let span_end = (offset / span + 1).saturating_mul(span);
+            let want_end = offset.saturating_add(len);
+            let l1 = self.l1.read();
+            let mut i = i1 + 1;
+            while i < l1.len() && (i as u64).saturating_mul(span) < want_end && l1[i] == 0 {
+                i += 1;
+            }
+            let span_end = (i as u64).saturating_mul(span);
             return Ok(Mapping {
                 kind: Mapped::Unallocated,
                 len: len.min(span_end - offset),

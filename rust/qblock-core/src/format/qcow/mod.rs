@@ -415,8 +415,16 @@ impl Driver for Qcow {
         let l2 = self.l1.read().get(i1).copied().unwrap_or(0);
         let in_cluster = offset & (cs - 1);
         if l2 == 0 {
-            // The whole L2 span is unallocated.
-            let span_end = ((i1 as u64) + 1) << (self.cluster_bits + self.l2_bits);
+            // The whole L2 span is unallocated, and so are the spans of the
+            // following empty L1 entries.
+            let shift = self.cluster_bits + self.l2_bits;
+            let want_end = offset.saturating_add(len);
+            let l1 = self.l1.read();
+            let mut i = i1 + 1;
+            while i < l1.len() && ((i as u64) << shift) < want_end && l1[i] == 0 {
+                i += 1;
+            }
+            let span_end = (i as u64) << shift;
             return Ok(Mapping {
                 kind: Mapped::Unallocated,
                 len: len.min(span_end - offset),
@@ -654,7 +662,9 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     }
     // QEMU refuses too: a header size below 2 cannot be opened.
     if size < 512 {
-        return Err(invalid(format!("qcow images cannot be smaller than one sector (size {size})")));
+        return Err(invalid(format!(
+            "qcow images cannot be smaller than one sector (size {size})"
+        )));
     }
     let bytes = build_image(size, backing.as_deref())?;
     let storage = location.create_storage()?;
