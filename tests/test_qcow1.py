@@ -453,3 +453,20 @@ def test_random_mutations_never_crash(tmp):
     assert r.returncode == 0, f"child died ({r.returncode}): {r.stderr[-2000:]}"
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(seen) <= {None, "CorruptImageError", "UnsupportedError"}, seen
+
+
+def test_large_sparse_image(tmp):
+    """1 TiB: a 4 MiB L1 table; map() is one extent and the last byte is writable."""
+    import time
+
+    p = tmp / "big.qcow"
+    size = 1 << 40
+    qb.create(p, qb.QcowOptions(size))
+    t = time.monotonic()
+    with qb.open(p) as img:
+        assert [(e.offset, e.length, e.present) for e in img.map()] == [(0, size, False)]
+        img.write(b"\x99", size - 1)
+        assert img.read(2, size - 2) == b"\x00\x99"
+    assert time.monotonic() - t < 10
+    assert qemu_info(str(p))["virtual-size"] == size
+    qemu_io(str(p), "read -P 0x99 1099511627775 1", fmt="qcow")

@@ -530,3 +530,18 @@ def test_random_mutations_never_crash(tmp):
     assert r.returncode == 0, f"child died ({r.returncode}): {r.stderr[-2000:]}"
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(seen) <= {None, "CorruptImageError", "UnsupportedError"}, seen
+
+
+def test_largest_default_image(tmp):
+    """64 TiB, the most the default geometry maps: map() is one extent and
+    the last byte is writable; QEMU agrees."""
+    p = tmp / "big.qed"
+    size = 64 << 40
+    qb.create(p, qb.QedOptions(size))
+    with qb.open(p) as img:
+        assert [(e.offset, e.length, e.present) for e in img.map()] == [(0, size, False)]
+        img.write(b"\x99", size - 1)
+        assert img.read(2, size - 2) == b"\x00\x99"
+    assert qemu_info(str(p))["virtual-size"] == size
+    check_clean(p)
+    qemu_io(str(p), f"read -P 0x99 {size - 1} 1", fmt="qed")
