@@ -24,10 +24,16 @@ use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
 /// cluster, so this bounds it at 64 MiB (1 TiB of 64 KiB clusters).
 const MAX_REPAIR_CLUSTERS: u64 = 1 << 24;
 
+/// Metadata the recount may read: every snapshot walks its L2 tables again,
+/// so a hostile table of snapshots could otherwise make it read without end.
+const MAX_REPAIR_READ: u64 = 2 << 30;
+
 struct Counter {
     cs: u64,
     cluster_bits: u32,
     counts: Vec<u32>,
+    /// Bytes of tables read so far.
+    read: u64,
 }
 
 impl Counter {
@@ -48,12 +54,24 @@ impl Counter {
         Ok(())
     }
 
+    fn charge(&mut self, bytes: u64) -> Result<()> {
+        self.read += bytes;
+        if self.read > MAX_REPAIR_READ {
+            return Err(unsupported(
+                "recounting this image's refcounts needs more than 2 GiB of table reads; \
+                 repair it with 'qemu-img check -r all'",
+            ));
+        }
+        Ok(())
+    }
+
     /// An L1 table and everything below it.
     fn l1(&mut self, file: &dyn Storage, g: &Geometry, off: u64, size: u64, data_file: bool) -> Result<()> {
         if size * 8 > MAX_L1_BYTES || !off.is_multiple_of(self.cs) {
             return Err(corrupt(format!("L1 table at {off:#x} of {size} entries is invalid")));
         }
         self.add(off, size * 8, "L1 table")?;
+        self.charge(size * 8)?;
         let mut raw = try_zeroed((size * 8) as usize, "L1 table")?;
         file.read_at(&mut raw, off)?;
         let mut l2 = try_zeroed(self.cs as usize, "L2 table")?;
@@ -66,6 +84,7 @@ impl Counter {
                 return Err(corrupt(format!("L2 table at {l2_off:#x} is not cluster aligned")));
             }
             self.add(l2_off, self.cs, "L2 table")?;
+            self.charge(self.cs)?;
             file.read_at(&mut l2, l2_off)?;
             for e in l2.chunks_exact(8 * g.words()) {
                 let e = be64(e, 0);
@@ -94,7 +113,7 @@ pub fn count_references(file: &dyn Storage, h: &Header, l1_offset: u64, l1_size:
     let mut counts = Vec::new();
     counts.try_reserve_exact(nclusters as usize).map_err(|_| Error::NoMemory("refcount rebuild".into()))?;
     counts.resize(nclusters as usize, 0u32);
-    let mut c = Counter { cs, cluster_bits: h.cluster_bits, counts };
+    let mut c = Counter { cs, cluster_bits: h.cluster_bits, counts, read: 0 };
     let data_file = h.data_file.is_some();
     c.add(0, cs, "header")?;
     c.l1(file, &g, l1_offset, l1_size, data_file)?;
@@ -122,6 +141,7 @@ pub fn count_references(file: &dyn Storage, h: &Header, l1_offset: u64, l1_size:
                 return Err(corrupt("bitmap table is invalid"));
             }
             c.add(t_off, t_size * 8, "bitmap table")?;
+            c.charge(t_size * 8)?;
             let mut t = try_zeroed((t_size * 8) as usize, "bitmap table")?;
             file.read_at(&mut t, t_off)?;
             for e in t.chunks_exact(8) {
