@@ -607,12 +607,12 @@ def first_grain(d: bytearray) -> int:
     return struct.unpack_from("<I", d, gt_of(d))[0] * 512
 
 
-def stream_grain(d: bytearray) -> int:
+def stream_grain(d: bytearray, idx: int = 0) -> int:
     # the footer (second-to-last sector) holds the grain directory offset
     footer = len(d) - 1024
     gd = struct.unpack_from("<Q", d, footer + 56)[0] * 512
     gt = struct.unpack_from("<I", d, gd)[0] * 512
-    return struct.unpack_from("<I", d, gt)[0] * 512
+    return struct.unpack_from("<I", d, gt + 4 * idx)[0] * 512
 
 
 def _set(off, fmt, value):
@@ -643,6 +643,8 @@ HOSTILE_STREAM = {
     "grain-marker-size-0": lambda d: hdr_field(d, stream_grain(d) + 8, "<I", 0),
     "grain-marker-size-huge": lambda d: hdr_field(d, stream_grain(d) + 8, "<I", 0xFFFFFFFF),
     "grain-garbage": lambda d: d.__setitem__(slice(stream_grain(d) + 12, stream_grain(d) + 40), b"\xff" * 28),
+    "grain-size-1gib": lambda d: hdr_field(d, len(d) - 1024 + 20, "<Q", 0x200000),
+    "grain-marker-past-eof": lambda d: hdr_field(d, stream_grain(d, 1) + 8, "<I", 2 * 65536),
     "footer-gd-beyond-eof": lambda d: hdr_field(d, len(d) - 1024 + 56, "<Q", 1 << 40),
 }
 

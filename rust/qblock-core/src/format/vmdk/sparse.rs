@@ -286,9 +286,27 @@ impl SparseExtent {
         } else {
             (at, grain as usize)
         };
+        // Both buffers are bounded by the file, not only by the grain size
+        // (up to 1 GiB): the compressed bytes must lie in the file, and
+        // deflate expands at most 1032 to 1.
+        let data_len = if data_at.saturating_add(data_len as u64) > self.end.load(Ordering::Acquire) {
+            if self.layout.markers {
+                return Err(corrupt(format!(
+                    "compressed grain at sector {gte} runs past the end of the file"
+                )));
+            }
+            // Without markers the grain's length is unknown: read what is there.
+            self.end
+                .load(Ordering::Acquire)
+                .saturating_sub(data_at)
+                .min(data_len as u64) as usize
+        } else {
+            data_len
+        };
         let mut src = try_zeroed(data_len, "a compressed grain")?;
         self.storage.read_at(&mut src, data_at)?;
-        let mut out = try_zeroed(grain as usize, "a decompressed grain")?;
+        let out_len = (grain as usize).min(data_len.saturating_mul(1032).saturating_add(64));
+        let mut out = try_zeroed(out_len, "a decompressed grain")?;
         let mut z = flate2::Decompress::new(true);
         match z.decompress(&src, &mut out, flate2::FlushDecompress::Finish) {
             Ok(flate2::Status::StreamEnd) => {}
