@@ -94,12 +94,13 @@ def adc(data: bytes) -> Tuple[Chunk, bytes]:
     return (UDCO, len(data) // S, adc_encode(data)), data
 
 
-def mish(first: int, chunks: List[Chunk], data_at: int) -> bytes:
+def mish(first: int, chunks: List[Chunk], data_at: int, base: int = 0) -> bytes:
+    """A mish block; its chunk offsets are relative to `base` (its DataOffset)."""
     m = bytearray(204)
     m[0:4] = b"mish"
-    struct.pack_into(">IQQ", m, 4, 1, first, sum(c[1] for c in chunks))
+    struct.pack_into(">IQQQ", m, 4, 1, first, sum(c[1] for c in chunks), base)
     struct.pack_into(">I", m, 200, len(chunks) + 1)
-    sector, off = 0, data_at
+    sector, off = 0, data_at - base
     for ty, n, stored in list(chunks) + [(UDLE, 0, b"")]:
         m += struct.pack(">IIQQQQ", ty, 0, sector, n, off, len(stored))
         sector += n
@@ -107,11 +108,11 @@ def mish(first: int, chunks: List[Chunk], data_at: int) -> bytes:
     return bytes(m)
 
 
-def trailer(data_len: int, rsrc: Tuple[int, int], xml: Tuple[int, int], sectors: int) -> bytes:
+def trailer(data_len: int, rsrc: Tuple[int, int], xml: Tuple[int, int], sectors: int, fork_at: int = 0) -> bytes:
     t = bytearray(512)
     t[0:4] = b"koly"
     struct.pack_into(">III", t, 4, 4, 512, 1)
-    struct.pack_into(">QQ", t, 0x18, 0, data_len)
+    struct.pack_into(">QQ", t, 0x18, fork_at, data_len)
     struct.pack_into(">QQ", t, 0x28, *rsrc)
     struct.pack_into(">QQ", t, 0xD8, *xml)
     struct.pack_into(">I", t, 0x1E8, 1)
@@ -119,13 +120,15 @@ def trailer(data_len: int, rsrc: Tuple[int, int], xml: Tuple[int, int], sectors:
     return bytes(t)
 
 
-def build(parts: List[List[Chunk]], form: str = "xml", sectors: int = -1) -> bytes:
-    """A UDIF image: one mish block (partition) per element of `parts`."""
+def build(parts: List[List[Chunk]], form: str = "xml", sectors: int = -1, prefix: bytes = b"") -> bytes:
+    """A UDIF image: one mish block (partition) per element of `parts`. With
+    a `prefix`, the data fork starts after it, and each mish block's
+    DataOffset is where its partition's data starts in the fork."""
     data = bytearray()
     minis = []
     first = 0
     for p in parts:
-        minis.append(mish(first, p, len(data)))
+        minis.append(mish(first, p, len(data), len(data) if prefix else 0))
         for _, _, stored in p:
             data += stored
         first += sum(c[1] for c in p)
@@ -145,16 +148,16 @@ def build(parts: List[List[Chunk]], form: str = "xml", sectors: int = -1) -> byt
             + "\t\t</array>\n\t\t<key>plst</key>\n\t\t<array>\n\t\t\t<dict>\n\t\t\t\t<key>Data</key>\n"
             "\t\t\t\t<data>AAAAAAAAAAA=</data>\n\t\t\t</dict>\n\t\t</array>\n\t</dict>\n</dict>\n</plist>\n"
         ).encode()
-        at = len(data)
+        at = len(prefix) + len(data)
         data += xml
-        data += trailer(data_len, (0, 0), (at, len(xml)), total)
+        data += trailer(data_len, (0, 0), (at, len(xml)), total, len(prefix))
     else:
         area = b"".join(struct.pack(">I", len(m)) + m for m in minis) + struct.pack(">I", 4) + b"plst"
         fork = struct.pack(">IIII", 256, 0, len(area), 0).ljust(256, b"\0") + area
-        at = len(data)
+        at = len(prefix) + len(data)
         data += fork
-        data += trailer(data_len, (at, len(fork)), (0, 0), total)
-    return bytes(data)
+        data += trailer(data_len, (at, len(fork)), (0, 0), total, len(prefix))
+    return prefix + bytes(data)
 
 
 def disk(spec: List[List[Tuple[Chunk, bytes]]], form: str = "xml") -> Tuple[bytes, bytes]:
@@ -231,6 +234,21 @@ def test_built_image_reads_like_qemu_and_the_model(tmp, form):
     assert qemu_raw_bytes(str(p), tmp) == model
     assert qemu_info(str(p))["virtual-size"] == len(model)
     assert read_all(p) == model
+
+
+@pytest.mark.parametrize("form", ["xml", "rsrc"])
+def test_data_fork_and_mish_offsets_add_up_as_in_qemu(tmp, form):
+    # The data fork after 1000 bytes of something else, each partition's
+    # chunk offsets relative to its mish block's DataOffset.
+    spec = qemu_spec()
+    parts = [[c for c, _ in p] for p in spec]
+    model = b"".join(plain for p in spec for _, plain in p)
+    p = write(tmp, f"prefix-{form}.dmg", build(parts, form, prefix=b"\xee" * 1000))
+    assert qemu_raw_bytes(str(p), tmp) == model
+    assert read_all(p) == model
+    with qb.open(p, flags=0) as img:
+        # The first stored chunk is at the start of the data fork.
+        assert next(iter(img.map())).file_offset == 1000
 
 
 @pytest.mark.parametrize("form", ["xml", "rsrc"])
