@@ -280,6 +280,8 @@ def test_threads_write_and_read_concurrently(tmp):
             for i in range(40):
                 off = k * 2 * MiB + i * 50000 + k
                 img.write(bytes([k + 1]) * 7000, off)
+                if i % 10 == 9:
+                    img.flush()
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
