@@ -137,6 +137,18 @@ pub struct Vmdk {
     parent_ok: bool,
 }
 
+/// The createType values a descriptor naming its extents may have (QEMU's
+/// list); monolithicSparse and streamOptimized descriptors live inside
+/// their one extent.
+const DESCRIPTOR_TYPES: &[&str] = &[
+    "monolithicFlat",
+    "vmfs",
+    "vmfsSparse",
+    "seSparse",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+];
+
 /// Read a descriptor of at most `max` bytes from `at`.
 fn read_text(s: &dyn Storage, at: u64, max: u64) -> Result<Vec<u8>> {
     let len = s.len()?;
@@ -209,12 +221,16 @@ fn open_vmdk(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<Vmdk>> {
                 .ok_or_else(|| corrupt("descriptor offset overflows"))?;
             let size = h.desc_size.saturating_mul(SECTOR);
             let text = read_text(storage.as_ref(), at, size)?;
-            if h.capacity == 0 {
+            let embedded = Descriptor::parse_embedded(&text)?;
+            let ct = embedded.create_type.as_deref().unwrap_or("");
+            if h.capacity == 0 && DESCRIPTOR_TYPES.contains(&ct) {
                 // A descriptor inside a sparse header of no capacity: the
                 // descriptor names the extents (QEMU's vmdk_open_vmdk4).
+                // A monolithicSparse one of no capacity is an empty disk
+                // (QEMU cannot open the ones it creates with size 0).
                 return open_descriptor(storage, Descriptor::parse(&text)?, ctx, (at, size));
             }
-            Descriptor::parse_embedded(&text)?
+            embedded
         } else {
             Descriptor::default()
         };
@@ -279,10 +295,7 @@ fn open_descriptor(
         .create_type
         .clone()
         .ok_or_else(|| corrupt("invalid VMDK image descriptor (no createType)"))?;
-    if !matches!(
-        ct.as_str(),
-        "monolithicFlat" | "vmfs" | "vmfsSparse" | "seSparse" | "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat"
-    ) {
+    if !DESCRIPTOR_TYPES.contains(&ct.as_str()) {
         return Err(unsupported(format!(
             "VMDK image type '{ct}' is not supported in a descriptor file"
         )));

@@ -404,6 +404,16 @@ fn create_every_subformat_and_round_trip() {
 }
 
 #[test]
+fn an_empty_monolithic_sparse_image_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = Location::file(dir.path().join("z.vmdk"));
+    Image::create(&loc, Format::Vmdk, create_opts("monolithicSparse", 0)).unwrap();
+    let img = Image::open(&loc, None, &OpenOptions::default()).unwrap();
+    assert_eq!(img.virtual_size(), 0);
+    assert!(img.map().unwrap().is_empty());
+}
+
+#[test]
 fn create_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let loc = Location::file(dir.path().join("x.vmdk"));
