@@ -370,9 +370,16 @@ def test_corpus_bundle_through_descriptor(tmp, name):
         assert img.format == qb.Format.PARALLELS
         assert img.virt_size == 100 * MiB
         assert _hash(img) == expected
+    # Writes go to the extent; QEMU reads them from the .hds file.
+    hds = next(d.glob("*.hds"))
+    fmt = "parallels" if name == "expanding.hdd" else "raw"
+    clean_before = fmt == "parallels" and qemu_img("check", str(hds), check=False).returncode == 0
     with qb.open(d / "DiskDescriptor.xml", flags=qb.O_RDWR) as img:
-        with pytest.raises(qb.UnsupportedError):
-            img.write(b"x", 0)
+        img.write(b"\x5a" * 5000, MiB - 7)
+        img.write(b"\x5b" * 100, 100 * MiB - 100)
+    qemu_io(str(hds), f"read -P 0x5a {MiB - 7} 5000", f"read -P 0x5b {100 * MiB - 100} 100", fmt=fmt)
+    if clean_before:
+        check_clean(hds)
 
 
 @needs_corpus
@@ -395,6 +402,22 @@ def test_corpus_split_bundle_spans_six_extents(tmp):
                 start += n
         assert start == img.virt_size
         assert any(e.data for e in img.map())
+
+
+@needs_corpus
+def test_corpus_split_bundle_writes_across_extents(tmp):
+    d = _materialize_bundle(tmp, "split.hdd")
+    parts = sorted(d.glob("split.hdd.*.hds"), key=lambda f: int(f.name.split(".")[2]))
+    edge = 3989504 * 512
+    with qb.open(d / "DiskDescriptor.xml", flags=qb.O_RDWR) as img:
+        img.write(b"\x61" * 6000, edge - 3000)
+        img.write(b"\x62" * 512, img.virt_size - 512)
+        assert img.read(6000, edge - 3000) == b"\x61" * 6000
+    qemu_io(str(parts[0]), f"read -P 0x61 {edge - 3000} 3000", fmt="parallels")
+    qemu_io(str(parts[1]), "read -P 0x61 0 3000", fmt="parallels")
+    qemu_io(str(parts[5]), f"read -P 0x62 {1024000 * 512 - 512} 512", fmt="parallels")
+    for part in (parts[0], parts[1], parts[5]):
+        assert inuse(part) != INUSE_MAGIC  # every extent closed clean
 
 
 @needs_corpus

@@ -4,13 +4,15 @@
 //! file, either "Compressed" (an expanding parallels image) or "Plain" (raw
 //! bytes). Opening the descriptor reads the whole disk across its extents.
 //!
-//! Read only, and only bundles without snapshots (one image per extent):
-//! several `<Image>`s in one `<Storage>` form a snapshot chain we do not
-//! resolve, so they are refused as `Unsupported`.
+//! Reads and writes go to the extents (an expanding extent is a parallels
+//! image of its own, with its own in-use flag and crash order); the
+//! descriptor itself is never rewritten. Only bundles without snapshots (one
+//! image per extent): several `<Image>`s in one `<Storage>` form a snapshot
+//! chain we do not resolve, so they are refused as `Unsupported`.
 
 use super::Parallels;
 use crate::backend::Storage;
-use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping, NoBacking};
 use crate::error::{corrupt, unsupported, Result};
 use crate::format_name::Format;
 use crate::registry::OpenCtx;
@@ -169,11 +171,11 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
     let mut extents = Vec::with_capacity(descs.len());
     for d in descs {
         let loc = ctx.location.relative(&d.file);
-        // Bundles are opened read only: see the module comment.
-        let st = loc.open_storage(true).map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
+        let st = loc.open_storage(ctx.read_only).map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
         let need = d.end - d.start;
         let data = if d.expanding {
-            let p = Parallels::open(st, true).map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
+            let p =
+                Parallels::open(st, ctx.read_only).map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
             if p.header().size < need {
                 return Err(corrupt(format!(
                     "parallels extent '{}' holds {} bytes, the descriptor gives it {need}",
@@ -196,6 +198,26 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
         extents.push(Extent { start: d.start, end: d.end, data });
     }
     Ok(Box::new(Bundle { descriptor, size, extents }))
+}
+
+impl Bundle {
+    /// Split a guest range into (extent, offset in the extent, length) pieces.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&Extent, u64, u64)> {
+        let mut pos = offset;
+        let end = offset + len;
+        let mut k = self.extents.partition_point(|e| e.end <= offset);
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let e = self.extents.get(k)?;
+            let n = (e.end - pos).min(end - pos);
+            let item = (e, pos - e.start, n);
+            pos += n;
+            k += 1;
+            Some(item)
+        })
+    }
 }
 
 impl Driver for Bundle {
@@ -234,14 +256,60 @@ impl Driver for Bundle {
             Data::Expanding(p) => p.host_file(0)?,
         })
     }
-    fn write_at(&self, _buf: &[u8], _offset: u64, _below: &dyn Below) -> Result<()> {
-        Err(unsupported("writing parallels .hdd bundles is not supported; open the .hds image file instead"))
+    /// A bundle has no backing file: extents see zeroes below them.
+    fn write_at(&self, buf: &[u8], offset: u64, _below: &dyn Below) -> Result<()> {
+        let mut done = 0usize;
+        for (e, rel, n) in self.pieces(offset, buf.len() as u64) {
+            let piece = &buf[done..done + n as usize];
+            match &e.data {
+                Data::Plain(s) => s.write_at(piece, rel)?,
+                Data::Expanding(p) => p.write_at(piece, rel, &NoBacking)?,
+            }
+            done += n as usize;
+        }
+        Ok(())
     }
-    fn write_zeroes(&self, _offset: u64, _len: u64, _below: &dyn Below) -> Result<()> {
-        Err(unsupported("writing parallels .hdd bundles is not supported; open the .hds image file instead"))
+    fn write_zeroes(&self, offset: u64, len: u64, _below: &dyn Below) -> Result<()> {
+        for (e, rel, n) in self.pieces(offset, len) {
+            match &e.data {
+                Data::Plain(s) => s.write_zeroes(rel, n)?,
+                Data::Expanding(p) => p.write_zeroes(rel, n, &NoBacking)?,
+            }
+        }
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        for (e, rel, n) in self.pieces(offset, len) {
+            if let Data::Expanding(p) = &e.data {
+                p.discard(rel, n)?;
+            }
+        }
+        Ok(())
     }
     fn flush(&self) -> Result<()> {
+        for e in &self.extents {
+            match &e.data {
+                Data::Plain(s) if !s.read_only() => s.flush()?,
+                Data::Plain(_) => {}
+                Data::Expanding(p) => p.flush()?,
+            }
+        }
         Ok(())
+    }
+    /// Close every extent (clearing the in-use flags), reporting the first failure.
+    fn close(&self) -> Result<()> {
+        let mut first = Ok(());
+        for e in &self.extents {
+            let r = match &e.data {
+                Data::Plain(s) if !s.read_only() => s.flush(),
+                Data::Plain(_) => Ok(()),
+                Data::Expanding(p) => p.close(),
+            };
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
     fn info(&self) -> Result<DriverInfo> {
         Ok(DriverInfo::default())
