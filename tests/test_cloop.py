@@ -165,6 +165,16 @@ def test_creating_is_unsupported(tmp):
         qb.create(tmp / "new.cloop", CloopOptions(MiB))
 
 
+def test_other_cloop_versions_are_unsupported_not_raw(tmp):
+    b = bytearray(build(pattern(8192, 1), 4096))
+    b[12:13] = b"4"  # "#V4.0 Format"
+    p = write(tmp, "v4.cloop", bytes(b))
+    assert qb.probe(p) is qb.Format.CLOOP
+    with pytest.raises(qb.UnsupportedError) as ei:
+        qb.open(p, flags=0)
+    assert "4.0" in ei.value.message
+
+
 def test_cloop_as_a_backing_file(tmp):
     model = bytearray(pattern(16 * 4096, 4))
     base = write(tmp, "base.cloop", build(bytes(model), 4096))

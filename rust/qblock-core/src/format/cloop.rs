@@ -59,9 +59,24 @@ pub const MAX_OFFSETS_BYTES: u64 = 512 << 20;
 fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
     if h.starts_with(MAGIC_V2) {
         100
+    } else if other_version(h).is_some() {
+        // Another cloop version (QEMU reads those as raw): claimed so that
+        // opening says "unsupported" instead of serving the script as a disk.
+        50
     } else {
         0
     }
+}
+
+/// The version of a cloop preamble other than 2.0 ("#!/bin/sh\n#V4.0 Format\n…modprobe cloop…").
+fn other_version(h: &[u8]) -> Option<String> {
+    let pre = h.get(..128)?;
+    let rest = pre.strip_prefix(b"#!/bin/sh\n#V".as_slice())?;
+    let end = rest.iter().position(|&c| c == b' ' || c == b'\n')?;
+    if !rest[end..].starts_with(b" Format\n") || !pre.windows(14).any(|w| w == b"modprobe cloop") {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
 }
 
 /// Distinguishes driver instances in the per-thread block cache.
@@ -97,6 +112,12 @@ impl Cloop {
         }
         let mut h = [0u8; HEADER_SIZE as usize];
         storage.read_at(&mut h, 0)?;
+        if !h.starts_with(MAGIC_V2) {
+            return Err(match other_version(&h) {
+                Some(v) => unsupported(format!("cloop version {v} (only version 2.0 is supported)")),
+                None => corrupt("not a cloop image (no version 2.0 preamble)"),
+            });
+        }
         let block_size = be32(&h, 128).unwrap_or(0);
         let n = be32(&h, 132).unwrap_or(0);
         if block_size == 0 || !block_size.is_multiple_of(SECTOR as u32) || block_size > MAX_BLOCK_SIZE {
@@ -313,6 +334,23 @@ mod tests {
             d.read_encoded(&mut b, off).unwrap();
             assert_eq!(b, model[off as usize..off as usize + n]);
         }
+    }
+
+    #[test]
+    fn other_versions_are_unsupported() {
+        let (img, _) = sample();
+        let mut v4 = img.clone();
+        v4[12] = b'4';
+        let s = MemoryStorage::new(vec![], true);
+        assert_eq!(probe(&v4, &s), 50);
+        let e = open_bytes(v4).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("version 4.0"), "{e}");
+        let mut junk = img.clone();
+        junk[..9].copy_from_slice(b"#!/bin/ba");
+        assert_eq!(probe(&junk, &s), 0);
+        assert_eq!(open_bytes(junk).err().unwrap().kind(), ErrorKind::CorruptImage);
+        assert_eq!(probe(b"#!/bin/sh\n#V2.0 Format\n", &s), 0);
     }
 
     #[test]
