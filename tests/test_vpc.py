@@ -279,7 +279,7 @@ def _both_footers(off: int, fmt: str, value: int):
 
 
 HOSTILE = {
-    "footer-checksum": _put(64, ">I", 0x12345678, refix=False),
+    "footer-checksums-both": lambda b: [struct.pack_into(">I", b, at + 64, 0x12345678) for at in (0, len(b) - 512)],
     "disk-type-9": _both_footers(60, ">I", 9),
     "dyn-header-offset-huge": _both_footers(16, ">Q", 1 << 62),
     "dyn-header-offset-zero": _both_footers(16, ">Q", 0),
@@ -406,3 +406,15 @@ def test_alternating_sector_bitmap_reads_sector_by_sector(tmp):
     for s in range(0, 8, 2):
         expect[s * 512 : s * 512 + 512] = b"\x5a" * 512
     assert data == bytes(expect)
+
+
+def test_bad_footer_copy_at_0_falls_back_to_the_end_footer(tmp):
+    b = _base(tmp)
+    struct.pack_into(">I", b, 64, 0x12345678)
+    p = tmp / "copy0-bad.vhd"
+    p.write_bytes(bytes(b))
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        assert img.read(4096, 0) == b"\x5a" * 4096
+        img.write(b"\x01" * 10, 3 * MiB)
+    with qb.open(p, flags=0) as img:
+        assert img.read(10, 3 * MiB) == b"\x01" * 10

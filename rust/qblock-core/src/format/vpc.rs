@@ -253,13 +253,27 @@ impl Vpc {
         }
         // As QEMU: the copy at offset 0 when there is one (dynamic disks),
         // else the footer at the end, which must then be a fixed disk's.
+        // Unlike QEMU, a copy at 0 with a bad checksum falls back to the
+        // footer at the end when that one is sound and not a fixed disk's.
         let mut raw = [0u8; 512];
         storage.read_at(&mut raw, 0)?;
         let at_start = raw.starts_with(COOKIE);
         if !at_start {
             storage.read_at(&mut raw, file_len - FOOTER_SIZE)?;
         }
-        let footer = Footer::parse(&raw)?;
+        let footer = match Footer::parse(&raw) {
+            Ok(f) => f,
+            Err(first) if at_start && be32(&raw, 64) != Some(vhd_checksum(&raw, 64)) => {
+                let Some(end) = tail512(storage.as_ref()) else {
+                    return Err(first);
+                };
+                match Footer::parse(&end) {
+                    Ok(f) if f.disk_type != TYPE_FIXED && f.data_offset == be64(&raw, 16).unwrap_or(0) => f,
+                    _ => return Err(corrupt(format!("{first} (and the footer at the end is no better)"))),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         if !at_start && footer.disk_type != TYPE_FIXED {
             return Err(corrupt(format!(
                 "VHD with only an end footer must be a fixed disk, not type {}",
@@ -1032,9 +1046,13 @@ mod tests {
     #[test]
     fn rejections() {
         let good = dynamic_image(4 << 20);
+        // A bad copy at 0 falls back to the footer at the end; both bad fail.
         let mut b = good.clone();
         b[70] ^= 1;
-        assert!(err(b).contains("checksum"));
+        assert_eq!(open_bytes(b.clone()).unwrap().virtual_size(), 4 << 20);
+        let end = b.len() - 512;
+        b[end + 70] ^= 1;
+        assert!(err(b).contains("no better"));
         let mut b = good.clone();
         b[60..64].copy_from_slice(&9u32.to_be_bytes());
         refix_footer(&mut b, 0);
