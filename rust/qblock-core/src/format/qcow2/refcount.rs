@@ -247,36 +247,33 @@ impl Refcounts {
 
     fn alloc_inner(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let cs = self.cs();
+        // Find `n` free clusters from `next_free`, looking at each cluster
+        // once. A cluster past the end of the file may still carry a
+        // refcount (a truncated image, or a reservation given back at a
+        // flush with metadata after it); never hand such a cluster out.
+        let mut first = self.next_free >> self.cluster_bits;
+        let mut run = 0u64;
         let mut skipped = 0u64;
-        loop {
-            let start = self.next_free;
-            let first = start >> self.cluster_bits;
-            // A cluster past the end of the file may still carry a refcount
-            // (a truncated image); never hand such a cluster out.
-            let mut busy = None;
-            for k in 0..n {
-                if self.get(file, first + k)? != 0 {
-                    busy = Some(k);
+        while run < n {
+            let c = first + run;
+            if self.get(file, c)? != 0 {
+                skipped += run + 1;
+                if skipped > MAX_SKIP {
+                    return Err(corrupt("refcounts claim clusters far beyond the end of the file"));
                 }
-            }
-            match busy {
-                None => {
-                    self.next_free = n
-                        .checked_mul(cs)
-                        .and_then(|b| start.checked_add(b))
-                        .ok_or_else(|| corrupt("image file would exceed 2^64 bytes"))?;
-                    self.update(file, first, n, 1)?;
-                    return Ok(start);
-                }
-                Some(k) => {
-                    skipped += k + 1;
-                    if skipped > MAX_SKIP {
-                        return Err(corrupt("refcounts claim clusters far beyond the end of the file"));
-                    }
-                    self.next_free = start + (k + 1) * cs;
-                }
+                first = c + 1;
+                run = 0;
+            } else {
+                run += 1;
             }
         }
+        let start = first << self.cluster_bits;
+        self.next_free = n
+            .checked_mul(cs)
+            .and_then(|b| start.checked_add(b))
+            .ok_or_else(|| corrupt("image file would exceed 2^64 bytes"))?;
+        self.update(file, first, n, 1)?;
+        Ok(start)
     }
 
     /// Take the next cluster for metadata of the refcount structure itself
