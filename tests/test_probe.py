@@ -56,9 +56,6 @@ def test_probe_picks_qcow2_and_raw(tmp):
         ("qcow", []),
         ("qed", []),
         ("vmdk", []),
-        ("vpc", []),
-        ("vpc", ["-o", "subformat=fixed"]),
-        ("vhdx", []),
         ("luks", ["--object", "secret,id=s0,data=pw", "-o", "key-secret=s0"]),
     ],
 )
