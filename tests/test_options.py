@@ -332,8 +332,6 @@ def test_limits_agree_with_qemu_img(tmp, fmt, kw, size):
         qb.RbdOptions(MiB),
         qb.SheepdogOptions(MiB),
         qb.VmdkOptions(MiB),
-        qb.VpcOptions(MiB),
-        qb.VhdxOptions(MiB),
     ],
     ids=lambda o: type(o).__name__,
 )
