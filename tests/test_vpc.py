@@ -418,3 +418,39 @@ def test_bad_footer_copy_at_0_falls_back_to_the_end_footer(tmp):
         img.write(b"\x01" * 10, 3 * MiB)
     with qb.open(p, flags=0) as img:
         assert img.read(10, 3 * MiB) == b"\x01" * 10
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["write", "zero", "reopen"]), st.integers(0, 4 * MiB - 1), st.integers(1, MiB), st.integers(0, 255)),
+        max_size=6,
+    )
+)
+def test_differencing_random_writes_against_model(seq):
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(td)
+        parent = d / "parent.vhd"
+        qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", str(parent), "4M")
+        qemu_io(str(parent), "write -P 0x5a 1000 3M", fmt="vpc")
+        model = bytearray(qemu_raw_bytes(str(parent), d, "-f", "vpc"))
+        child = _make_child(d, parent.read_bytes()[68:84])
+        img = qb.open(child, flags=qb.O_RDWR)
+        try:
+            for op, off, n, v in seq:
+                n = min(n, 4 * MiB - off)
+                if op == "write":
+                    img.write(bytes([v]) * n, off)
+                    model[off : off + n] = bytes([v]) * n
+                elif op == "zero":
+                    img.write_zeroes(off, n)
+                    model[off : off + n] = bytes(n)
+                else:
+                    img.close()
+                    img = qb.open(child, flags=qb.O_RDWR)
+            assert img.read(4 * MiB, 0) == bytes(model)
+        finally:
+            if not img.closed:
+                img.close()
+        # The parent is untouched.
+        assert qemu_raw_bytes(str(parent), d, "-f", "vpc")[1000:1010] == b"\x5a" * 10
