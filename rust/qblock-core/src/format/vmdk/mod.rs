@@ -1,27 +1,34 @@
 //! vmdk (VMware virtual disks), per VMware's "Virtual Disk Format 1.1"
 //! specification, with QEMU's block/vmdk.c as the reference for behaviour.
 //!
-//! - `header`: the hosted sparse extent header ("KDMV") and the
-//!   stream-optimized footer; checks.
+//! - `header`: the hosted sparse extent header ("KDMV"), the
+//!   stream-optimized footer, the VMFS sparse ("COWD") header; checks.
 //! - `descriptor`: the text descriptor (embedded or a separate file).
-//! - `sparse`: one sparse extent: grain directory and tables, compressed
-//!   grains, grain allocation.
-//! - `create`: new images.
+//! - `sparse`: one KDMV or COWD extent: grain directory and tables (a
+//!   bounded cache), compressed grains, grain and table allocation.
+//! - `sesparse`: ESXi SESPARSE extents (read-only).
+//! - `create`: new images, laid out as QEMU lays them out.
 //!
 //! Supported: monolithicSparse (embedded descriptor), monolithicFlat,
-//! twoGbMaxExtentSparse, twoGbMaxExtentFlat, vmfs, vmfsSparse
-//! descriptors whose extents are SPARSE (KDMV), VMFSSPARSE (COWD), FLAT,
-//! VMFS or ZERO, in any mix, with RW or RDONLY access; bare COWD extents; streamOptimized (compressed grains with
+//! twoGbMaxExtentSparse, twoGbMaxExtentFlat, vmfs, vmfsSparse and seSparse
+//! descriptors whose extents are SPARSE (KDMV), VMFSSPARSE (COWD),
+//! SESPARSE (read-only), FLAT, VMFS or ZERO, in any mix, with RW or RDONLY
+//! access; bare COWD extents; streamOptimized (compressed grains with
 //! markers, the grain directory found through the footer) read-only;
-//! zeroed-grain entries; the parent link (parentFileNameHint, format vmdk).
-//! Writes: in place in flat extents, grain allocation in sparse extents.
+//! zeroed-grain entries (read, and written by whole-grain zero writes); the
+//! parent link (parentFileNameHint, format vmdk). Writes: in place in flat
+//! extents, grain (and, where missing, grain table) allocation in sparse
+//! extents; the CID changes on the first write of each open, as QEMU.
+//! Create: the four monolithic/twoGb subformats with compat6, hwversion,
+//! toolsversion, adapter_type, zeroed_grain and a vmdk backing file.
 //!
 //! Differences from QEMU, deliberate: ZERO extents read as zeroes (QEMU
 //! skips their lines, shifting the extents after them), RDONLY extents are
 //! served read-only (QEMU skips them), NOACCESS extents and unknown extent
-//! types are refused (QEMU skips them). SESPARSE extents: read-only, as
-//! QEMU. Not supported: writing to compressed extents, creating
-//! streamOptimized images.
+//! types are refused (QEMU skips them); a descriptor without CID opens
+//! (QEMU refuses it); a monolithicSparse image of size 0 opens as an empty
+//! disk (QEMU refuses it). Not supported: writing to compressed (stream-
+//! optimized) or SESPARSE extents, creating streamOptimized images.
 //!
 //! Parent link: at open the parent's CID is compared with parentCID, as
 //! QEMU does on first use; when they differ, reading unallocated ranges and
@@ -29,7 +36,7 @@
 //! Ours is checked even when the backing file is not opened (no_backing).
 //!
 //! Reading never takes a mutex: `map` finds the extent by binary search and
-//! takes the grain-table cache's read lock.
+//! takes the grain-table cache's read lock; grain directories are atomics.
 
 mod create;
 mod descriptor;
