@@ -202,26 +202,28 @@ impl Cow {
             .bitmap
             .get(self.storage.as_ref(), HEADER_SIZE, self.words, s / 64)?;
         let words = &chunk.entries[chunk.index..];
-        let bit = |n: u64| words[(n / 64) as usize] >> (n % 64) & 1 == 1;
         let first_bit = s % 64;
-        let avail = words.len() as u64 * 64 - first_bit;
-        let limit = max.min(avail);
-        let present = bit(first_bit);
-        let mut n = 1;
+        let limit = max.min(words.len() as u64 * 64 - first_bit);
+        let present = words[0] >> first_bit & 1 == 1;
+        // A word at a time: the bits that differ from the first one end
+        // the run.
+        let mut n = 0u64;
+        let mut at = first_bit;
         while n < limit {
-            let b = first_bit + n;
-            // Whole words at once where they agree.
-            if b.is_multiple_of(64) && limit - n >= 64 {
-                let w = words[(b / 64) as usize];
-                if (present && w == u64::MAX) || (!present && w == 0) {
-                    n += 64;
-                    continue;
-                }
-            }
-            if bit(b) != present {
+            let w = words[(at / 64) as usize];
+            let shift = at % 64;
+            let differ = if present { !w } else { w } >> shift;
+            let left = 64 - shift;
+            let same = if differ == 0 {
+                left
+            } else {
+                u64::from(differ.trailing_zeros()).min(left)
+            };
+            n += same;
+            at += same;
+            if same < left {
                 break;
             }
-            n += 1;
         }
         Ok((present, n.min(limit)))
     }
@@ -473,6 +475,42 @@ mod tests {
             }
         );
         assert_eq!(c2.map(60 * 512 + 3, 1 << 20).unwrap().len, 200 * 512 - 3);
+    }
+
+    #[test]
+    fn runs_match_a_bit_by_bit_count() {
+        // 4096 sectors of pseudo-random runs.
+        let mut v = build_image(4096 * 512, "", 0).unwrap();
+        let mut x = 12345u64;
+        let mut bits = vec![false; 4096];
+        let mut i = 0;
+        while i < 4096 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let len = ((x >> 33) % 150 + 1) as usize;
+            let on = (x >> 20) & 1 == 1;
+            for b in bits.iter_mut().skip(i).take(len) {
+                *b = on;
+            }
+            i += len;
+        }
+        for (n, &b) in bits.iter().enumerate() {
+            if b {
+                v[1056 + n / 8] |= 1 << (n % 8);
+            }
+        }
+        let c = open_bytes(v).unwrap();
+        for s in (0..4096u64).step_by(7) {
+            for max in [1u64, 5, 64, 200, 5000] {
+                let (p, n) = c.run(s, max).unwrap();
+                assert_eq!(p, bits[s as usize]);
+                let want = bits[s as usize..]
+                    .iter()
+                    .take(max as usize)
+                    .take_while(|&&b| b == p)
+                    .count() as u64;
+                assert_eq!(n, want, "at {s} max {max}");
+            }
+        }
     }
 
     #[test]
