@@ -456,3 +456,89 @@ def test_hyperv_differencing_image_names_its_parent(tmp):
         shutil.copyfileobj(f, o)
     with pytest.raises(qb.UnsupportedError, match=r"parent '.*\.avhdx'"):
         qb.open(p, flags=0)
+
+
+def _guid_text(g: bytes) -> str:
+    d1, d2, d3 = struct.unpack_from("<IHH", g)
+    return "{%08X-%04X-%04X-%s-%s}" % (d1, d2, d3, g[8:10].hex().upper(), g[10:].hex().upper())
+
+
+def _current_header(b: bytes) -> int:
+    seqs = [struct.unpack_from("<Q", b, h + 8)[0] if b[h : h + 4] == b"head" else -1 for h in HDR]
+    return HDR[seqs.index(max(seqs))]
+
+
+def _make_child(d: Path, parent: Path) -> Path:
+    """A differencing child of `parent` (4 MiB, 1 MiB blocks): our dynamic
+    image with has_parent set and a parent locator linking to the parent's
+    data write GUID by a relative path."""
+    child = d / "child.vhdx"
+    qb.create(child, qb.VhdxOptions(4 * MiB, block_size=MiB, block_state_zero=False))
+    pb = parent.read_bytes()
+    h = _current_header(pb)
+    linkage = _guid_text(pb[h + 32 : h + 48])
+    b = bytearray(child.read_bytes())
+    _meta_item(b, FILE_PARAMS, struct.pack("<II", MiB, 2))
+    kv = [("parent_linkage", linkage), ("relative_path", ".\\" + parent.name)]
+    loc = bytearray(20 + 12 * len(kv))
+    loc[:16] = struct.pack("<IHH", 0xB04AEFB7, 0xD19E, 0x4A81) + bytes([0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13])
+    struct.pack_into("<H", loc, 18, len(kv))
+    for i, (k, v) in enumerate(kv):
+        ke, ve = k.encode("utf-16-le"), v.encode("utf-16-le")
+        struct.pack_into("<IIHH", loc, 20 + 12 * i, len(loc), len(loc) + len(ke), len(ke), len(ve))
+        loc += ke + ve
+    n = struct.unpack_from("<H", b, META_AT + 10)[0]
+    at = META_AT + 32 + 32 * n
+    b[at : at + 16] = struct.pack("<IHH", 0xA8D35F2D, 0xB30B, 0x454D) + bytes([0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C])
+    struct.pack_into("<III", b, at + 16, 128 * KiB, len(loc), 4)
+    b[META_AT + 128 * KiB : META_AT + 128 * KiB + len(loc)] = loc
+    struct.pack_into("<H", b, META_AT + 10, n + 1)
+    child.write_bytes(bytes(b))
+    return child
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["write", "zero", "reopen"]), st.integers(0, 4 * MiB - 1), st.integers(1, MiB), st.integers(0, 255)),
+        max_size=6,
+    )
+)
+def test_differencing_vhdx_random_writes_against_model(seq):
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(td)
+        parent = d / "parent.vhdx"
+        qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(parent), "4M")
+        qemu_io(str(parent), "write -P 0x5a 1000 3M", fmt="vhdx")
+        model = bytearray(qemu_raw_bytes(str(parent), d))
+        child = _make_child(d, parent)
+        img = qb.open(child, flags=qb.O_RDWR)
+        try:
+            assert img.info().backing_location is not None
+            assert img.read(4 * MiB, 0) == bytes(model)
+            for op, off, n, v in seq:
+                n = min(n, 4 * MiB - off)
+                if op == "write":
+                    img.write(bytes([v]) * n, off)
+                    model[off : off + n] = bytes([v]) * n
+                elif op == "zero":
+                    img.write_zeroes(off, n)
+                    model[off : off + n] = bytes(n)
+                else:
+                    img.close()
+                    img = qb.open(child, flags=qb.O_RDWR)
+            assert img.read(4 * MiB, 0) == bytes(model)
+        finally:
+            if not img.closed:
+                img.close()
+        check_clean(parent)
+        assert qemu_raw_bytes(str(parent), d)[1000:1010] == b"\x5a" * 10
+
+
+def test_differencing_vhdx_with_a_foreign_parent_is_refused(tmp):
+    parent = tmp / "parent.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", str(parent), "4M")
+    child = _make_child(tmp, parent)
+    qemu_img("create", "-q", "-f", "vhdx", str(parent), "4M")  # a new parent: another data write GUID
+    with pytest.raises(qb.CorruptImageError, match="linkage"):
+        qb.open(child, flags=0)
