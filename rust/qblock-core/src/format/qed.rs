@@ -33,6 +33,11 @@
 //! table) the table with its entry and a flush, then the L1 entry; or the
 //! L2 entry. The need-check flag covers what a crash can leave (L2/L1
 //! entries pointing past a file end that did not reach the disk).
+//!
+//! Beyond QEMU's checks: L2 tables may not lie on the L1 table, and a data
+//! cluster lying on a table is read as QEMU reads it but never written
+//! into. QEMU cannot open images with `table_size` 1 (its table check
+//! rejects one-cluster tables); we read, write and create them.
 
 use super::bytes::{le32, le64};
 use super::qcow::table::{ranges_meet, TableCache, TableSet};

@@ -17,6 +17,12 @@
 //! (`Unsupported` on open and create), writing compressed clusters,
 //! resizing.
 //!
+//! Checks beyond QEMU's: the L1 table, every L2 table and every cluster
+//! must lie in the file (a data cluster may be cut short by the file end,
+//! which reads as zeroes as in QEMU); L2 tables may not lie on the header
+//! or the L1 table; a data cluster lying on metadata is read as QEMU reads
+//! it but never written into.
+//!
 //! Locking: the L1 table sits behind a `RwLock`, L2 tables in the shared
 //! chunk cache of [`table`]; `map` takes read locks only and data I/O runs
 //! outside them. Writes are serialised by one mutex (allocation appends to
