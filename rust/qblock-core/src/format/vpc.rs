@@ -9,8 +9,12 @@
 //! geometry, except for creators known to use the footer's current size
 //! (Hyper-V, disk2vhd, XenServer, XenConverter, QEMU's `force_size`) and for
 //! the maximal geometry. Sector bitmaps are honoured on read: a sector whose
-//! bit is clear reads as zeroes (QEMU reads the block's data area instead;
-//! every writer zero-fills it, so both agree on real images).
+//! bit is clear reads as zeroes, or from the parent (QEMU reads the block's
+//! data area instead; writers zero-fill it, so both agree on real images).
+//! The footer copy at 0 and the dynamic header must have sound checksums;
+//! a bad copy at 0 falls back to a sound footer at the end (QEMU fails).
+//! Writes allocate whole blocks (bitmap all set) where the end footer was,
+//! then write the footer after them, then the BAT entry.
 //!
 //! Differencing disks (type 4): the parent is looked for beside the image
 //! through the parent locators (relative and absolute Windows paths, Mac
@@ -21,7 +25,8 @@
 //! `Unsupported`, naming the parent.
 //!
 //! Reading takes no lock: the BAT is a vector of atomics and the bitmap
-//! state of each block is cached in another; writes serialize on one mutex.
+//! state of each block is cached in another (a partially present block
+//! briefly locks the one-entry bitmap cache); writes serialize on one mutex.
 
 use super::bytes::{be16, be32, be64, tail512};
 use crate::backend::Storage;
