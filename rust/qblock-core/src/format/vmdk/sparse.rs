@@ -54,8 +54,10 @@ pub struct SparseExtent {
     gd: Vec<AtomicU32>,
     rgd: Option<Vec<AtomicU32>>,
     cache: RwLock<Cache>,
-    /// Serialises allocating writers; holds the file's end (next grain).
+    /// Serialises writers (allocation, table updates).
     alloc: Mutex<()>,
+    /// The extent file's end: new grains and tables go there; entries
+    /// pointing at or past it are corrupt.
     end: AtomicU64,
     id: u64,
 }
