@@ -185,14 +185,17 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
     } else {
         (None, r)
     };
+    // As QEMU's sscanf: a number after the name is the offset; anything
+    // else after it (a comment) is ignored.
     let mut r = r;
-    let offset = match word(&mut r) {
-        None => None,
-        Some(w) => Some(w.parse::<u64>().map_err(|_| bad())?),
+    let numeric = |w: &str| {
+        w.trim_start_matches(['-', '+'])
+            .starts_with(|c: char| c.is_ascii_digit())
     };
-    if word(&mut r).is_some() {
-        return Err(bad());
-    }
+    let offset = match word(&mut r) {
+        Some(w) if numeric(&w) => Some(w.parse::<u64>().map_err(|_| bad())?),
+        _ => None,
+    };
     let offset = match (kind, filename.is_some(), offset) {
         (ExtentType::Zero, false, None) => 0,
         (ExtentType::Flat, true, Some(o)) => o,
@@ -246,6 +249,13 @@ mod tests {
     }
 
     #[test]
+    fn trailing_words_are_ignored_as_qemu_does() {
+        let d = Descriptor::parse(b"RW 8 FLAT \"a\" 3 # data\nRW 8 SPARSE \"b\" comment\nRW 8 ZERO x\n").unwrap();
+        assert_eq!(d.extents.len(), 3);
+        assert_eq!(d.extents[0].offset, 3);
+    }
+
+    #[test]
     fn bad_extent_lines() {
         for l in [
             "RW",
@@ -255,8 +265,8 @@ mod tests {
             "RW 8",
             "RW 8 FLAT \"a\"",
             "RW 8 FLAT \"a\" -1",
-            "RW 8 FLAT \"a\" 0 9",
             "RW 8 SPARSE \"a\" 3",
+            "RW 8 SPARSE \"a\" -3",
             "RW 8 SPARSE",
             "RW 8 SPARSE \"unterminated",
             "RW 8 SPARSE \"\"",
