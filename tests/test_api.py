@@ -188,7 +188,9 @@ def test_open_with_a_format_name_and_unknown_names(tmp):
     with pytest.raises(qb.InvalidParamError, match="unknown format"):
         qb.open(p, "nosuch", flags=0)
     with pytest.raises(qb.UnsupportedError):
-        qb.open(p, "vmdk", flags=0)  # known, not served yet
+        qb.open(p, "sheepdog", flags=0)  # known by name, no driver
+    with pytest.raises(qb.CorruptImageError):
+        qb.open(p, "vmdk", flags=0)  # forced format, but the bytes are not a vmdk
 
 
 def test_64_bit_offsets_and_lengths(tmp):
