@@ -163,8 +163,11 @@ def test_create_with_backing_loc(tmp, broker):
     slot.backing_fmt = qb.Format.RAW
     o = fmt.to_options()
     assert isinstance(o, qb.QedOptions) and o.backing == qb.Location.file(base) and o.virt_size == 0
-    # qed is not created by the engine yet
-    assert c.qb_create(broker, c.qb_state_new(broker), tmp / "top.qed", fmt, 0) == c.QB_ERR_UNSUPPORTED
+    assert c.qb_create(broker, c.qb_state_new(broker), tmp / "top.qed", fmt, 0) == 0
+    with qb.open(tmp / "top.qed", flags=0) as img:
+        info = img.info()
+        assert info.format is qb.Format.QED and info.virt_size == MiB  # size 0 took the backing's
+        assert info.backing_location == qb.Location.file(base) and info.backing_format is qb.Format.RAW
 
 
 def test_every_seed_format_has_an_option_member(broker):

@@ -56,7 +56,7 @@ def test_create_takes_size_as_an_option_too(tmp, capsysbinary):
         (["create", "-f", "raw", "{tmp}/x.raw"], "needs a size"),
         (["create", "-f", "nosuch", "{tmp}/x.img", "1M"], "unknown format"),
         (["create", "-f", "dmg", "{tmp}/x.img", "1M"], "no options class"),
-        (["create", "-f", "vmdk", "{tmp}/x.vmdk", "1M"], "not supported yet"),
+        (["create", "-f", "sheepdog", "{tmp}/x.img", "1M"], "not supported yet"),
         (["create", "-f", "raw", "-o", "cluster_size=64k", "{tmp}/x.raw", "1M"], "has no option 'cluster_size'"),
         (["create", "-f", "raw", "-o", "preallocation", "{tmp}/x.raw", "1M"], "needs key=value"),
         (["create", "-f", "raw", "{tmp}/x.raw", "lots"], "not a size"),
