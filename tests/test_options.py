@@ -14,7 +14,7 @@ import pytest
 import libqblock as qb
 from libqblock import options as opts
 
-from conftest import qemu_img
+from conftest import qemu_img, qemu_info
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -398,3 +398,16 @@ def test_rules_agree_with_qemu_img(tmp, fmt, kw, size):
     r = qemu_img(*args, check=False)
     theirs = r.returncode == 0
     assert ours == theirs, f"qemu-img {' '.join(args)}: qemu {'accepts' if theirs else 'refuses'}: {r.stderr}"
+
+
+def test_parallels_options_match_qemu_and_create(tmp):
+    with pytest.raises(qb.InvalidParamError, match="multiple of 512"):
+        qb.ParallelsOptions(MiB, cluster_size=1000)
+    with pytest.raises(qb.InvalidParamError, match="too large"):
+        qb.ParallelsOptions(MiB, cluster_size=2 * 1024 * MiB)  # qemu-img: "Cluster size is too large"
+    ours, theirs = tmp / "ours.hdd", tmp / "theirs.hdd"
+    qb.create(ours, qb.ParallelsOptions(64 * MiB, cluster_size=4096))
+    qemu_img("create", "-f", "parallels", "-o", "cluster_size=4096", str(theirs), str(64 * MiB))
+    assert qemu_info(str(ours))["format"] == "parallels"
+    assert qemu_info(str(ours))["virtual-size"] == qemu_info(str(theirs))["virtual-size"]
+    assert qb.options_class("parallels") is qb.ParallelsOptions

@@ -528,6 +528,37 @@ class VdiOptions(ImageOptions):
         return {"size": self.virt_size, "static": self.static, "cluster_size": self.cluster_size}
 
 
+#: Parallels keeps the cluster size in sectors in a 32-bit field, and QEMU
+#: refuses clusters whose sector count times 513 overflows an int.
+PARALLELS_MAX_CLUSTER = ((2**31 - 1) // 513) * SECTOR
+
+
+@dataclass(frozen=True)
+class ParallelsOptions(ImageOptions):
+    """parallels: Parallels / Virtuozzo expanding image (QEMU's ``parallels``).
+
+    ``cluster_size`` (1 MiB by default) must be a multiple of 512 up to about
+    1 GiB; the virtual size may be at most 2^32 clusters.
+    """
+
+    format: ClassVar[Format] = Format.PARALLELS
+    size_alignment: ClassVar[int] = SECTOR
+    cluster_size: int = MiB
+
+    def _validate(self) -> None:
+        _check_int("cluster_size", self.cluster_size)
+        if self.cluster_size == 0 or self.cluster_size % SECTOR:
+            raise InvalidParamError(f"parallels cluster_size must be a positive multiple of 512, not {self.cluster_size}")
+        if self.cluster_size > PARALLELS_MAX_CLUSTER:
+            raise InvalidParamError(
+                f"parallels cluster_size {self.cluster_size} is too large (at most {PARALLELS_MAX_CLUSTER})"
+            )
+        _check_max_size("parallels", self.virt_size, (1 << 32) * self.cluster_size - 1, "2^32 clusters")
+
+    def to_native(self) -> NativeOptions:
+        return {"size": self.virt_size, "cluster_size": self.cluster_size}
+
+
 VMDK_SUBFORMATS = (
     "monolithicSparse",
     "monolithicFlat",
@@ -683,6 +714,7 @@ OPTION_CLASSES: Dict[Format, Type[ImageOptions]] = {
         VmdkOptions,
         VpcOptions,
         VhdxOptions,
+        ParallelsOptions,
     )
 }
 
