@@ -11,8 +11,8 @@
 //! Durability: writes reach the disk in any order unless flushed, so the
 //! places where order matters to QEMU's own rules are flush barriers too:
 //! clusters are reserved in pools whose raised refcounts are flushed before
-//! any of them is handed out (one flush per pool, not per write), a new
-//! refcount block is flushed before the table points at it, and a moved
+//! any of them is handed out (one flush per pool, not per write), new
+//! refcount blocks are flushed before the table points at them, and a moved
 //! table before the header does. The unused rest of a pool is given back at
 //! every flush and at close, so a cleanly closed image has no leaks.
 //! Refcounts go down only after a flush that made the dropped reference
@@ -56,6 +56,8 @@ pub struct Refcounts {
     pub broken: bool,
     /// Reserved clusters: refcount 1 on disk, not yet referenced.
     pool: (u64, u64),
+    /// New refcount blocks whose table entries are still to be written.
+    pending: Vec<u64>,
 }
 
 impl Refcounts {
@@ -101,6 +103,7 @@ impl Refcounts {
             fresh_meta: Vec::new(),
             broken: false,
             pool: (0, 0),
+            pending: Vec::new(),
         })
     }
 
@@ -180,11 +183,37 @@ impl Refcounts {
         self.release_pool(file)?;
         let want = n.max(POOL_BYTES / cs);
         let start = self.alloc_inner(file, want)?;
+        self.write_pending_entries(file)?;
         // Barrier: the raised refcounts are on disk before anything that
         // points at these clusters can be.
         file.flush()?;
         self.pool = (start + bytes, start + want * cs);
         Ok(start)
+    }
+
+    /// Point the table at the refcount blocks created since the last call.
+    /// Their content and their own refcounts are flushed first; and a block
+    /// whose refcount is kept in another new block is entered only once
+    /// that block's entry is durable, so that at no point may the table
+    /// name a block whose own refcount cannot be found.
+    fn write_pending_entries(&mut self, file: &dyn Storage) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        while !pending.is_empty() {
+            file.flush()?;
+            let holder = |s: &Self, bi: u64| (s.table[bi as usize] >> s.cluster_bits) >> s.epb_bits;
+            let (ready, wait): (Vec<u64>, Vec<u64>) = pending.iter().partition(|&&bi| {
+                let h = holder(self, bi);
+                h == bi || !pending.contains(&h)
+            });
+            if ready.is_empty() {
+                return Err(Error::Internal("refcount blocks count each other in a cycle".into()));
+            }
+            for bi in ready {
+                file.write_at(&self.table[bi as usize].to_be_bytes(), self.table_offset + bi * 8)?;
+            }
+            pending = wait;
+        }
+        Ok(())
     }
 
     /// Give back the clusters reserved but not used (at flush and close).
@@ -307,9 +336,10 @@ impl Refcounts {
             // Crash order: the block's own refcount first (elsewhere).
             self.update(file, cluster, 1, 1)?;
         }
-        // Then its content, then the table entry that points at it.
+        // Then its content; the table entry that points at it is written
+        // after a flush (`alloc_pooled`), so a table never points at a block
+        // whose content or own refcount could still be lost.
         file.write_at(&blk, off)?;
-        file.flush()?;
         self.cache.retain(|(o, _)| *o != off);
         if self.cache.len() >= BLOCK_CACHE {
             self.cache.remove(0);
@@ -317,7 +347,7 @@ impl Refcounts {
         self.cache.push((off, blk));
         self.table[bi as usize] = off;
         if !self.relocating {
-            file.write_at(&off.to_be_bytes(), self.table_offset + bi * 8)?;
+            self.pending.push(bi);
         }
         Ok(off)
     }

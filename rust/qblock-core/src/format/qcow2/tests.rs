@@ -747,12 +747,14 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
     // About 40 crash points spread over the whole run (each check recounts
     // the whole image), always including the last.
     let step = (windows.len() / 40).max(1);
+    // Several random subsets per crash point (the first: all writes).
+    let trials = (120 / windows.len()).clamp(2, 12);
     let last = windows.len() - 1;
     for (wi, &(a, b)) in windows.iter().enumerate() {
         if wi % step != 0 && wi != last {
             continue;
         }
-        for trial in 0..2 {
+        for trial in 0..trials {
             let img = MemoryStorage::new(start.clone(), false);
             for e in log[..a].iter().flatten() {
                 img.write_at(&e.1, e.0).unwrap();
@@ -794,5 +796,5 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
             checked += 1;
         }
     }
-    assert!(checked >= 60, "only {checked} crash states checked of {} windows", windows.len());
+    assert!(checked >= 40 && windows.len() >= 10, "only {checked} crash states of {} windows", windows.len());
 }

@@ -255,8 +255,12 @@ impl Qcow2 {
             raw[i * 8..i * 8 + 8].copy_from_slice(&w.to_be_bytes());
         }
         self.file.write_at(&raw, new)?;
-        // Barrier: the table is on disk before the L1 entry points at it.
-        self.file.flush()?;
+        if old != 0 {
+            // Barrier: a copied table is on disk before the L1 entry points
+            // at it (else a power loss would drop mappings that were durable).
+            // A new table needs none: unwritten, it reads as all-unallocated.
+            self.file.flush()?;
+        }
         self.l2.install(new, words);
         let ne = new | COPIED;
         self.file.write_at(&ne.to_be_bytes(), l1_off + idx as u64 * 8)?;
