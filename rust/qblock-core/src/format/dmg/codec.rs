@@ -106,7 +106,10 @@ pub fn lzfse(input: &[u8], out: &mut [u8]) -> Result<()> {
     // reader returning 0), not go on past the chunk.
     let mut extra = [0u8; 1];
     if r.read(&mut extra).map_err(bad)? != 0 {
-        return Err(corrupt(format!("lzfse stream decodes to more than {} bytes", out.len())));
+        return Err(corrupt(format!(
+            "lzfse stream decodes to more than {} bytes",
+            out.len()
+        )));
     }
     Ok(())
 }
