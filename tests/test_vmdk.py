@@ -669,6 +669,8 @@ HOSTILE_DESC = {
     "sesparse-bad-magic": 'version=1\ncreateType="seSparse"\nRW 8 SESPARSE "x.bin"\n',
     "sparse-not-kdmv": 'version=1\ncreateType="twoGbMaxExtentSparse"\nRW 8 SPARSE "x.bin"\n',
     "unterminated-name": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x.bin 0\n',
+    "fifo-extent": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "fifo" 0\n',
+    "chardev-extent": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "/dev/zero" 0\n',
     "self-extent": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "d.vmdk" 0\n',
     "self-parent": 'version=1\ncreateType="monolithicFlat"\nparentFileNameHint="d.vmdk"\nRW 8 FLAT "x.bin" 0\n',
 }
@@ -713,6 +715,7 @@ def test_hostile_cowd(hostile_dir, name):
 @pytest.mark.parametrize("name", sorted(HOSTILE_DESC))
 def test_hostile_descriptor(tmp, name):
     (tmp / "x.bin").write_bytes(bytes(8 * 512))
+    os.mkfifo(tmp / "fifo")
     p = tmp / "d.vmdk"
     p.write_text(HOSTILE_DESC[name])
     out = run_child(p)

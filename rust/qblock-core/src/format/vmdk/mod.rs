@@ -173,10 +173,27 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     Ok(d)
 }
 
+/// A name from an image may point anywhere: opening a FIFO would block
+/// forever and a character device never ends, so only regular files and
+/// block devices are opened.
+fn check_openable(loc: &Location, name: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Location::File(p) = loc {
+        if let Ok(m) = std::fs::metadata(p) {
+            let t = m.file_type();
+            if t.is_fifo() || t.is_socket() || t.is_char_device() {
+                return Err(corrupt(format!("'{name}' is not a regular file or a block device")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The CID of the parent at `loc`, as QEMU's vmdk_read_cid finds it: None
 /// when the parent cannot be opened (the chain's open reports that),
 /// Some(None) when it has no CID (not a vmdk: QEMU calls the link invalid).
 fn parent_cid(loc: &Location) -> Option<Option<u32>> {
+    check_openable(loc, "parent").ok()?;
     let s = loc.open_storage(true).ok()?;
     let mut head = [0u8; 512];
     s.read_at(&mut head, 0).ok()?;
@@ -336,6 +353,7 @@ fn open_descriptor(
             if let Some((_, _, f, _)) = opened.iter().find(|(i, ro, _, _)| *i == id && *ro == read_only) {
                 return Ok(*f);
             }
+            check_openable(&loc, name)?;
             let s = loc
                 .open_storage(read_only)
                 .map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
