@@ -671,6 +671,7 @@ HOSTILE_DESC = {
     "unterminated-name": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "x.bin 0\n',
     "fifo-extent": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "fifo" 0\n',
     "chardev-extent": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "/dev/zero" 0\n',
+    "fifo-parent": 'version=1\ncreateType="monolithicFlat"\nparentFileNameHint="fifo"\nRW 8 FLAT "x.bin" 0\n',
     "self-extent": 'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "d.vmdk" 0\n',
     "self-parent": 'version=1\ncreateType="monolithicFlat"\nparentFileNameHint="d.vmdk"\nRW 8 FLAT "x.bin" 0\n',
 }

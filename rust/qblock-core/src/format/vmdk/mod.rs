@@ -168,6 +168,8 @@ fn read_text(s: &dyn Storage, at: u64, max: u64) -> Result<Vec<u8>> {
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     let mut d = open_vmdk(storage, ctx)?;
     if let Some(p) = &d.parent {
+        // Checked here because the chain opens the parent right after us.
+        check_openable(&ctx.location.relative(p), p)?;
         d.parent_ok = parent_cid(&ctx.location.relative(p)).is_none_or(|c| c == Some(d.parent_cid));
     }
     Ok(d)
