@@ -128,16 +128,23 @@ def _stored_name(row: Dict[str, str]) -> str:
 
 
 def _hash_disk(img: qb.Image) -> str:
+    """sha256 of the whole disk. Ranges map() calls zero are hashed as zeroes
+    without reading them, so a wrong map answer also breaks the hash."""
     h = hashlib.sha256()
-    buf = bytearray(4 << 20)
-    size = img.virt_size
-    pos = 0
-    while pos < size:
-        n = min(len(buf), size - pos)
-        view = memoryview(buf)[:n]
-        img.readinto(view, pos)
-        h.update(view)
-        pos += n
+    chunk = 4 << 20
+    buf = bytearray(chunk)
+    zeroes = memoryview(bytes(chunk))
+    for ext in img.map():
+        pos, end = ext.offset, ext.offset + ext.length
+        while pos < end:
+            n = min(chunk, end - pos)
+            if ext.zero and not ext.data:
+                h.update(zeroes[:n])
+            else:
+                view = memoryview(buf)[:n]
+                img.readinto(view, pos)
+                h.update(view)
+            pos += n
     return h.hexdigest()
 
 
