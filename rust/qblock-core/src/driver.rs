@@ -130,7 +130,10 @@ pub trait Driver: Send + Sync {
     /// Change the virtual size.
     fn truncate(&self, size: u64) -> Result<()> {
         let _ = size;
-        Err(unsupported(format!("resizing {} images is not supported yet", self.format())))
+        Err(unsupported(format!(
+            "resizing {} images is not supported yet",
+            self.format()
+        )))
     }
     /// Flush and mark the image cleanly closed.
     fn close(&self) -> Result<()> {

@@ -69,7 +69,10 @@ impl Error {
     }
 
     pub fn os(context: impl Into<String>, source: io::Error) -> Error {
-        Error::Os { context: context.into(), source }
+        Error::Os {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Prefix the message with where it happened, keeping kind and errno.
@@ -82,7 +85,10 @@ impl Error {
             Error::Unsupported(m) => Error::Unsupported(format!("{what}: {m}")),
             Error::CorruptImage(m) => Error::CorruptImage(format!("{what}: {m}")),
             Error::ImageLocked(m) => Error::ImageLocked(format!("{what}: {m}")),
-            Error::Os { context, source } => Error::Os { context: format!("{what}: {context}"), source },
+            Error::Os { context, source } => Error::Os {
+                context: format!("{what}: {context}"),
+                source,
+            },
         }
     }
 }

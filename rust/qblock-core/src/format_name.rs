@@ -43,11 +43,18 @@ pub const FORMAT_NAMES: &[(Format, &str)] = &[
 
 impl Format {
     pub fn name(self) -> &'static str {
-        FORMAT_NAMES.iter().find(|(f, _)| *f == self).map(|(_, n)| *n).unwrap_or("unknown")
+        FORMAT_NAMES
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("unknown")
     }
 
     pub fn from_name(name: &str) -> Option<Format> {
-        FORMAT_NAMES.iter().find(|(_, n)| n.eq_ignore_ascii_case(name)).map(|(f, _)| *f)
+        FORMAT_NAMES
+            .iter()
+            .find(|(_, n)| n.eq_ignore_ascii_case(name))
+            .map(|(f, _)| *f)
     }
 }
 

@@ -116,19 +116,26 @@ impl Image {
 
     fn open_backing(top: &Location, b: &BackingRef, seen: &mut Vec<String>, opts: &OpenOptions) -> Result<Image> {
         if seen.len() >= MAX_CHAIN_DEPTH {
-            return Err(corrupt(format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images")));
+            return Err(corrupt(format!(
+                "backing chain is deeper than {MAX_CHAIN_DEPTH} images"
+            )));
         }
         let loc = top.relative(&b.filename);
         let id = loc.identity();
         if seen.contains(&id) {
-            return Err(corrupt(format!("backing chain loops: '{}' is its own ancestor", b.filename)));
+            return Err(corrupt(format!(
+                "backing chain loops: '{}' is its own ancestor",
+                b.filename
+            )));
         }
         seen.push(id);
         let fmt = match &b.format {
-            Some(name) => Some(
-                Format::from_name(name)
-                    .ok_or_else(|| corrupt(format!("unknown backing format '{name}' recorded in '{}'", top.describe())))?,
-            ),
+            Some(name) => Some(Format::from_name(name).ok_or_else(|| {
+                corrupt(format!(
+                    "unknown backing format '{name}' recorded in '{}'",
+                    top.describe()
+                ))
+            })?),
             None => None,
         };
         Self::open_layer(&loc, fmt, true, true, seen, opts)
@@ -156,12 +163,15 @@ impl Image {
             };
             if size == 0 {
                 let bfmt = match opts.peek("backing_fmt") {
-                    Some(OptValue::Str(s)) => Some(
-                        Format::from_name(s).ok_or_else(|| invalid(format!("unknown backing format '{s}'")))?,
-                    ),
+                    Some(OptValue::Str(s)) => {
+                        Some(Format::from_name(s).ok_or_else(|| invalid(format!("unknown backing format '{s}'")))?)
+                    }
                     _ => None,
                 };
-                let ro = OpenOptions { read_only: true, ..Default::default() };
+                let ro = OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                };
                 let bimg = Image::open(&bloc, bfmt, &ro)
                     .map_err(|e| e.context(format!("cannot open backing file '{b}' to take its size")))?;
                 opts.set("size", OptValue::Int(bimg.virtual_size()));
@@ -225,7 +235,10 @@ impl Image {
             let m = self.driver.map(pos, want)?;
             let n = m.len.min(want) as usize;
             if n == 0 {
-                return Err(Error::Internal(format!("{} driver mapped an empty run at {pos}", self.format())));
+                return Err(Error::Internal(format!(
+                    "{} driver mapped an empty run at {pos}",
+                    self.format()
+                )));
             }
             let chunk = &mut buf[done..done + n];
             match m.kind {

@@ -10,7 +10,10 @@ use std::sync::Arc;
 pub enum Location {
     File(PathBuf),
     /// A protocol we know by name but do not serve yet.
-    Other { protocol: String, target: String },
+    Other {
+        protocol: String,
+        target: String,
+    },
 }
 
 impl Location {
@@ -29,7 +32,9 @@ impl Location {
     pub fn open_storage(&self, read_only: bool) -> Result<Arc<dyn Storage>> {
         match self {
             Location::File(p) => Ok(Arc::new(FileStorage::open(p, read_only)?)),
-            Location::Other { protocol, .. } => Err(unsupported(format!("the {protocol} protocol is not supported yet"))),
+            Location::Other { protocol, .. } => {
+                Err(unsupported(format!("the {protocol} protocol is not supported yet")))
+            }
         }
     }
 
@@ -37,7 +42,9 @@ impl Location {
     pub fn create_storage(&self) -> Result<Arc<dyn Storage>> {
         match self {
             Location::File(p) => Ok(Arc::new(FileStorage::create(p)?)),
-            Location::Other { protocol, .. } => Err(unsupported(format!("the {protocol} protocol is not supported yet"))),
+            Location::Other { protocol, .. } => {
+                Err(unsupported(format!("the {protocol} protocol is not supported yet")))
+            }
         }
     }
 
@@ -61,7 +68,10 @@ impl Location {
     /// An identity for loop detection: the canonical path where it exists.
     pub fn identity(&self) -> String {
         match self {
-            Location::File(p) => std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string(),
+            Location::File(p) => std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
             other => other.describe(),
         }
     }

@@ -46,7 +46,10 @@ impl HeldBuffer {
     }
 
     pub fn raw(&self) -> RawBytes {
-        RawBytes { ptr: self.view.buf as *mut u8, len: self.view.len as usize }
+        RawBytes {
+            ptr: self.view.buf as *mut u8,
+            len: self.view.len as usize,
+        }
     }
 }
 

@@ -22,7 +22,13 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
     let build = || -> PyResult<PyErr> {
         let module = py.import("libqblock.errors")?;
         let cls = module.getattr(class_name(e.kind()))?;
-        let args = PyTuple::new(py, [e.to_string().into_pyobject(py)?.into_any(), e.errno().into_pyobject(py)?.into_any()])?;
+        let args = PyTuple::new(
+            py,
+            [
+                e.to_string().into_pyobject(py)?.into_any(),
+                e.errno().into_pyobject(py)?.into_any(),
+            ],
+        )?;
         let exc = cls.call1(args)?;
         Ok(PyErr::from_value(exc))
     };
@@ -40,7 +46,9 @@ pub fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::Internal(format!("internal error (a bug in libqblock, please report): {what}")))
+            Err(Error::Internal(format!(
+                "internal error (a bug in libqblock, please report): {what}"
+            )))
         }
     }
 }

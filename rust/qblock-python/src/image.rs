@@ -13,7 +13,10 @@ use std::sync::Arc;
 fn location(protocol: &str, target: &str) -> Location {
     match protocol {
         "file" => Location::file(target),
-        other => Location::Other { protocol: other.to_string(), target: target.to_string() },
+        other => Location::Other {
+            protocol: other.to_string(),
+            target: target.to_string(),
+        },
     }
 }
 
@@ -50,7 +53,18 @@ fn status_tuple(py: Python<'_>, s: BlockStatus) -> PyResult<Bound<'_, PyAny>> {
         Some((f, o)) => (Some(f), Some(o)),
         None => (None, None),
     };
-    Ok((s.offset, s.len, s.allocated, s.present, s.data, s.zero, s.compressed, s.depth, file, off)
+    Ok((
+        s.offset,
+        s.len,
+        s.allocated,
+        s.present,
+        s.data,
+        s.zero,
+        s.compressed,
+        s.depth,
+        file,
+        off,
+    )
         .into_pyobject(py)?
         .into_any())
 }
@@ -215,9 +229,16 @@ pub fn open(
 ) -> PyResult<PyImage> {
     let loc = location(protocol, target);
     let fmt = format_arg(fmt).map_err(|e| to_pyerr(py, e))?;
-    let opts = OpenOptions { read_only, no_backing, write_through, no_flush };
+    let opts = OpenOptions {
+        read_only,
+        no_backing,
+        write_through,
+        no_flush,
+    };
     let img = run(py, || Image::open(&loc, fmt, &opts))?;
-    Ok(PyImage { inner: RwLock::new(Some(Arc::new(img))) })
+    Ok(PyImage {
+        inner: RwLock::new(Some(Arc::new(img))),
+    })
 }
 
 /// Create an image from QEMU-named options (`size`, `backing_file`, ...).
@@ -235,7 +256,10 @@ pub fn create(py: Python<'_>, protocol: &str, target: &str, fmt: &str, options: 
         } else if let Ok(s) = v.extract::<String>() {
             OptValue::Str(s)
         } else {
-            return Err(to_pyerr(py, Error::InvalidParam(format!("option '{key}' has an unusable value"))));
+            return Err(to_pyerr(
+                py,
+                Error::InvalidParam(format!("option '{key}' has an unusable value")),
+            ));
         };
         opts.set(&key, val);
     }
@@ -255,5 +279,7 @@ pub fn probe(py: Python<'_>, protocol: &str, target: &str) -> PyResult<&'static 
 /// Every format the engine knows: (name, can open, can create).
 #[pyfunction]
 pub fn formats() -> Vec<(&'static str, bool, bool)> {
-    qblock_core::format::entries().map(|e| (e.format.name(), e.open.is_some(), e.create.is_some())).collect()
+    qblock_core::format::entries()
+        .map(|e| (e.format.name(), e.open.is_some(), e.create.is_some()))
+        .collect()
 }

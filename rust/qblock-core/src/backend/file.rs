@@ -28,7 +28,11 @@ impl FileStorage {
         if meta.is_dir() {
             return Err(Error::InvalidParam(format!("'{}' is a directory", path.display())));
         }
-        Ok(FileStorage { file, path: path.to_path_buf(), read_only })
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            read_only,
+        })
     }
 
     /// Create (or truncate) a file for a new image.
@@ -40,7 +44,11 @@ impl FileStorage {
             .truncate(true)
             .open(path)
             .map_err(|e| Error::os(format!("cannot create '{}'", path.display()), e))?;
-        Ok(FileStorage { file, path: path.to_path_buf(), read_only: false })
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            read_only: false,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -89,12 +97,17 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.read_only {
-            return Err(Error::InvalidParam(format!("'{}' is open read-only", self.path.display())));
+            return Err(Error::InvalidParam(format!(
+                "'{}' is open read-only",
+                self.path.display()
+            )));
         }
         offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| Error::OutOfRange("write offset overflows".into()))?;
-        self.file.write_all_at(buf, offset).map_err(|e| self.err("cannot write", e))
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.err("cannot write", e))
     }
 
     fn flush(&self) -> Result<()> {
@@ -128,11 +141,17 @@ impl Storage for FileStorage {
         let end = offset.saturating_add(len);
         match self.seek(offset, libc::SEEK_DATA)? {
             // Hole up to `next` (or to EOF when no data follows).
-            Some(next) if next > offset => Ok(HostExtent { data: false, len: (next.min(end)) - offset }),
+            Some(next) if next > offset => Ok(HostExtent {
+                data: false,
+                len: (next.min(end)) - offset,
+            }),
             None => Ok(HostExtent { data: false, len }),
             Some(_) => {
                 let hole = self.seek(offset, libc::SEEK_HOLE)?.unwrap_or(size);
-                Ok(HostExtent { data: true, len: hole.clamp(offset + 1, end) - offset })
+                Ok(HostExtent {
+                    data: true,
+                    len: hole.clamp(offset + 1, end) - offset,
+                })
             }
         }
     }
@@ -145,7 +164,12 @@ impl Storage for FileStorage {
         // to writing zeroes where the file system cannot.
         // SAFETY: fallocate on our own descriptor; no memory is passed.
         let r = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
         };
         if r == 0 {
             let size = self.len()?;

@@ -17,7 +17,10 @@ const MAX_MEMORY_STORAGE: u64 = 1 << 30;
 
 impl MemoryStorage {
     pub fn new(data: Vec<u8>, read_only: bool) -> Self {
-        MemoryStorage { data: RwLock::new(data), read_only }
+        MemoryStorage {
+            data: RwLock::new(data),
+            read_only,
+        }
     }
     pub fn into_inner(self) -> Vec<u8> {
         self.data.into_inner()

@@ -5,7 +5,12 @@ use crate::backend::Storage;
 use crate::format_name::Format;
 use crate::registry::FormatEntry;
 
-pub const ENTRY: FormatEntry = FormatEntry { format: Format::Luks, probe: Some(probe), open: None, create: None };
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Luks,
+    probe: Some(probe),
+    open: None,
+    create: None,
+};
 
 fn probe(h: &[u8], _s: &dyn Storage) -> u32 {
     if h.starts_with(b"LUKS\xba\xbe") {

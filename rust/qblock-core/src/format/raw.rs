@@ -26,7 +26,10 @@ pub struct Raw {
 
 fn open(storage: Arc<dyn Storage>, _ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     let size = storage.len()?;
-    Ok(Box::new(Raw { storage, size: AtomicU64::new(size) }))
+    Ok(Box::new(Raw {
+        storage,
+        size: AtomicU64::new(size),
+    }))
 }
 
 fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
@@ -46,7 +49,11 @@ fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
             crate::backend::write_zero_buffers(storage.as_ref(), 0, size)?;
             storage.set_len(size)?;
         }
-        other => return Err(invalid(format!("raw preallocation must be off, falloc or full, not '{other}'"))),
+        other => {
+            return Err(invalid(format!(
+                "raw preallocation must be off, falloc or full, not '{other}'"
+            )))
+        }
     }
     storage.flush()
 }
@@ -59,12 +66,22 @@ impl Driver for Raw {
         self.size.load(Ordering::Relaxed)
     }
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
-        Ok(Mapping { kind: Mapped::Data { file: 0, offset }, len })
+        Ok(Mapping {
+            kind: Mapped::Data { file: 0, offset },
+            len,
+        })
     }
     fn map_status(&self, offset: u64, len: u64) -> Result<Mapping> {
         let e = self.storage.extent(offset, len)?;
-        let kind = if e.data { Mapped::Data { file: 0, offset } } else { Mapped::Hole { file: 0, offset } };
-        Ok(Mapping { kind, len: e.len.clamp(1, len) })
+        let kind = if e.data {
+            Mapped::Data { file: 0, offset }
+        } else {
+            Mapped::Hole { file: 0, offset }
+        };
+        Ok(Mapping {
+            kind,
+            len: e.len.clamp(1, len),
+        })
     }
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
         (file == 0).then_some(self.storage.as_ref())

@@ -30,8 +30,12 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-pub const ENTRY: FormatEntry =
-    FormatEntry { format: Format::Vdi, probe: Some(probe), open: Some(open), create: Some(create) };
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Vdi,
+    probe: Some(probe),
+    open: Some(open),
+    create: Some(create),
+};
 
 const SIGNATURE: u32 = 0xbeda_107f;
 const VERSION_1_1: u32 = 0x0001_0001;
@@ -118,7 +122,9 @@ impl Header {
     /// Check every field of the first sector against the file length.
     pub fn parse(b: &[u8], file_len: u64) -> Result<Header> {
         if b.len() < HEADER_SECTOR || file_len < HEADER_SECTOR as u64 {
-            return Err(corrupt(format!("the file ({file_len} bytes) is shorter than a VDI header")));
+            return Err(corrupt(format!(
+                "the file ({file_len} bytes) is shorter than a VDI header"
+            )));
         }
         let f = |at| le32(b, at).expect("within the header sector");
         let signature = f(off::SIGNATURE);
@@ -152,11 +158,15 @@ impl Header {
         }
         let uuid_null = |at: usize| b[at..at + 16].iter().all(|&x| x == 0);
         if !uuid_null(off::UUID_LINK) || !uuid_null(off::UUID_PARENT) {
-            return Err(unsupported("VDI images linked to a parent (non-null link or parent UUID) are not supported"));
+            return Err(unsupported(
+                "VDI images linked to a parent (non-null link or parent UUID) are not supported",
+            ));
         }
         let sector_size = f(off::SECTOR_SIZE);
         if sector_size != SECTOR as u32 {
-            return Err(unsupported(format!("VDI sector size {sector_size} is not supported (only 512)")));
+            return Err(unsupported(format!(
+                "VDI sector size {sector_size} is not supported (only 512)"
+            )));
         }
         let offset_bmap = u64::from(f(off::OFFSET_BMAP));
         let offset_data = u64::from(f(off::OFFSET_DATA));
@@ -185,7 +195,9 @@ impl Header {
         }
         let blocks_in_image = f(off::BLOCKS_IN_IMAGE);
         if blocks_in_image > MAX_BLOCKS {
-            return Err(corrupt(format!("VDI image has {blocks_in_image} blocks, more than the maximum {MAX_BLOCKS}")));
+            return Err(corrupt(format!(
+                "VDI image has {blocks_in_image} blocks, more than the maximum {MAX_BLOCKS}"
+            )));
         }
         let blocks_allocated = f(off::BLOCKS_ALLOCATED);
         if blocks_allocated > blocks_in_image {
@@ -213,7 +225,15 @@ impl Header {
                 "VDI data offset {offset_data:#x} overlaps the block map (ends {bmap_end:#x})"
             )));
         }
-        Ok(Header { image_type, offset_bmap, offset_data, disk_size, block_size, blocks_in_image, blocks_allocated })
+        Ok(Header {
+            image_type,
+            offset_bmap,
+            offset_data,
+            disk_size,
+            block_size,
+            blocks_in_image,
+            blocks_allocated,
+        })
     }
 }
 
@@ -282,9 +302,18 @@ impl Vdi {
         // After a crash between the bmap and the header update the header
         // count lags behind the map: never hand out a referenced block again.
         let next = header.blocks_allocated.max(max_ref.map_or(0, |m| m + 1));
-        let alloc = Mutex::new(Alloc { header_count: header.blocks_allocated, next });
+        let alloc = Mutex::new(Alloc {
+            header_count: header.blocks_allocated,
+            next,
+        });
         let block_shift = header.block_size.trailing_zeros();
-        Ok(Vdi { storage, header, block_shift, bmap, alloc })
+        Ok(Vdi {
+            storage,
+            header,
+            block_shift,
+            bmap,
+            alloc,
+        })
     }
 
     fn block_size(&self) -> u64 {
@@ -336,11 +365,13 @@ impl Vdi {
             block[within as usize..within as usize + buf.len()].copy_from_slice(buf);
             self.storage.write_at(&block, host)?;
         }
-        self.storage.write_at(&idx.to_le_bytes(), self.header.offset_bmap + 4 * bi as u64)?;
+        self.storage
+            .write_at(&idx.to_le_bytes(), self.header.offset_bmap + 4 * bi as u64)?;
         self.bmap[bi].store(idx, Ordering::Release);
         st.next = idx + 1;
         st.header_count = idx + 1;
-        self.storage.write_at(&st.header_count.to_le_bytes(), off::BLOCKS_ALLOCATED as u64)?;
+        self.storage
+            .write_at(&st.header_count.to_le_bytes(), off::BLOCKS_ALLOCATED as u64)?;
         Ok(())
     }
 
@@ -382,7 +413,11 @@ impl Driver for Vdi {
         let mut i = bi + 1;
         while run < len && i < self.bmap.len() {
             let e = self.bmap[i].load(Ordering::Acquire);
-            let same = if is_allocated(first) { is_allocated(e) && e == prev + 1 } else { !is_allocated(e) };
+            let same = if is_allocated(first) {
+                is_allocated(e) && e == prev + 1
+            } else {
+                !is_allocated(e)
+            };
             if !same {
                 break;
             }
@@ -391,13 +426,19 @@ impl Driver for Vdi {
             i += 1;
         }
         let kind = if is_allocated(first) {
-            Mapped::Data { file: 0, offset: self.host_of(first) + within }
+            Mapped::Data {
+                file: 0,
+                offset: self.host_of(first) + within,
+            }
         } else {
             // QEMU reports unallocated VDI blocks as allocated zeroes: the
             // format has no backing file, they read as zeroes by definition.
             Mapped::Zero { host: None }
         };
-        Ok(Mapping { kind, len: run.min(len) })
+        Ok(Mapping {
+            kind,
+            len: run.min(len),
+        })
     }
 
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
@@ -443,7 +484,10 @@ impl Driver for Vdi {
     }
 
     fn info(&self) -> Result<DriverInfo> {
-        Ok(DriverInfo { cluster_size: Some(self.block_size()), ..Default::default() })
+        Ok(DriverInfo {
+            cluster_size: Some(self.block_size()),
+            ..Default::default()
+        })
     }
 }
 
@@ -451,13 +495,17 @@ impl Driver for Vdi {
 fn random_uuid() -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
     let mut u = [0u8; 16];
-    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut u)).is_ok();
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut u))
+        .is_ok();
     if !ok {
         for (i, half) in u.chunks_mut(8).enumerate() {
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
             h.write_usize(i);
             h.write_u128(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
             );
             half.copy_from_slice(&h.finish().to_le_bytes());
         }
@@ -472,7 +520,9 @@ fn new_image(size: u64, fixed: bool, block_size: u32) -> Result<(Vec<u8>, Vec<u8
     let bs = u64::from(block_size);
     let blocks = size.div_ceil(bs);
     if blocks > u64::from(MAX_BLOCKS) {
-        return Err(invalid(format!("VDI size {size} needs more than {MAX_BLOCKS} blocks of {block_size} bytes")));
+        return Err(invalid(format!(
+            "VDI size {size} needs more than {MAX_BLOCKS} blocks of {block_size} bytes"
+        )));
     }
     let blocks = blocks as u32;
     let bmap_size = (4 * u64::from(blocks)).div_ceil(SECTOR) * SECTOR;
@@ -583,14 +633,26 @@ mod tests {
         let f = image(3 * MIB, true);
         assert_eq!(f.len() as u64, 1024 + 3 * MIB);
         let v = open_bytes(f).unwrap();
-        assert_eq!(v.map(0, 3 * MIB).unwrap(), Mapping { kind: Mapped::Data { file: 0, offset: 1024 }, len: 3 * MIB });
+        assert_eq!(
+            v.map(0, 3 * MIB).unwrap(),
+            Mapping {
+                kind: Mapped::Data { file: 0, offset: 1024 },
+                len: 3 * MIB
+            }
+        );
     }
 
     #[test]
     fn write_allocates_in_order_and_reopens() {
         let s = Arc::new(MemoryStorage::new(image(4 * MIB, false), false));
         let v = Vdi::open(s.clone()).unwrap();
-        assert_eq!(v.map(0, 4 * MIB).unwrap(), Mapping { kind: Mapped::Zero { host: None }, len: 4 * MIB });
+        assert_eq!(
+            v.map(0, 4 * MIB).unwrap(),
+            Mapping {
+                kind: Mapped::Zero { host: None },
+                len: 4 * MIB
+            }
+        );
         v.write_at(&[7u8; 100], 3 * MIB + 5, &NoBacking).unwrap();
         v.write_at(&[9u8; 10], MIB - 5, &NoBacking).unwrap();
         let b = s.snapshot();
@@ -604,7 +666,13 @@ mod tests {
         let v2 = open_bytes(b).unwrap();
         assert_eq!(
             v2.map(MIB - 1, 2).unwrap(),
-            Mapping { kind: Mapped::Data { file: 0, offset: 1024 + 2 * MIB - 1 }, len: 2 }
+            Mapping {
+                kind: Mapped::Data {
+                    file: 0,
+                    offset: 1024 + 2 * MIB - 1
+                },
+                len: 2
+            }
         );
         assert_eq!(v2.alloc.lock().next, 3);
     }
@@ -625,21 +693,81 @@ mod tests {
         type Patch = Box<dyn Fn(&mut Vec<u8>)>;
         let cases: Vec<(&str, Patch, ErrorKind)> = vec![
             ("truncated", Box::new(|b| b.truncate(300)), ErrorKind::CorruptImage),
-            ("signature", Box::new(|b| put32(b, off::SIGNATURE, 1)), ErrorKind::CorruptImage),
-            ("version 1.0", Box::new(|b| put32(b, off::VERSION, 0x0001_0000)), ErrorKind::Unsupported),
-            ("header size", Box::new(|b| put32(b, off::HEADER_SIZE, 0x100)), ErrorKind::CorruptImage),
-            ("type 0", Box::new(|b| put32(b, off::IMAGE_TYPE, 0)), ErrorKind::CorruptImage),
-            ("type diff", Box::new(|b| put32(b, off::IMAGE_TYPE, TYPE_DIFF)), ErrorKind::Unsupported),
-            ("parent uuid", Box::new(|b| b[off::UUID_PARENT] = 1), ErrorKind::Unsupported),
-            ("bmap in header", Box::new(|b| put32(b, off::OFFSET_BMAP, 0)), ErrorKind::CorruptImage),
-            ("bmap unaligned", Box::new(|b| put32(b, off::OFFSET_BMAP, 0x201)), ErrorKind::Unsupported),
-            ("block size 0", Box::new(|b| put32(b, off::BLOCK_SIZE, 0)), ErrorKind::CorruptImage),
-            ("block size 3M", Box::new(|b| put32(b, off::BLOCK_SIZE, 3 << 20)), ErrorKind::CorruptImage),
-            ("block extra", Box::new(|b| put32(b, off::BLOCK_EXTRA, 512)), ErrorKind::Unsupported),
-            ("sector size", Box::new(|b| put32(b, off::SECTOR_SIZE, 4096)), ErrorKind::Unsupported),
-            ("too many blocks", Box::new(|b| put32(b, off::BLOCKS_IN_IMAGE, u32::MAX)), ErrorKind::CorruptImage),
-            ("bmap past eof", Box::new(|b| put32(b, off::BLOCKS_IN_IMAGE, 1 << 20)), ErrorKind::CorruptImage),
-            ("allocated > blocks", Box::new(|b| put32(b, off::BLOCKS_ALLOCATED, 5)), ErrorKind::CorruptImage),
+            (
+                "signature",
+                Box::new(|b| put32(b, off::SIGNATURE, 1)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "version 1.0",
+                Box::new(|b| put32(b, off::VERSION, 0x0001_0000)),
+                ErrorKind::Unsupported,
+            ),
+            (
+                "header size",
+                Box::new(|b| put32(b, off::HEADER_SIZE, 0x100)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "type 0",
+                Box::new(|b| put32(b, off::IMAGE_TYPE, 0)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "type diff",
+                Box::new(|b| put32(b, off::IMAGE_TYPE, TYPE_DIFF)),
+                ErrorKind::Unsupported,
+            ),
+            (
+                "parent uuid",
+                Box::new(|b| b[off::UUID_PARENT] = 1),
+                ErrorKind::Unsupported,
+            ),
+            (
+                "bmap in header",
+                Box::new(|b| put32(b, off::OFFSET_BMAP, 0)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "bmap unaligned",
+                Box::new(|b| put32(b, off::OFFSET_BMAP, 0x201)),
+                ErrorKind::Unsupported,
+            ),
+            (
+                "block size 0",
+                Box::new(|b| put32(b, off::BLOCK_SIZE, 0)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "block size 3M",
+                Box::new(|b| put32(b, off::BLOCK_SIZE, 3 << 20)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "block extra",
+                Box::new(|b| put32(b, off::BLOCK_EXTRA, 512)),
+                ErrorKind::Unsupported,
+            ),
+            (
+                "sector size",
+                Box::new(|b| put32(b, off::SECTOR_SIZE, 4096)),
+                ErrorKind::Unsupported,
+            ),
+            (
+                "too many blocks",
+                Box::new(|b| put32(b, off::BLOCKS_IN_IMAGE, u32::MAX)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "bmap past eof",
+                Box::new(|b| put32(b, off::BLOCKS_IN_IMAGE, 1 << 20)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "allocated > blocks",
+                Box::new(|b| put32(b, off::BLOCKS_ALLOCATED, 5)),
+                ErrorKind::CorruptImage,
+            ),
             (
                 "disk size > map",
                 Box::new(|b| b[off::DISK_SIZE..off::DISK_SIZE + 8].copy_from_slice(&(5 * MIB).to_le_bytes())),
@@ -650,8 +778,16 @@ mod tests {
                 Box::new(|b| b[off::DISK_SIZE..off::DISK_SIZE + 8].copy_from_slice(&u64::MAX.to_le_bytes())),
                 ErrorKind::CorruptImage,
             ),
-            ("data overlaps bmap", Box::new(|b| put32(b, off::OFFSET_DATA, 512)), ErrorKind::CorruptImage),
-            ("entry too large", Box::new(|b| put32(b, 512, 4)), ErrorKind::CorruptImage),
+            (
+                "data overlaps bmap",
+                Box::new(|b| put32(b, off::OFFSET_DATA, 512)),
+                ErrorKind::CorruptImage,
+            ),
+            (
+                "entry too large",
+                Box::new(|b| put32(b, 512, 4)),
+                ErrorKind::CorruptImage,
+            ),
             (
                 "entry twice",
                 Box::new(|b| {
@@ -676,10 +812,19 @@ mod tests {
         put32(&mut b, 524, 1);
         put32(&mut b, off::BLOCKS_ALLOCATED, 2);
         let v = open_bytes(b).unwrap();
-        assert_eq!(v.map(0, 4 * MIB).unwrap(), Mapping { kind: Mapped::Zero { host: None }, len: 2 * MIB });
+        assert_eq!(
+            v.map(0, 4 * MIB).unwrap(),
+            Mapping {
+                kind: Mapped::Zero { host: None },
+                len: 2 * MIB
+            }
+        );
         assert_eq!(
             v.map(2 * MIB, 2 * MIB).unwrap(),
-            Mapping { kind: Mapped::Data { file: 0, offset: 1024 }, len: 2 * MIB }
+            Mapping {
+                kind: Mapped::Data { file: 0, offset: 1024 },
+                len: 2 * MIB
+            }
         );
     }
 
@@ -707,8 +852,19 @@ mod tests {
             let mut b = base.clone();
             for _ in 0..(next() % 3 + 1) {
                 let at = fields[(next() % fields.len() as u64) as usize];
-                let v = [0u32, 1, 2, 3, 512, 0x200, 0x400, 1 << 20, u32::MAX, 0xffff_fffe, 0x1fff_ff80]
-                    [(next() % 11) as usize];
+                let v = [
+                    0u32,
+                    1,
+                    2,
+                    3,
+                    512,
+                    0x200,
+                    0x400,
+                    1 << 20,
+                    u32::MAX,
+                    0xffff_fffe,
+                    0x1fff_ff80,
+                ][(next() % 11) as usize];
                 b[at..at + 4].copy_from_slice(&v.to_le_bytes());
                 if next() % 3 == 0 {
                     let at = (next() % 0x220) as usize;

@@ -71,7 +71,11 @@ fn blocks<'a>(s: &'a str, name: &str) -> Vec<&'a str> {
 
 fn number(s: &str, name: &str, what: &str) -> Result<u64> {
     let v = tag(s, name).ok_or_else(|| corrupt(format!("parallels descriptor: {what} has no <{name}>")))?;
-    v.parse::<u64>().map_err(|_| corrupt(format!("parallels descriptor: <{name}> of {what} is not a number: '{v}'")))
+    v.parse::<u64>().map_err(|_| {
+        corrupt(format!(
+            "parallels descriptor: <{name}> of {what} is not a number: '{v}'"
+        ))
+    })
 }
 
 /// One extent's file as the descriptor names it.
@@ -89,16 +93,21 @@ pub fn parse(text: &str) -> Result<(u64, Vec<ExtentDesc>)> {
     let params =
         tag(text, "Disk_Parameters").ok_or_else(|| corrupt("parallels descriptor has no <Disk_Parameters>"))?;
     let sectors = number(params, "Disk_size", "the disk")?;
-    let size = sectors
-        .checked_mul(SECTOR)
-        .ok_or_else(|| corrupt(format!("parallels descriptor: disk size of {sectors} sectors overflows")))?;
+    let size = sectors.checked_mul(SECTOR).ok_or_else(|| {
+        corrupt(format!(
+            "parallels descriptor: disk size of {sectors} sectors overflows"
+        ))
+    })?;
     let storage_data = tag(text, "StorageData").ok_or_else(|| corrupt("parallels descriptor has no <StorageData>"))?;
     let storages = blocks(storage_data, "Storage");
     if storages.is_empty() {
         return Err(corrupt("parallels descriptor lists no <Storage>"));
     }
     if storages.len() > MAX_EXTENTS {
-        return Err(corrupt(format!("parallels descriptor lists {} extents (max {MAX_EXTENTS})", storages.len())));
+        return Err(corrupt(format!(
+            "parallels descriptor lists {} extents (max {MAX_EXTENTS})",
+            storages.len()
+        )));
     }
     let mut out = Vec::new();
     let mut pos = 0u64;
@@ -125,19 +134,32 @@ pub fn parse(text: &str) -> Result<(u64, Vec<ExtentDesc>)> {
         let expanding = match kind {
             "Compressed" => true,
             "Plain" => false,
-            k => return Err(unsupported(format!("parallels descriptor: extent type '{k}' is not supported"))),
+            k => {
+                return Err(unsupported(format!(
+                    "parallels descriptor: extent type '{k}' is not supported"
+                )))
+            }
         };
         let file =
             tag(images[0], "File").ok_or_else(|| corrupt(format!("parallels descriptor: {what} names no <File>")))?;
         // Extents live inside the bundle directory.
         if file.is_empty() || file.contains('/') || file.contains('\\') || file == "." || file == ".." {
-            return Err(corrupt(format!("parallels descriptor: extent file '{file}' is not a name inside the bundle")));
+            return Err(corrupt(format!(
+                "parallels descriptor: extent file '{file}' is not a name inside the bundle"
+            )));
         }
-        out.push(ExtentDesc { start: start * SECTOR, end: end * SECTOR, expanding, file: file.to_string() });
+        out.push(ExtentDesc {
+            start: start * SECTOR,
+            end: end * SECTOR,
+            expanding,
+            file: file.to_string(),
+        });
         pos = end;
     }
     if pos != sectors {
-        return Err(corrupt(format!("parallels descriptor: extents end at sector {pos}, the disk has {sectors}")));
+        return Err(corrupt(format!(
+            "parallels descriptor: extents end at sector {pos}, the disk has {sectors}"
+        )));
     }
     Ok((size, out))
 }
@@ -162,7 +184,9 @@ pub struct Bundle {
 pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     let len = descriptor.len()?;
     if len > MAX_DESCRIPTOR {
-        return Err(corrupt(format!("parallels descriptor of {len} bytes is too large (max {MAX_DESCRIPTOR})")));
+        return Err(corrupt(format!(
+            "parallels descriptor of {len} bytes is too large (max {MAX_DESCRIPTOR})"
+        )));
     }
     let mut buf = vec![0u8; len as usize];
     descriptor.read_at(&mut buf, 0)?;
@@ -171,7 +195,9 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
     let mut extents = Vec::with_capacity(descs.len());
     for d in descs {
         let loc = ctx.location.relative(&d.file);
-        let st = loc.open_storage(ctx.read_only).map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
+        let st = loc
+            .open_storage(ctx.read_only)
+            .map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
         let need = d.end - d.start;
         let data = if d.expanding {
             let p =
@@ -195,9 +221,17 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
             }
             Data::Plain(st)
         };
-        extents.push(Extent { start: d.start, end: d.end, data });
+        extents.push(Extent {
+            start: d.start,
+            end: d.end,
+            data,
+        });
     }
-    Ok(Box::new(Bundle { descriptor, size, extents }))
+    Ok(Box::new(Bundle {
+        descriptor,
+        size,
+        extents,
+    }))
 }
 
 impl Bundle {
@@ -229,13 +263,18 @@ impl Driver for Bundle {
     }
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
         let k = self.extents.partition_point(|e| e.end <= offset);
-        let e =
-            self.extents.get(k).ok_or_else(|| crate::Error::Internal(format!("offset {offset} is past the bundle")))?;
+        let e = self
+            .extents
+            .get(k)
+            .ok_or_else(|| crate::Error::Internal(format!("offset {offset} is past the bundle")))?;
         let rel = offset - e.start;
         let len = len.min(e.end - offset);
         let file = (k + 1) as HostFile;
         Ok(match &e.data {
-            Data::Plain(_) => Mapping { kind: Mapped::Data { file, offset: rel }, len },
+            Data::Plain(_) => Mapping {
+                kind: Mapped::Data { file, offset: rel },
+                len,
+            },
             Data::Expanding(p) => {
                 let m = p.map(rel, len)?;
                 let kind = match m.kind {

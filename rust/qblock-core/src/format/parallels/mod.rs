@@ -36,8 +36,12 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-pub const ENTRY: FormatEntry =
-    FormatEntry { format: Format::Parallels, probe: Some(probe), open: Some(open), create: Some(create) };
+pub const ENTRY: FormatEntry = FormatEntry {
+    format: Format::Parallels,
+    probe: Some(probe),
+    open: Some(open),
+    create: Some(create),
+};
 
 pub const MAGIC_V1: &[u8; 16] = b"WithoutFreeSpace";
 pub const MAGIC_V2: &[u8; 16] = b"WithouFreSpacExt";
@@ -117,7 +121,9 @@ impl Header {
 
     pub fn parse(b: &[u8], file_len: u64) -> Result<Header> {
         if b.len() < HEADER_SIZE as usize || file_len < HEADER_SIZE {
-            return Err(corrupt(format!("the file ({file_len} bytes) is shorter than a parallels header")));
+            return Err(corrupt(format!(
+                "the file ({file_len} bytes) is shorter than a parallels header"
+            )));
         }
         let v2 = if b.starts_with(MAGIC_V2) {
             true
@@ -136,7 +142,9 @@ impl Header {
             return Err(corrupt("parallels cluster size is zero (0 sectors per track)"));
         }
         if tracks > MAX_TRACKS {
-            return Err(corrupt(format!("parallels cluster of {tracks} sectors is too big (max {MAX_TRACKS})")));
+            return Err(corrupt(format!(
+                "parallels cluster of {tracks} sectors is too big (max {MAX_TRACKS})"
+            )));
         }
         let bat_entries = f(off::BAT_ENTRIES);
         if bat_entries > MAX_BAT_ENTRIES {
@@ -158,7 +166,9 @@ impl Header {
         // image fake.parallels does): that part reads as unallocated. The
         // size is still bounded as QEMU bounds every image (BDRV_MAX_LENGTH).
         if nb_sectors > MAX_SECTORS {
-            return Err(corrupt(format!("parallels disk of {nb_sectors} sectors is larger than any image may be")));
+            return Err(corrupt(format!(
+                "parallels disk of {nb_sectors} sectors is larger than any image may be"
+            )));
         }
         let size = nb_sectors * SECTOR;
         let data_off = u64::from(f(off::DATA_OFF));
@@ -167,7 +177,9 @@ impl Header {
         } else {
             let d = data_off * SECTOR;
             if d < bat_end {
-                return Err(corrupt(format!("parallels data offset {d:#x} overlaps the BAT (ends {bat_end:#x})")));
+                return Err(corrupt(format!(
+                    "parallels data offset {d:#x} overlaps the BAT (ends {bat_end:#x})"
+                )));
             }
             if d > file_len {
                 return Err(corrupt(format!(
@@ -191,7 +203,15 @@ impl Header {
             e
         };
         let dirty = f(off::INUSE) == INUSE_MAGIC;
-        Ok(Header { v2, tracks, bat_entries, size, dirty, data_start, ext_off })
+        Ok(Header {
+            v2,
+            tracks,
+            bat_entries,
+            size,
+            dirty,
+            data_start,
+            ext_off,
+        })
     }
 }
 
@@ -255,7 +275,8 @@ impl Parallels {
                             "parallels BAT entry {i} points to {host:#x}, past the end of the file ({file_len} bytes)"
                         )));
                     }
-                    used.try_reserve(1).map_err(|_| crate::Error::NoMemory("parallels BAT check".into()))?;
+                    used.try_reserve(1)
+                        .map_err(|_| crate::Error::NoMemory("parallels BAT check".into()))?;
                     used.push(e);
                 }
                 bat.push(AtomicU32::new(e));
@@ -277,13 +298,17 @@ impl Parallels {
                 )));
             }
         }
-        let mut data_end =
-            used.last().map_or(header.data_start, |&e| (u64::from(e) * unit + cluster).max(header.data_start));
+        let mut data_end = used.last().map_or(header.data_start, |&e| {
+            (u64::from(e) * unit + cluster).max(header.data_start)
+        });
         if header.ext_off != 0 {
             let mut m = [0u8; 8];
             storage.read_at(&mut m, header.ext_off)?;
             if u64::from_le_bytes(m) != EXT_MAGIC {
-                return Err(corrupt(format!("parallels format extension at {:#x} has a bad magic", header.ext_off)));
+                return Err(corrupt(format!(
+                    "parallels format extension at {:#x} has a bad magic",
+                    header.ext_off
+                )));
             }
             // Nor may a data cluster overlap the extension cluster.
             let first_after = used.partition_point(|&e| u64::from(e) * unit + cluster <= header.ext_off);
@@ -302,8 +327,18 @@ impl Parallels {
         // our checks above are its check; close truncates leaked space and
         // clears the flag.
         let marked = header.dirty && !read_only && header.ext_off == 0;
-        let alloc = Mutex::new(Alloc { data_end, marked, closed: false });
-        Ok(Parallels { storage, header, bat, alloc, read_only })
+        let alloc = Mutex::new(Alloc {
+            data_end,
+            marked,
+            closed: false,
+        });
+        Ok(Parallels {
+            storage,
+            header,
+            bat,
+            alloc,
+            read_only,
+        })
     }
 
     pub fn header(&self) -> &Header {
@@ -377,7 +412,8 @@ impl Parallels {
             c[within as usize..within as usize + buf.len()].copy_from_slice(buf);
             self.storage.write_at(&c, host)?;
         }
-        self.storage.write_at(&entry.to_le_bytes(), HEADER_SIZE + 4 * ci as u64)?;
+        self.storage
+            .write_at(&entry.to_le_bytes(), HEADER_SIZE + 4 * ci as u64)?;
         self.bat[ci].store(entry, Ordering::Release);
         st.data_end = host + cluster;
         Ok(())
@@ -442,7 +478,10 @@ impl Driver for Parallels {
         let within = offset % cs;
         if ci >= self.bat.len() as u64 {
             // Past the BAT's reach: nothing is stored there.
-            return Ok(Mapping { kind: Mapped::Unallocated, len });
+            return Ok(Mapping {
+                kind: Mapped::Unallocated,
+                len,
+            });
         }
         let ci = ci as usize;
         let first = self.bat[ci].load(Ordering::Acquire);
@@ -451,7 +490,11 @@ impl Driver for Parallels {
         let mut i = ci + 1;
         while run < len && i < self.bat.len() {
             let e = self.bat[i].load(Ordering::Acquire);
-            let same = if first != 0 { e != 0 && self.host_of(e) == prev + cs } else { e == 0 };
+            let same = if first != 0 {
+                e != 0 && self.host_of(e) == prev + cs
+            } else {
+                e == 0
+            };
             if !same {
                 break;
             }
@@ -460,11 +503,17 @@ impl Driver for Parallels {
             i += 1;
         }
         let kind = if first != 0 {
-            Mapped::Data { file: 0, offset: self.host_of(first) + within }
+            Mapped::Data {
+                file: 0,
+                offset: self.host_of(first) + within,
+            }
         } else {
             Mapped::Unallocated
         };
-        Ok(Mapping { kind, len: run.min(len) })
+        Ok(Mapping {
+            kind,
+            len: run.min(len),
+        })
     }
 
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
@@ -535,7 +584,8 @@ impl Driver for Parallels {
             if e == 0 {
                 continue;
             }
-            self.storage.write_at(&0u32.to_le_bytes(), HEADER_SIZE + 4 * ci as u64)?;
+            self.storage
+                .write_at(&0u32.to_le_bytes(), HEADER_SIZE + 4 * ci as u64)?;
             self.bat[ci].store(0, Ordering::Release);
             drop(st);
             // Only what the file holds (an old image's last cluster may be short).
@@ -555,7 +605,11 @@ impl Driver for Parallels {
     /// As `qemu-img info` reports parallels: no cluster size, no
     /// format-specific data.
     fn info(&self) -> Result<DriverInfo> {
-        Ok(DriverInfo { cluster_size: None, dirty: self.header.dirty, ..Default::default() })
+        Ok(DriverInfo {
+            cluster_size: None,
+            dirty: self.header.dirty,
+            ..Default::default()
+        })
     }
 
     fn close(&self) -> Result<()> {
@@ -582,7 +636,9 @@ impl Drop for Parallels {
 /// The first sector of a new v2 image; returns it and the data offset.
 pub fn new_header(size: u64, cluster_size: u64) -> Result<(Vec<u8>, u64)> {
     if cluster_size == 0 || !cluster_size.is_multiple_of(SECTOR) {
-        return Err(invalid(format!("parallels cluster_size {cluster_size} is not a positive multiple of 512")));
+        return Err(invalid(format!(
+            "parallels cluster_size {cluster_size} is not a positive multiple of 512"
+        )));
     }
     if cluster_size / SECTOR > u64::from(MAX_TRACKS) {
         return Err(invalid(format!("parallels cluster_size {cluster_size} is too large")));
@@ -591,11 +647,15 @@ pub fn new_header(size: u64, cluster_size: u64) -> Result<(Vec<u8>, u64)> {
         return Err(invalid(format!("parallels size {size} is not a multiple of 512")));
     }
     if size >= MAX_IMAGE_FACTOR * cluster_size {
-        return Err(invalid(format!("parallels size {size} is too large for {cluster_size}-byte clusters")));
+        return Err(invalid(format!(
+            "parallels size {size} is too large for {cluster_size}-byte clusters"
+        )));
     }
     let bat_entries = size.div_ceil(cluster_size);
     if bat_entries > u64::from(MAX_BAT_ENTRIES) {
-        return Err(invalid(format!("parallels size {size} needs too many clusters of {cluster_size} bytes")));
+        return Err(invalid(format!(
+            "parallels size {size} needs too many clusters of {cluster_size} bytes"
+        )));
     }
     let data_start = (HEADER_SIZE + 4 * bat_entries).div_ceil(cluster_size) * cluster_size;
     let data_sectors = u32::try_from(data_start / SECTOR)
@@ -605,7 +665,11 @@ pub fn new_header(size: u64, cluster_size: u64) -> Result<(Vec<u8>, u64)> {
     let put32 = |h: &mut Vec<u8>, at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
     put32(&mut h, off::VERSION, VERSION);
     put32(&mut h, off::HEADS, HEADS);
-    put32(&mut h, off::CYLINDERS, (size / SECTOR / u64::from(HEADS) / u64::from(SECTORS_PER_TRACK)) as u32);
+    put32(
+        &mut h,
+        off::CYLINDERS,
+        (size / SECTOR / u64::from(HEADS) / u64::from(SECTORS_PER_TRACK)) as u32,
+    );
     put32(&mut h, off::TRACKS, (cluster_size / SECTOR) as u32);
     put32(&mut h, off::BAT_ENTRIES, bat_entries as u32);
     h[off::NB_SECTORS..off::NB_SECTORS + 8].copy_from_slice(&(size / SECTOR).to_le_bytes());

@@ -65,13 +65,28 @@ fn v1_entries_count_sectors() {
     assert_eq!(p.virtual_size(), 512 * 512);
     assert_eq!(
         p.map(0, 256 * KIB).unwrap(),
-        Mapping { kind: Mapped::Data { file: 0, offset: 4096 + 64 * KIB }, len: 64 * KIB }
+        Mapping {
+            kind: Mapped::Data {
+                file: 0,
+                offset: 4096 + 64 * KIB
+            },
+            len: 64 * KIB
+        }
     );
     assert_eq!(
         p.map(64 * KIB, 192 * KIB).unwrap(),
-        Mapping { kind: Mapped::Data { file: 0, offset: 4096 }, len: 64 * KIB }
+        Mapping {
+            kind: Mapped::Data { file: 0, offset: 4096 },
+            len: 64 * KIB
+        }
     );
-    assert_eq!(p.map(128 * KIB, 128 * KIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: 128 * KIB });
+    assert_eq!(
+        p.map(128 * KIB, 128 * KIB).unwrap(),
+        Mapping {
+            kind: Mapped::Unallocated,
+            len: 128 * KIB
+        }
+    );
 }
 
 #[test]
@@ -79,8 +94,17 @@ fn disk_past_the_bat_reads_unallocated_and_refuses_writes() {
     let mut b = v1_image();
     put32(&mut b, off::NB_SECTORS, 1024);
     let p = open_bytes(b, false).unwrap();
-    assert_eq!(p.map(256 * KIB, 256 * KIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: 256 * KIB });
-    assert_eq!(p.write_at(&[1], 256 * KIB, &NoBacking).unwrap_err().kind(), ErrorKind::Unsupported);
+    assert_eq!(
+        p.map(256 * KIB, 256 * KIB).unwrap(),
+        Mapping {
+            kind: Mapped::Unallocated,
+            len: 256 * KIB
+        }
+    );
+    assert_eq!(
+        p.write_at(&[1], 256 * KIB, &NoBacking).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
 }
 
 #[test]
@@ -100,7 +124,13 @@ fn writes_allocate_after_the_last_cluster_and_close_clears_inuse() {
     assert_eq!(le32(&b, off::INUSE), Some(0));
     assert_eq!(b.len() as u64, 192 * KIB);
     let p = open_bytes(b, true).unwrap();
-    assert_eq!(p.map(0, 4 * MIB).unwrap().kind, Mapped::Data { file: 0, offset: 128 * KIB });
+    assert_eq!(
+        p.map(0, 4 * MIB).unwrap().kind,
+        Mapped::Data {
+            file: 0,
+            offset: 128 * KIB
+        }
+    );
 }
 
 #[test]
@@ -109,15 +139,39 @@ fn discard_drops_whole_clusters_only() {
     let p = Parallels::open(s.clone(), false).unwrap();
     p.write_at(&[3u8; 200 * 1024], 0, &NoBacking).unwrap();
     p.discard(1000, 128 * KIB).unwrap(); // covers only cluster 1 entirely
-    assert_eq!(p.map(0, MIB).unwrap().kind, Mapped::Data { file: 0, offset: 64 * KIB });
-    assert_eq!(p.map(64 * KIB, MIB - 64 * KIB).unwrap(), Mapping { kind: Mapped::Unallocated, len: 64 * KIB });
-    assert_eq!(p.map(128 * KIB, MIB - 128 * KIB).unwrap().kind, Mapped::Data { file: 0, offset: 192 * KIB });
+    assert_eq!(
+        p.map(0, MIB).unwrap().kind,
+        Mapped::Data {
+            file: 0,
+            offset: 64 * KIB
+        }
+    );
+    assert_eq!(
+        p.map(64 * KIB, MIB - 64 * KIB).unwrap(),
+        Mapping {
+            kind: Mapped::Unallocated,
+            len: 64 * KIB
+        }
+    );
+    assert_eq!(
+        p.map(128 * KIB, MIB - 128 * KIB).unwrap().kind,
+        Mapped::Data {
+            file: 0,
+            offset: 192 * KIB
+        }
+    );
     let b = s.snapshot();
     assert_eq!(le32(&b, 64 + 4), Some(0));
     assert!(b[128 * 1024..192 * 1024].iter().all(|&x| x == 0));
     // A new write takes a fresh cluster at the end, not the freed one.
     p.write_at(&[4u8; 10], 64 * KIB, &NoBacking).unwrap();
-    assert_eq!(p.map(64 * KIB, 1).unwrap().kind, Mapped::Data { file: 0, offset: 320 * KIB });
+    assert_eq!(
+        p.map(64 * KIB, 1).unwrap().kind,
+        Mapped::Data {
+            file: 0,
+            offset: 320 * KIB
+        }
+    );
 }
 
 #[test]
@@ -142,7 +196,10 @@ fn extension_images_read_but_refuse_writes() {
     b[off::EXT_OFF..off::EXT_OFF + 8].copy_from_slice(&128u64.to_le_bytes());
     b[64 * KIB as usize..64 * KIB as usize + 8].copy_from_slice(&EXT_MAGIC.to_le_bytes());
     let p = open_bytes(b, false).unwrap();
-    assert_eq!(p.write_at(&[1], 0, &NoBacking).unwrap_err().kind(), ErrorKind::Unsupported);
+    assert_eq!(
+        p.write_at(&[1], 0, &NoBacking).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
 }
 
 #[test]
@@ -187,9 +244,18 @@ fn hostile_headers_are_refused() {
             }),
         ),
         ("overlap", Box::new(|b| put32(b, 72, 8 + 64))),
-        ("ext past eof", Box::new(|b| b[off::EXT_OFF..off::EXT_OFF + 8].copy_from_slice(&u64::MAX.to_le_bytes()))),
-        ("ext in BAT", Box::new(|b| b[off::EXT_OFF..off::EXT_OFF + 8].copy_from_slice(&1u64.to_le_bytes()))),
-        ("ext on data", Box::new(|b| b[off::EXT_OFF..off::EXT_OFF + 8].copy_from_slice(&8u64.to_le_bytes()))),
+        (
+            "ext past eof",
+            Box::new(|b| b[off::EXT_OFF..off::EXT_OFF + 8].copy_from_slice(&u64::MAX.to_le_bytes())),
+        ),
+        (
+            "ext in BAT",
+            Box::new(|b| b[off::EXT_OFF..off::EXT_OFF + 8].copy_from_slice(&1u64.to_le_bytes())),
+        ),
+        (
+            "ext on data",
+            Box::new(|b| b[off::EXT_OFF..off::EXT_OFF + 8].copy_from_slice(&8u64.to_le_bytes())),
+        ),
     ];
     for (name, patch) in cases {
         let mut b = v1_image();

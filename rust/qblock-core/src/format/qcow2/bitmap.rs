@@ -34,7 +34,9 @@ pub fn entries(dir: &[u8], nb: u32) -> Result<Vec<(usize, u32)>> {
         let size = ENTRY_HEADER + extra + name_size;
         let padded = (size + 7) & !7;
         if padded > len - p {
-            return Err(corrupt(format!("bitmap directory entry {i} of {size} bytes overruns the directory")));
+            return Err(corrupt(format!(
+                "bitmap directory entry {i} of {size} bytes overruns the directory"
+            )));
         }
         out.push((at + 12, flags));
         p += padded;
@@ -85,7 +87,10 @@ pub fn check(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Re
         used += (ENTRY_HEADER + extra + name + 7) & !7;
     }
     if used != ext.directory_size {
-        return Err(corrupt(format!("bitmap directory of {} bytes holds {used} bytes of entries", ext.directory_size)));
+        return Err(corrupt(format!(
+            "bitmap directory of {} bytes holds {used} bytes of entries",
+            ext.directory_size
+        )));
     }
     Ok(())
 }
@@ -111,7 +116,9 @@ pub fn info(file: &dyn Storage, ext: &BitmapsExt, cs: u64, file_end: u64) -> Res
         let extra = be32(&dir, e + 20) as usize; // entries() checked the sizes
         let name = String::from_utf8_lossy(&dir[e + 24 + extra..e + 24 + extra + name_size]).into_owned();
         if gran_bits > 63 {
-            return Err(corrupt(format!("bitmap '{name}' has a granularity of 2^{gran_bits} bytes")));
+            return Err(corrupt(format!(
+                "bitmap '{name}' has a granularity of 2^{gran_bits} bytes"
+            )));
         }
         let mut fl = Vec::new();
         if flags & FLAG_IN_USE != 0 {

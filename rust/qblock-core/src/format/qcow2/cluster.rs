@@ -52,7 +52,11 @@ impl L2Cache {
 
     pub fn with_capacity(g: &Geometry, capacity: usize) -> L2Cache {
         L2Cache {
-            inner: RwLock::new(CacheInner { tables: HashMap::new(), generation: 0, misses: AtomicU64::new(0) }),
+            inner: RwLock::new(CacheInner {
+                tables: HashMap::new(),
+                generation: 0,
+                misses: AtomicU64::new(0),
+            }),
             capacity,
             words: (g.cluster_size / 8) as usize,
         }
@@ -69,7 +73,9 @@ impl L2Cache {
                     if s.stamp.load(Ordering::Relaxed) != now {
                         s.stamp.store(now, Ordering::Relaxed);
                     }
-                    let f = f.take().ok_or_else(|| Error::Internal("L2 cache callback reused".into()))?;
+                    let f = f
+                        .take()
+                        .ok_or_else(|| Error::Internal("L2 cache callback reused".into()))?;
                     return Ok(f(&s.words));
                 }
                 c.generation
@@ -88,20 +94,35 @@ impl L2Cache {
         let mut raw = try_zeroed(self.words * 8, "L2 table")?;
         file.read_at(&mut raw, off)?;
         let mut words = Vec::new();
-        words.try_reserve_exact(self.words).map_err(|_| Error::NoMemory("L2 table".into()))?;
-        words.extend(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))));
+        words
+            .try_reserve_exact(self.words)
+            .map_err(|_| Error::NoMemory("L2 table".into()))?;
+        words.extend(
+            raw.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))),
+        );
         Ok(words.into_boxed_slice())
     }
 
     fn insert_locked(&self, c: &mut CacheInner, off: u64, words: Box<[u64]>) {
         let now = c.misses.fetch_add(1, Ordering::Relaxed) + 1;
         if !c.tables.contains_key(&off) && c.tables.len() >= self.capacity {
-            if let Some(victim) = c.tables.iter().min_by_key(|(_, s)| s.stamp.load(Ordering::Relaxed)).map(|(k, _)| *k)
+            if let Some(victim) = c
+                .tables
+                .iter()
+                .min_by_key(|(_, s)| s.stamp.load(Ordering::Relaxed))
+                .map(|(k, _)| *k)
             {
                 c.tables.remove(&victim);
             }
         }
-        c.tables.insert(off, Slot { words, stamp: AtomicU64::new(now) });
+        c.tables.insert(
+            off,
+            Slot {
+                words,
+                stamp: AtomicU64::new(now),
+            },
+        );
     }
 
     /// A copy of the table's words (for COW of a whole table).
@@ -153,7 +174,9 @@ pub fn check_l1_entry(g: &Geometry, idx: usize, e: u64, file_end: u64) -> Result
         return Err(corrupt(format!("L2 table {idx} overlaps the header")));
     }
     if off.checked_add(g.cluster_size).is_none_or(|end| end > file_end) {
-        return Err(corrupt(format!("L2 table {idx} at {off:#x} is past the end of the file")));
+        return Err(corrupt(format!(
+            "L2 table {idx} at {off:#x} is past the end of the file"
+        )));
     }
     Ok(off)
 }
@@ -163,7 +186,9 @@ pub fn load_l1(file: &dyn Storage, g: &Geometry, offset: u64, size: u32, file_en
     let mut raw = try_zeroed(size as usize * 8, "L1 table")?; // capped at 32 MiB by the header check
     file.read_at(&mut raw, offset)?;
     let mut entries = Vec::new();
-    entries.try_reserve_exact(size as usize).map_err(|_| Error::NoMemory("L1 table".into()))?;
+    entries
+        .try_reserve_exact(size as usize)
+        .map_err(|_| Error::NoMemory("L1 table".into()))?;
     for (i, c) in raw.chunks_exact(8).enumerate() {
         let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
         check_l1_entry(g, i, e, file_end)?;

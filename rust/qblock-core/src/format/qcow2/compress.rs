@@ -29,7 +29,10 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
         }
         let progressed = d.total_in() as usize != i || done != o;
         if st == Status::StreamEnd || !progressed {
-            return Err(corrupt(format!("compressed cluster inflates to {done} bytes, not {}", out.len())));
+            return Err(corrupt(format!(
+                "compressed cluster inflates to {done} bytes, not {}",
+                out.len()
+            )));
         }
     }
 }
@@ -41,8 +44,9 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     let mut outb = OutBuffer::around(out);
     loop {
         let before = (inb.pos(), outb.pos());
-        let hint =
-            d.run(&mut inb, &mut outb).map_err(|e| corrupt(format!("bad zstd data in a compressed cluster: {e}")))?;
+        let hint = d
+            .run(&mut inb, &mut outb)
+            .map_err(|e| corrupt(format!("bad zstd data in a compressed cluster: {e}")))?;
         if outb.pos() == outb.capacity() {
             return Ok(());
         }

@@ -33,7 +33,9 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         return Err(unsupported("creating encrypted qcow2 images is not supported yet"));
     }
     if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
-        return Err(invalid(format!("cluster_size must be a power of two from 512 to 2 MiB, not {cluster_size}")));
+        return Err(invalid(format!(
+            "cluster_size must be a power of two from 512 to 2 MiB, not {cluster_size}"
+        )));
     }
     let cluster_bits = cluster_size.trailing_zeros();
     let version = match compat.as_str() {
@@ -42,7 +44,9 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         other => return Err(invalid(format!("compat must be 0.10 or 1.1, not '{other}'"))),
     };
     if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err(invalid(format!("refcount_bits must be a power of two up to 64, not {refcount_bits}")));
+        return Err(invalid(format!(
+            "refcount_bits must be a power of two up to 64, not {refcount_bits}"
+        )));
     }
     let refcount_order = refcount_bits.trailing_zeros();
     let compression_type = match compression.as_str() {
@@ -78,10 +82,14 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         return Err(invalid("backing format name is too long"));
     }
     if !matches!(prealloc.as_str(), "off" | "metadata" | "falloc" | "full") {
-        return Err(invalid(format!("preallocation must be off, metadata, falloc or full, not '{prealloc}'")));
+        return Err(invalid(format!(
+            "preallocation must be off, metadata, falloc or full, not '{prealloc}'"
+        )));
     }
     if backing.is_some() && prealloc != "off" && !extended {
-        return Err(invalid("a backing file and preallocation can only be combined with extended_l2"));
+        return Err(invalid(
+            "a backing file and preallocation can only be combined with extended_l2",
+        ));
     }
     if size > i64::MAX as u64 {
         return Err(invalid(format!("size {size} does not fit in 63 bits")));
@@ -96,13 +104,19 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let cs = cluster_size;
     let l1_size = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
     if l1_size * 8 > MAX_L1_BYTES {
-        return Err(invalid(format!("size {size} needs an L1 table beyond QEMU's 32 MiB cap")));
+        return Err(invalid(format!(
+            "size {size} needs an L1 table beyond QEMU's 32 MiB cap"
+        )));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
     let prealloc_meta = prealloc != "off";
     let l2_tables = if prealloc_meta { l1_size } else { 0 };
     let guest_clusters = size.div_ceil(cs);
-    let data_clusters = if prealloc_meta && data_file.is_none() { guest_clusters } else { 0 };
+    let data_clusters = if prealloc_meta && data_file.is_none() {
+        guest_clusters
+    } else {
+        0
+    };
     let fixed = 1 + l1_clusters + l2_tables + data_clusters;
     let epb = (cs * 8) >> refcount_order; // refcount entries per block
     let (mut blocks, mut table) = (1u64, 1u64);
@@ -117,7 +131,9 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         table = nt.max(table);
     }
     if table * cs > MAX_REFTABLE_BYTES {
-        return Err(invalid("image too large for its refcount table with these cluster/refcount sizes"));
+        return Err(invalid(
+            "image too large for its refcount table with these cluster/refcount sizes",
+        ));
     }
     let total = fixed + blocks + table;
     let table_off = cs;
@@ -157,7 +173,9 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         backing_format: backing_fmt.as_deref(),
         data_file: data_file.as_deref(),
     };
-    let first = hdr.serialize().ok_or_else(|| invalid("header and names do not fit in one cluster"))?;
+    let first = hdr
+        .serialize()
+        .ok_or_else(|| invalid("header and names do not fit in one cluster"))?;
 
     let data = match &data_file {
         Some(name) => {
@@ -207,7 +225,11 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
                 if idx >= guest_clusters {
                     break;
                 }
-                let host = if data_file.is_some() { idx * cs } else { data_off + idx * cs };
+                let host = if data_file.is_some() {
+                    idx * cs
+                } else {
+                    data_off + idx * cs
+                };
                 // With extended L2 the subclusters stay unallocated (bitmap
                 // 0), as QEMU leaves them: they read as zeroes, or from the
                 // backing file, until written.

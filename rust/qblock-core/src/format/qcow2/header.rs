@@ -71,7 +71,9 @@ impl Header {
             return Err(corrupt("not a qcow2 image (bad magic)"));
         }
         if file_len < u64::from(V2_HEADER_LEN) {
-            return Err(corrupt(format!("file of {file_len} bytes is too short for a qcow2 header")));
+            return Err(corrupt(format!(
+                "file of {file_len} bytes is too short for a qcow2 header"
+            )));
         }
         let mut h = Header {
             version: be32(head, 4),
@@ -104,20 +106,30 @@ impl Header {
                 }
                 if !h.header_length.is_multiple_of(8) {
                     // The spec: at least 104 and a multiple of 8.
-                    return Err(corrupt(format!("header length {} is not a multiple of 8", h.header_length)));
+                    return Err(corrupt(format!(
+                        "header length {} is not a multiple of 8",
+                        h.header_length
+                    )));
                 }
                 if h.header_length > V3_HEADER_LEN {
                     h.compression_type = head[104];
                 }
             }
-            v => return Err(unsupported(format!("qcow2 version {v} is not supported (only 2 and 3)"))),
+            v => {
+                return Err(unsupported(format!(
+                    "qcow2 version {v} is not supported (only 2 and 3)"
+                )))
+            }
         }
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&h.cluster_bits) {
             return Err(corrupt(format!("cluster_bits {} is outside 9..21", h.cluster_bits)));
         }
         let cs = 1u64 << h.cluster_bits;
         if u64::from(h.header_length) > cs {
-            return Err(corrupt(format!("header length {} exceeds the cluster size {cs}", h.header_length)));
+            return Err(corrupt(format!(
+                "header length {} exceeds the cluster size {cs}",
+                h.header_length
+            )));
         }
         Ok(h)
     }
@@ -138,16 +150,23 @@ impl Header {
                     None => format!("bit {b}"),
                 })
                 .collect();
-            return Err(unsupported(format!("unknown incompatible features: {}", names.join(", "))));
+            return Err(unsupported(format!(
+                "unknown incompatible features: {}",
+                names.join(", ")
+            )));
         }
         if h.incompatible & INCOMPAT_COMPRESSION != 0 {
             if h.header_length <= V3_HEADER_LEN {
-                return Err(corrupt("compression type feature set but the header has no compression type field"));
+                return Err(corrupt(
+                    "compression type feature set but the header has no compression type field",
+                ));
             }
             match h.compression_type {
                 COMPRESSION_ZSTD => {}
                 COMPRESSION_ZLIB => {
-                    return Err(corrupt("compression type feature bit set for the default zlib compression"))
+                    return Err(corrupt(
+                        "compression type feature bit set for the default zlib compression",
+                    ))
                 }
                 t => return Err(unsupported(format!("unknown compression type {t}"))),
             }
@@ -171,7 +190,10 @@ impl Header {
 
     /// The name the image's feature table gives a feature bit.
     pub fn feature_name(&self, kind: u8, bit: u8) -> Option<&str> {
-        self.feature_names.iter().find(|f| f.0 == kind && f.1 == bit).map(|f| f.2.as_str())
+        self.feature_names
+            .iter()
+            .find(|f| f.0 == kind && f.1 == bit)
+            .map(|f| f.2.as_str())
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -189,13 +211,20 @@ impl Header {
         let g = Geometry::new(self.cluster_bits, self.extended_l2());
         if self.extended_l2() && self.cluster_bits < 14 {
             // QEMU: subclusters must be at least 512 bytes.
-            return Err(corrupt(format!("extended L2 entries need clusters of 16 KiB or more, not {cs}")));
+            return Err(corrupt(format!(
+                "extended L2 entries need clusters of 16 KiB or more, not {cs}"
+            )));
         }
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(corrupt(format!("L1 table of {} entries exceeds the 32 MiB cap", self.l1_size)));
+            return Err(corrupt(format!(
+                "L1 table of {} entries exceeds the 32 MiB cap",
+                self.l1_size
+            )));
         }
-        let need = g.l1_entries_for(self.size).ok_or_else(|| corrupt("virtual size overflows the L1 range"))?;
+        let need = g
+            .l1_entries_for(self.size)
+            .ok_or_else(|| corrupt("virtual size overflows the L1 range"))?;
         if u64::from(self.l1_size) < need {
             return Err(corrupt(format!(
                 "L1 table of {} entries is too small for the virtual size {} (needs {need})",
@@ -207,7 +236,9 @@ impl Header {
             if !off.is_multiple_of(cs) {
                 return Err(corrupt(format!("{what} offset {off:#x} is not cluster aligned")));
             }
-            let end = off.checked_add(len).ok_or_else(|| corrupt(format!("{what} range overflows")))?;
+            let end = off
+                .checked_add(len)
+                .ok_or_else(|| corrupt(format!("{what} range overflows")))?;
             if len > 0 && (off == 0 || end > aligned_len) {
                 return Err(corrupt(format!(
                     "{what} at {off:#x} ({len} bytes) is outside the file of {file_len} bytes"
@@ -228,11 +259,18 @@ impl Header {
         }
         let rt = region("refcount table", self.refcount_table_offset, rt_bytes)?;
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(corrupt(format!("{} snapshots exceed the cap of {MAX_SNAPSHOTS}", self.nb_snapshots)));
+            return Err(corrupt(format!(
+                "{} snapshots exceed the cap of {MAX_SNAPSHOTS}",
+                self.nb_snapshots
+            )));
         }
         let sn = if self.nb_snapshots > 0 {
             // Each snapshot header is at least 40 bytes.
-            Some(region("snapshot table", self.snapshots_offset, u64::from(self.nb_snapshots) * 40)?)
+            Some(region(
+                "snapshot table",
+                self.snapshots_offset,
+                u64::from(self.nb_snapshots) * 40,
+            )?)
         } else {
             None
         };
@@ -272,8 +310,10 @@ impl Header {
                 return Err(corrupt("backing file name overlaps the header"));
             }
             if len > 0 {
-                self.backing_file =
-                    Some(name(&first[self.backing_file_offset as usize..end as usize], "backing file name")?);
+                self.backing_file = Some(name(
+                    &first[self.backing_file_offset as usize..end as usize],
+                    "backing file name",
+                )?);
             }
         }
         // Extensions run from the end of the header to the backing name (or
@@ -294,7 +334,9 @@ impl Header {
             }
             // Overflow-proof form of off + len > end.
             if len > end - off {
-                return Err(corrupt(format!("header extension {magic:#x} of {len} bytes overruns the header area")));
+                return Err(corrupt(format!(
+                    "header extension {magic:#x} of {len} bytes overruns the header area"
+                )));
             }
             let data = &first[off as usize..(off + len) as usize];
             match magic {
@@ -307,11 +349,14 @@ impl Header {
                 }
                 EXT_FEATURE_TABLE => {
                     if len % 48 != 0 {
-                        return Err(corrupt(format!("feature name table of {len} bytes is not a multiple of 48")));
+                        return Err(corrupt(format!(
+                            "feature name table of {len} bytes is not a multiple of 48"
+                        )));
                     }
                     for e in data.chunks_exact(48) {
                         let n = e[2..].iter().position(|&b| b == 0).unwrap_or(46);
-                        self.feature_names.push((e[0], e[1], String::from_utf8_lossy(&e[2..2 + n]).into_owned()));
+                        self.feature_names
+                            .push((e[0], e[1], String::from_utf8_lossy(&e[2..2 + n]).into_owned()));
                     }
                 }
                 EXT_DATA_FILE => {
@@ -405,7 +450,14 @@ impl NewHeader<'_> {
     /// None when they do not fit in one cluster.
     pub fn serialize(&self) -> Option<Vec<u8>> {
         let v3 = self.version >= 3;
-        let mut out = vec![0u8; if v3 { V3_HEADER_LEN_FULL as usize } else { V2_HEADER_LEN as usize }];
+        let mut out = vec![
+            0u8;
+            if v3 {
+                V3_HEADER_LEN_FULL as usize
+            } else {
+                V2_HEADER_LEN as usize
+            }
+        ];
         out[0..4].copy_from_slice(MAGIC);
         out[4..8].copy_from_slice(&self.version.to_be_bytes());
         out[20..24].copy_from_slice(&self.cluster_bits.to_be_bytes());

@@ -151,8 +151,14 @@ impl Qcow2 {
                 if id == ctx.location.identity() {
                     return Err(corrupt(format!("the external data file '{name}' is the image itself")));
                 }
-                if hdr.backing_file.as_ref().is_some_and(|b| ctx.location.relative(b).identity() == id) {
-                    return Err(corrupt(format!("the external data file '{name}' is also the backing file")));
+                if hdr
+                    .backing_file
+                    .as_ref()
+                    .is_some_and(|b| ctx.location.relative(b).identity() == id)
+                {
+                    return Err(corrupt(format!(
+                        "the external data file '{name}' is also the backing file"
+                    )));
                 }
                 Some(
                     loc.open_storage(read_only)
@@ -198,7 +204,11 @@ impl Qcow2 {
         let per = g.cluster_bits - g.unit_bits;
         let ci = (u >> per) as usize;
         let sc = (u & ((1 << per) - 1)) as u32;
-        let (e, bm) = if g.extended { (w[ci * 2], w[ci * 2 + 1]) } else { (w[ci], 0) };
+        let (e, bm) = if g.extended {
+            (w[ci * 2], w[ci * 2 + 1])
+        } else {
+            (w[ci], 0)
+        };
         let unit = decode(g, e, bm, sc, self.has_data_file())?;
         match unit {
             Unit::Data { .. } | Unit::ZeroAlloc { .. } => self.check_host(e & OFFSET_MASK)?,
@@ -226,8 +236,10 @@ impl Qcow2 {
     fn l2_for(&self, offset: u64) -> Result<(usize, u64)> {
         let idx = (offset >> self.g.l2_cover_bits()) as usize;
         let l1 = self.l1.read();
-        let e =
-            *l1.entries.get(idx).ok_or_else(|| Error::Internal(format!("offset {offset} is beyond the L1 table")))?;
+        let e = *l1
+            .entries
+            .get(idx)
+            .ok_or_else(|| Error::Internal(format!("offset {offset} is beyond the L1 table")))?;
         Ok((idx, e & OFFSET_MASK))
     }
 
@@ -279,8 +291,14 @@ impl Qcow2 {
                 k += 1;
             }
             let first = match first {
-                Unit::Data { host, copied } => Unit::Data { host: host + within, copied },
-                Unit::ZeroAlloc { host, copied } => Unit::ZeroAlloc { host: host + within, copied },
+                Unit::Data { host, copied } => Unit::Data {
+                    host: host + within,
+                    copied,
+                },
+                Unit::ZeroAlloc { host, copied } => Unit::ZeroAlloc {
+                    host: host + within,
+                    copied,
+                },
                 other => other,
             };
             Ok((first, run.min(max)))
@@ -307,9 +325,13 @@ impl Qcow2 {
     /// Decompress the cluster described by the compressed entry `e` into `out`.
     fn decompress_entry(&self, e: u64, out: &mut [u8]) -> Result<()> {
         let (off, len) = self.g.compressed(e);
-        let end = off.checked_add(len).ok_or_else(|| corrupt("compressed cluster range overflows"))?;
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| corrupt("compressed cluster range overflows"))?;
         if off < self.g.cluster_size || off >= self.file_end.load(Ordering::Relaxed) {
-            return Err(corrupt(format!("compressed cluster at {off:#x} is outside the image file")));
+            return Err(corrupt(format!(
+                "compressed cluster at {off:#x} is outside the image file"
+            )));
         }
         let _ = end;
         let mut input = try_zeroed(len as usize, "compressed cluster")?; // at most 2 clusters
@@ -319,10 +341,14 @@ impl Qcow2 {
 
     /// The L2 entry of the compressed cluster holding `offset`.
     fn compressed_entry(&self, offset: u64) -> Result<u64> {
-        let (e, _) = self.entry_at(offset)?.ok_or_else(|| Error::Internal("compressed cluster vanished".into()))?;
+        let (e, _) = self
+            .entry_at(offset)?
+            .ok_or_else(|| Error::Internal("compressed cluster vanished".into()))?;
         if e & COMPRESSED == 0 {
             // A concurrent write replaced it between map and read.
-            return Err(Error::Internal("cluster is no longer compressed (concurrent write)".into()));
+            return Err(Error::Internal(
+                "cluster is no longer compressed (concurrent write)".into(),
+            ));
         }
         Ok(e)
     }
@@ -380,10 +406,10 @@ impl Driver for Qcow2 {
     }
 
     fn backing(&self) -> Option<BackingRef> {
-        self.hdr
-            .backing_file
-            .as_ref()
-            .map(|f| BackingRef { filename: f.clone(), format: self.hdr.backing_format.clone() })
+        self.hdr.backing_file.as_ref().map(|f| BackingRef {
+            filename: f.clone(),
+            format: self.hdr.backing_format.clone(),
+        })
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
@@ -420,7 +446,10 @@ impl Driver for Qcow2 {
             pos += n as u64;
         }
         let workers = if whole.len() >= PARALLEL_MIN_CLUSTERS {
-            std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DECODE_THREADS).min(whole.len())
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_DECODE_THREADS)
+                .min(whole.len())
         } else {
             1
         };
@@ -446,9 +475,10 @@ impl Driver for Qcow2 {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().map_err(|_| Error::Internal("decompression thread panicked".into()))?)
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .map_err(|_| Error::Internal("decompression thread panicked".into()))?
+            })
         })
     }
 
@@ -483,20 +513,33 @@ impl Driver for Qcow2 {
         let mut fs: Vec<(String, InfoValue)> = Vec::new();
         let v3 = h.version >= 3;
         fs.push(("compat".into(), if v3 { "1.1" } else { "0.10" }.into()));
-        let ct = if h.compression_type == COMPRESSION_ZSTD { "zstd" } else { "zlib" };
+        let ct = if h.compression_type == COMPRESSION_ZSTD {
+            "zstd"
+        } else {
+            "zlib"
+        };
         fs.push(("compression-type".into(), ct.into()));
         if v3 {
-            fs.push(("lazy-refcounts".into(), (h.compatible & COMPAT_LAZY_REFCOUNTS != 0).into()));
+            fs.push((
+                "lazy-refcounts".into(),
+                (h.compatible & COMPAT_LAZY_REFCOUNTS != 0).into(),
+            ));
             if let (Some(b), true) = (&h.bitmaps, h.autoclear & AUTOCLEAR_BITMAPS != 0) {
                 let end = self.file_end.load(Ordering::Relaxed);
-                fs.push(("bitmaps".into(), bitmap::info(self.file.as_ref(), b, self.g.cluster_size, end)?));
+                fs.push((
+                    "bitmaps".into(),
+                    bitmap::info(self.file.as_ref(), b, self.g.cluster_size, end)?,
+                ));
             }
         }
         fs.push(("refcount-bits".into(), (1u64 << h.refcount_order).into()));
         if v3 {
             if let Some(d) = &h.data_file {
                 fs.push(("data-file".into(), d.clone().into()));
-                fs.push(("data-file-raw".into(), (h.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0).into()));
+                fs.push((
+                    "data-file-raw".into(),
+                    (h.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0).into(),
+                ));
             }
             fs.push(("corrupt".into(), (h.incompatible & INCOMPAT_CORRUPT != 0).into()));
             fs.push(("extended-l2".into(), h.extended_l2().into()));

@@ -75,15 +75,21 @@ impl Refcounts {
         file.read_at(&mut raw, table_offset)?;
         let aligned_len = align_up(file_len, cs)?;
         let mut table = Vec::new();
-        table.try_reserve_exact(raw.len() / 8).map_err(|_| Error::NoMemory("refcount table".into()))?;
+        table
+            .try_reserve_exact(raw.len() / 8)
+            .map_err(|_| Error::NoMemory("refcount table".into()))?;
         for (i, c) in raw.chunks_exact(8).enumerate() {
             let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
             let off = e & REFT_OFFSET_MASK;
             if !off.is_multiple_of(cs) {
-                return Err(corrupt(format!("refcount block {i} at {off:#x} is not cluster aligned")));
+                return Err(corrupt(format!(
+                    "refcount block {i} at {off:#x} is not cluster aligned"
+                )));
             }
             if off != 0 && off.checked_add(cs).is_none_or(|end| end > aligned_len) {
-                return Err(corrupt(format!("refcount block {i} at {off:#x} is past the end of the file")));
+                return Err(corrupt(format!(
+                    "refcount block {i} at {off:#x} is past the end of the file"
+                )));
             }
             if off != 0 && off < cs {
                 return Err(corrupt(format!("refcount block {i} overlaps the header")));
@@ -233,7 +239,9 @@ impl Refcounts {
 
     fn update_inner(&mut self, file: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
         let mut c = first;
-        let end = first.checked_add(count).ok_or_else(|| corrupt("cluster range overflows"))?;
+        let end = first
+            .checked_add(count)
+            .ok_or_else(|| corrupt("cluster range overflows"))?;
         let max = self.max_refcount();
         while c < end {
             let bi = c >> self.epb_bits;
@@ -309,7 +317,9 @@ impl Refcounts {
     /// (its refcount is set by the caller).
     fn take_cluster(&mut self) -> Result<u64> {
         let off = self.next_free;
-        self.next_free = off.checked_add(self.cs()).ok_or_else(|| corrupt("image file would exceed 2^64 bytes"))?;
+        self.next_free = off
+            .checked_add(self.cs())
+            .ok_or_else(|| corrupt("image file would exceed 2^64 bytes"))?;
         Ok(off)
     }
 
@@ -375,7 +385,9 @@ impl Refcounts {
             entries = needed;
         };
         if clusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::OutOfRange("the refcount table would exceed its 8 MiB cap".into()));
+            return Err(Error::OutOfRange(
+                "the refcount table would exceed its 8 MiB cap".into(),
+            ));
         }
         let new_off = start;
         self.next_free = start + clusters * cs;
@@ -453,7 +465,11 @@ mod tests {
     fn entries_of_every_width() {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 512];
-            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
             for i in 0..20 {
                 set_entry(&mut b, i, order, (i as u64 * 7) & max);
             }

@@ -42,7 +42,9 @@ impl Counter {
         if len == 0 {
             return Ok(());
         }
-        let end = off.checked_add(len).ok_or_else(|| corrupt(format!("{what} range overflows")))?;
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| corrupt(format!("{what} range overflows")))?;
         let (first, last) = (off >> self.cluster_bits, (end - 1) >> self.cluster_bits);
         if last >= self.counts.len() as u64 {
             return Err(corrupt(format!("{what} at {off:#x} is past the end of the file")));
@@ -108,12 +110,21 @@ pub fn count_references(file: &dyn Storage, h: &Header, l1_offset: u64, l1_size:
     let file_len = align_up(file.len()?, cs)?;
     let nclusters = file_len / cs;
     if nclusters > MAX_REPAIR_CLUSTERS {
-        return Err(unsupported("image too large to rebuild its refcounts; run 'qemu-img check -r all'"));
+        return Err(unsupported(
+            "image too large to rebuild its refcounts; run 'qemu-img check -r all'",
+        ));
     }
     let mut counts = Vec::new();
-    counts.try_reserve_exact(nclusters as usize).map_err(|_| Error::NoMemory("refcount rebuild".into()))?;
+    counts
+        .try_reserve_exact(nclusters as usize)
+        .map_err(|_| Error::NoMemory("refcount rebuild".into()))?;
     counts.resize(nclusters as usize, 0u32);
-    let mut c = Counter { cs, cluster_bits: h.cluster_bits, counts, read: 0 };
+    let mut c = Counter {
+        cs,
+        cluster_bits: h.cluster_bits,
+        counts,
+        read: 0,
+    };
     let data_file = h.data_file.is_some();
     c.add(0, cs, "header")?;
     c.l1(file, &g, l1_offset, l1_size, data_file)?;
@@ -179,7 +190,11 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
     }
     let table_off = file_len;
     let blocks_off = table_off + table * cs;
-    let max = if order == 6 { u64::MAX } else { (1u64 << (1u32 << order)) - 1 };
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    };
     let mut tbl = try_zeroed((table * cs) as usize, "refcount table")?;
     let mut blk = try_zeroed(cs as usize, "refcount block")?;
     let total = nclusters + blocks + table;
@@ -190,9 +205,15 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
             if cl >= total {
                 break;
             }
-            let v = if cl < nclusters { u64::from(counts[cl as usize]) } else { 1 };
+            let v = if cl < nclusters {
+                u64::from(counts[cl as usize])
+            } else {
+                1
+            };
             if v > max {
-                return Err(corrupt(format!("cluster {cl} has {v} references, more than refcount_bits allow")));
+                return Err(corrupt(format!(
+                    "cluster {cl} has {v} references, more than refcount_bits allow"
+                )));
             }
             set_entry(&mut blk, i as usize, order, v);
         }

@@ -34,7 +34,9 @@ pub fn read_table(file: &dyn Storage, h: &Header, file_len: u64) -> Result<(Vec<
         let id = u64::from(be16(&fixed, 12));
         let name = u64::from(be16(&fixed, 14));
         if extra > MAX_SNAPSHOT_EXTRA {
-            return Err(corrupt(format!("snapshot {i} claims {extra} bytes of extra data (at most 1024)")));
+            return Err(corrupt(format!(
+                "snapshot {i} claims {extra} bytes of extra data (at most 1024)"
+            )));
         }
         p = align_up(p + FIXED + extra + id + name, 8)?;
         if p > MAX_SNAPSHOT_TABLE {
@@ -43,17 +45,26 @@ pub fn read_table(file: &dyn Storage, h: &Header, file_len: u64) -> Result<(Vec<
         if h.snapshots_offset.checked_add(p).is_none_or(|e| e > aligned_len) {
             return Err(corrupt(format!("snapshot {i} lies past the end of the file")));
         }
-        let s = Snapshot { l1_table_offset: be64(&fixed, 0), l1_size: be32(&fixed, 8) };
+        let s = Snapshot {
+            l1_table_offset: be64(&fixed, 0),
+            l1_size: be32(&fixed, 8),
+        };
         let l1_bytes = u64::from(s.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(corrupt(format!("snapshot {i} has an L1 table of {} entries", s.l1_size)));
+            return Err(corrupt(format!(
+                "snapshot {i} has an L1 table of {} entries",
+                s.l1_size
+            )));
         }
         if l1_bytes > 0
             && (!s.l1_table_offset.is_multiple_of(cs)
                 || s.l1_table_offset < cs
                 || s.l1_table_offset.checked_add(l1_bytes).is_none_or(|e| e > aligned_len))
         {
-            return Err(corrupt(format!("snapshot {i} L1 table at {:#x} is invalid", s.l1_table_offset)));
+            return Err(corrupt(format!(
+                "snapshot {i} L1 table at {:#x} is invalid",
+                s.l1_table_offset
+            )));
         }
         out.push(s);
     }

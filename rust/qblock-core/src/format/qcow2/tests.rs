@@ -50,7 +50,10 @@ fn base() -> Vec<u8> {
 
 fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
     let loc = Location::file("/nonexistent/qcow2-unit-test.qcow2");
-    let ctx = OpenCtx { location: &loc, read_only };
+    let ctx = OpenCtx {
+        location: &loc,
+        read_only,
+    };
     let s: Arc<dyn Storage> = Arc::new(MemoryStorage::new(b, read_only));
     Qcow2::open(s, &ctx)
 }
@@ -90,7 +93,9 @@ fn corrupt_read(f: impl FnOnce(&mut Vec<u8>)) {
     let mut b = base();
     f(&mut b);
     let d = open_bytes(b, true).expect("opens");
-    let Err(e) = read(&d, 0, 4096) else { panic!("hostile entry was read") };
+    let Err(e) = read(&d, 0, 4096) else {
+        panic!("hostile entry was read")
+    };
     assert_eq!(e.kind(), ErrorKind::CorruptImage, "{e}");
 }
 
@@ -403,7 +408,13 @@ fn compressed_cluster_outside_file_or_undecodable() {
     // Offset beyond the file.
     corrupt_read(|b| put64(b, 4 * CS, COMPRESSED | (1u64 << 40)));
     // Maximal size field at the end of the offset range: must not overflow.
-    corrupt_read(|b| put64(b, 4 * CS, COMPRESSED | (g.csize_mask << g.csize_shift) | ((1u64 << g.csize_shift) - 1)));
+    corrupt_read(|b| {
+        put64(
+            b,
+            4 * CS,
+            COMPRESSED | (g.csize_mask << g.csize_shift) | ((1u64 << g.csize_shift) - 1),
+        )
+    });
     // Garbage deflate data inside the file.
     corrupt_read(|b| put64(b, 4 * CS, COMPRESSED | (5 * CS as u64)));
     // Compressed with the copied flag and an external data file is corrupt
@@ -421,7 +432,9 @@ fn unknown_incompatible_bit() {
     b[120] = 0;
     b[121] = 33;
     b[122..132].copy_from_slice(b"warp drive");
-    let Err(e) = open_bytes(b, true) else { panic!("accepted") };
+    let Err(e) = open_bytes(b, true) else {
+        panic!("accepted")
+    };
     assert!(e.to_string().contains("bit 33 (warp drive)"), "{e}");
 }
 
@@ -530,7 +543,9 @@ fn data_write_onto_metadata_is_refused() {
     let mut b = base();
     put64(&mut b, 4 * CS + 8, (3 * CS as u64) | COPIED);
     let d = open_bytes(b, false).unwrap();
-    let e = d.write_at(&[0xffu8; 16], CS as u64, &NoBacking).expect_err("metadata overwritten");
+    let e = d
+        .write_at(&[0xffu8; 16], CS as u64, &NoBacking)
+        .expect_err("metadata overwritten");
     assert_eq!(e.kind(), ErrorKind::CorruptImage);
     let mut l1 = vec![0u8; 8];
     d.file.read_at(&mut l1, 3 * CS as u64).unwrap();
@@ -547,8 +562,14 @@ fn releasing_a_hostile_entry_never_touches_metadata_refcounts() {
         put64(&mut b, 4 * CS + 8, entry);
         let before = b[2 * CS..3 * CS].to_vec();
         let d = open_bytes(b, false).unwrap();
-        assert_eq!(d.discard(CS as u64, CS as u64).unwrap_err().kind(), ErrorKind::CorruptImage);
-        assert_eq!(d.write_zeroes(CS as u64, CS as u64, &NoBacking).unwrap_err().kind(), ErrorKind::CorruptImage);
+        assert_eq!(
+            d.discard(CS as u64, CS as u64).unwrap_err().kind(),
+            ErrorKind::CorruptImage
+        );
+        assert_eq!(
+            d.write_zeroes(CS as u64, CS as u64, &NoBacking).unwrap_err().kind(),
+            ErrorKind::CorruptImage
+        );
         let mut after = vec![0u8; CS];
         d.file.read_at(&mut after, 2 * CS as u64).unwrap();
         assert_eq!(after, before);
@@ -610,7 +631,10 @@ impl Storage for Failing {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.budget.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
-            return Err(crate::error::Error::os("write", std::io::Error::from_raw_os_error(libc::ENOSPC)));
+            return Err(crate::error::Error::os(
+                "write",
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
         }
         self.inner.write_at(buf, offset)
     }
@@ -634,9 +658,15 @@ impl Storage for Failing {
 #[test]
 fn failed_writes_leave_a_usable_image() {
     for budget in 0..60i64 {
-        let s = Arc::new(Failing { inner: MemoryStorage::new(base(), false), budget: budget.into() });
+        let s = Arc::new(Failing {
+            inner: MemoryStorage::new(base(), false),
+            budget: budget.into(),
+        });
         let loc = Location::file("/nonexistent/x.qcow2");
-        let ctx = OpenCtx { location: &loc, read_only: false };
+        let ctx = OpenCtx {
+            location: &loc,
+            read_only: false,
+        };
         let d = Qcow2::open(s.clone(), &ctx).unwrap();
         let mut failed = false;
         // Enough allocation to grow refcount blocks and the table.
@@ -655,7 +685,11 @@ fn failed_writes_leave_a_usable_image() {
         drop(d);
         let d = Qcow2::open(s, &ctx).unwrap();
         for i in 0..50u64 {
-            assert_eq!(read(&d, 600_000 + i * 3000, 300).unwrap(), vec![0xee; 300], "budget {budget}");
+            assert_eq!(
+                read(&d, 600_000 + i * 3000, 300).unwrap(),
+                vec![0xee; 300],
+                "budget {budget}"
+            );
         }
     }
 }
@@ -703,16 +737,28 @@ impl Storage for Recording {
 fn crash_at_any_point_leaves_refcounts_covering_references() {
     use super::refcount::Refcounts;
     let start = base();
-    let rec = Arc::new(Recording { inner: MemoryStorage::new(start.clone(), false), log: Default::default() });
+    let rec = Arc::new(Recording {
+        inner: MemoryStorage::new(start.clone(), false),
+        log: Default::default(),
+    });
     let loc = Location::file("/nonexistent/crash.qcow2");
-    let ctx = OpenCtx { location: &loc, read_only: false };
+    let ctx = OpenCtx {
+        location: &loc,
+        read_only: false,
+    };
     let d = Qcow2::open(rec.clone(), &ctx).unwrap();
     for i in 0..40u64 {
-        d.write_at(&[i as u8; 700], (i * 24571) % (SIZE - 700), &NoBacking).unwrap();
+        d.write_at(&[i as u8; 700], (i * 24571) % (SIZE - 700), &NoBacking)
+            .unwrap();
     }
     d.truncate(64 << 20).unwrap(); // the L1 table moves
     for i in 0..120u64 {
-        d.write_at(&[0x80 | i as u8; 600], SIZE + (i * 523_927) % ((63 << 20) - 600), &NoBacking).unwrap();
+        d.write_at(
+            &[0x80 | i as u8; 600],
+            SIZE + (i * 523_927) % ((63 << 20) - 600),
+            &NoBacking,
+        )
+        .unwrap();
         if i % 40 == 39 {
             d.flush().unwrap(); // pools are given back and retaken
         }
@@ -735,7 +781,12 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
         seed ^= seed << 17;
         seed
     };
-    let flushes: Vec<usize> = log.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i).collect();
+    let flushes: Vec<usize> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.is_none())
+        .map(|(i, _)| i)
+        .collect();
     let mut windows: Vec<(usize, usize)> = Vec::new();
     let mut prev = 0;
     for &f in &flushes {
@@ -776,9 +827,15 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
             };
             let mut refs = super::repair::count_references(&img, &h, l1_off, l1_len).unwrap();
             let len = img.len().unwrap();
-            let mut rc =
-                Refcounts::load(&img, 9, h.refcount_order, h.refcount_table_offset, h.refcount_table_clusters, len)
-                    .unwrap();
+            let mut rc = Refcounts::load(
+                &img,
+                9,
+                h.refcount_order,
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
+                len,
+            )
+            .unwrap();
             // The refcount structure references itself too.
             for c in 0..u64::from(h.refcount_table_clusters) {
                 refs[((h.refcount_table_offset >> 9) + c) as usize] += 1;
@@ -796,5 +853,9 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
             checked += 1;
         }
     }
-    assert!(checked >= 40 && windows.len() >= 10, "only {checked} crash states of {} windows", windows.len());
+    assert!(
+        checked >= 40 && windows.len() >= 10,
+        "only {checked} crash states of {} windows",
+        windows.len()
+    );
 }

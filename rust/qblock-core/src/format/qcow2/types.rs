@@ -87,7 +87,9 @@ pub fn be64(b: &[u8], at: usize) -> u64 {
 
 /// Round `v` up to a multiple of the power of two `align`, failing on overflow.
 pub fn align_up(v: u64, align: u64) -> Result<u64> {
-    v.checked_add(align - 1).map(|x| x & !(align - 1)).ok_or_else(|| corrupt("offset overflows 64 bits"))
+    v.checked_add(align - 1)
+        .map(|x| x & !(align - 1))
+        .ok_or_else(|| corrupt("offset overflows 64 bits"))
 }
 
 /// Fixed facts derived from the header: sizes of clusters, tables, entries.
@@ -173,7 +175,9 @@ pub enum Unit {
 pub fn decode(g: &Geometry, e: u64, bitmap: u64, sc: u32, data_file: bool) -> Result<Unit> {
     if e & COMPRESSED != 0 {
         if g.extended && bitmap != 0 {
-            return Err(corrupt(format!("compressed cluster with a subcluster bitmap {bitmap:#x}")));
+            return Err(corrupt(format!(
+                "compressed cluster with a subcluster bitmap {bitmap:#x}"
+            )));
         }
         if data_file {
             return Err(corrupt("compressed cluster in an image with an external data file"));
@@ -190,14 +194,18 @@ pub fn decode(g: &Geometry, e: u64, bitmap: u64, sc: u32, data_file: bool) -> Re
         let alloc = (bitmap >> sc) & 1 != 0;
         let zero = (bitmap >> (sc + 32)) & 1 != 0;
         if alloc && zero {
-            return Err(corrupt(format!("subcluster {sc} is both allocated and zero (bitmap {bitmap:#x})")));
+            return Err(corrupt(format!(
+                "subcluster {sc} is both allocated and zero (bitmap {bitmap:#x})"
+            )));
         }
         let host = off + (u64::from(sc) << g.unit_bits);
         return Ok(match (allocated, alloc, zero) {
             (true, true, _) => Unit::Data { host, copied },
             (true, false, true) => Unit::ZeroAlloc { host, copied },
             (false, true, _) => {
-                return Err(corrupt(format!("subcluster {sc} allocated in an unallocated cluster (entry {e:#x})")))
+                return Err(corrupt(format!(
+                    "subcluster {sc} allocated in an unallocated cluster (entry {e:#x})"
+                )))
             }
             (_, false, true) => Unit::ZeroPlain,
             (_, false, false) => Unit::Unallocated,
@@ -235,12 +243,33 @@ mod tests {
         let g = Geometry::new(16, false);
         assert_eq!(decode(&g, 0, 0, 0, false).unwrap(), Unit::Unallocated);
         assert_eq!(decode(&g, 1, 0, 0, false).unwrap(), Unit::ZeroPlain);
-        assert_eq!(decode(&g, COPIED | 0x10000, 0, 0, false).unwrap(), Unit::Data { host: 0x10000, copied: true });
-        assert_eq!(decode(&g, COPIED, 0, 0, true).unwrap(), Unit::Data { host: 0, copied: true });
+        assert_eq!(
+            decode(&g, COPIED | 0x10000, 0, 0, false).unwrap(),
+            Unit::Data {
+                host: 0x10000,
+                copied: true
+            }
+        );
+        assert_eq!(
+            decode(&g, COPIED, 0, 0, true).unwrap(),
+            Unit::Data { host: 0, copied: true }
+        );
         let x = Geometry::new(16, true);
         let bm = 0b01 | (0b10u64 << 32);
-        assert_eq!(decode(&x, 0x20000, bm, 0, false).unwrap(), Unit::Data { host: 0x20000, copied: false });
-        assert_eq!(decode(&x, 0x20000, bm, 1, false).unwrap(), Unit::ZeroAlloc { host: 0x20800, copied: false });
+        assert_eq!(
+            decode(&x, 0x20000, bm, 0, false).unwrap(),
+            Unit::Data {
+                host: 0x20000,
+                copied: false
+            }
+        );
+        assert_eq!(
+            decode(&x, 0x20000, bm, 1, false).unwrap(),
+            Unit::ZeroAlloc {
+                host: 0x20800,
+                copied: false
+            }
+        );
         assert_eq!(decode(&x, 0x20000, bm, 2, false).unwrap(), Unit::Unallocated);
         assert!(decode(&x, 0x20000, 1 | (1 << 32), 0, false).is_err());
         assert!(decode(&x, 0, 1, 0, false).is_err());

@@ -85,7 +85,13 @@ impl Qcow2 {
             let l1 = self.l1.read();
             let bytes = (l1.entries.len() as u64 * 8).div_ceil(cs) * cs;
             m.push((l1.offset, l1.offset + bytes));
-            m.extend(l1.entries.iter().map(|e| e & OFFSET_MASK).filter(|&o| o != 0).map(|o| (o, o + cs)));
+            m.extend(
+                l1.entries
+                    .iter()
+                    .map(|e| e & OFFSET_MASK)
+                    .filter(|&o| o != 0)
+                    .map(|o| (o, o + cs)),
+            );
         }
         m.extend(rc.table.iter().filter(|&&o| o != 0).map(|&o| (o, o + cs)));
         if h.nb_snapshots > 0 {
@@ -105,7 +111,10 @@ impl Qcow2 {
         for (a, b) in m {
             match merged.last_mut() {
                 Some(last) if a < last.1 => {
-                    return Err(corrupt(format!("metadata at {a:#x} overlaps metadata at {:#x}", last.0)));
+                    return Err(corrupt(format!(
+                        "metadata at {a:#x} overlaps metadata at {:#x}",
+                        last.0
+                    )));
                 }
                 Some(last) if a == last.1 => last.1 = b,
                 _ => merged.push((a, b)),
@@ -137,9 +146,13 @@ impl Qcow2 {
         let g = &self.g;
         if e & COMPRESSED != 0 {
             let (off, len) = g.compressed(e);
-            let end = off.checked_add(len).ok_or_else(|| corrupt("compressed cluster range overflows"))?;
+            let end = off
+                .checked_add(len)
+                .ok_or_else(|| corrupt("compressed cluster range overflows"))?;
             if off < g.cluster_size || off >= self.file_end.load(Ordering::Relaxed) {
-                return Err(corrupt(format!("compressed cluster at {off:#x} is outside the image file")));
+                return Err(corrupt(format!(
+                    "compressed cluster at {off:#x} is outside the image file"
+                )));
             }
             let first = (off & !511) >> g.cluster_bits;
             let last = (end - 1) >> g.cluster_bits;
@@ -180,11 +193,17 @@ impl Qcow2 {
         }
         if let Some(b) = &h.bitmaps {
             if h.autoclear & AUTOCLEAR_BITMAPS != 0 {
-                bitmap::mark_in_use(self.file.as_ref(), b, self.g.cluster_size, self.file_end.load(Ordering::Relaxed))?;
+                bitmap::mark_in_use(
+                    self.file.as_ref(),
+                    b,
+                    self.g.cluster_size,
+                    self.file_end.load(Ordering::Relaxed),
+                )?;
             }
         }
         if h.autoclear & !AUTOCLEAR_KNOWN != 0 {
-            self.file.write_at(&(h.autoclear & AUTOCLEAR_KNOWN).to_be_bytes(), OFF_AUTOCLEAR)?;
+            self.file
+                .write_at(&(h.autoclear & AUTOCLEAR_KNOWN).to_be_bytes(), OFF_AUTOCLEAR)?;
         }
         Ok(())
     }
@@ -230,7 +249,8 @@ impl Qcow2 {
     /// Entries `ci..ci+n` of a table, as words.
     fn l2_words(&self, l2_off: u64, ci: usize, n: usize) -> Result<Vec<u64>> {
         let w = self.g.words();
-        self.l2.with(self.file.as_ref(), l2_off, |t| t[ci * w..(ci + n) * w].to_vec())
+        self.l2
+            .with(self.file.as_ref(), l2_off, |t| t[ci * w..(ci + n) * w].to_vec())
     }
 
     /// An L2 table for L1 entry `idx` that we may modify: allocated if
@@ -245,7 +265,11 @@ impl Qcow2 {
             return Ok(old);
         }
         let cs = self.g.cluster_size;
-        let words = if old == 0 { vec![0u64; (cs / 8) as usize] } else { self.l2.copy(self.file.as_ref(), old)? };
+        let words = if old == 0 {
+            vec![0u64; (cs / 8) as usize]
+        } else {
+            self.l2.copy(self.file.as_ref(), old)?
+        };
         // Refcount first, then the table's content, then the L1 entry.
         let new = rc.alloc(self.file.as_ref(), 1)?;
         self.add_meta(rc, Some((new, new + cs)));
@@ -328,7 +352,9 @@ impl Qcow2 {
                 continue;
             }
             let mut g = self.lock_alloc()?;
-            let rc = g.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+            let rc = g
+                .as_mut()
+                .ok_or_else(|| Error::Internal("allocation state missing".into()))?;
             done += self.write_slow(rc, rest, pos, below)?;
         }
         Ok(())
@@ -493,7 +519,9 @@ impl Qcow2 {
         let cs = g.cluster_size;
         let mut partial = Vec::new();
         let mut guard = self.lock_alloc()?;
-        let rc = guard.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+        let rc = guard
+            .as_mut()
+            .ok_or_else(|| Error::Internal("allocation state missing".into()))?;
         let (l1_idx, l2_cur) = self.l2_for(start)?;
         if l2_cur == 0 && !below.has_backing() {
             return Ok(partial); // reads as zeroes already
@@ -521,7 +549,11 @@ impl Qcow2 {
             if g.extended {
                 let first_sc = ((a - cl) >> g.unit_bits) as u32;
                 let count = ((b - a) >> g.unit_bits) as u32;
-                let mask: u64 = if count == 32 { 0xffff_ffff } else { ((1u64 << count) - 1) << first_sc };
+                let mask: u64 = if count == 32 {
+                    0xffff_ffff
+                } else {
+                    ((1u64 << count) - 1) << first_sc
+                };
                 if compressed {
                     if count == 32 {
                         new[k * w] = 0;
@@ -584,7 +616,9 @@ impl Qcow2 {
             let table_end = ((pos >> g.l2_cover_bits()) + 1) << g.l2_cover_bits();
             let stop = stop_all.min(table_end);
             let mut guard = self.lock_alloc()?;
-            let rc = guard.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+            let rc = guard
+                .as_mut()
+                .ok_or_else(|| Error::Internal("allocation state missing".into()))?;
             let (l1_idx, l2_cur) = self.l2_for(pos)?;
             // Without an L2 table there is nothing to drop, unless the range
             // must stop showing the backing file.
@@ -636,7 +670,9 @@ impl Qcow2 {
         let g = self.g;
         let cs = g.cluster_size;
         let mut guard = self.lock_alloc()?;
-        let rc = guard.as_mut().ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+        let rc = guard
+            .as_mut()
+            .ok_or_else(|| Error::Internal("allocation state missing".into()))?;
         let need = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
         let (old_off, old_len) = {
             let l1 = self.l1.read();
@@ -644,7 +680,9 @@ impl Qcow2 {
         };
         if need > old_len {
             if need * 8 > MAX_L1_BYTES {
-                return Err(Error::OutOfRange(format!("size {size} needs an L1 table beyond the 32 MiB cap")));
+                return Err(Error::OutOfRange(format!(
+                    "size {size} needs an L1 table beyond the 32 MiB cap"
+                )));
             }
             let clusters = (need * 8).div_ceil(cs);
             // Refcount, then the new table, then the header, then release the old one.
@@ -669,7 +707,11 @@ impl Qcow2 {
                 l1.entries = entries;
             }
             if old_len > 0 {
-                rc.release(self.file.as_ref(), old_off >> g.cluster_bits, (old_len * 8).div_ceil(cs))?;
+                rc.release(
+                    self.file.as_ref(),
+                    old_off >> g.cluster_bits,
+                    (old_len * 8).div_ceil(cs),
+                )?;
             }
         }
         if self.hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0 {
