@@ -239,6 +239,35 @@ def test_unaligned_writes_on_qemu_image(tmp):
     assert qemu_raw_bytes(str(p), tmp) == bytes(model)
 
 
+
+def test_small_writes_into_fresh_clusters_leave_their_zero_tails_unwritten(tmp):
+    """A 4 KiB write into a new 64 KiB cluster with nothing below writes the
+    4 KiB alone: the file stays sparse, the tail reads as zeroes before and
+    after the flush, the flush grows the file to the last cluster's end, and
+    QEMU agrees on every byte. With a backing file the tail is copied."""
+    base = tmp / "base.raw"
+    base.write_bytes(b"\x5a" * (4 * MiB))
+    for backing in (None, base):
+        p = tmp / "fresh.qcow2"
+        qb.create(p, qb.Qcow2Options(4 * MiB, backing=backing, backing_fmt=qb.Format.RAW if backing else None))
+        model = bytearray(base.read_bytes() if backing else bytes(4 * MiB))
+        with qb.open(p) as img:
+            for k in range(0, 64, 4):
+                off = k * 65536 + 8192
+                img.write(bytes([k + 1]) * 4096, off)
+                model[off : off + 4096] = bytes([k + 1]) * 4096
+            assert img.read(len(model), 0) == bytes(model)
+        st = os.stat(p)
+        assert st.st_size % 65536 == 0
+        if backing is None:
+            # 16 data writes of 4 KiB plus metadata: far below 16 whole clusters.
+            assert st.st_blocks * 512 < 16 * 65536
+        check_clean(p)
+        assert qemu_raw_bytes(str(p), tmp) == bytes(model)
+        with qb.open(p, flags=0) as img:
+            assert img.read(len(model), 0) == bytes(model)
+        p.unlink()
+
 def test_snapshots_and_bitmaps_survive_our_writes(tmp):
     p = tmp / "s.qcow2"
     qemu_img("create", "-f", "qcow2", str(p), "4M")

@@ -93,6 +93,9 @@ pub struct Qcow2 {
     /// Cluster-aligned end of the image file: no L2 table or data cluster
     /// may lie beyond it. Grows as we allocate.
     file_end: AtomicU64,
+    /// A fresh cluster's zero tail was left unwritten past the end of the
+    /// file: the next flush grows the file to `file_end`.
+    short_tail: AtomicBool,
     read_only: bool,
     id: u64,
     /// Host ranges holding metadata of the image file (sorted by start),
@@ -178,6 +181,7 @@ impl Qcow2 {
             alloc: Mutex::new(None),
             prepared: AtomicBool::new(false),
             file_end: AtomicU64::new(file_end),
+            short_tail: AtomicBool::new(false),
             read_only,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             meta: RwLock::new(Vec::new()),

@@ -302,6 +302,27 @@ impl Qcow2 {
         e & COMPRESSED == 0 && e & OFFSET_MASK == 0 && !(self.has_data_file() && e & COPIED != 0)
     }
 
+    /// Whether bytes `from..to` of the cluster described by `(e, bm)` read
+    /// as zeroes by its L2 entry alone (zero units, or unallocated units
+    /// with nothing below), without reading any data.
+    fn reads_zero(&self, e: u64, bm: u64, from: u64, to: u64, below: &dyn Below) -> Result<bool> {
+        if from >= to {
+            return Ok(true);
+        }
+        if e & COMPRESSED != 0 {
+            return Ok(false);
+        }
+        let g = &self.g;
+        for u in (from >> g.unit_bits)..=((to - 1) >> g.unit_bits) {
+            match decode(g, e, bm, u as u32, self.has_data_file())? {
+                Unit::ZeroPlain | Unit::ZeroAlloc { .. } => {}
+                Unit::Unallocated if !below.has_backing() => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Fill `dst` with the current guest content of bytes `from..from+len`
     /// of the cluster at guest offset `cl_guest`, described by `(e, bm)`.
     fn fill_old(&self, e: u64, bm: u64, cl_guest: u64, from: u64, dst: &mut [u8], below: &dyn Below) -> Result<()> {
@@ -385,19 +406,31 @@ impl Qcow2 {
             }
             let run = n as u64 * cs;
             let wlen = (data.len() as u64).min(run - in_cl) as usize;
-            let mut buf = try_zeroed(run as usize, "cluster run")?;
-            self.fill_old(e0, bm0, cl_guest, 0, &mut buf[..in_cl as usize], below)?;
             let end = in_cl as usize + wlen;
-            if (end as u64) < run {
-                let last = n - 1;
-                let (el, bml) = (words[last * w], if g.extended { words[last * w + 1] } else { 0 });
-                let lstart = last as u64 * cs;
-                self.fill_old(el, bml, cl_guest + lstart, end as u64 - lstart, &mut buf[end..], below)?;
-            }
-            buf[in_cl as usize..end].copy_from_slice(&data[..wlen]);
+            let last = n - 1;
+            let (el, bml) = (words[last * w], if g.extended { words[last * w + 1] } else { 0 });
+            let lstart = last as u64 * cs;
+            let zero_cow = self.reads_zero(e0, bm0, 0, in_cl, below)?
+                && self.reads_zero(el, bml, end as u64 - lstart, cs, below)?;
             // Refcounts (alloc), then data, then L2.
             let host = self.alloc_data(rc, cl_guest, n as u64)?;
-            self.data_storage().write_at(&buf, host)?;
+            if zero_cow && !self.has_data_file() && self.file.len()? <= host {
+                // Nothing lies at or beyond `host` yet, so the bytes around
+                // the write read as zeroes without being written: write the
+                // caller's bytes alone (no copy, no zero padding). The file
+                // may end inside the run until a later write or `flush`
+                // extends it; reads past the end are zeroes either way.
+                self.file.write_at(&data[..wlen], host + in_cl)?;
+                self.short_tail.store(true, Ordering::Relaxed);
+            } else {
+                let mut buf = try_zeroed(run as usize, "cluster run")?;
+                self.fill_old(e0, bm0, cl_guest, 0, &mut buf[..in_cl as usize], below)?;
+                if (end as u64) < run {
+                    self.fill_old(el, bml, cl_guest + lstart, end as u64 - lstart, &mut buf[end..], below)?;
+                }
+                buf[in_cl as usize..end].copy_from_slice(&data[..wlen]);
+                self.data_storage().write_at(&buf, host)?;
+            }
             let mut new = Vec::with_capacity(n * w);
             for k in 0..n as u64 {
                 new.push((host + k * cs) | COPIED);
@@ -447,11 +480,21 @@ impl Qcow2 {
         Ok(wlen)
     }
 
-    /// Give back reserved clusters (before a flush, and at close).
+    /// Give back reserved clusters (before a flush, and at close), and let
+    /// the file reach the end of the last cluster we allocated (a write
+    /// into a fresh cluster may have left its zero tail unwritten, past the
+    /// file's end). Under the allocation lock, so nothing is written beyond
+    /// `file_end` meanwhile and growing the file cannot cut a write short.
     pub(super) fn release_reserved(&self) -> Result<()> {
         let mut g = self.alloc.lock();
         if let Some(rc) = g.as_mut() {
             rc.release_pool(self.file.as_ref())?;
+        }
+        if self.short_tail.swap(false, Ordering::Relaxed) {
+            let end = self.file_end.load(Ordering::Relaxed);
+            if self.file.len()? < end {
+                self.file.set_len(end)?;
+            }
         }
         Ok(())
     }
