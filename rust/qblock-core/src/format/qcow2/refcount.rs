@@ -11,7 +11,8 @@
 //! Durability: writes reach the disk in any order unless flushed, so the
 //! places where order matters to QEMU's own rules are flush barriers too:
 //! clusters are reserved in pools whose raised refcounts are flushed before
-//! any of them is handed out (one flush per pool, not per write), new
+//! any of them is handed out (one flush per pool, not per write; the pool
+//! doubles per refill between two flushes), new
 //! refcount blocks are flushed before the table points at them, and a moved
 //! table before the header does. The unused rest of a pool is given back at
 //! every flush and at close, so a cleanly closed image has no leaks.
@@ -33,8 +34,16 @@ const BLOCK_CACHE: usize = 16;
 /// How far allocation skips over clusters that already have a refcount
 /// beyond the end of the file before calling the image corrupt.
 const MAX_SKIP: u64 = 1 << 20;
-/// Clusters are reserved this many bytes at a time (at least one cluster).
+/// Clusters are first reserved this many bytes at a time (at least one
+/// cluster); each refill before the next flush doubles the reservation, so
+/// a long run of allocating writes pays one flush barrier per doubling
+/// rather than one per 4 MiB.
 const POOL_BYTES: u64 = 4 << 20;
+/// The reservation stops doubling at this size, or at `MAX_POOL_CLUSTERS`:
+/// what a crash can leak (refcounts without references, no file space)
+/// and what one refill's refcount update writes stay bounded.
+const MAX_POOL_BYTES: u64 = 256 << 20;
+const MAX_POOL_CLUSTERS: u64 = 8192;
 
 pub struct Refcounts {
     cluster_bits: u32,
@@ -58,6 +67,9 @@ pub struct Refcounts {
     pool: (u64, u64),
     /// New refcount blocks whose table entries are still to be written.
     pending: Vec<u64>,
+    /// Clusters the next pool refill reserves (doubles per refill, reset
+    /// when a flush gives the pool back).
+    pool_clusters: u64,
 }
 
 impl Refcounts {
@@ -110,11 +122,22 @@ impl Refcounts {
             broken: false,
             pool: (0, 0),
             pending: Vec::new(),
+            pool_clusters: Self::first_pool(cluster_bits),
         })
     }
 
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    fn first_pool(cluster_bits: u32) -> u64 {
+        (POOL_BYTES >> cluster_bits).max(1)
+    }
+
+    fn max_pool(&self) -> u64 {
+        (MAX_POOL_BYTES >> self.cluster_bits)
+            .min(MAX_POOL_CLUSTERS)
+            .max(Self::first_pool(self.cluster_bits))
     }
 
     fn max_refcount(&self) -> u64 {
@@ -186,8 +209,9 @@ impl Refcounts {
             self.pool.0 += bytes;
             return Ok(start);
         }
-        self.release_pool(file)?;
-        let want = n.max(POOL_BYTES / cs);
+        self.give_back_pool(file)?;
+        let want = n.max(self.pool_clusters);
+        self.pool_clusters = (self.pool_clusters * 2).min(self.max_pool());
         let start = self.alloc_inner(file, want)?;
         self.write_pending_entries(file)?;
         // Barrier: the raised refcounts are on disk before anything that
@@ -222,8 +246,14 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Give back the clusters reserved but not used (at flush and close).
+    /// Give back the clusters reserved but not used (at flush and close);
+    /// the next reservation starts small again.
     pub fn release_pool(&mut self, file: &dyn Storage) -> Result<()> {
+        self.pool_clusters = Self::first_pool(self.cluster_bits);
+        self.give_back_pool(file)
+    }
+
+    fn give_back_pool(&mut self, file: &dyn Storage) -> Result<()> {
         let (s, e) = self.pool;
         if s < e {
             let r = self.update_inner(file, s >> self.cluster_bits, (e - s) >> self.cluster_bits, -1);
