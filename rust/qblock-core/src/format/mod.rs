@@ -6,6 +6,7 @@ pub mod bytes;
 pub mod cloop;
 pub mod cow;
 pub mod dmg;
+pub mod inflate;
 pub mod luks;
 pub mod parallels;
 pub mod qcow;

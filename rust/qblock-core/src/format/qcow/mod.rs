@@ -367,7 +367,7 @@ impl Qcow {
     fn read_compressed(&self, off: u64, csize: u64, out: &mut [u8]) -> Result<()> {
         let mut input = try_zeroed(csize as usize, "a compressed qcow cluster")?;
         self.storage.read_at(&mut input, off)?;
-        inflate(&input, out)
+        crate::format::inflate::raw_exact(&input, out)
     }
 }
 
@@ -375,30 +375,6 @@ enum Entry {
     Unallocated,
     Data(u64),
     Compressed { off: u64, csize: u64 },
-}
-
-/// Inflate a raw deflate stream that must fill `out` exactly (QEMU accepts
-/// trailing input, since compressed sizes are rounded up to sectors).
-pub(crate) fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use flate2::{Decompress, FlushDecompress, Status};
-    let mut d = Decompress::new(false);
-    loop {
-        let (i, o) = (d.total_in() as usize, d.total_out() as usize);
-        let st = d
-            .decompress(&input[i..], &mut out[o..], FlushDecompress::Finish)
-            .map_err(|e| corrupt(format!("bad deflate data in a compressed cluster: {e}")))?;
-        let done = d.total_out() as usize;
-        if done == out.len() {
-            return Ok(());
-        }
-        let progressed = d.total_in() as usize != i || done != o;
-        if st == Status::StreamEnd || !progressed {
-            return Err(corrupt(format!(
-                "compressed cluster inflates to {done} bytes, not {}",
-                out.len()
-            )));
-        }
-    }
 }
 
 impl Driver for Qcow {

@@ -9,31 +9,9 @@ use crate::error::{corrupt, unsupported, Result};
 
 pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
     match kind {
-        COMPRESSION_ZLIB => inflate(input, out),
+        COMPRESSION_ZLIB => crate::format::inflate::raw_exact(input, out),
         COMPRESSION_ZSTD => unzstd(input, out),
         t => Err(unsupported(format!("compression type {t}"))),
-    }
-}
-
-fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use flate2::{Decompress, FlushDecompress, Status};
-    let mut d = Decompress::new(false);
-    loop {
-        let (i, o) = (d.total_in() as usize, d.total_out() as usize);
-        let st = d
-            .decompress(&input[i..], &mut out[o..], FlushDecompress::Finish)
-            .map_err(|e| corrupt(format!("bad deflate data in a compressed cluster: {e}")))?;
-        let done = d.total_out() as usize;
-        if done == out.len() {
-            return Ok(());
-        }
-        let progressed = d.total_in() as usize != i || done != o;
-        if st == Status::StreamEnd || !progressed {
-            return Err(corrupt(format!(
-                "compressed cluster inflates to {done} bytes, not {}",
-                out.len()
-            )));
-        }
     }
 }
 
