@@ -228,10 +228,15 @@ impl Image {
     }
 
     fn read_layer(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let want = (buf.len() - done) as u64;
+        // Encoded runs (compressed clusters, grains, chunks) are decoded
+        // after the loop, all of them at once on the worker pool when there
+        // are several: holes between compressed clusters would otherwise
+        // cut a read into runs too short to decode in parallel.
+        let mut encoded: Vec<(&mut [u8], u64)> = Vec::new();
+        let mut rest = buf;
+        let mut pos = offset;
+        while !rest.is_empty() {
+            let want = rest.len() as u64;
             let m = self.driver.map(pos, want)?;
             let n = m.len.min(want) as usize;
             if n == 0 {
@@ -240,16 +245,24 @@ impl Image {
                     self.format()
                 )));
             }
-            let chunk = &mut buf[done..done + n];
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(n);
             match m.kind {
                 Mapped::Data { file, offset } => self.host(file)?.read_at(chunk, offset)?,
                 Mapped::Hole { .. } | Mapped::Zero { .. } => chunk.fill(0),
-                Mapped::Encoded => self.driver.read_encoded(chunk, pos)?,
+                Mapped::Encoded => encoded.push((chunk, pos)),
                 Mapped::Unallocated => self.read_below_layer(chunk, pos)?,
             }
-            done += n;
+            rest = tail;
+            pos += n as u64;
         }
-        Ok(())
+        if encoded.len() == 1 {
+            let (chunk, at) = encoded.pop().expect("one run");
+            return self.driver.read_encoded(chunk, at);
+        }
+        use rayon::prelude::*;
+        encoded
+            .into_par_iter()
+            .try_for_each(|(chunk, at)| self.driver.read_encoded(chunk, at))
     }
 
     /// Read what lies under this layer: the backing image, zeroes past its end.

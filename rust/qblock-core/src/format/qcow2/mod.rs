@@ -62,9 +62,7 @@ pub const ENTRY: FormatEntry = FormatEntry {
 };
 
 /// Reads of at least this many whole compressed clusters decode in parallel.
-const PARALLEL_MIN_CLUSTERS: usize = 4;
-/// Threads one read may use for decoding.
-const MAX_DECODE_THREADS: usize = 4;
+const PARALLEL_MIN_CLUSTERS: usize = 2;
 
 /// Distinguishes driver instances in the per-thread decompression cache.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -449,41 +447,16 @@ impl Driver for Qcow2 {
             rest = tail;
             pos += n as u64;
         }
-        let workers = if whole.len() >= PARALLEL_MIN_CLUSTERS {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_DECODE_THREADS)
-                .min(whole.len())
-        } else {
-            1
-        };
-        if workers <= 1 {
-            for (e, piece) in whole {
-                self.decompress_entry(e, piece)?;
-            }
-            return Ok(());
-        }
-        let mut groups: Vec<Vec<(u64, &mut [u8])>> = (0..workers).map(|_| Vec::new()).collect();
-        for (i, job) in whole.into_iter().enumerate() {
-            groups[i % workers].push(job);
-        }
-        std::thread::scope(|s| {
-            let handles: Vec<_> = groups
+        if whole.len() < PARALLEL_MIN_CLUSTERS {
+            return whole
                 .into_iter()
-                .map(|g| {
-                    s.spawn(move || -> Result<()> {
-                        for (e, piece) in g {
-                            self.decompress_entry(e, piece)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join()
-                    .map_err(|_| Error::Internal("decompression thread panicked".into()))?
-            })
-        })
+                .try_for_each(|(e, piece)| self.decompress_entry(e, piece));
+        }
+        // The pool's threads persist: a read pays a wake-up, not a spawn.
+        use rayon::prelude::*;
+        whole
+            .into_par_iter()
+            .try_for_each(|(e, piece)| self.decompress_entry(e, piece))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
