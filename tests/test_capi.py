@@ -285,8 +285,20 @@ def test_seed_flag_names():
 
 def test_unsupported_flags_are_codes(opened):
     broker, _, path = opened
-    for flag in (c.LIBQBLOCK_O_SNAPSHOT, c.LIBQBLOCK_O_NOCACHE):
-        assert c.qb_open(broker, c.qb_state_new(broker), str(path), None, flag) == c.QB_ERR_UNSUPPORTED
+    assert c.qb_open(broker, c.qb_state_new(broker), str(path), None, c.LIBQBLOCK_O_NOCACHE) == c.QB_ERR_UNSUPPORTED
+
+
+def test_snapshot_open_through_capi_discards_writes(opened):
+    broker, _, path = opened
+    before = path.read_bytes()
+    qbs = c.qb_state_new(broker)
+    flags = c.LIBQBLOCK_O_RDWR | c.LIBQBLOCK_O_SNAPSHOT
+    assert c.qb_open(broker, qbs, file_loc(broker, path), None, flags) == 0
+    assert c.qb_write(broker, qbs, b"\x77" * 512, 512, 0) == 512
+    buf = bytearray(512)
+    assert c.qb_read(broker, qbs, buf, 512, 0) == 512 and bytes(buf) == b"\x77" * 512
+    assert c.qb_close(broker, qbs) == 0
+    assert path.read_bytes() == before
 
 
 def test_location_info_round_trip():

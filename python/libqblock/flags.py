@@ -20,8 +20,9 @@ class OpenFlag(enum.IntFlag):
 O_RDWR = OpenFlag.RDWR
 """Open for reading and writing (read-only without it)."""
 O_SNAPSHOT = OpenFlag.SNAPSHOT
-"""Writes go to a temporary overlay and are discarded on close.
-Not supported yet: :func:`libqblock.open` raises UnsupportedError."""
+"""With O_RDWR: the image is opened read-only and writes go to a temporary
+qcow2 overlay (in the temporary folder, unlinked at once), discarded on close.
+Without O_RDWR it changes nothing."""
 O_NOCACHE = OpenFlag.NOCACHE
 """Bypass the host page cache (O_DIRECT).
 Not supported yet: :func:`libqblock.open` raises UnsupportedError."""

@@ -190,16 +190,18 @@ def open(  # noqa: A001 - the seed's name
     """Open an image; ``fmt`` None probes its format (see the README on raw probing).
 
     ``flags`` are ``O_*`` bits: read-only without ``O_RDWR``; an unknown bit
-    raises InvalidParamError. ``O_SNAPSHOT`` and ``O_NOCACHE`` are not
-    supported yet and raise UnsupportedError, as does a location whose
-    protocol is not served yet (anything but ``file``).
+    raises InvalidParamError. With ``O_SNAPSHOT | O_RDWR`` the image is
+    opened read-only and writes go to a temporary qcow2 overlay in the
+    temporary folder, discarded at close (QEMU's ``-snapshot``); queries
+    (``info``, ``map``, ``check_allocation``) answer for the image as if the
+    session's writes were in it. ``O_NOCACHE`` is not supported yet and
+    raises UnsupportedError, as does a location whose protocol is not
+    served yet (anything but ``file``).
     """
     _check_flags(flags)
     loc = Location.of(location)
     from .errors import UnsupportedError
 
-    if flags & O_SNAPSHOT:
-        raise UnsupportedError("O_SNAPSHOT (temporary overlay) is not supported yet")
     if flags & O_NOCACHE:
         raise UnsupportedError("O_NOCACHE (O_DIRECT) is not supported yet")
     native = _native.open(
@@ -210,6 +212,7 @@ def open(  # noqa: A001 - the seed's name
         no_backing=bool(flags & O_NO_BACKING),
         write_through=not (flags & O_CACHE_WB),
         no_flush=bool(flags & O_NO_FLUSH),
+        snapshot=bool(flags & O_SNAPSHOT),
     )
     return Image(native, loc, flags)
 
@@ -217,8 +220,8 @@ def open(  # noqa: A001 - the seed's name
 def create(location: Where, options: ImageOptions, flags: int = 0) -> None:
     """Create an image (without opening it). The options' class names the format.
 
-    Raises UnsupportedError for a format the engine cannot create yet (all
-    but raw and qcow2 today) or a location that is not a ``file``.
+    Raises UnsupportedError for a format the engine cannot create yet (see
+    ``supported_formats(write=True)``) or a location that is not a ``file``.
     """
     _check_flags(flags)
     if not isinstance(options, ImageOptions) or options.format is Format.NONE:

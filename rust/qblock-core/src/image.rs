@@ -4,7 +4,7 @@
 
 use crate::backend::Storage;
 use crate::driver::{BackingRef, Below, Driver, HostFile, Mapped, NoBacking};
-use crate::error::{corrupt, invalid, Error, Result};
+use crate::error::{corrupt, invalid, unsupported, Error, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
 use crate::location::Location;
@@ -25,6 +25,9 @@ pub struct OpenOptions {
     pub write_through: bool,
     /// Make flush a no-op (O_NO_FLUSH).
     pub no_flush: bool,
+    /// Writes go to a temporary qcow2 overlay, discarded at close; the
+    /// image itself is opened read-only (O_SNAPSHOT, QEMU's `-snapshot`).
+    pub snapshot: bool,
 }
 
 /// Allocation of one run, across the whole chain (the seed's and
@@ -69,6 +72,10 @@ pub struct Image {
     read_only: bool,
     write_through: bool,
     no_flush: bool,
+    /// This layer is the temporary overlay of an O_SNAPSHOT open: the image
+    /// the user opened is `backing`, and queries answer for it (see
+    /// `block_status`, `info`).
+    snapshot: bool,
     closed: AtomicBool,
 }
 
@@ -78,7 +85,55 @@ impl Image {
     /// are probed only when none is recorded.
     pub fn open(location: &Location, format: Option<Format>, opts: &OpenOptions) -> Result<Image> {
         let mut seen = vec![location.identity()];
+        if opts.snapshot && !opts.read_only {
+            let base = Self::open_layer(location, format, true, !opts.no_backing, &mut seen, opts)?;
+            return Self::snapshot_overlay(base);
+        }
         Self::open_layer(location, format, opts.read_only, !opts.no_backing, &mut seen, opts)
+    }
+
+    /// A writable temporary qcow2 above `base` (opened read-only), as QEMU's
+    /// `-snapshot` makes one: created in a private directory under the
+    /// temporary folder (`TMPDIR`) and unlinked as soon as it is open, so
+    /// it disappears with the image even if the process dies. It records
+    /// `base` as its backing file (absolute path and format), so discards
+    /// and zero writes keep their meaning over a backing file; flushing it
+    /// would buy nothing, so flush is a no-op.
+    fn snapshot_overlay(base: Image) -> Result<Image> {
+        let Location::File(path) = &base.location else {
+            return Err(unsupported(format!(
+                "O_SNAPSHOT over {} is not supported yet",
+                base.location.describe()
+            )));
+        };
+        let abs =
+            std::path::absolute(path).map_err(|e| Error::os(format!("cannot resolve '{}'", path.display()), e))?;
+        let dir = PrivateDir::new("qblock-snapshot-").map_err(|e| e.context("O_SNAPSHOT overlay"))?;
+        let overlay = Location::file(dir.path.join("overlay.qcow2"));
+        let mut copts = CreateOptions::new()
+            .with("size", OptValue::Int(base.virtual_size()))
+            .with("backing_file", OptValue::Str(abs.display().to_string()))
+            .with("backing_fmt", OptValue::Str(base.format().to_string()));
+        (registry::create_fn(Format::Qcow2)?)(&overlay, &mut copts)
+            .map_err(|e| e.context("cannot create the O_SNAPSHOT overlay"))?;
+        let storage = overlay.open_storage(false)?;
+        let ctx = OpenCtx {
+            location: &overlay,
+            read_only: false,
+        };
+        let driver = (registry::open_fn(Format::Qcow2)?)(storage, &ctx)
+            .map_err(|e| e.context("cannot open the O_SNAPSHOT overlay"))?;
+        drop(dir); // the overlay lives on through its open descriptor only
+        Ok(Image {
+            driver,
+            location: base.location.clone(),
+            backing: Some(Box::new(base)),
+            read_only: false,
+            write_through: false,
+            no_flush: true,
+            snapshot: true,
+            closed: AtomicBool::new(false),
+        })
     }
 
     fn open_layer(
@@ -110,6 +165,7 @@ impl Image {
             read_only,
             write_through: opts.write_through,
             no_flush: opts.no_flush,
+            snapshot: false,
             closed: AtomicBool::new(false),
         })
     }
@@ -180,8 +236,16 @@ impl Image {
         create(location, &mut opts)
     }
 
+    /// The image the user opened: the one below an O_SNAPSHOT overlay.
+    fn user_layer(&self) -> &Image {
+        match (&self.backing, self.snapshot) {
+            (Some(b), true) => b,
+            _ => self,
+        }
+    }
+
     pub fn format(&self) -> Format {
-        self.driver.format()
+        self.user_layer().driver.format()
     }
     pub fn virtual_size(&self) -> u64 {
         self.driver.virtual_size()
@@ -371,9 +435,27 @@ impl Image {
         let top = self.driver.map_status(offset, len)?;
         let len = top.len.clamp(1, len);
         let allocated = top.kind != Mapped::Unallocated;
+        if let (Some(b), true, false) = (&self.backing, self.snapshot, allocated) {
+            // What the session has not written is the opened image's own
+            // answer: the overlay counts as part of its top layer.
+            if offset < b.virtual_size() {
+                return b.block_status(offset, len.min(b.virtual_size() - offset));
+            }
+        }
         let mut st = self.layer_status(offset, len, 0)?;
         st.allocated = allocated;
         Ok(st)
+    }
+
+    /// Whether the top layer holds `[start, start+len)`'s first byte, and
+    /// for how many bytes that answer holds (at least one).
+    fn top_allocation(&self, start: u64, len: u64) -> Result<(bool, u64)> {
+        if self.snapshot {
+            let st = self.block_status(start, len)?;
+            return Ok((st.allocated, st.len));
+        }
+        let m = self.driver.map_status(start, len)?;
+        Ok((m.kind != Mapped::Unallocated, m.len.clamp(1, len)))
     }
 
     fn layer_status(&self, offset: u64, len: u64, depth: u32) -> Result<BlockStatus> {
@@ -416,15 +498,13 @@ impl Image {
             return Err(invalid("check_allocation needs a length of at least 1"));
         }
         self.check_range(start, len)?;
-        let first = self.driver.map_status(start, len)?;
-        let status = first.kind != Mapped::Unallocated;
-        let mut done = first.len.clamp(1, len);
+        let (status, mut done) = self.top_allocation(start, len)?;
         while done < len {
-            let m = self.driver.map_status(start + done, len - done)?;
-            if (m.kind != Mapped::Unallocated) != status {
+            let (a, n) = self.top_allocation(start + done, len - done)?;
+            if a != status {
                 break;
             }
-            done += m.len.clamp(1, len - done);
+            done += n;
         }
         Ok((status, done))
     }
@@ -456,6 +536,10 @@ impl Image {
 
     pub fn info(&self) -> Result<ImageInfo> {
         self.check_open()?;
+        if self.snapshot {
+            // The opened image as it is on disk, not the overlay.
+            return self.user_layer().info();
+        }
         let d = self.driver.info()?;
         let b = self.driver.backing();
         let actual_size = self.driver.host_file(0).and_then(|s| s.allocated_bytes());
@@ -472,6 +556,41 @@ impl Image {
             dirty: d.dirty,
             format_specific: d.format_specific,
         })
+    }
+}
+
+/// A folder only we can enter (mkdtemp: mode 0700, a name no one else
+/// picked), under the temporary folder (`TMPDIR`); removed with what it
+/// holds when dropped.
+struct PrivateDir {
+    path: std::path::PathBuf,
+}
+
+impl PrivateDir {
+    fn new(prefix: &str) -> Result<PrivateDir> {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = std::env::temp_dir();
+        let mut template = tmp.join(format!("{prefix}XXXXXX")).as_os_str().as_bytes().to_vec();
+        template.push(0);
+        // SAFETY: `template` is a NUL-terminated buffer we own; mkdtemp
+        // rewrites its last six characters in place and keeps the length.
+        let r = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+        if r.is_null() {
+            return Err(Error::os(
+                format!("cannot create a private folder in '{}'", tmp.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        template.pop();
+        Ok(PrivateDir {
+            path: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&template)),
+        })
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
