@@ -25,6 +25,9 @@ pub struct OpenOptions {
     pub write_through: bool,
     /// Make flush a no-op (O_NO_FLUSH).
     pub no_flush: bool,
+    /// Bypass the host page cache (O_NOCACHE: O_DIRECT) for every file of
+    /// the chain.
+    pub direct: bool,
     /// Writes go to a temporary qcow2 overlay, discarded at close; the
     /// image itself is opened read-only (O_SNAPSHOT, QEMU's `-snapshot`).
     pub snapshot: bool,
@@ -120,6 +123,7 @@ impl Image {
         let ctx = OpenCtx {
             location: &overlay,
             read_only: false,
+            direct: false,
         };
         let driver = (registry::open_fn(Format::Qcow2)?)(storage, &ctx)
             .map_err(|e| e.context("cannot open the O_SNAPSHOT overlay"))?;
@@ -144,12 +148,16 @@ impl Image {
         seen: &mut Vec<String>,
         opts: &OpenOptions,
     ) -> Result<Image> {
-        let storage = location.open_storage(read_only)?;
+        let storage = location.open_storage_with(read_only, opts.direct)?;
         let format = match format {
             Some(f) => f,
             None => registry::probe(storage.as_ref())?,
         };
-        let ctx = OpenCtx { location, read_only };
+        let ctx = OpenCtx {
+            location,
+            read_only,
+            direct: opts.direct,
+        };
         let driver = (registry::open_fn(format)?)(storage, &ctx)
             .map_err(|e| e.context(format!("{} image '{}'", format, location.describe())))?;
         let mut backing = None;

@@ -30,8 +30,13 @@ impl Location {
 
     /// Open the storage behind this location.
     pub fn open_storage(&self, read_only: bool) -> Result<Arc<dyn Storage>> {
+        self.open_storage_with(read_only, false)
+    }
+
+    /// Open the storage, with `direct` bypassing the host page cache.
+    pub fn open_storage_with(&self, read_only: bool, direct: bool) -> Result<Arc<dyn Storage>> {
         match self {
-            Location::File(p) => Ok(Arc::new(FileStorage::open(p, read_only)?)),
+            Location::File(p) => Ok(Arc::new(FileStorage::open_with(p, read_only, direct)?)),
             Location::Other { protocol, .. } => {
                 Err(unsupported(format!("the {protocol} protocol is not supported yet")))
             }

@@ -19,6 +19,17 @@ pub struct OpenCtx<'a> {
     /// Where the image is, for names recorded relative to it.
     pub location: &'a Location,
     pub read_only: bool,
+    /// Bypass the host page cache (O_NOCACHE) for this image and the files
+    /// it names (data files, extents).
+    pub direct: bool,
+}
+
+impl OpenCtx<'_> {
+    /// Open a file this image names (a data file, an extent) the way the
+    /// image itself was opened.
+    pub fn open_named(&self, loc: &Location, read_only: bool) -> Result<Arc<dyn Storage>> {
+        loc.open_storage_with(read_only, self.direct)
+    }
 }
 
 /// Score how likely `head` (the first bytes) and `storage` hold this format:

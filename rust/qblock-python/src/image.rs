@@ -215,7 +215,7 @@ impl PyImage {
 
 /// Open an image; `fmt` None probes.
 #[pyfunction]
-#[pyo3(signature = (protocol, target, fmt=None, read_only=false, no_backing=false, write_through=false, no_flush=false, snapshot=false))]
+#[pyo3(signature = (protocol, target, fmt=None, read_only=false, no_backing=false, write_through=false, no_flush=false, snapshot=false, direct=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn open(
     py: Python<'_>,
@@ -227,6 +227,7 @@ pub fn open(
     write_through: bool,
     no_flush: bool,
     snapshot: bool,
+    direct: bool,
 ) -> PyResult<PyImage> {
     let loc = location(protocol, target);
     let fmt = format_arg(fmt).map_err(|e| to_pyerr(py, e))?;
@@ -236,6 +237,7 @@ pub fn open(
         write_through,
         no_flush,
         snapshot,
+        direct,
     };
     let img = run(py, || Image::open(&loc, fmt, &opts))?;
     Ok(PyImage {

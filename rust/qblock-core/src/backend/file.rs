@@ -1,11 +1,12 @@
 //! Local files: positioned I/O (pread/pwrite, safe from many threads at once),
 //! fdatasync for flush, SEEK_DATA/SEEK_HOLE for allocation, fallocate.
 
+use super::direct::Direct;
 use super::{HostExtent, Storage};
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -13,15 +14,33 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     read_only: bool,
+    /// Set when the file is open with O_DIRECT: I/O goes through aligned
+    /// bounce buffers.
+    direct: Option<Direct>,
 }
 
 impl FileStorage {
     pub fn open(path: &Path, read_only: bool) -> Result<FileStorage> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| Error::os(format!("cannot open '{}'", path.display()), e))?;
+        Self::open_with(path, read_only, false)
+    }
+
+    /// Open, with `direct` bypassing the page cache (O_DIRECT).
+    pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<FileStorage> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!read_only);
+        if direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path).map_err(|e| {
+            if direct && e.raw_os_error() == Some(libc::EINVAL) {
+                Error::Unsupported(format!(
+                    "the file system holding '{}' does not support O_NOCACHE (O_DIRECT)",
+                    path.display()
+                ))
+            } else {
+                Error::os(format!("cannot open '{}'", path.display()), e)
+            }
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::os(format!("cannot stat '{}'", path.display()), e))?;
@@ -32,6 +51,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             read_only,
+            direct: direct.then(Direct::new),
         })
     }
 
@@ -48,6 +68,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             read_only: false,
+            direct: None,
         })
     }
 
@@ -77,6 +98,14 @@ impl FileStorage {
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(d) = &self.direct {
+            offset
+                .checked_add(buf.len() as u64)
+                .ok_or_else(|| Error::OutOfRange("read offset overflows".into()))?;
+            return d
+                .read_at(&self.file, buf, offset)
+                .map_err(|e| self.err("cannot read", e));
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset
@@ -105,9 +134,11 @@ impl Storage for FileStorage {
         offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| Error::OutOfRange("write offset overflows".into()))?;
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.err("cannot write", e))
+        match &self.direct {
+            Some(d) => d.write_at(&self.file, buf, offset),
+            None => self.file.write_all_at(buf, offset),
+        }
+        .map_err(|e| self.err("cannot write", e))
     }
 
     fn flush(&self) -> Result<()> {
@@ -122,7 +153,11 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
-        self.file.set_len(len).map_err(|e| self.err("cannot resize", e))
+        match &self.direct {
+            Some(d) => d.set_len(&self.file, len),
+            None => self.file.set_len(len),
+        }
+        .map_err(|e| self.err("cannot resize", e))
     }
 
     fn read_only(&self) -> bool {

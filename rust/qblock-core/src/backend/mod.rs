@@ -2,6 +2,7 @@
 //! NBD, RBD, HTTP). Format drivers see only this trait, so every format works
 //! over every backend.
 
+pub mod direct;
 pub mod file;
 pub mod memory;
 
@@ -19,6 +20,8 @@ pub struct HostExtent {
 ///
 /// Reads past the end return zeroes (as QEMU's file driver does), so a driver
 /// must compare against `len()` itself when a short file means corruption.
+// `len` is a size in bytes, not a collection's count: an `is_empty` would say nothing.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Fill `buf` from `offset`; bytes past the end read as zeroes.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;

@@ -529,6 +529,7 @@ mod tests {
             &OpenCtx {
                 location: &loc,
                 read_only: false,
+                direct: false,
             },
         )
         .err()
@@ -539,6 +540,7 @@ mod tests {
             &OpenCtx {
                 location: &loc,
                 read_only: true,
+                direct: false,
             },
         )
         .unwrap();

@@ -369,6 +369,7 @@ mod tests {
             &OpenCtx {
                 location: &loc,
                 read_only: false,
+                direct: false,
             },
         )
         .err()
@@ -379,6 +380,7 @@ mod tests {
             &OpenCtx {
                 location: &loc,
                 read_only: true,
+                direct: false,
             },
         )
         .unwrap();

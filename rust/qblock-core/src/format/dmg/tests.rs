@@ -389,6 +389,7 @@ fn writes_and_writable_opens_are_refused() {
         &OpenCtx {
             location: &loc,
             read_only: false,
+            direct: false,
         },
     )
     .err()
@@ -399,6 +400,7 @@ fn writes_and_writable_opens_are_refused() {
         &OpenCtx {
             location: &loc,
             read_only: true,
+            direct: false,
         },
     )
     .unwrap();

@@ -195,8 +195,8 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
     let mut extents = Vec::with_capacity(descs.len());
     for d in descs {
         let loc = ctx.location.relative(&d.file);
-        let st = loc
-            .open_storage(ctx.read_only)
+        let st = ctx
+            .open_named(&loc, ctx.read_only)
             .map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
         let need = d.end - d.start;
         let data = if d.expanding {

@@ -162,7 +162,7 @@ impl Qcow2 {
                     )));
                 }
                 Some(
-                    loc.open_storage(read_only)
+                    ctx.open_named(&loc, read_only)
                         .map_err(|e| e.context(format!("cannot open the external data file '{name}'")))?,
                 )
             }

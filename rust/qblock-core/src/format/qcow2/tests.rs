@@ -53,6 +53,7 @@ fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
     let ctx = OpenCtx {
         location: &loc,
         read_only,
+        direct: false,
     };
     let s: Arc<dyn Storage> = Arc::new(MemoryStorage::new(b, read_only));
     Qcow2::open(s, &ctx)
@@ -666,6 +667,7 @@ fn failed_writes_leave_a_usable_image() {
         let ctx = OpenCtx {
             location: &loc,
             read_only: false,
+            direct: false,
         };
         let d = Qcow2::open(s.clone(), &ctx).unwrap();
         let mut failed = false;
@@ -745,6 +747,7 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
     let ctx = OpenCtx {
         location: &loc,
         read_only: false,
+        direct: false,
     };
     let d = Qcow2::open(rec.clone(), &ctx).unwrap();
     for i in 0..40u64 {
@@ -883,6 +886,7 @@ fn allocation_pool_doubles_between_flushes() {
     let ctx = OpenCtx {
         location: &loc,
         read_only: false,
+        direct: false,
     };
     let d = Qcow2::open(rec.clone(), &ctx).unwrap();
     let flushes = |r: &Recording| r.log.lock().iter().filter(|e| e.is_none()).count();

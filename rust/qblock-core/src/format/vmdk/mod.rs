@@ -356,8 +356,8 @@ fn open_descriptor(
                 return Ok(*f);
             }
             check_openable(&loc, name)?;
-            let s = loc
-                .open_storage(read_only)
+            let s = ctx
+                .open_named(&loc, read_only)
                 .map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
             files.push(s);
             let f = (files.len() - 1) as HostFile;

@@ -26,6 +26,7 @@ fn open_mem(data: Vec<u8>, read_only: bool) -> Result<Box<dyn Driver>> {
         &OpenCtx {
             location: &loc,
             read_only,
+            direct: false,
         },
     )
 }
@@ -174,6 +175,7 @@ fn tables_are_written_on_flush_to_both_copies() {
         &OpenCtx {
             location: &loc,
             read_only: false,
+            direct: false,
         },
     )
     .unwrap();
@@ -499,6 +501,7 @@ fn writes_where_no_grain_table_exists_add_one() {
         &OpenCtx {
             location: &loc,
             read_only: false,
+            direct: false,
         },
     )
     .unwrap();
