@@ -283,9 +283,13 @@ def test_seed_flag_names():
     assert c.LIBQBLOCK_O_VALID_MASK == 0x036A
 
 
-def test_unsupported_flags_are_codes(opened):
+def test_nocache_open_through_capi(opened):
     broker, _, path = opened
-    assert c.qb_open(broker, c.qb_state_new(broker), str(path), None, c.LIBQBLOCK_O_NOCACHE) == c.QB_ERR_UNSUPPORTED
+    qbs = c.qb_state_new(broker)
+    assert c.qb_open(broker, qbs, file_loc(broker, path), None, c.LIBQBLOCK_O_RDWR | c.LIBQBLOCK_O_NOCACHE) == 0
+    assert c.qb_write(broker, qbs, b"\x31" * 3, 3, 1001) == 3
+    assert c.qb_close(broker, qbs) == 0
+    assert path.read_bytes()[1000:1005] == b"\x00\x31\x31\x31\x00"
 
 
 def test_snapshot_open_through_capi_discards_writes(opened):

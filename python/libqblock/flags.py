@@ -24,8 +24,9 @@ O_SNAPSHOT = OpenFlag.SNAPSHOT
 qcow2 overlay (in the temporary folder, unlinked at once), discarded on close.
 Without O_RDWR it changes nothing."""
 O_NOCACHE = OpenFlag.NOCACHE
-"""Bypass the host page cache (O_DIRECT).
-Not supported yet: :func:`libqblock.open` raises UnsupportedError."""
+"""Bypass the host page cache (O_DIRECT) for every file of the image's chain;
+any offset and length still work. UnsupportedError where the file system
+has no O_DIRECT (tmpfs)."""
 O_CACHE_WB = OpenFlag.CACHE_WB
 """Write-back: writes reach the disk on flush/close; without it every write is flushed."""
 O_NO_BACKING = OpenFlag.NO_BACKING

@@ -194,16 +194,14 @@ def open(  # noqa: A001 - the seed's name
     opened read-only and writes go to a temporary qcow2 overlay in the
     temporary folder, discarded at close (QEMU's ``-snapshot``); queries
     (``info``, ``map``, ``check_allocation``) answer for the image as if the
-    session's writes were in it. ``O_NOCACHE`` is not supported yet and
-    raises UnsupportedError, as does a location whose protocol is not
-    served yet (anything but ``file``).
+    session's writes were in it. ``O_NOCACHE`` opens every file of the
+    chain with O_DIRECT (any offset and length still work: unaligned I/O
+    goes through aligned bounce buffers); a file system without O_DIRECT
+    (tmpfs) raises UnsupportedError. A location whose protocol is not served
+    yet (anything but ``file``) raises UnsupportedError.
     """
     _check_flags(flags)
     loc = Location.of(location)
-    from .errors import UnsupportedError
-
-    if flags & O_NOCACHE:
-        raise UnsupportedError("O_NOCACHE (O_DIRECT) is not supported yet")
     native = _native.open(
         loc.protocol,
         loc.target,
@@ -213,6 +211,7 @@ def open(  # noqa: A001 - the seed's name
         write_through=not (flags & O_CACHE_WB),
         no_flush=bool(flags & O_NO_FLUSH),
         snapshot=bool(flags & O_SNAPSHOT),
+        direct=bool(flags & O_NOCACHE),
     )
     return Image(native, loc, flags)
 
