@@ -327,9 +327,12 @@ impl Image {
             rest = tail;
             pos += n as u64;
         }
-        if encoded.len() == 1 {
-            let (chunk, at) = encoded.pop().expect("one run");
-            return self.driver.read_encoded(chunk, at);
+        // Only several runs go to the pool: a call into it is a cross-thread
+        // hand-off even with nothing to do.
+        if encoded.len() <= 1 {
+            return encoded
+                .into_iter()
+                .try_for_each(|(chunk, at)| self.driver.read_encoded(chunk, at));
         }
         use rayon::prelude::*;
         encoded
