@@ -410,11 +410,14 @@ impl Qcow2 {
             let last = n - 1;
             let (el, bml) = (words[last * w], if g.extended { words[last * w + 1] } else { 0 });
             let lstart = last as u64 * cs;
-            let zero_cow = self.reads_zero(e0, bm0, 0, in_cl, below)?
+            // Only in the image file: a data file's clusters sit at their
+            // guest offsets, where old bytes may lie.
+            let zero_cow = !self.has_data_file()
+                && self.reads_zero(e0, bm0, 0, in_cl, below)?
                 && self.reads_zero(el, bml, end as u64 - lstart, cs, below)?;
             // Refcounts (alloc), then data, then L2.
             let host = self.alloc_data(rc, cl_guest, n as u64)?;
-            if zero_cow && !self.has_data_file() && self.file.len()? <= host {
+            if zero_cow && self.file.len()? <= host {
                 // Nothing lies at or beyond `host` yet, so the bytes around
                 // the write read as zeroes without being written: write the
                 // caller's bytes alone (no copy, no zero padding). The file
