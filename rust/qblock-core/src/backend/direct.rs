@@ -101,17 +101,19 @@ impl Default for Direct {
     }
 }
 
-impl Direct {
-    pub fn new() -> Direct {
-        Direct::default()
-    }
+/// A bounce buffer for a request of `len` bytes: its pieces (at most
+/// `CHUNK`) widened to whole blocks at both ends.
+fn bounce_for(len: usize) -> io::Result<Bounce> {
+    Bounce::new(len.min(CHUNK as usize) + 2 * ALIGN as usize)
+}
 
+impl Direct {
     /// Fill `buf` from `offset`; past the end of the file, zeroes.
     pub fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if aligned(buf, offset) {
             return pread_aligned(file, buf, offset);
         }
-        let mut bounce = Bounce::new((CHUNK + 2 * ALIGN) as usize)?;
+        let mut bounce = bounce_for(buf.len())?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -163,7 +165,7 @@ impl Direct {
             } else {
                 let bb = match &mut bounce {
                     Some(b) => b,
-                    slot @ None => slot.insert(Bounce::new((CHUNK + 2 * ALIGN) as usize)?),
+                    slot @ None => slot.insert(bounce_for(buf.len())?),
                 };
                 let b = bb.as_mut((a1 - a0) as usize);
                 // Only the partial first and last blocks need their old bytes.
@@ -232,7 +234,7 @@ mod tests {
     #[test]
     fn unaligned_io_matches_a_model() {
         let (_dir, f) = direct_file();
-        let d = Direct::new();
+        let d = Direct::default();
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = |m: u64| {
@@ -278,7 +280,7 @@ mod tests {
     #[test]
     fn concurrent_partial_block_writes_keep_every_byte() {
         let (_dir, f) = direct_file();
-        let d = Direct::new();
+        let d = Direct::default();
         let threads = 4u64;
         std::thread::scope(|s| {
             for t in 0..threads {
