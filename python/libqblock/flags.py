@@ -26,7 +26,7 @@ Without O_RDWR it changes nothing."""
 O_NOCACHE = OpenFlag.NOCACHE
 """Bypass the host page cache (O_DIRECT) for every file of the image's chain;
 any offset and length still work. UnsupportedError where the file system
-has no O_DIRECT (tmpfs)."""
+has no O_DIRECT (tmpfs before Linux 6.6, some FUSE file systems)."""
 O_CACHE_WB = OpenFlag.CACHE_WB
 """Write-back: writes reach the disk on flush/close; without it every write is flushed."""
 O_NO_BACKING = OpenFlag.NO_BACKING

@@ -197,7 +197,7 @@ def open(  # noqa: A001 - the seed's name
     session's writes were in it. ``O_NOCACHE`` opens every file of the
     chain with O_DIRECT (any offset and length still work: unaligned I/O
     goes through aligned bounce buffers); a file system without O_DIRECT
-    (tmpfs) raises UnsupportedError. A location whose protocol is not served
+    (tmpfs before Linux 6.6, some FUSE file systems) raises UnsupportedError. A location whose protocol is not served
     yet (anything but ``file``) raises UnsupportedError.
     """
     _check_flags(flags)
