@@ -197,8 +197,9 @@ def open(  # noqa: A001 - the seed's name
     session's writes were in it. ``O_NOCACHE`` opens every file of the
     chain with O_DIRECT (any offset and length still work: unaligned I/O
     goes through aligned bounce buffers); a file system without O_DIRECT
-    (tmpfs before Linux 6.6, some FUSE file systems) raises UnsupportedError. A location whose protocol is not served
-    yet (anything but ``file``) raises UnsupportedError.
+    (tmpfs before Linux 6.6, some FUSE file systems) raises
+    UnsupportedError. A location whose protocol is not served yet (anything
+    but ``file``) raises UnsupportedError.
     """
     _check_flags(flags)
     loc = Location.of(location)

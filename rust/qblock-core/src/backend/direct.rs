@@ -210,7 +210,8 @@ mod tests {
     }
 
     /// A new empty file opened with O_DIRECT, in the temporary folder or,
-    /// where that file system refuses O_DIRECT (tmpfs), under `target/`.
+    /// where that file system refuses O_DIRECT (tmpfs before Linux 6.6), under
+    /// `target/`.
     fn direct_file() -> (tempfile::TempDir, File) {
         let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
         for base in [std::env::temp_dir(), target] {
