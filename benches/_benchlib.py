@@ -170,6 +170,28 @@ def build_dataset(
     return ds
 
 
+#: The copies of the qcow2's content in the other formats, and how qemu-img makes them.
+#: vpc takes force_size so that its virtual size stays exactly --size (without it
+#: qemu-img rounds up to a CHS geometry, and the copy would be longer than the raw).
+FORMAT_COPIES: Dict[str, List[str]] = {
+    "vmdk": ["-O", "vmdk", "-o", "subformat=monolithicSparse"],
+    "vpc": ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
+    "vdi": ["-O", "vdi"],
+    "vhdx": ["-O", "vhdx", "-o", "subformat=dynamic"],
+}
+
+
+def format_copy(ds: "Dataset", fmt: str, log=print) -> str:
+    """The data set's content as a ``fmt`` image, made by qemu-img from the raw copy on first use."""
+    path = os.path.join(ds.dir, f"disk.{fmt}")
+    done = path + ".done"  # written after the convert: a half-made copy is remade
+    if not os.path.exists(done):
+        log(f"  qemu-img convert {' '.join(FORMAT_COPIES[fmt])} ...")
+        _run(["qemu-img", "convert", "-f", "raw", *FORMAT_COPIES[fmt], ds.raw, path])
+        open(done, "w").close()
+    return path
+
+
 def fraction_in_data(ds: "Dataset") -> float:
     """Share of the random-read offsets that land in a cluster holding data."""
     with open(ds.allocation, "rb") as f:
@@ -240,8 +262,8 @@ def _run(argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
 TIME_BIN = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 
-def run_timed_command(argv: Sequence[str], tmpdir: str) -> Dict[str, Any]:
-    """Run one external command; wall time and its own peak RSS.
+def run_timed_command(argv: Sequence[str], tmpdir: str, stdin: Optional[str] = None) -> Dict[str, Any]:
+    """Run one external command (its standard input from the file ``stdin``); wall time and its own peak RSS.
 
     The peak RSS comes from GNU time (a ~1 MiB process) rather than from this
     Python's RUSAGE_CHILDREN: on Linux a child spawned from Python inherits the
@@ -250,9 +272,10 @@ def run_timed_command(argv: Sequence[str], tmpdir: str) -> Dict[str, Any]:
     """
     rss_file = os.path.join(tmpdir, "rss.txt")
     full = [TIME_BIN, "-f", "%M", "-o", rss_file, *argv] if TIME_BIN else list(argv)
-    t0 = time.perf_counter()
-    p = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    dt = time.perf_counter() - t0
+    with open(stdin or os.devnull, "rb") as inp:
+        t0 = time.perf_counter()
+        p = subprocess.run(full, stdin=inp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        dt = time.perf_counter() - t0
     if p.returncode:
         return {"status": "error", "message": p.stderr.strip()[-500:]}
     if TIME_BIN:

@@ -77,22 +77,49 @@ def open_reader(reader: str, path: str, fmt: str) -> Access:
         q.open(path)
         a.read_at = q.read_buffer_at_offset  # (size, offset)
         a.keep.append(q)
+    elif reader == "pyvmdk":
+        import pyvmdk
+
+        v = pyvmdk.handle()
+        v.open(path)
+        v.open_extent_data_files()
+        a.read_at = v.read_buffer_at_offset
+        a.keep.append(v)
+    elif reader == "pyvhdi":
+        import pyvhdi
+
+        v = pyvhdi.file()
+        v.open(path)
+        a.read_at = v.read_buffer_at_offset
+        a.keep.append(v)
     elif reader == "pykeramics":
         from pykeramics import vfs
 
+        layer = {"qcow2": vfs.VfsType.QCOW, "vpc": vfs.VfsType.VHD, "vhdx": vfs.VfsType.VHDX}.get(fmt)
+        if layer is None:
+            raise Unsupported(f"pykeramics has no {fmt} layer")
         base = vfs.VfsLocation.new_base_from_string(vfs.VfsType.OS, path)
         resolver = vfs.VfsResolver()
-        fs = resolver.open_file_system(base.new_with_layer_from_string(vfs.VfsType.QCOW, "/"))
+        fs = resolver.open_file_system(base.new_with_layer_from_string(layer, "/"))
         name = fs.get_root_file_entry().get_sub_file_entry_by_index(0).name.to_string()
-        entry = resolver.get_file_entry_by_location(base.new_with_layer_from_string(vfs.VfsType.QCOW, "/" + name))
+        entry = resolver.get_file_entry_by_location(base.new_with_layer_from_string(layer, "/" + name))
         a.stream = entry.get_data_stream()  # seek(offset), read(size)
         a.keep += [resolver, fs, entry]
     elif reader == "dissect":
-        from dissect.hypervisor.disk.qcow2 import QCow2
-
         fh = open(path, "rb")
-        a.stream = QCow2(fh).open()
         a.keep.append(fh)
+        if fmt == "qcow2":
+            from dissect.hypervisor.disk.qcow2 import QCow2
+
+            a.stream = QCow2(fh).open()
+        elif fmt == "vdi":
+            from dissect.hypervisor.disk.vdi import VDI
+
+            a.stream = VDI(fh).open()
+        else:
+            from dissect.hypervisor.disk import vhd, vhdx, vmdk
+
+            a.stream = {"vmdk": vmdk.VMDK, "vpc": vhd.VHD, "vhdx": vhdx.VHDX}[fmt](fh)
     else:
         raise ValueError(reader)
     return a
@@ -319,6 +346,34 @@ ZLIB = "Sequential read of the zlib-compressed copy, 1 MiB chunks"
 RAND = "Random 4 KiB reads"
 WRITE = "Allocating 4 KiB writes, then flush"
 
+#: The other formats' copies (benches/_benchlib.FORMAT_COPIES) and the peers that read each.
+FORMAT_PEERS: Dict[str, List[tuple]] = {
+    "vmdk": [("pyvmdk", "libvmdk-python read_buffer_at_offset"), ("dissect", "dissect.hypervisor")],
+    "vpc": [("pyvhdi", "libvhdi-python read_buffer_at_offset"), ("pykeramics", "pykeramics"),
+            ("dissect", "dissect.hypervisor")],
+    "vdi": [("dissect", "dissect.hypervisor")],
+    "vhdx": [("pyvhdi", "libvhdi-python read_buffer_at_offset"), ("pykeramics", "pykeramics"),
+             ("dissect", "dissect.hypervisor")],
+}
+QEMU_IO_RAND = "qemu-io read (commands on stdin, one process)"
+
+
+def fmt_seq(fmt: str) -> str:
+    return f"Sequential read of the {fmt} copy, 1 MiB chunks"
+
+
+def fmt_rand(fmt: str) -> str:
+    return f"Random 4 KiB reads of the {fmt} copy"
+
+
+def format_of(image: str) -> str:
+    """The format libqblock and qemu-img are told for a data-set image."""
+    return {"raw": "raw", "qcow2": "qcow2", "zlib": "qcow2"}.get(image, image)
+
+
+def is_rate(section: str) -> bool:
+    return section.startswith("Sequential")
+
 
 def all_cases() -> List[Case]:
     c: List[Case] = []
@@ -355,7 +410,25 @@ def all_cases() -> List[Case]:
         Case(RAND, "libqcow-python read_buffer_at_offset", "qcow2", "rand", "pyqcow", "read"),
         Case(RAND, "pykeramics seek+read", "qcow2", "rand", "pykeramics", "read"),
         Case(RAND, "dissect.hypervisor seek+read", "qcow2", "rand", "dissect", "read"),
+        Case(RAND, QEMU_IO_RAND, "qcow2", "cmd-io-rand"),
     ]
+    for fmt, peers in FORMAT_PEERS.items():
+        seq, rand = fmt_seq(fmt), fmt_rand(fmt)
+        c += [
+            Case(seq, "qemu-img convert -> null-co", fmt, "cmd-null", anchor=True),
+            Case(seq, "libqblock read", fmt, "seq", "libqblock", "read"),
+            Case(seq, "libqblock readinto", fmt, "seq", "libqblock", "readinto"),
+        ]
+        c += [Case(seq, f"{label} read" if "read_" not in label else label, fmt, "seq", r, "read")
+              for r, label in peers]
+        c += [
+            Case(rand, "os.pread (raw copy)", "raw", "rand", "python", "read", anchor=True),
+            Case(rand, "libqblock read", fmt, "rand", "libqblock", "read"),
+            Case(rand, "libqblock readinto", fmt, "rand", "libqblock", "readinto"),
+        ]
+        c += [Case(rand, f"{label} seek+read" if "read_" not in label else label, fmt, "rand", r, "read")
+              for r, label in peers]
+        c.append(Case(rand, QEMU_IO_RAND, fmt, "cmd-io-rand"))
     c += [
         Case(WRITE, "qemu-io -t writeback (one process)", "qcow2", "cmd-io", anchor=True),
         Case(WRITE, "qemu-io start-up alone (open, flush, exit)", "qcow2", "cmd-io0"),
@@ -365,7 +438,8 @@ def all_cases() -> List[Case]:
 
 
 def _image_path(ds: bl.Dataset, image: str) -> str:
-    return {"raw": ds.raw, "qcow2": ds.qcow2, "zlib": ds.zlib}[image]
+    own = {"raw": ds.raw, "qcow2": ds.qcow2, "zlib": ds.zlib}.get(image)
+    return own if own is not None else bl.format_copy(ds, image, log=lambda m: print(m, flush=True))
 
 
 def _fresh_qcow2(path: str, size: int) -> None:
@@ -391,7 +465,7 @@ def _summarize_cmd(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def run_case(case: Case, ds: bl.Dataset, args: argparse.Namespace) -> Dict[str, Any]:
     d = ds.dir
-    fmt = "raw" if case.image == "raw" else "qcow2"
+    fmt = format_of(case.image)
     src = _image_path(ds, case.image)
     if case.kind in ("seq", "rand"):
         spec = {
@@ -420,6 +494,16 @@ def run_case(case: Case, ds: bl.Dataset, args: argparse.Namespace) -> Dict[str, 
         bl.remove_and_sync(out)
         r = _summarize_cmd(runs)
         r["check"] = check
+        return r
+    if case.kind == "cmd-io-rand":
+        # qemu-io's own read loop: one process, one read per line on stdin (start-up included)
+        script = os.path.join(d, "qemu-io-random-reads.txt")
+        if not os.path.exists(script):
+            with open(script, "w") as f:
+                f.writelines(f"read -q {o} {bl.RANDOM_LEN}\n" for o in bl.load_offsets(ds.offsets))
+        argv = ["qemu-io", "-r", "-t", "writeback", "-f", fmt, src]
+        r = _summarize_cmd([bl.run_timed_command(argv, d, stdin=script) for _ in range(args.repeat)])
+        r["check"] = "n/a"  # qemu-io prints no data; the libqblock rows are checked
         return r
     offsets = bl.load_offsets(ds.write_offsets)
     ref = os.path.join(d, "written-by-qemu-io.qcow2")
@@ -477,13 +561,9 @@ def _figure(case: Case, ds: bl.Dataset) -> Optional[float]:
     if r.get("status") != "ok" or not r.get("times"):
         return None
     t = min(r["times"])
-    if case.section in (SEQ, ZLIB):
+    if is_rate(case.section):
         return ds.size / t / 1e9
     return t
-
-
-def _is_rate(section: str) -> bool:
-    return section in (SEQ, ZLIB)
 
 
 def _ratio(case: Case, anchor: Optional[Case], ds: bl.Dataset) -> Optional[float]:
@@ -497,7 +577,7 @@ def _ratio(case: Case, anchor: Optional[Case], ds: bl.Dataset) -> Optional[float
 
 def build_rows(cases: List[Case], ds: bl.Dataset, args: argparse.Namespace) -> Dict[str, List[List[str]]]:
     sections: Dict[str, List[List[str]]] = {}
-    for sec in (SEQ, ZLIB, RAND, WRITE):
+    for sec in dict.fromkeys(c.section for c in cases):
         sc = [c for c in cases if c.section == sec]
         if not sc:
             continue
@@ -508,7 +588,7 @@ def build_rows(cases: List[Case], ds: bl.Dataset, args: argparse.Namespace) -> D
             st = r.get("status", "skipped")
             if st == "ok":
                 f = _figure(c, ds)
-                fig = f"{f:.2f} GB/s" if _is_rate(sec) else f"{f:.3f} s"
+                fig = f"{f:.2f} GB/s" if is_rate(sec) else f"{f:.3f} s"
                 ratio = _ratio(c, anchor, ds)
                 rat = "anchor" if c.anchor else (f"{ratio:.2f}x" if ratio is not None else "-")
                 rss = f"{r['maxrss_kib'] / 1024:.0f} MiB" + ("" if r.get("rss_exact", True) else " (<=)")
@@ -523,12 +603,25 @@ def build_rows(cases: List[Case], ds: bl.Dataset, args: argparse.Namespace) -> D
     return sections
 
 
-SECTION_NOTES = {
-    SEQ: "figure = virtual size / best time; ratio = speed / anchor speed (higher is better)",
-    ZLIB: "figure = virtual size / best time; ratio = speed / anchor speed (higher is better)",
-    RAND: "figure = best time for all reads; ratio = time / anchor time (lower is better)",
-    WRITE: "figure = best time, open to flush; ratio = time / anchor time (lower is better)",
-}
+def section_note(sec: str) -> str:
+    if is_rate(sec):
+        return "figure = virtual size / best time; ratio = speed / anchor speed (higher is better)"
+    if sec == WRITE:
+        return "figure = best time, open to flush; ratio = time / anchor time (lower is better)"
+    return "figure = best time for all reads; ratio = time / anchor time (lower is better)"
+
+
+def _fastest_peer(cases: List[Case], sec: str, fig: Callable[[Case], Optional[float]], higher: bool) -> Optional[float]:
+    """The best figure of the section's other readers (peers and qemu-io), counting only rows that read right."""
+    figs = [
+        f for c in cases
+        if c.section == sec and not c.anchor and c.reader not in ("libqblock", "python")
+        and c.kind != "cmd-null" and c.result.get("check") in ("ok", "n/a")
+        for f in [fig(c)] if f is not None
+    ]
+    if not figs:
+        return None
+    return max(figs) if higher else min(figs)
 
 
 def targets(cases: List[Case], ds: bl.Dataset) -> List[str]:
@@ -571,6 +664,22 @@ def targets(cases: List[Case], ds: bl.Dataset) -> List[str]:
     ]
     line("zlib sequential >= 1.5x qemu-img", max(zl) if zl else None, zq * 1.5 if zq else None, True,
          "{value:.2f} GB/s vs 1.5 x qemu-img = {goal:.2f} GB/s")
+    io = fig(find(RAND, QEMU_IO_RAND, "qcow2"))
+    line("random 4 KiB read faster than qemu-io", lr, io, False, "{value:.3f} s vs {goal:.3f} s")
+    for fmt, peers in FORMAT_PEERS.items():
+        seq, rand = fmt_seq(fmt), fmt_rand(fmt)
+        best_seq = max((f for f in (fig(find(seq, "libqblock readinto", fmt)), fig(find(seq, "libqblock read", fmt)))
+                        if f is not None), default=None)
+        line(f"{fmt} sequential >= qemu-img's read path", best_seq, fig(find(seq, "qemu-img convert -> null-co", fmt)),
+             True, "{value:.2f} GB/s vs {goal:.2f} GB/s")
+        line(f"{fmt} sequential faster than every peer", best_seq, _fastest_peer(cases, seq, fig, higher=True), True,
+             "{value:.2f} GB/s vs fastest peer {goal:.2f} GB/s")
+        lr_f = fig(find(rand, "libqblock read", fmt))
+        pr_f = fig(find(rand, "os.pread (raw copy)", "raw"))
+        line(f"{fmt} random 4 KiB read within 1.2x os.pread", lr_f, pr_f * 1.2 if pr_f else None, False,
+             "{value:.3f} s vs 1.2 x os.pread = {goal:.3f} s")
+        line(f"{fmt} random 4 KiB read faster than every peer and qemu-io", lr_f,
+             _fastest_peer(cases, rand, fig, higher=False), False, "{value:.3f} s vs fastest other {goal:.3f} s")
     wq = fig(find(WRITE, "qemu-io -t writeback (one process)", "qcow2"))
     wl = fig(find(WRITE, "libqblock write", "qcow2"))
     line("allocating writes faster than qemu-io", wl, wq, False, "{value:.3f} s vs {goal:.3f} s")
@@ -596,14 +705,14 @@ def report(cases: List[Case], ds: bl.Dataset, args: argparse.Namespace, info: Di
     parts.append(desc)
     for sec, rows in build_rows(cases, ds, args).items():
         title = sec
-        if sec == RAND:
+        if not is_rate(sec) and sec != WRITE:
             title += f" x {n_rand:,}"
         if sec == WRITE:
             title += f" x {n_write:,}"
         if markdown:
-            parts.append(f"### {title}\n\n_{SECTION_NOTES[sec]}_\n\n" + bl.render_table(header, rows, True))
+            parts.append(f"### {title}\n\n_{section_note(sec)}_\n\n" + bl.render_table(header, rows, True))
         else:
-            parts.append(f"== {title}\n   ({SECTION_NOTES[sec]})\n" + bl.render_table(header, rows, False))
+            parts.append(f"== {title}\n   ({section_note(sec)})\n" + bl.render_table(header, rows, False))
     tl = targets(cases, ds)
     if markdown:
         parts.append("### Targets\n\n" + "\n".join(f"- {t}" for t in tl))
@@ -669,7 +778,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.only:
             cases = [c for c in cases if any(o.lower() in f"{c.section} {c.label} {c.image}".lower() for o in args.only)]
         print("warming the page cache ...", flush=True)
-        bl.warm([ds.raw, ds.qcow2, ds.zlib])
+        images = dict.fromkeys(c.image for c in cases)  # the other formats' copies are made here, before warming
+        bl.warm([ds.raw, ds.qcow2, ds.zlib] + [_image_path(ds, i) for i in images if i not in ("raw", "qcow2", "zlib")])
         idle = bl.run_worker(SCRIPT, {"kind": "idle"})
         idle_rss = idle.get("maxrss_kib")
         # Reads first, then what writes files (whose write-back would disturb reads).
