@@ -20,6 +20,10 @@ pub enum ErrorKind {
     Unsupported,
     CorruptImage,
     ImageLocked,
+    /// A long job (convert, checksum, ...) stopped because its caller's
+    /// progress callback asked it to; the bindings re-raise the caller's own
+    /// exception instead of mapping this kind to a class.
+    Cancelled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +42,8 @@ pub enum Error {
     CorruptImage(String),
     #[error("{0}")]
     ImageLocked(String),
+    #[error("{0}")]
+    Cancelled(String),
     /// An OS call failed; `context` says what we were doing.
     #[error("{context}: {source}")]
     Os {
@@ -57,6 +63,7 @@ impl Error {
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::CorruptImage(_) => ErrorKind::CorruptImage,
             Error::ImageLocked(_) => ErrorKind::ImageLocked,
+            Error::Cancelled(_) => ErrorKind::Cancelled,
         }
     }
 
@@ -85,6 +92,7 @@ impl Error {
             Error::Unsupported(m) => Error::Unsupported(format!("{what}: {m}")),
             Error::CorruptImage(m) => Error::CorruptImage(format!("{what}: {m}")),
             Error::ImageLocked(m) => Error::ImageLocked(format!("{what}: {m}")),
+            Error::Cancelled(m) => Error::Cancelled(format!("{what}: {m}")),
             Error::Os { context, source } => Error::Os {
                 context: format!("{what}: {context}"),
                 source,

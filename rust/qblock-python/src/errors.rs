@@ -14,6 +14,9 @@ fn class_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Unsupported => "UnsupportedError",
         ErrorKind::CorruptImage => "CorruptImageError",
         ErrorKind::ImageLocked => "ImageLockedError",
+        // Only reaches here if a job was cancelled without a Python
+        // exception to re-raise (the tools' bindings re-raise it first).
+        ErrorKind::Cancelled => "InternalError",
     }
 }
 
