@@ -12,6 +12,7 @@ pub mod info;
 pub mod location;
 pub mod options;
 pub mod registry;
+pub mod tools;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format_name::Format;

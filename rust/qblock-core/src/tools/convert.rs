@@ -1,0 +1,307 @@
+//! `convert`: copy the guest content of one or more images (concatenated)
+//! into a target image of any writable format.
+//!
+//! Worker threads read and classify fixed-size chunks; the caller's thread
+//! writes them in guest order, so a target allocates its clusters in the
+//! same order as `qemu-img convert` does and the host file stays sequential.
+//! At most `window` chunks are in flight: memory is bounded by
+//! `window x chunk x 2` whatever the image size.
+//!
+//! What is written: each chunk is compared, in units of `sparse_min`
+//! bytes, with what the target reads there now (zeroes for a fresh target,
+//! found from block status without reading; the target's backing file for
+//! an overlay; the old content for an existing target). Units that already
+//! read right are skipped; units that must become zero are written as
+//! zeroes (`write_zeroes`); the rest as data. Ranges the source reports as
+//! zero are never read. With `sparse_min` 0 every byte is written as data,
+//! fully allocating the target.
+
+use super::{cancelled, caught, worker_count, zeroes, Progress};
+use crate::error::{invalid, try_zeroed, Result};
+use crate::image::Image;
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex};
+
+/// Chunk of work: big enough for large sequential I/O, small enough that
+/// a few per worker stay cheap in memory.
+pub const CHUNK: u64 = 2 << 20;
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Zero runs at least this long are not written as data (`qemu-img
+    /// convert -S`); a multiple of 512. 0 writes everything as data.
+    pub sparse_min: u64,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            sparse_min: 4096,
+            threads: 0,
+        }
+    }
+}
+
+/// A slice of a source image: `len` bytes from `start`.
+#[derive(Clone, Copy)]
+pub struct Piece<'a> {
+    pub image: &'a Image,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// What a worker found a chunk needs.
+enum Op {
+    Data { at: u64, from: usize, len: usize },
+    Zero { at: u64, len: u64 },
+}
+
+struct Plan {
+    buf: Vec<u8>,
+    ops: Vec<Op>,
+    len: u64,
+}
+
+struct Flow {
+    next_take: u64,
+    next_write: u64,
+    ready: BTreeMap<u64, Result<Plan>>,
+    stop: bool,
+}
+
+/// Copy `pieces`, one after another, into `target` from its offset 0.
+/// `target` must be at least as long as the pieces together.
+pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, progress: &mut dyn Progress) -> Result<()> {
+    if opts.sparse_min % SECTOR != 0 {
+        return Err(invalid(format!(
+            "the sparse size must be a multiple of 512 bytes, not {}",
+            opts.sparse_min
+        )));
+    }
+    for p in pieces {
+        if p.start.checked_add(p.len).is_none_or(|e| e > p.image.virtual_size()) {
+            return Err(invalid("a source range reaches past the end of its image"));
+        }
+    }
+    let total: u64 = pieces.iter().map(|p| p.len).sum();
+    if total > target.virtual_size() {
+        return Err(invalid(format!(
+            "the target is {} bytes, smaller than the {} bytes to copy",
+            target.virtual_size(),
+            total
+        )));
+    }
+    let chunks = total.div_ceil(CHUNK);
+    let workers = worker_count(opts.threads).min(chunks.max(1) as usize);
+    let window = (workers as u64) * 2 + 1;
+    let flow = Mutex::new(Flow {
+        next_take: 0,
+        next_write: 0,
+        ready: BTreeMap::new(),
+        stop: false,
+    });
+    let changed = Condvar::new();
+    let ctx = Ctx { pieces, target, opts };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let k = {
+                    let mut f = flow.lock().unwrap();
+                    while !f.stop && f.next_take < chunks && f.next_take >= f.next_write + window {
+                        f = changed.wait(f).unwrap();
+                    }
+                    if f.stop || f.next_take >= chunks {
+                        return;
+                    }
+                    f.next_take += 1;
+                    f.next_take - 1
+                };
+                let plan = caught(|| ctx.plan(k, total));
+                let mut f = flow.lock().unwrap();
+                f.ready.insert(k, plan);
+                changed.notify_all();
+            });
+        }
+        let result = write_in_order(&flow, &changed, chunks, target, total, progress);
+        let mut f = flow.lock().unwrap();
+        f.stop = true;
+        changed.notify_all();
+        result
+    })
+}
+
+fn write_in_order(
+    flow: &Mutex<Flow>,
+    changed: &Condvar,
+    chunks: u64,
+    target: &Image,
+    total: u64,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let mut done = 0u64;
+    if !progress.report(0, total) {
+        return Err(cancelled());
+    }
+    for k in 0..chunks {
+        let plan = {
+            let mut f = flow.lock().unwrap();
+            loop {
+                if let Some(p) = f.ready.remove(&k) {
+                    break p;
+                }
+                f = changed.wait(f).unwrap();
+            }
+        }?;
+        for op in &plan.ops {
+            match *op {
+                Op::Data { at, from, len } => target.write_at(&plan.buf[from..from + len], at)?,
+                Op::Zero { at, len } => target.write_zeroes(at, len)?,
+            }
+        }
+        done += plan.len;
+        {
+            let mut f = flow.lock().unwrap();
+            f.next_write = k + 1;
+            changed.notify_all();
+        }
+        if !progress.report(done, total) {
+            return Err(cancelled());
+        }
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    pieces: &'a [Piece<'a>],
+    target: &'a Image,
+    opts: &'a ConvertOptions,
+}
+
+impl Ctx<'_> {
+    fn plan(&self, k: u64, total: u64) -> Result<Plan> {
+        let at = k * CHUNK;
+        let n = (total - at).min(CHUNK);
+        let unit = self.opts.sparse_min;
+        let src_zero = self.reads_zero(at, n)?;
+        let tgt_zero = reads_zero(self.target, at, n)?;
+        if unit > 0 && src_zero && tgt_zero {
+            return Ok(Plan {
+                buf: Vec::new(),
+                ops: Vec::new(),
+                len: n,
+            });
+        }
+        let mut buf = try_zeroed(n as usize, "a convert chunk")?;
+        if !src_zero {
+            self.read_source(&mut buf, at)?;
+        }
+        if unit == 0 {
+            let ops = vec![Op::Data {
+                at,
+                from: 0,
+                len: n as usize,
+            }];
+            return Ok(Plan { buf, ops, len: n });
+        }
+        let old = if tgt_zero {
+            None
+        } else {
+            let mut old = try_zeroed(n as usize, "a convert chunk")?;
+            self.target.read_at(&mut old, at)?;
+            Some(old)
+        };
+        let mut ops: Vec<Op> = Vec::new();
+        let unit = unit as usize;
+        let mut off = 0usize;
+        while off < n as usize {
+            let end = (off + unit).min(n as usize);
+            let new = &buf[off..end];
+            let is_zero = zeroes::is_zero(new);
+            let same = match &old {
+                None => is_zero,
+                Some(o) => &o[off..end] == new,
+            };
+            if !same {
+                let here = at + off as u64;
+                let len = end - off;
+                match (ops.last_mut(), is_zero) {
+                    (Some(Op::Zero { at: a, len: l }), true) if *a + *l == here => *l += len as u64,
+                    (Some(Op::Data { from, len: l, .. }), false) if *from + *l == off => *l += len,
+                    (_, true) => ops.push(Op::Zero {
+                        at: here,
+                        len: len as u64,
+                    }),
+                    (_, false) => ops.push(Op::Data {
+                        at: here,
+                        from: off,
+                        len,
+                    }),
+                }
+            }
+            off = end;
+        }
+        Ok(Plan { buf, ops, len: n })
+    }
+
+    /// Each piece overlapping `[at, at+len)` of the concatenated sources.
+    fn overlaps(&self, at: u64, len: u64) -> impl Iterator<Item = (&Image, u64, u64, u64)> + '_ {
+        // (image, offset in image, offset in the window, length)
+        let mut base = 0u64;
+        self.pieces.iter().filter_map(move |p| {
+            let (lo, hi) = (base, base + p.len);
+            base = hi;
+            let s = at.max(lo);
+            let e = (at + len).min(hi);
+            (s < e).then(|| (p.image, p.start + (s - lo), s - at, e - s))
+        })
+    }
+
+    fn reads_zero(&self, at: u64, len: u64) -> Result<bool> {
+        for (img, off, _, n) in self.overlaps(at, len) {
+            if !reads_zero(img, off, n)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        for (img, off, rel, n) in self.overlaps(at, buf.len() as u64) {
+            let dst = &mut buf[rel as usize..(rel + n) as usize];
+            read_skipping_zeroes(img, dst, off)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether block status says the whole range reads as zeroes.
+fn reads_zero(img: &Image, at: u64, len: u64) -> Result<bool> {
+    let mut pos = at;
+    while pos < at + len {
+        let st = img.block_status(pos, at + len - pos)?;
+        if !(st.zero && !st.data) {
+            return Ok(false);
+        }
+        pos += st.len;
+    }
+    Ok(true)
+}
+
+/// Read `dst` (already zeroed) from `img`, leaving ranges that block status
+/// reports as zero unread.
+fn read_skipping_zeroes(img: &Image, dst: &mut [u8], at: u64) -> Result<()> {
+    let len = dst.len() as u64;
+    let mut pos = 0u64;
+    while pos < len {
+        let st = img.block_status(at + pos, len - pos)?;
+        let n = st.len.min(len - pos);
+        if !(st.zero && !st.data) {
+            img.read_at(&mut dst[pos as usize..(pos + n) as usize], at + pos)?;
+        }
+        pos += n;
+    }
+    Ok(())
+}
