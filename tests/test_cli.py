@@ -1,4 +1,4 @@
-"""The qblock command: create, info, write, read and map, against qemu-img."""
+"""The qblock command: create, info, write, read, map, convert, compare and checksum, against qemu-img."""
 
 from __future__ import annotations
 
@@ -151,3 +151,62 @@ def test_the_installed_command(tmp):
     assert r.returncode == 0 and "virtual-size: 1048576" in r.stdout
     r = subprocess.run([*cmd], capture_output=True, text=True)
     assert r.returncode == 2  # argparse: a subcommand is required
+
+
+def qblock_cmd():
+    exe = shutil.which("qblock")
+    return [exe] if exe else [sys.executable, "-m", "libqblock"]
+
+
+def test_convert_through_the_installed_command(tmp):
+    src = str(tmp / "src.qcow2")
+    qemu_img_create = ["qemu-img", "create", "-q", "-f", "qcow2", src, "8M"]
+    subprocess.run(qemu_img_create, check=True)
+    qemu_io(src, "write -P 0x61 1M 64k", "write -P 0x62 7M 4k")
+    dst = str(tmp / "dst.vmdk")
+    r = subprocess.run([*qblock_cmd(), "convert", "-p", "-O", "vmdk", "-o", "subformat=monolithicSparse", src, dst],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "(100.00/100%)" in r.stderr  # the -p progress line
+    assert subprocess.run(["qemu-img", "compare", "-q", src, dst]).returncode == 0
+    qemu_check(dst)
+    assert qemu_info(dst)["format"] == "vmdk" and qemu_info(dst)["virtual-size"] == 8 * MiB
+    # -n into the existing target, -S 0, and the checksum says the content is the same
+    full = str(tmp / "full.raw")
+    subprocess.run([*qblock_cmd(), "create", "-f", "raw", full, "8M"], check=True)
+    r = subprocess.run([*qblock_cmd(), "convert", "-n", "-S", "0", src, full], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.stat(full).st_blocks * 512 >= 8 * MiB
+    sums = [subprocess.run([*qblock_cmd(), "checksum", p], capture_output=True, text=True).stdout.split()[0]
+            for p in (src, dst, full)]
+    assert len(set(sums)) == 1 and len(sums[0]) == 64
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["convert", "missing.qcow2", "out.raw"], "missing.qcow2"),
+        (["convert", "-O", "nosuch", "SRC", "out.img"], "unknown format"),
+        (["convert", "-c", "-O", "qcow2", "SRC", "out.img"], "not built yet"),
+        (["convert", "-S", "1000", "SRC", "out.img"], "multiple of 512"),
+        (["convert", "-n", "-o", "cluster_size=4k", "SRC", "SRC"], "-n writes into"),
+        (["checksum", "missing.qcow2"], "missing.qcow2"),
+    ],
+)
+def test_tool_errors_are_one_line_without_a_traceback(tmp, argv, message):
+    src = tmp / "SRC"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "1M"], check=True)
+    argv = [str(src) if a == "SRC" else a for a in argv]
+    r = subprocess.run([*qblock_cmd(), *argv], capture_output=True, text=True, cwd=tmp)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("qblock: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp / "out.img").exists()
+
+
+def test_python_dash_m_is_the_same_command(tmp):
+    r = subprocess.run([sys.executable, "-m", "libqblock", "create", "-f", "qcow2", str(tmp / "m.qcow2"), "1M"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert qemu_info(str(tmp / "m.qcow2"))["virtual-size"] == MiB
+    assert subprocess.run([sys.executable, "-m", "libqblock", "--help"], capture_output=True, text=True).stdout \
+        .startswith("usage: qblock")

@@ -43,11 +43,13 @@ from .options import (
     VpcOptions,
     options_class,
 )
+from .tools import CompareResult, checksum, compare, convert
 from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
     "BlockStatus",
     "Broker",
+    "CompareResult",
     "CorruptImageError",
     "CowOptions",
     "Format",
@@ -89,6 +91,9 @@ __all__ = [
     "VmdkOptions",
     "VpcOptions",
     "capi",
+    "checksum",
+    "compare",
+    "convert",
     "create",
     "fmttype2str",
     "open",

@@ -2,11 +2,11 @@
 (rust/qblock-python/src/image.rs). Checked against the built module by
 ``python -m mypy.stubtest libqblock._native`` (tests/test_api.py)."""
 
-from typing import Any, Dict, List, Optional, Tuple, Union, final
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, final
 
 from typing_extensions import Buffer
 
-__all__ = ["Image", "create", "formats", "open", "probe"]
+__all__ = ["Image", "checksum_image", "compare_images", "convert_images", "create", "formats", "open", "probe"]
 
 # (offset, length, allocated, present, data, zero, compressed, depth, file, file_offset)
 _StatusTuple = Tuple[int, int, bool, bool, bool, bool, bool, int, Optional[str], Optional[int]]
@@ -49,3 +49,11 @@ def open(
 def create(protocol: str, target: str, fmt: str, options: Dict[str, _OptionValue]) -> None: ...
 def probe(protocol: str, target: str) -> str: ...
 def formats() -> List[Tuple[str, bool, bool]]: ...
+
+_Progress = Optional[Callable[[int, int], object]]
+
+def convert_images(
+    sources: List[Tuple[Image, int, int]], target: Image, sparse_min: int, threads: int, progress: _Progress = None
+) -> None: ...
+def checksum_image(image: Image, threads: int, progress: _Progress = None) -> str: ...
+def compare_images(a: Image, b: Image, strict: bool, progress: _Progress = None) -> Tuple[str, Optional[int]]: ...

@@ -6,9 +6,10 @@ import argparse
 import json
 import re
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import image as _image
+from . import tools as _tools
 from .errors import InvalidParamError, QBlockError
 from .flags import O_CACHE_WB, O_RDWR
 from .formats import Format
@@ -71,26 +72,41 @@ def _options_help(cls: Type[ImageOptions]) -> str:
     return "\n".join(lines)
 
 
+def _option_args(fmt_name: str, o: List[str], backing: Optional[str], backing_format: Optional[str],
+                 size: Optional[int]) -> Tuple[Type[ImageOptions], Dict[str, Any]]:
+    """The options class and its arguments from qemu-img style ``-f``, ``-o``, ``-b``, ``-F`` and size."""
+    cls = options_class(_known_format(fmt_name))
+    kw: Dict[str, Any] = {k: _coerce(cls, k, v) for k, v in _parse_o(o).items()}
+    if backing:
+        kw["backing"] = backing
+    if backing_format:
+        kw["backing_fmt"] = _coerce(cls, "backing_fmt", backing_format)
+    if size is not None:
+        kw["virt_size"] = size
+    return cls, kw
+
+
+def _wants_help(o: List[str]) -> bool:
+    return any(group.split(",")[0] == "help" for group in o)
+
+
 def cmd_create(a: argparse.Namespace) -> int:
     """``qblock create [-f FMT] [-o OPTS] [-b BACKING [-F FMT]] FILE [SIZE]``."""
-    fmt = Format.from_str(a.format)
-    if fmt is Format.NONE:
-        raise InvalidParamError(f"unknown format {a.format!r}")
-    cls = options_class(fmt)
-    if any(group.split(",")[0] == "help" for group in a.o):
-        print(_options_help(cls))
+    if _wants_help(a.o):
+        print(_options_help(options_class(_known_format(a.format))))
         return 0
-    kw: Dict[str, Any] = {k: _coerce(cls, k, v) for k, v in _parse_o(a.o).items()}
-    if a.backing:
-        kw["backing"] = a.backing
-    if a.backing_format:
-        kw["backing_fmt"] = _coerce(cls, "backing_fmt", a.backing_format)
-    if a.size:
-        kw["virt_size"] = parse_size(a.size)
+    cls, kw = _option_args(a.format, a.o, a.backing, a.backing_format, parse_size(a.size) if a.size else None)
     if "virt_size" not in kw and "backing" not in kw:
         raise InvalidParamError("creating an image needs a size (or a backing file to take it from)")
     _image.create(a.filename, cls(**kw))
     return 0
+
+
+def _known_format(name: str) -> Format:
+    fmt = Format.from_str(name)
+    if fmt is Format.NONE:
+        raise InvalidParamError(f"unknown format {name!r}")
+    return fmt
 
 
 def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
@@ -153,6 +169,62 @@ def cmd_map(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Bar:
+    """``-p``: a progress line on stderr, redrawn in place, like qemu-img's."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        sys.stderr.write(f"\r    ({pct:.2f}/100%)")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def callback(self) -> Optional["_Bar"]:
+        return self if self.enabled else None
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    """``qblock convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-n] [-S SIZE] [-p] SRC... DST``."""
+    if _wants_help(a.o):
+        print(_options_help(options_class(_known_format(a.output_format))))
+        return 0
+    *sources, target = a.filenames
+    if not sources:
+        raise InvalidParamError("convert needs a source and a target")
+    make: Optional[Callable[[int], ImageOptions]] = None
+    if not a.existing:
+        cls, kw = _option_args(a.output_format, a.o, a.backing, a.backing_format, None)
+        make = (lambda n: cls(**kw)) if "virt_size" in kw else (lambda n: cls(**kw, virt_size=_tools._aligned(cls, n)))
+    elif a.o or a.backing:
+        raise InvalidParamError("-n writes into the existing target: -o and -B do not apply")
+    _tools._convert(sources, target, make, source_format=a.format, sparse_size=parse_size(a.sparse_size),
+                    compress=a.compress, start=0, length=None, threads=a.threads,
+                    progress=_Bar(a.progress).callback())
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    """``qblock compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B``: exit 0 identical, 1 different, 2 error."""
+    r = _tools.compare(a.a, a.b, fmt_a=a.format, fmt_b=a.b_format, strict=a.strict,
+                       progress=_Bar(a.progress).callback())
+    if not a.quiet:
+        if not a.strict and r.reason != "size":
+            with _image.open(a.a, a.format, flags=0) as x, _image.open(a.b, a.b_format, flags=0) as y:
+                if x.virt_size != y.virt_size:
+                    print("Warning: Image size mismatch!")
+        print(r.message)
+    return 0 if r.identical else 1
+
+
+def cmd_checksum(a: argparse.Namespace) -> int:
+    """``qblock checksum [-f FMT] [-p] FILE``: the format-independent content hash, then the file name."""
+    print(f"{_tools.checksum(a.filename, a.format, progress=_Bar(a.progress).callback())}  {a.filename}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qblock`` command."""
     p = argparse.ArgumentParser(prog="qblock", description="Create, inspect and edit disk images.")
@@ -188,6 +260,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--format")
     m.add_argument("filename")
     m.set_defaults(func=cmd_map)
+    cv = sub.add_parser("convert", help="copy an image (or several, concatenated) into a new one of any format")
+    cv.add_argument("-f", "--format", help="format of the sources (default: probe)")
+    cv.add_argument("-O", dest="output_format", default="raw", help="format of the target (default raw)")
+    cv.add_argument("-o", action="append", default=[], help="target options key=value[,...]; -o help lists them")
+    cv.add_argument("-B", dest="backing", help="make the target an overlay of this file; write only what differs")
+    cv.add_argument("-F", dest="backing_format", help="format of the -B file")
+    cv.add_argument("-n", dest="existing", action="store_true", help="the target exists: write into it")
+    cv.add_argument("-S", dest="sparse_size", default="4k", help="zero runs this long become holes (default 4k; 0: none)")
+    cv.add_argument("-c", dest="compress", action="store_true", help="compress the target (not built yet)")
+    cv.add_argument("-m", dest="threads", type=int, default=0, help="worker threads (default: one per core)")
+    cv.add_argument("-W", action="store_true", help="accepted for qemu-img compatibility; writes stay in order")
+    cv.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    cv.add_argument("filenames", nargs="+", metavar="FILE", help="sources, then the target")
+    cv.set_defaults(func=cmd_convert)
+    cp = sub.add_parser("compare", help="compare guest content; exit 0 identical, 1 different, 2 error")
+    cp.add_argument("-f", "--format", help="format of the first image")
+    cp.add_argument("-F", dest="b_format", help="format of the second image")
+    cp.add_argument("-s", dest="strict", action="store_true", help="strict: sizes and allocation must match too")
+    cp.add_argument("-q", dest="quiet", action="store_true", help="print nothing; only the exit status tells")
+    cp.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    cp.add_argument("a")
+    cp.add_argument("b")
+    cp.set_defaults(func=cmd_compare, error_status=2)
+    ck = sub.add_parser("checksum", help="print the format-independent checksum of the guest content")
+    ck.add_argument("-f", "--format")
+    ck.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    ck.add_argument("filename")
+    ck.set_defaults(func=cmd_checksum)
     return p
 
 
@@ -198,7 +298,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args))
     except QBlockError as e:
         print(f"qblock: {e.message}", file=sys.stderr)
-        return 1
+        return int(getattr(args, "error_status", 1))
+    except KeyboardInterrupt:
+        print("qblock: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

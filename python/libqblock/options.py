@@ -11,10 +11,10 @@ which is what the engine takes. One exception: the seed's ``encrypt`` flag
 (qcow, qcow2) is passed as ``encrypt`` (QEMU spells it ``encrypt.format=aes``),
 and the engine refuses it with UnsupportedError until encryption lands.
 
-The class names the format (``Qcow2Options.format is Format.QCOW2``). The
-engine creates raw and qcow2 images today; :func:`libqblock.create` with the
-other classes raises :class:`~libqblock.errors.UnsupportedError` until their
-drivers land.
+The class names the format (``Qcow2Options.format is Format.QCOW2``).
+:func:`libqblock.create` raises :class:`~libqblock.errors.UnsupportedError`
+for the classes of formats the engine cannot create yet (rbd, sheepdog, and
+the encrypt flag); ``supported_formats(write=True)`` lists the others.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ fn format_arg(name: Option<&str>) -> Result<Option<Format>, Error> {
 }
 
 /// Run `f` detached from the interpreter, guarded against panics.
-fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+pub(crate) fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
     py.detach(|| guarded(f)).map_err(|e| to_pyerr(py, e))
 }
 
@@ -40,7 +40,7 @@ pub struct PyImage {
 }
 
 impl PyImage {
-    fn get(&self, py: Python<'_>) -> PyResult<Arc<Image>> {
+    pub(crate) fn get(&self, py: Python<'_>) -> PyResult<Arc<Image>> {
         self.inner
             .read()
             .clone()

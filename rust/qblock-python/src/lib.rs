@@ -4,6 +4,7 @@
 mod buffer;
 mod errors;
 mod image;
+mod tools;
 
 use pyo3::prelude::*;
 
@@ -14,5 +15,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::create, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe, m)?)?;
     m.add_function(wrap_pyfunction!(image::formats, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::convert_images, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::checksum_image, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::compare_images, m)?)?;
     Ok(())
 }

@@ -1,0 +1,242 @@
+"""qb.convert and ``qblock convert`` against qemu-img: every writable format out,
+every readable one in, sparseness, -n, -B, ranges, concatenation, progress,
+cancellation and bad arguments."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import libqblock as qb
+from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+
+#: Formats we write, with the options that make them, and whether qemu-img check knows them.
+TARGETS = {
+    "raw": (qb.RawOptions, False),
+    "qcow2": (qb.Qcow2Options, True),
+    "qcow": (qb.QcowOptions, False),
+    "qed": (qb.QedOptions, True),
+    "vdi": (qb.VdiOptions, True),
+    "vmdk": (qb.VmdkOptions, True),
+    "vpc": (qb.VpcOptions(virt_size=SIZE, force_size=True), False),
+    "vhdx": (qb.VhdxOptions, True),
+    "parallels": (qb.ParallelsOptions, True),
+}
+
+
+def make_source(tmp: Path, fmt: str = "qcow2", size: int = SIZE, seed: int = 1) -> tuple[str, bytes]:
+    """A qemu-written image with data, zeroed clusters, holes and an unaligned tail; and its content."""
+    path = str(tmp / f"src-{seed}.{fmt}")
+    qemu_img("create", "-f", fmt, path, str(size))
+    rng = random.Random(seed)
+    cmds = []
+    for _ in range(40):
+        off = rng.randrange(size // 512) * 512
+        n = min(rng.choice([512, 4096, 65536, 300 * 1024]), size - off)
+        cmds.append(f"write -P {rng.randrange(1, 255)} {off} {n}")
+    cmds.append(f"write -z {2 * MiB} {MiB}")
+    cmds.append(f"write -P 7 {size - 512} 512")
+    qemu_io(path, *cmds, fmt=fmt)
+    return path, qemu_raw_bytes(path, tmp)
+
+
+@pytest.mark.parametrize("fmt", sorted(TARGETS))
+def test_convert_to_every_writable_format(tmp, fmt):
+    src, want = make_source(tmp)
+    make, checkable = TARGETS[fmt]
+    dst = str(tmp / f"out.{fmt}")
+    qb.convert(src, dst, make)
+    assert qemu_raw_bytes(dst, tmp)[: len(want)] == want
+    assert qemu_img("compare", "-f", "qcow2", "-F", fmt, src, dst, check=False).returncode == 0
+    if checkable:
+        qemu_check(dst)
+    with qb.open(dst, flags=0) as img:
+        assert img.virt_size >= SIZE and img.read(SIZE, 0) == want
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow", "qed", "vdi", "vmdk", "vpc", "vhdx", "parallels", "raw"])
+def test_convert_what_qemu_wrote_in_every_format(tmp, fmt):
+    src, want = make_source(tmp, fmt)
+    dst = str(tmp / "out.qcow2")
+    qb.convert(src, dst, qb.Qcow2Options)
+    qemu_check(dst)
+    assert qemu_img("compare", "-F", "qcow2", src, dst, check=False).returncode == 0
+    assert qemu_raw_bytes(dst, tmp)[: len(want)] == want
+
+
+def test_target_takes_the_source_size_and_its_own_options(tmp):
+    src, want = make_source(tmp)
+    dst = str(tmp / "out.qcow2")
+    qb.convert(src, dst, qb.Qcow2Options(virt_size=2 * SIZE, cluster_size=4096, lazy_refcounts=True))
+    info = qb.open(dst, flags=0).info()
+    assert info.virt_size == 2 * SIZE and info.cluster_size == 4096
+    for how in ("qcow2", qb.Format.QCOW2, qb.Qcow2Options, qb.RawOptions(virt_size=0)):
+        out = tmp / "sized.img"
+        qb.convert(src, str(out), how)
+        with qb.open(str(out), flags=0) as img:
+            assert img.virt_size == SIZE and img.read(SIZE, 0) == want
+        out.unlink()
+    with pytest.raises(qb.InvalidParamError, match="options must be"):
+        qb.convert(src, str(tmp / "x"), 42)  # type: ignore[arg-type]
+
+
+def _allocated_bytes(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_zero_runs_become_holes_and_s0_allocates_everything(tmp):
+    src = str(tmp / "src.raw")
+    data = bytearray(8 * MiB)
+    data[MiB : MiB + 4096] = b"\x11" * 4096
+    data[5 * MiB + 8192 : 5 * MiB + 8192 + 100] = b"\x22" * 100
+    Path(src).write_bytes(bytes(data))  # every byte written: no holes in the source
+    sparse, full = str(tmp / "sparse.raw"), str(tmp / "full.raw")
+    qb.convert(src, sparse, qb.RawOptions)
+    qb.convert(src, full, qb.RawOptions, sparse_size=0)
+    assert Path(sparse).read_bytes() == Path(full).read_bytes() == bytes(data)
+    assert _allocated_bytes(sparse) <= 64 * 1024
+    assert _allocated_bytes(full) >= 8 * MiB
+    # qcow2: only the clusters holding data are allocated, as qemu-img map says
+    q = str(tmp / "sparse.qcow2")
+    qb.convert(src, q, qb.Qcow2Options)
+    data_extents = [e for e in qemu_map(q) if e["data"]]
+    assert sum(e["length"] for e in data_extents) == 2 * 65536
+    qemu_check(q)
+
+
+def test_sparse_size_is_the_minimum_hole(tmp):
+    src = str(tmp / "src.raw")
+    data = bytearray(MiB)
+    for i in range(0, MiB, 8192):  # 4 KiB of data, 4 KiB of zeroes, alternating
+        data[i : i + 4096] = b"\x33" * 4096
+    Path(src).write_bytes(bytes(data))
+    small, big = str(tmp / "small.raw"), str(tmp / "big.raw")
+    qb.convert(src, small, qb.RawOptions, sparse_size=4096)
+    qb.convert(src, big, qb.RawOptions, sparse_size=8192)
+    assert Path(small).read_bytes() == Path(big).read_bytes() == bytes(data)
+    assert _allocated_bytes(small) < _allocated_bytes(big)
+
+
+def test_existing_target_is_overwritten_exactly(tmp):
+    src, want = make_source(tmp)
+    dst = str(tmp / "old.qcow2")
+    qemu_img("create", "-f", "qcow2", dst, str(SIZE))
+    qemu_io(dst, f"write -P 0x5a 0 {SIZE}")  # old data everywhere, also where the source is zero
+    qb.convert(src, dst, existing=True)
+    assert qemu_raw_bytes(dst, tmp) == want
+    qemu_check(dst)
+
+
+def test_backing_target_holds_only_what_differs(tmp):
+    base = str(tmp / "base.qcow2")
+    qemu_img("create", "-f", "qcow2", base, str(SIZE))
+    qemu_io(base, f"write -P 0x41 0 {SIZE // 2}")
+    src = str(tmp / "src.qcow2")
+    qemu_img("convert", "-O", "qcow2", base, src)
+    qemu_io(src, f"write -P 0x42 {MiB} 65536", f"write -z {3 * MiB} 65536", f"write -P 0x43 {20 * MiB} 4096")
+    want = qemu_raw_bytes(src, tmp)
+    dst = str(tmp / "overlay.qcow2")
+    qb.convert(src, dst, qb.Qcow2Options(backing=base, backing_fmt=qb.Format.QCOW2))
+    assert qemu_raw_bytes(dst, tmp) == want
+    assert qemu_info(dst)["backing-filename"] == base
+    top = [e for e in qemu_map(dst) if e["depth"] == 0 and (e["data"] or e["zero"]) and e["present"]]
+    # three changed regions, each within one 64 KiB cluster (the zeroed one may be a zero cluster)
+    assert sum(e["length"] for e in top) == 3 * 65536, top
+    qemu_check(dst)
+
+
+def test_sources_are_concatenated_and_a_range_can_be_picked(tmp):
+    a, wa = make_source(tmp, size=3 * MiB, seed=2)
+    b, wb = make_source(tmp, "vdi", size=5 * MiB, seed=3)
+    dst = str(tmp / "cat.raw")
+    qb.convert([a, b], dst)
+    assert Path(dst).read_bytes() == wa + wb
+    part = str(tmp / "part.qcow2")
+    qb.convert([a, b], part, qb.Qcow2Options, start=2 * MiB + 512, length=2 * MiB)
+    assert qemu_raw_bytes(part, tmp) == (wa + wb)[2 * MiB + 512 : 4 * MiB + 512]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_thread_count_does_not_change_the_result(tmp, threads):
+    src, want = make_source(tmp)
+    dst = str(tmp / f"t{threads}.qcow2")
+    qb.convert(src, dst, qb.Qcow2Options, threads=threads)
+    assert qemu_raw_bytes(dst, tmp) == want
+    qemu_check(dst)
+
+
+def test_progress_is_reported_up_to_the_total(tmp):
+    src, _ = make_source(tmp)
+    seen = []
+    qb.convert(src, str(tmp / "p.raw"), progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (SIZE, SIZE)
+    assert all(t == SIZE for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_an_exception_from_progress_stops_and_removes_the_target(tmp):
+    src, _ = make_source(tmp)
+    dst = tmp / "stopped.qcow2"
+
+    class Stop(Exception):
+        pass
+
+    def cb(done, total):
+        if done > 0:
+            raise Stop("enough")
+
+    with pytest.raises(Stop, match="enough"):
+        qb.convert(src, str(dst), qb.Qcow2Options, progress=cb)
+    assert not dst.exists()
+
+
+def test_a_stopped_existing_target_stays_valid(tmp):
+    src, _ = make_source(tmp)
+    dst = str(tmp / "old.qcow2")
+    qemu_img("create", "-f", "qcow2", dst, str(SIZE))
+
+    def cb(done, total):
+        if done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        qb.convert(src, dst, existing=True, progress=cb)
+    qemu_check(dst)
+
+
+@pytest.mark.parametrize(
+    "kw, cls, msg",
+    [
+        ({"sparse_size": 1000}, qb.InvalidParamError, "multiple of 512"),
+        ({"sparse_size": -512}, qb.InvalidParamError, "multiple of 512"),
+        ({"threads": -1}, qb.InvalidParamError, "threads"),
+        ({"compress": True}, qb.UnsupportedError, "not built yet"),
+        ({"start": SIZE + 1}, qb.InvalidParamError, "start"),
+        ({"start": 512, "length": SIZE}, qb.InvalidParamError, "length"),
+    ],
+)
+def test_bad_arguments(tmp, kw, cls, msg):
+    src, _ = make_source(tmp)
+    dst = tmp / "never.raw"
+    with pytest.raises(cls, match=msg):
+        qb.convert(src, str(dst), **kw)
+    assert not dst.exists()
+
+
+def test_missing_source_and_small_existing_target(tmp):
+    with pytest.raises(qb.QBlockError):
+        qb.convert(str(tmp / "nope.qcow2"), str(tmp / "x.raw"))
+    assert not (tmp / "x.raw").exists()
+    src, _ = make_source(tmp)
+    small = str(tmp / "small.qcow2")
+    qemu_img("create", "-f", "qcow2", small, str(MiB))
+    with pytest.raises(qb.InvalidParamError, match="smaller"):
+        qb.convert(src, small, existing=True)
+    with pytest.raises(qb.InvalidParamError, match="no options"):
+        qb.convert(src, small, qb.Qcow2Options, existing=True)
