@@ -388,7 +388,7 @@ def machine_info(repo: Optional[str] = None) -> Dict[str, str]:
     info["python"] = platform.python_version()
     info["qemu-img"] = (_first_line(["qemu-img", "--version"]) or "missing").replace("qemu-img version ", "")
     info["libqblock"] = _libqblock_build(repo)
-    for dist in ("libqcow-python", "pykeramics", "dissect.hypervisor"):
+    for dist in ("libqcow-python", "libvmdk-python", "libvhdi-python", "pykeramics", "dissect.hypervisor"):
         info[dist] = _dist_version(dist) or "missing"
     return info
 

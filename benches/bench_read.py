@@ -48,11 +48,20 @@ class Access:
         self.readinto_at: Optional[Callable[[Any, int], int]] = None
         self.stream: Any = None
         self.fd: Optional[int] = None
+        self.host_of: Optional[Callable[[int], Optional[int]]] = None  # guest -> file offset (hostpread)
         self.keep: List[Any] = []  # objects that must stay alive
 
 
 class Unsupported(Exception):
     pass
+
+
+def _host_offset(img: Any, path: str, offset: int) -> Optional[int]:
+    """Where the 4 KiB guest read at ``offset`` lies in the image file, if in one piece of data there."""
+    st = img.block_status(offset, bl.RANDOM_LEN)
+    if st.data and st.length >= bl.RANDOM_LEN and st.file_offset is not None and st.file == img.info().location.target:
+        return int(st.file_offset)
+    return None
 
 
 def open_reader(reader: str, path: str, fmt: str) -> Access:
@@ -70,6 +79,17 @@ def open_reader(reader: str, path: str, fmt: str) -> Access:
             raise Unsupported(str(e)) from e
         a.read_at, a.readinto_at = img.read, img.readinto
         a.keep.append(img)
+    elif reader == "hostpread":
+        # The floor for any pread-based reader of this file: os.pread at the
+        # host offsets libqblock maps each read to (reads that land in holes
+        # need no I/O and are left out). Set up by the worker, untimed.
+        import libqblock
+
+        img = libqblock.open(path, fmt=fmt, flags=0)
+        f = open(path, "rb", buffering=0)
+        a.fd = f.fileno()
+        a.keep += [img, f]
+        a.host_of = lambda o: _host_offset(img, path, o)
     elif reader == "pyqcow":
         import pyqcow
 
@@ -299,6 +319,10 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                 run: Callable[[], Any] = lambda: seq_pass(a, mode, size)
             else:
                 offsets = bl.load_offsets(spec["offsets"])
+                if a.host_of is not None:
+                    mapped = [a.host_of(o) for o in offsets]
+                    offsets = [m for m in mapped if m is not None]
+                    out["reads"] = len(offsets)
                 full = rand_pass(a, mode, offsets, h)
                 run = lambda: rand_pass(a, mode, offsets)
             out["digest"] = h.hexdigest()
@@ -356,6 +380,7 @@ FORMAT_PEERS: Dict[str, List[tuple]] = {
              ("dissect", "dissect.hypervisor")],
 }
 QEMU_IO_RAND = "qemu-io read (commands on stdin, one process)"
+HOST_PREAD = "floor: os.pread of the image file at the mapped offsets"
 
 
 def fmt_seq(fmt: str) -> str:
@@ -429,6 +454,7 @@ def all_cases() -> List[Case]:
         c += [Case(rand, f"{label} seek+read" if "read_" not in label else label, fmt, "rand", r, "read")
               for r, label in peers]
         c.append(Case(rand, QEMU_IO_RAND, fmt, "cmd-io-rand"))
+        c.append(Case(rand, HOST_PREAD, fmt, "rand", "hostpread", "read"))
     c += [
         Case(WRITE, "qemu-io -t writeback (one process)", "qcow2", "cmd-io", anchor=True),
         Case(WRITE, "qemu-io start-up alone (open, flush, exit)", "qcow2", "cmd-io0"),
@@ -473,7 +499,9 @@ def run_case(case: Case, ds: bl.Dataset, args: argparse.Namespace) -> Dict[str, 
             "size": ds.size, "offsets": ds.offsets, "repeat": args.repeat, "budget": args.budget,
         }
         r = bl.run_worker(SCRIPT, spec)
-        if r["status"] == "ok":
+        if r["status"] == "ok" and case.reader == "hostpread":
+            r["check"] = f"{r['reads']:,} reads in data"  # holes need no I/O: not the same reads
+        elif r["status"] == "ok":
             want = ds.seq_digest if case.kind == "seq" else ds.rand_digest
             r["check"] = "ok" if r["digest"] == want and not r["short"] else "WRONG"
         return r
@@ -615,7 +643,7 @@ def _fastest_peer(cases: List[Case], sec: str, fig: Callable[[Case], Optional[fl
     """The best figure of the section's other readers (peers and qemu-io), counting only rows that read right."""
     figs = [
         f for c in cases
-        if c.section == sec and not c.anchor and c.reader not in ("libqblock", "python")
+        if c.section == sec and not c.anchor and c.reader not in ("libqblock", "python", "hostpread")
         and c.kind != "cmd-null" and c.result.get("check") in ("ok", "n/a")
         for f in [fig(c)] if f is not None
     ]
@@ -674,7 +702,8 @@ def targets(cases: List[Case], ds: bl.Dataset) -> List[str]:
              True, "{value:.2f} GB/s vs {goal:.2f} GB/s")
         line(f"{fmt} sequential faster than every peer", best_seq, _fastest_peer(cases, seq, fig, higher=True), True,
              "{value:.2f} GB/s vs fastest peer {goal:.2f} GB/s")
-        lr_f = fig(find(rand, "libqblock read", fmt))
+        lr_f = min((f for f in (fig(find(rand, "libqblock read", fmt)), fig(find(rand, "libqblock readinto", fmt)))
+                    if f is not None), default=None)
         pr_f = fig(find(rand, "os.pread (raw copy)", "raw"))
         line(f"{fmt} random 4 KiB read within 1.2x os.pread", lr_f, pr_f * 1.2 if pr_f else None, False,
              "{value:.3f} s vs 1.2 x os.pread = {goal:.3f} s")
