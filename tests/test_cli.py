@@ -191,6 +191,8 @@ def test_convert_through_the_installed_command(tmp):
         (["convert", "-S", "1000", "SRC", "out.img"], "multiple of 512"),
         (["convert", "-n", "-o", "cluster_size=4k", "SRC", "SRC"], "-n writes into"),
         (["checksum", "missing.qcow2"], "missing.qcow2"),
+        (["convert", "-O", "raw", "-B", "SRC", "SRC", "out.img"], "raw images have no backing file"),
+        (["create", "-f", "vdi", "-b", "SRC", "out.img"], "vdi images have no backing file"),
     ],
 )
 def test_tool_errors_are_one_line_without_a_traceback(tmp, argv, message):

@@ -77,6 +77,8 @@ def _option_args(fmt_name: str, o: List[str], backing: Optional[str], backing_fo
     """The options class and its arguments from qemu-img style ``-f``, ``-o``, ``-b``, ``-F`` and size."""
     cls = options_class(_known_format(fmt_name))
     kw: Dict[str, Any] = {k: _coerce(cls, k, v) for k, v in _parse_o(o).items()}
+    if backing and "backing" not in option_fields(cls):
+        raise InvalidParamError(f"{cls.format} images have no backing file")
     if backing:
         kw["backing"] = backing
     if backing_format:
