@@ -4,8 +4,10 @@
 //! Worker threads read and classify fixed-size chunks; the caller's thread
 //! writes them in guest order, so a target allocates its clusters in the
 //! same order as `qemu-img convert` does and the host file stays sequential.
-//! At most `window` chunks are in flight: memory is bounded by
-//! `window x chunk x 2` whatever the image size.
+//! At most `window` (2 x workers + 1) chunks are in flight, and their
+//! buffers are reused: memory is bounded by `window x chunk x 2` (the
+//! source's bytes and, for a target that already holds data, its old
+//! bytes) whatever the image size.
 //!
 //! What is written: each chunk is compared, in units of `sparse_min`
 //! bytes, with what the target reads there now (zeroes for a fresh target,
@@ -61,6 +63,8 @@ enum Op {
 
 struct Plan {
     buf: Vec<u8>,
+    /// The target's old bytes, when they had to be read to compare.
+    old: Option<Vec<u8>>,
     ops: Vec<Op>,
     len: u64,
 }
@@ -69,7 +73,19 @@ struct Flow {
     next_take: u64,
     next_write: u64,
     ready: BTreeMap<u64, Result<Plan>>,
+    /// Chunk buffers the writer is done with, for the workers to reuse:
+    /// allocating and zeroing 2 MiB per chunk cost a third of a read.
+    spare: Vec<Vec<u8>>,
     stop: bool,
+}
+
+impl Flow {
+    fn buffer(&mut self) -> Result<Vec<u8>> {
+        match self.spare.pop() {
+            Some(b) => Ok(b),
+            None => try_zeroed(CHUNK as usize, "a convert chunk"),
+        }
+    }
 }
 
 /// Copy `pieces`, one after another, into `target` from its offset 0.
@@ -101,6 +117,7 @@ pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, prog
         next_take: 0,
         next_write: 0,
         ready: BTreeMap::new(),
+        spare: Vec::new(),
         stop: false,
     });
     let changed = Condvar::new();
@@ -119,7 +136,7 @@ pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, prog
                     f.next_take += 1;
                     f.next_take - 1
                 };
-                let plan = caught(|| ctx.plan(k, total));
+                let plan = caught(|| ctx.plan(k, total, &flow));
                 let mut f = flow.lock().unwrap();
                 f.ready.insert(k, plan);
                 changed.notify_all();
@@ -165,6 +182,8 @@ fn write_in_order(
         {
             let mut f = flow.lock().unwrap();
             f.next_write = k + 1;
+            f.spare
+                .extend(std::iter::once(plan.buf).chain(plan.old).filter(|b| !b.is_empty()));
             changed.notify_all();
         }
         if !progress.report(done, total) {
@@ -181,43 +200,48 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn plan(&self, k: u64, total: u64) -> Result<Plan> {
+    fn plan(&self, k: u64, total: u64, flow: &Mutex<Flow>) -> Result<Plan> {
         let at = k * CHUNK;
         let n = (total - at).min(CHUNK);
         let unit = self.opts.sparse_min;
-        let src_zero = self.reads_zero(at, n)?;
+        let runs = self.source_runs(at, n)?;
+        let src_zero = runs.iter().all(|r| r.zero);
         let tgt_zero = reads_zero(self.target, at, n)?;
+        let empty = |ops| Plan {
+            buf: Vec::new(),
+            old: None,
+            ops,
+            len: n,
+        };
         if unit > 0 && src_zero && tgt_zero {
-            return Ok(Plan {
-                buf: Vec::new(),
-                ops: Vec::new(),
-                len: n,
-            });
+            return Ok(empty(Vec::new()));
         }
-        let mut buf = try_zeroed(n as usize, "a convert chunk")?;
-        if !src_zero {
-            self.read_source(&mut buf, at)?;
+        let n = n as usize;
+        let mut buf = flow.lock().unwrap().buffer()?;
+        for r in &runs {
+            let dst = &mut buf[r.rel..r.rel + r.len];
+            if r.zero {
+                dst.fill(0);
+            } else {
+                r.image.read_at(dst, r.offset)?;
+            }
         }
         if unit == 0 {
-            let ops = vec![Op::Data {
-                at,
-                from: 0,
-                len: n as usize,
-            }];
-            return Ok(Plan { buf, ops, len: n });
+            let ops = vec![Op::Data { at, from: 0, len: n }];
+            return Ok(Plan { buf, ..empty(ops) });
         }
         let old = if tgt_zero {
             None
         } else {
-            let mut old = try_zeroed(n as usize, "a convert chunk")?;
-            self.target.read_at(&mut old, at)?;
+            let mut old = flow.lock().unwrap().buffer()?;
+            self.target.read_at(&mut old[..n], at)?;
             Some(old)
         };
         let mut ops: Vec<Op> = Vec::new();
         let unit = unit as usize;
         let mut off = 0usize;
-        while off < n as usize {
-            let end = (off + unit).min(n as usize);
+        while off < n {
+            let end = (off + unit).min(n);
             let new = &buf[off..end];
             let is_zero = zeroes::is_zero(new);
             let same = match &old {
@@ -243,38 +267,45 @@ impl Ctx<'_> {
             }
             off = end;
         }
-        Ok(Plan { buf, ops, len: n })
+        Ok(Plan { buf, old, ..empty(ops) })
     }
 
-    /// Each piece overlapping `[at, at+len)` of the concatenated sources.
-    fn overlaps(&self, at: u64, len: u64) -> impl Iterator<Item = (&Image, u64, u64, u64)> + '_ {
-        // (image, offset in image, offset in the window, length)
+    /// `[at, at+len)` of the concatenated sources as runs that block status
+    /// reports as zero or not, asked once per run.
+    fn source_runs(&self, at: u64, len: u64) -> Result<Vec<Run<'_>>> {
+        let mut runs = Vec::new();
         let mut base = 0u64;
-        self.pieces.iter().filter_map(move |p| {
+        for p in self.pieces {
             let (lo, hi) = (base, base + p.len);
             base = hi;
-            let s = at.max(lo);
-            let e = (at + len).min(hi);
-            (s < e).then(|| (p.image, p.start + (s - lo), s - at, e - s))
-        })
-    }
-
-    fn reads_zero(&self, at: u64, len: u64) -> Result<bool> {
-        for (img, off, _, n) in self.overlaps(at, len) {
-            if !reads_zero(img, off, n)? {
-                return Ok(false);
+            let (s, e) = (at.max(lo), (at + len).min(hi));
+            let mut pos = s;
+            while pos < e {
+                let offset = p.start + (pos - lo);
+                let st = p.image.block_status(offset, e - pos)?;
+                let n = st.len.min(e - pos);
+                runs.push(Run {
+                    image: p.image,
+                    offset,
+                    rel: (pos - at) as usize,
+                    len: n as usize,
+                    zero: st.zero && !st.data,
+                });
+                pos += n;
             }
         }
-        Ok(true)
+        Ok(runs)
     }
+}
 
-    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()> {
-        for (img, off, rel, n) in self.overlaps(at, buf.len() as u64) {
-            let dst = &mut buf[rel as usize..(rel + n) as usize];
-            read_skipping_zeroes(img, dst, off)?;
-        }
-        Ok(())
-    }
+/// A run of the source window that block status answers one way for.
+struct Run<'a> {
+    image: &'a Image,
+    /// Where the run starts in its image, and in the chunk.
+    offset: u64,
+    rel: usize,
+    len: usize,
+    zero: bool,
 }
 
 /// Whether block status says the whole range reads as zeroes.
@@ -288,20 +319,4 @@ fn reads_zero(img: &Image, at: u64, len: u64) -> Result<bool> {
         pos += st.len;
     }
     Ok(true)
-}
-
-/// Read `dst` (already zeroed) from `img`, leaving ranges that block status
-/// reports as zero unread.
-fn read_skipping_zeroes(img: &Image, dst: &mut [u8], at: u64) -> Result<()> {
-    let len = dst.len() as u64;
-    let mut pos = 0u64;
-    while pos < len {
-        let st = img.block_status(at + pos, len - pos)?;
-        let n = st.len.min(len - pos);
-        if !(st.zero && !st.data) {
-            img.read_at(&mut dst[pos as usize..(pos + n) as usize], at + pos)?;
-        }
-        pos += n;
-    }
-    Ok(())
 }
