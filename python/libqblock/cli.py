@@ -213,10 +213,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     r = _tools.compare(a.a, a.b, fmt_a=a.format, fmt_b=a.b_format, strict=a.strict,
                        progress=_Bar(a.progress).callback())
     if not a.quiet:
-        if not a.strict and r.reason != "size":
-            with _image.open(a.a, a.format, flags=0) as x, _image.open(a.b, a.b_format, flags=0) as y:
-                if x.virt_size != y.virt_size:
-                    print("Warning: Image size mismatch!")
+        if not a.strict and r.sizes[0] != r.sizes[1]:
+            print("Warning: Image size mismatch!")
         print(r.message)
     return 0 if r.identical else 1
 

@@ -220,6 +220,8 @@ class CompareResult:
     #: Where the images first differ (the start of a 512-byte sector), if known.
     offset: Optional[int]
     message: str
+    #: The two virtual sizes (qemu-img warns when they differ).
+    sizes: Tuple[int, int]
 
 
 def compare(a: Source, b: Source, *, fmt_a: Optional[Union[Format, str]] = None,
@@ -235,6 +237,7 @@ def compare(a: Source, b: Source, *, fmt_a: Optional[Union[Format, str]] = None,
         ib, ob = _open_sources(b, fmt_b)
         try:
             kind, off = _native.compare_images(ia[0]._n, ib[0]._n, bool(strict), progress)
+            sizes = (ia[0].virt_size, ib[0].virt_size)
         finally:
             for img in ob:
                 img.close()
@@ -247,4 +250,4 @@ def compare(a: Source, b: Source, *, fmt_a: Optional[Union[Format, str]] = None,
         "size": "Strict mode: Image size mismatch!",
         "allocation": f"Strict mode: Offset {off} block status mismatch!",
     }[kind]
-    return CompareResult(kind == "identical", kind, off, message)
+    return CompareResult(kind == "identical", kind, off, message, sizes)
