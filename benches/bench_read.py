@@ -56,10 +56,10 @@ class Unsupported(Exception):
     pass
 
 
-def _host_offset(img: Any, path: str, offset: int) -> Optional[int]:
-    """Where the 4 KiB guest read at ``offset`` lies in the image file, if in one piece of data there."""
+def _host_offset(img: Any, own: str, offset: int) -> Optional[int]:
+    """Where the 4 KiB guest read at ``offset`` lies in the image file ``own``, if in one piece of data there."""
     st = img.block_status(offset, bl.RANDOM_LEN)
-    if st.data and st.length >= bl.RANDOM_LEN and st.file_offset is not None and st.file == img.info().location.target:
+    if st.data and st.length >= bl.RANDOM_LEN and st.file_offset is not None and st.file == own:
         return int(st.file_offset)
     return None
 
@@ -89,7 +89,8 @@ def open_reader(reader: str, path: str, fmt: str) -> Access:
         f = open(path, "rb", buffering=0)
         a.fd = f.fileno()
         a.keep += [img, f]
-        a.host_of = lambda o: _host_offset(img, path, o)
+        own = img.info().location.target  # reads mapped into other files (extents) are left out
+        a.host_of = lambda o: _host_offset(img, own, o)
     elif reader == "pyqcow":
         import pyqcow
 
