@@ -116,6 +116,7 @@ def test_compare_of_different_sizes_agrees_with_qemu_img(tmp, tail, strict):
         want = qemu_compare(*flags, x, y)
         got = qblock("compare", *flags, x, y)
         assert (got.returncode, got.stdout) == (want.returncode, want.stdout)
+        assert qb.compare(x, y, strict=strict).sizes == (qb.open(x, flags=0).virt_size, qb.open(y, flags=0).virt_size)
 
 
 def test_compare_errors_exit_2_with_one_line(tmp):
@@ -124,3 +125,30 @@ def test_compare_errors_exit_2_with_one_line(tmp):
     assert got.returncode == 2 == qemu_compare(a, str(tmp / "missing.qcow2")).returncode
     assert got.stderr.startswith("qblock: ") and got.stderr.count("\n") == 1 and "Traceback" not in got.stderr
     assert qblock("compare", "-q", a, a).stdout == ""
+
+
+def _bytes_read() -> int:
+    """What this process has read through read(2)/pread(2) so far (/proc/self/io's rchar, all threads)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_ranges_that_block_status_calls_zero_are_not_read(tmp):
+    # A 1 GiB raw file that is one hole but for 64 KiB: reading the hole would
+    # cost 1 GiB of pread; convert, checksum and compare must skip it.
+    src = tmp / "sparse.raw"
+    with open(src, "wb") as f:
+        f.truncate(1 << 30)
+        f.seek(512 * MiB)
+        f.write(b"\x5a" * 65536)
+    dst = str(tmp / "copy.qcow2")
+    for job in (
+        lambda: qb.convert(str(src), dst, qb.Qcow2Options),
+        lambda: qb.checksum(str(src)),
+        lambda: qb.compare(str(src), dst),
+    ):
+        before = _bytes_read()
+        job()
+        assert _bytes_read() - before < 32 * MiB
+    assert qb.compare(str(src), dst).identical
+    assert qb.checksum(str(src)) == qb.checksum(dst)
