@@ -125,6 +125,10 @@ def test_compare_errors_exit_2_with_one_line(tmp):
     assert got.returncode == 2 == qemu_compare(a, str(tmp / "missing.qcow2")).returncode
     assert got.stderr.startswith("qblock: ") and got.stderr.count("\n") == 1 and "Traceback" not in got.stderr
     assert qblock("compare", "-q", a, a).stdout == ""
+    with pytest.raises(qb.InvalidParamError, match="expected one image"):
+        qb.compare([a, a], a)  # type: ignore[arg-type]
+    with pytest.raises(qb.InvalidParamError, match="expected one image"):
+        qb.checksum([a])  # type: ignore[arg-type]
 
 
 def _bytes_read() -> int:

@@ -8,10 +8,11 @@ it raises stops the job and propagates unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 from . import _native
 from .errors import InvalidParamError, UnsupportedError
@@ -50,6 +51,18 @@ def _open_sources(sources: Union[Source, Sequence[Source]], fmt: Optional[Union[
             img.close()
         raise
     return images, opened
+
+
+@contextlib.contextmanager
+def _opened(source: Source, fmt: Optional[Union[Format, str]]) -> Iterator[Image]:
+    """One image: an open Image as it is, else opened read-only here and closed after."""
+    if isinstance(source, Image):
+        yield source
+        return
+    if not isinstance(source, (str, bytes, os.PathLike, Location)):
+        raise InvalidParamError(f"expected one image (a path, Location or Image), not {source!r}")
+    with _open(source, fmt, flags=0) as img:
+        yield img
 
 
 OptionsArg = Union[ImageOptions, Type[ImageOptions], Format, str, None]
@@ -200,14 +213,8 @@ def checksum(source: Source, fmt: Optional[Union[Format, str]] = None, *, thread
     blocks grouped in 64 MiB segments; see the README) is fixed: results
     compare across releases. Ranges block status reports as zero are not read.
     """
-    images, opened = _open_sources(source, fmt)
-    try:
-        if len(images) != 1:
-            raise InvalidParamError("checksum takes one image")
-        return str(_native.checksum_image(images[0]._n, threads, progress))
-    finally:
-        for img in opened:
-            img.close()
+    with _opened(source, fmt) as img:
+        return str(_native.checksum_image(img._n, threads, progress))
 
 
 @dataclass(frozen=True)
@@ -232,18 +239,9 @@ def compare(a: Source, b: Source, *, fmt_a: Optional[Union[Format, str]] = None,
     Without ``strict`` a longer image must read as zeroes past the shorter
     one's end; with it, sizes and allocation must match too.
     """
-    ia, oa = _open_sources(a, fmt_a)
-    try:
-        ib, ob = _open_sources(b, fmt_b)
-        try:
-            kind, off = _native.compare_images(ia[0]._n, ib[0]._n, bool(strict), progress)
-            sizes = (ia[0].virt_size, ib[0].virt_size)
-        finally:
-            for img in ob:
-                img.close()
-    finally:
-        for img in oa:
-            img.close()
+    with _opened(a, fmt_a) as x, _opened(b, fmt_b) as y:
+        kind, off = _native.compare_images(x._n, y._n, bool(strict), progress)
+        sizes = (x.virt_size, y.virt_size)
     message = {
         "identical": "Images are identical.",
         "content": f"Content mismatch at offset {off}!",
