@@ -20,7 +20,7 @@ use super::{cancelled, caught, worker_count, Progress};
 use crate::error::{try_zeroed, Result};
 use crate::image::Image;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 pub const BLOCK: u64 = 64 << 10;
 pub const SEGMENT_BLOCKS: u64 = 1024;
@@ -31,22 +31,23 @@ const TAG: &[u8] = b"qblock-checksum-v1";
 pub fn checksum(image: &Image, threads: usize, progress: &mut dyn Progress) -> Result<String> {
     let size = image.virtual_size();
     let segments = size.div_ceil(SEGMENT) as usize;
-    let digests: Vec<Mutex<Option<[u8; 32]>>> = (0..segments).map(|_| Mutex::new(None)).collect();
+    let digests: Vec<OnceLock<[u8; 32]>> = (0..segments).map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<crate::Error>> = Mutex::new(None);
-    let zero_block = *blake3::hash(&[0u8; BLOCK as usize]).as_bytes();
+    // The first failure (or the cancellation) is the answer; it stops every worker.
+    let fail = |e: crate::Error| {
+        first_error.lock().unwrap().get_or_insert(e);
+        stop.store(true, Ordering::Relaxed);
+    };
+    let zero_block = *blake3::hash(&vec![0u8; BLOCK as usize]).as_bytes();
     std::thread::scope(|s| {
         for _ in 0..worker_count(threads).min(segments.max(1)) {
             s.spawn(|| {
                 let mut buf = match try_zeroed(BLOCK as usize * 16, "checksum buffer") {
                     Ok(b) => b,
-                    Err(e) => {
-                        first_error.lock().unwrap().get_or_insert(e);
-                        stop.store(true, Ordering::Relaxed);
-                        return;
-                    }
+                    Err(e) => return fail(e),
                 };
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -55,14 +56,11 @@ pub fn checksum(image: &Image, threads: usize, progress: &mut dyn Progress) -> R
                     }
                     match caught(|| segment_digest(image, i as u64, size, &zero_block, &mut buf)) {
                         Ok(d) => {
-                            *digests[i].lock().unwrap() = Some(d);
+                            let _ = digests[i].set(d);
                             let end = ((i as u64 + 1) * SEGMENT).min(size);
                             done.fetch_add(end - i as u64 * SEGMENT, Ordering::Relaxed);
                         }
-                        Err(e) => {
-                            first_error.lock().unwrap().get_or_insert(e);
-                            stop.store(true, Ordering::Relaxed);
-                        }
+                        Err(e) => fail(e),
                     }
                 }
             });
@@ -71,8 +69,7 @@ pub fn checksum(image: &Image, threads: usize, progress: &mut dyn Progress) -> R
         loop {
             let d = done.load(Ordering::Relaxed);
             if !progress.report(d, size) {
-                stop.store(true, Ordering::Relaxed);
-                first_error.lock().unwrap().get_or_insert_with(cancelled);
+                fail(cancelled());
             }
             if d >= size || stop.load(Ordering::Relaxed) {
                 break;
@@ -89,8 +86,7 @@ pub fn checksum(image: &Image, threads: usize, progress: &mut dyn Progress) -> R
     for d in digests {
         let d = d
             .into_inner()
-            .unwrap()
-            .expect("every segment hashed when no worker failed");
+            .ok_or_else(|| crate::Error::Internal("a checksum segment was left unhashed".into()))?;
         h.update(&d);
     }
     Ok(h.finalize().to_hex().to_string())
