@@ -171,21 +171,13 @@ def cmd_map(a: argparse.Namespace) -> int:
     return 0
 
 
-class _Bar:
+def _bar(done: int, total: int) -> None:
     """``-p``: a progress line on stderr, redrawn in place, like qemu-img's."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 100.0
-        sys.stderr.write(f"\r    ({pct:.2f}/100%)")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    def callback(self) -> Optional["_Bar"]:
-        return self if self.enabled else None
+    pct = 100.0 * done / total if total else 100.0
+    sys.stderr.write(f"\r    ({pct:.2f}/100%)")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -204,14 +196,14 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise InvalidParamError("-n writes into the existing target: -o and -B do not apply")
     _tools._convert(sources, target, make, source_format=a.format, sparse_size=parse_size(a.sparse_size),
                     compress=a.compress, start=0, length=None, threads=a.threads,
-                    progress=_Bar(a.progress).callback())
+                    progress=_bar if a.progress else None)
     return 0
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
     """``qblock compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B``: exit 0 identical, 1 different, 2 error."""
     r = _tools.compare(a.a, a.b, fmt_a=a.format, fmt_b=a.b_format, strict=a.strict,
-                       progress=_Bar(a.progress).callback())
+                       progress=_bar if a.progress else None)
     if not a.quiet:
         if not a.strict and r.sizes[0] != r.sizes[1]:
             print("Warning: Image size mismatch!")
@@ -221,7 +213,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_checksum(a: argparse.Namespace) -> int:
     """``qblock checksum [-f FMT] [-p] FILE``: the format-independent content hash, then the file name."""
-    print(f"{_tools.checksum(a.filename, a.format, progress=_Bar(a.progress).callback())}  {a.filename}")
+    print(f"{_tools.checksum(a.filename, a.format, progress=_bar if a.progress else None)}  {a.filename}")
     return 0
 
 

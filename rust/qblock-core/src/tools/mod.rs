@@ -15,15 +15,6 @@ pub trait Progress {
     fn report(&mut self, done: u64, total: u64) -> bool;
 }
 
-/// No progress wanted.
-pub struct Quiet;
-
-impl Progress for Quiet {
-    fn report(&mut self, _done: u64, _total: u64) -> bool {
-        true
-    }
-}
-
 impl<F: FnMut(u64, u64) -> bool> Progress for F {
     fn report(&mut self, done: u64, total: u64) -> bool {
         self(done, total)
