@@ -174,7 +174,8 @@ def test_convert_through_the_installed_command(tmp):
     # -n into the existing target, -S 0, and the checksum says the content is the same
     full = str(tmp / "full.raw")
     subprocess.run([*qblock_cmd(), "create", "-f", "raw", full, "8M"], check=True)
-    r = subprocess.run([*qblock_cmd(), "convert", "-n", "-S", "0", src, full], capture_output=True, text=True)
+    r = subprocess.run([*qblock_cmd(), "convert", "-n", "-S", "0", "-m", "2", "-W", src, full],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert os.stat(full).st_blocks * 512 >= 8 * MiB
     sums = [subprocess.run([*qblock_cmd(), "checksum", p], capture_output=True, text=True).stdout.split()[0]
