@@ -213,3 +213,15 @@ def test_python_dash_m_is_the_same_command(tmp):
     assert qemu_info(str(tmp / "m.qcow2"))["virtual-size"] == MiB
     assert subprocess.run([sys.executable, "-m", "libqblock", "--help"], capture_output=True, text=True).stdout \
         .startswith("usage: qblock")
+
+
+def test_a_closed_pipe_stops_quietly(tmp):
+    img = tmp / "p.raw"
+    subprocess.run([*qblock_cmd(), "create", "-f", "raw", str(img), "64M"], check=True)
+    # The reader takes one byte and goes away while 64 MiB are still to come.
+    p = subprocess.Popen([*qblock_cmd(), "read", str(img), "0", "64M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.read(1) == b"\0"
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and err == "", err

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import image as _image
 from . import tools as _tools
-from .errors import InvalidParamError, QBlockError
+from .errors import InvalidParamError, OutOfRangeError, QBlockError
 from .flags import O_CACHE_WB, O_RDWR
 from .formats import Format
 from .options import ImageOptions, option_fields, options_class
@@ -157,10 +158,27 @@ def cmd_write(a: argparse.Namespace) -> int:
     return 0
 
 
+#: ``qblock read`` streams in pieces this big: a 10 GiB read needs 4 MiB of memory.
+_READ_CHUNK = 4 << 20
+
+
 def cmd_read(a: argparse.Namespace) -> int:
     """``qblock read FILE OFFSET LENGTH``: the guest bytes, raw, on stdout."""
+    offset, length = parse_size(a.offset), parse_size(a.length)
+    # Unbuffered, so that each write's count is the pipe's own answer.
+    out = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
     with _image.open(a.filename, a.format, flags=0) as img:
-        sys.stdout.buffer.write(img.read(parse_size(a.length), parse_size(a.offset)))
+        if offset + length > img.virt_size:  # checked before anything is written
+            raise OutOfRangeError(f"range at {offset} of {length} bytes is beyond the virtual size {img.virt_size}")
+        buf = bytearray(min(length, _READ_CHUNK))
+        done = 0
+        while done < length:
+            n = min(len(buf), length - done)
+            view = memoryview(buf)[:n]
+            img.readinto(view, offset + done)
+            while view:  # a pipe may take part of a write; the rest then raises BrokenPipeError
+                view = view[out.write(view) or 0 :]
+            done += n
     return 0
 
 
@@ -294,6 +312,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("qblock: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`qblock read ... | head`): stop quietly, as a
+        # tool killed by SIGPIPE would (the shell reports 128 + 13). Point
+        # stdout at /dev/null so the interpreter's final flush stays silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover
