@@ -81,6 +81,51 @@ pub struct DriverInfo {
     pub format_specific: Vec<(String, InfoValue)>,
 }
 
+/// How far [`Driver::check`] may repair what it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Repair {
+    /// Report only (`qemu-img check`).
+    #[default]
+    None,
+    /// Free leaked clusters (`-r leaks`).
+    Leaks,
+    /// Also fix corruptions where that is safe (`-r all`).
+    All,
+}
+
+/// What a consistency check found, counted as `qemu-img check` counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Metadata errors that can lose data or break the image.
+    pub corruptions: u64,
+    /// Clusters allocated but unused: wasted space only.
+    pub leaks: u64,
+    /// Failures of the check itself (an unreadable table).
+    pub check_errors: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    /// Where the image's used clusters end in its file.
+    pub image_end_offset: Option<u64>,
+    pub total_clusters: Option<u64>,
+    pub allocated_clusters: Option<u64>,
+    pub fragmented_clusters: Option<u64>,
+    pub compressed_clusters: Option<u64>,
+    /// One line per finding, worded as QEMU words it.
+    pub messages: Vec<String>,
+}
+
+/// An internal snapshot, as `qemu-img snapshot -l` and `info` list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
+}
+
 /// One open layer of one format.
 pub trait Driver: Send + Sync {
     fn format(&self) -> Format;
@@ -138,5 +183,41 @@ pub trait Driver: Send + Sync {
     /// Flush and mark the image cleanly closed.
     fn close(&self) -> Result<()> {
         self.flush()
+    }
+    /// Check this layer's metadata, repairing as far as `repair` allows
+    /// (only when open read-write). The counts are those found before the
+    /// repair; the caller checks again to confirm it.
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        let _ = repair;
+        Err(unsupported(format!("{} images cannot be checked", self.format())))
+    }
+    /// The internal snapshots, oldest first; none for formats without them.
+    fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(Vec::new())
+    }
+    /// Record the current state as a new internal snapshot named `name`.
+    fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        let _ = name;
+        Err(unsupported(format!("{} has no internal snapshots", self.format())))
+    }
+    /// Make the snapshot with this id or name the current state.
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        let _ = id_or_name;
+        Err(unsupported(format!("{} has no internal snapshots", self.format())))
+    }
+    /// Delete the snapshot with this id or name.
+    fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        let _ = id_or_name;
+        Err(unsupported(format!("{} has no internal snapshots", self.format())))
+    }
+    /// Record another backing file (or none) in the image, without
+    /// touching its data (`qemu-img rebase -u`). The open chain below is
+    /// not reopened: the caller reopens the image to read through it.
+    fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        let _ = backing;
+        Err(unsupported(format!(
+            "{} images cannot change their backing file",
+            self.format()
+        )))
     }
 }

@@ -3,7 +3,7 @@
 //! backing image, block status with depth, `map`, `check_allocation`.
 
 use crate::backend::Storage;
-use crate::driver::{BackingRef, Below, Driver, HostFile, Mapped, NoBacking};
+use crate::driver::{BackingRef, Below, CheckReport, Driver, HostFile, Mapped, NoBacking, Repair, SnapshotInfo};
 use crate::error::{corrupt, invalid, unsupported, Error, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
@@ -31,6 +31,9 @@ pub struct OpenOptions {
     /// Writes go to a temporary qcow2 overlay, discarded at close; the
     /// image itself is opened read-only (O_SNAPSHOT, QEMU's `-snapshot`).
     pub snapshot: bool,
+    /// Open the top image to be checked: see [`OpenCtx::check`]. The
+    /// backing files open as usual.
+    pub check: bool,
 }
 
 /// Allocation of one run, across the whole chain (the seed's and
@@ -124,6 +127,7 @@ impl Image {
             location: &overlay,
             read_only: false,
             direct: false,
+            check: false,
         };
         let driver = (registry::open_fn(Format::Qcow2)?)(storage, &ctx)
             .map_err(|e| e.context("cannot open the O_SNAPSHOT overlay"))?;
@@ -157,6 +161,7 @@ impl Image {
             location,
             read_only,
             direct: opts.direct,
+            check: opts.check && seen.len() == 1, // the top layer only
         };
         let driver = (registry::open_fn(format)?)(storage, &ctx)
             .map_err(|e| e.context(format!("{} image '{}'", format, location.describe())))?;
@@ -418,6 +423,48 @@ impl Image {
         self.check_open()?;
         self.check_writable()?;
         self.driver.truncate(size)
+    }
+
+    /// Check the image's own metadata (not its backing files'); repairs
+    /// need the image open read-write (and, for a dirty qcow2, opened with
+    /// [`OpenOptions::check`], or the open has already repaired it).
+    pub fn check(&self, repair: Repair) -> Result<CheckReport> {
+        self.check_open()?;
+        if repair != Repair::None {
+            self.user_layer().check_writable()?; // never through an O_SNAPSHOT overlay
+        }
+        self.user_layer().driver.check(repair)
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.check_open()?;
+        self.user_layer().driver.snapshots()
+    }
+
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.driver.snapshot_create(name)
+    }
+
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.driver.snapshot_apply(id_or_name)
+    }
+
+    pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.driver.snapshot_delete(id_or_name)
+    }
+
+    /// See [`Driver::set_backing`]; reopen the image to read through the
+    /// new chain.
+    pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.driver.set_backing(backing)
     }
 
     /// Flush and close; later calls on this image fail. Closing twice is an error.

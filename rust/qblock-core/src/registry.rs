@@ -22,6 +22,10 @@ pub struct OpenCtx<'a> {
     /// Bypass the host page cache (O_NOCACHE) for this image and the files
     /// it names (data files, extents).
     pub direct: bool,
+    /// Opened to be checked (`qemu-img check`'s BDRV_O_CHECK): damage the
+    /// driver would repair at open (a dirty qcow2's refcounts) is left for
+    /// [`crate::driver::Driver::check`] to report and repair.
+    pub check: bool,
 }
 
 impl OpenCtx<'_> {

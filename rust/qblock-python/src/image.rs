@@ -253,6 +253,7 @@ pub fn open(
         no_flush,
         snapshot,
         direct,
+        ..Default::default()
     };
     let img = run(py, || Image::open(&loc, fmt, &opts))?;
     Ok(PyImage {

@@ -530,6 +530,7 @@ mod tests {
                 location: &loc,
                 read_only: false,
                 direct: false,
+                check: false,
             },
         )
         .err()
@@ -541,6 +542,7 @@ mod tests {
                 location: &loc,
                 read_only: true,
                 direct: false,
+                check: false,
             },
         )
         .unwrap();

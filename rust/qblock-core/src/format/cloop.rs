@@ -370,6 +370,7 @@ mod tests {
                 location: &loc,
                 read_only: false,
                 direct: false,
+                check: false,
             },
         )
         .err()
@@ -381,6 +382,7 @@ mod tests {
                 location: &loc,
                 read_only: true,
                 direct: false,
+                check: false,
             },
         )
         .unwrap();

@@ -390,6 +390,7 @@ fn writes_and_writable_opens_are_refused() {
             location: &loc,
             read_only: false,
             direct: false,
+            check: false,
         },
     )
     .err()
@@ -401,6 +402,7 @@ fn writes_and_writable_opens_are_refused() {
             location: &loc,
             read_only: true,
             direct: false,
+            check: false,
         },
     )
     .unwrap();

@@ -136,7 +136,7 @@ impl Qcow2 {
         if let (Some(b), true) = (&hdr.bitmaps, hdr.autoclear & AUTOCLEAR_BITMAPS != 0) {
             bitmap::check(file.as_ref(), b, cs, file_end)?;
         }
-        if !read_only && hdr.incompatible & INCOMPAT_DIRTY != 0 {
+        if !read_only && !ctx.check && hdr.incompatible & INCOMPAT_DIRTY != 0 {
             // Lazy refcounts were not written back before a crash: recount
             // them before anything relies on them, as QEMU does.
             repair::rebuild(file.as_ref(), &mut hdr, l1.offset, l1.entries.len() as u64)

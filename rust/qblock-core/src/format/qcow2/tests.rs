@@ -54,6 +54,7 @@ fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
         location: &loc,
         read_only,
         direct: false,
+        check: false,
     };
     let s: Arc<dyn Storage> = Arc::new(MemoryStorage::new(b, read_only));
     Qcow2::open(s, &ctx)
@@ -668,6 +669,7 @@ fn failed_writes_leave_a_usable_image() {
             location: &loc,
             read_only: false,
             direct: false,
+            check: false,
         };
         let d = Qcow2::open(s.clone(), &ctx).unwrap();
         let mut failed = false;
@@ -748,6 +750,7 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
         location: &loc,
         read_only: false,
         direct: false,
+        check: false,
     };
     let d = Qcow2::open(rec.clone(), &ctx).unwrap();
     for i in 0..40u64 {
@@ -887,6 +890,7 @@ fn allocation_pool_doubles_between_flushes() {
         location: &loc,
         read_only: false,
         direct: false,
+        check: false,
     };
     let d = Qcow2::open(rec.clone(), &ctx).unwrap();
     let flushes = |r: &Recording| r.log.lock().iter().filter(|e| e.is_none()).count();

@@ -27,6 +27,7 @@ fn open_mem(data: Vec<u8>, read_only: bool) -> Result<Box<dyn Driver>> {
             location: &loc,
             read_only,
             direct: false,
+            check: false,
         },
     )
 }
@@ -176,6 +177,7 @@ fn tables_are_written_on_flush_to_both_copies() {
             location: &loc,
             read_only: false,
             direct: false,
+            check: false,
         },
     )
     .unwrap();
@@ -502,6 +504,7 @@ fn writes_where_no_grain_table_exists_add_one() {
             location: &loc,
             read_only: false,
             direct: false,
+            check: false,
         },
     )
     .unwrap();
