@@ -730,7 +730,9 @@ def report(cases: List[Case], ds: bl.Dataset, args: argparse.Namespace, info: Di
         f"{bl.fraction_in_data(ds):.0%} land in data, the rest in holes, where qcow2 readers need no I/O "
         f"but reads of the raw copy still copy zeroes); {n_write:,} allocating "
         f"4 KiB writes, each into its own 64 KiB cluster of a fresh image. Best of up to {args.repeat} runs (fewer past {args.budget:.0f} s) after one untimed "
-        f"verification pass; warm page cache."
+        f"verification pass"
+        + (f", in each of {args.rounds} rounds over the read rows (order rotated every round)" if args.rounds > 1 else "")
+        + "; warm page cache."
     )
     parts.append(desc)
     for sec, rows in build_rows(cases, ds, args).items():
@@ -774,6 +776,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    " a directory holding a matching data set is reused")
     p.add_argument("--keep", action="store_true", help="keep the data directory at the end")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per reader, best reported (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the read rows this many times, each round in a rotated order, and keep each"
+                   " row's best; with 2 or more, row order and a passing disturbance cannot decide a target")
     p.add_argument("--budget", type=float, default=20.0,
                    help="stop repeating a reader once its timed runs add up to this many seconds (default 20)")
     p.add_argument("--random-count", type=int, default=100_000, help="random 4 KiB reads (default 100000)")
@@ -814,13 +819,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         idle_rss = idle.get("maxrss_kib")
         # Reads first, then what writes files (whose write-back would disturb reads).
         order = sorted(cases, key=lambda c: {"seq": 0, "rand": 0, "cmd-null": 0, "cmd-raw": 1}.get(c.kind, 2))
-        for c in order:
-            t0 = time.perf_counter()
-            c.result = run_case(c, ds, args)
-            r = c.result
-            what = r.get("check", "") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('message', '')}"
-            print(f"  [{time.perf_counter() - t0:6.1f} s] {c.section[:22]:<22} | {c.label} ({c.image}): {what}",
-                  flush=True)
+        for rnd, batch in enumerate(run_order(order, args.rounds)):
+            if args.rounds > 1:
+                print(f"round {rnd + 1} of {args.rounds}", flush=True)
+            for c in batch:
+                t0 = time.perf_counter()
+                r = run_case(c, ds, args)
+                c.result = merge_rounds(c.result, r) if c.result else r
+                what = r.get("check", "") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('message', '')}"
+                print(f"  [{time.perf_counter() - t0:6.1f} s] {c.section[:22]:<22} | {c.label} ({c.image}): {what}",
+                      flush=True)
         loads.append(bl.loadavg())
         print()
         print(report(cases, ds, args, info, loads, idle_rss, markdown=False))
@@ -835,6 +843,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             shutil.rmtree(d, ignore_errors=True)
     return 0
+
+
+#: Rows that only read, and so may be repeated in rounds without disturbing one another.
+READ_KINDS = ("seq", "rand", "cmd-null", "cmd-io-rand")
+
+
+def run_order(order: List[Case], rounds: int) -> List[List[Case]]:
+    """The batches to run: `rounds` passes over the read rows, each rotated by one
+    more place within every section (so no row always runs first or right after a
+    given neighbour), then the other rows once."""
+    reads = [c for c in order if c.kind in READ_KINDS]
+    rest = [c for c in order if c.kind not in READ_KINDS]
+    sections = list(dict.fromkeys(c.section for c in reads))
+    batches = []
+    for rnd in range(max(1, rounds)):
+        batch: List[Case] = []
+        for sec in sections:
+            rows = [c for c in reads if c.section == sec]
+            k = rnd % len(rows)
+            batch += rows[k:] + rows[:k]
+        batches.append(batch)
+    batches[-1] += rest
+    return batches
+
+
+def merge_rounds(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+    """One row's results over several rounds: every timed run is kept (the report
+    shows the best); a failure or a wrong check in any round is what is reported."""
+    if old.get("status") != "ok":
+        return old
+    if new.get("status") != "ok" or new.get("check") != old.get("check"):
+        return new if new.get("status") != "ok" or new.get("check") == "WRONG" else old
+    merged = dict(new)
+    merged["times"] = old["times"] + new["times"]
+    merged["maxrss_kib"] = max(old.get("maxrss_kib") or 0, new.get("maxrss_kib") or 0) or None
+    return merged
 
 
 def machine_info_with_load(load: str) -> Dict[str, str]:
