@@ -210,6 +210,11 @@ pub trait Driver: Send + Sync {
         let _ = id_or_name;
         Err(unsupported(format!("{} has no internal snapshots", self.format())))
     }
+    /// Make every cluster of this layer unallocated, so that it reads
+    /// through to its backing file (after `commit`).
+    fn make_empty(&self) -> Result<()> {
+        Err(unsupported(format!("{} images cannot be emptied", self.format())))
+    }
     /// Record another backing file (or none) in the image, without
     /// touching its data (`qemu-img rebase -u`). The open chain below is
     /// not reopened: the caller reopens the image to read through it.

@@ -459,6 +459,14 @@ impl Image {
         self.driver.snapshot_delete(id_or_name)
     }
 
+    /// See [`Driver::make_empty`].
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        self.driver.make_empty()?;
+        self.after_write()
+    }
+
     /// See [`Driver::set_backing`]; reopen the image to read through the
     /// new chain.
     pub fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
