@@ -407,6 +407,85 @@ impl Header {
     }
 }
 
+/// The first cluster (`first`, already parsed into `h`) with another
+/// backing file recorded, or none: the fixed header stays, every extension
+/// but the backing format is kept byte for byte in its order (unknown ones
+/// too), the backing format extension leads when there is one, and the
+/// name follows the end marker. Zero-padded to the cluster.
+pub fn with_backing(first: &[u8], h: &Header, backing: Option<(&str, Option<&str>)>) -> Result<Vec<u8>> {
+    let cs = h.cluster_size() as usize;
+    let hl = h.header_length as usize;
+    if let Some((name, fmt)) = backing {
+        if name.is_empty() || name.len() as u64 > MAX_BACKING_NAME {
+            return Err(crate::error::invalid(format!(
+                "a qcow2 backing file name takes 1 to {MAX_BACKING_NAME} bytes, not {}",
+                name.len()
+            )));
+        }
+        if fmt.is_some_and(|f| f.len() >= 16) {
+            return Err(crate::error::invalid(
+                "a qcow2 backing format name takes at most 15 bytes",
+            ));
+        }
+    }
+    let mut out = first[..hl].to_vec();
+    if let Some((_, Some(f))) = backing {
+        push_ext(&mut out, EXT_BACKING_FORMAT, f.as_bytes());
+    }
+    // The extension area as parse_extensions bounded it (already checked).
+    let end = if h.backing_file_offset > hl as u64 && h.backing_file_offset < cs as u64 {
+        h.backing_file_offset as usize
+    } else {
+        cs
+    };
+    let mut off = hl;
+    while off + 8 <= end {
+        let magic = be32(first, off);
+        let len = be32(first, off + 4) as usize;
+        if magic == EXT_END {
+            break;
+        }
+        if magic != EXT_BACKING_FORMAT {
+            push_ext(&mut out, magic, &first[off + 8..off + 8 + len]);
+        }
+        off += 8 + ((len + 7) & !7);
+    }
+    out.extend_from_slice(&[0u8; 8]);
+    let (boff, blen) = match backing {
+        Some((name, _)) => {
+            let at = out.len() as u64;
+            out.extend_from_slice(name.as_bytes());
+            (at, name.len() as u32)
+        }
+        None => (0, 0),
+    };
+    if out.len() > cs {
+        return Err(unsupported(format!(
+            "the header, its extensions and the backing file name need {} bytes, more than the {cs}-byte first cluster",
+            out.len()
+        )));
+    }
+    out[8..16].copy_from_slice(&boff.to_be_bytes());
+    out[16..20].copy_from_slice(&blen.to_be_bytes());
+    out.resize(cs, 0);
+    Ok(out)
+}
+
+/// [`with_backing`] for the image in `file` as it is now on disk.
+pub fn with_backing_from(
+    file: &dyn crate::backend::Storage,
+    backing: Option<&crate::driver::BackingRef>,
+) -> Result<Vec<u8>> {
+    let len = file.len()?;
+    let mut head = [0u8; V3_HEADER_LEN_FULL as usize];
+    file.read_at(&mut head, 0)?;
+    let mut h = Header::parse_fixed(&head, len)?;
+    let mut first = crate::error::try_zeroed(h.cluster_size() as usize, "qcow2 header cluster")?;
+    file.read_at(&mut first, 0)?;
+    h.parse_extensions(&first)?;
+    with_backing(&first, &h, backing.map(|b| (b.filename.as_str(), b.format.as_deref())))
+}
+
 /// What `create` writes into the first cluster.
 pub struct NewHeader<'a> {
     pub version: u32,

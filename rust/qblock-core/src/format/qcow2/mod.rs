@@ -529,6 +529,18 @@ impl Driver for Qcow2 {
         })
     }
 
+    fn make_empty(&self) -> Result<()> {
+        self.make_empty_impl()
+    }
+
+    fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        // Under the allocation lock: every other header write happens there.
+        let _meta = self.alloc.lock();
+        let first = header::with_backing_from(self.file.as_ref(), backing)?;
+        self.file.write_at(&first, 0)?;
+        self.file.flush()
+    }
+
     fn truncate(&self, size: u64) -> Result<()> {
         self.truncate_impl(size)
     }

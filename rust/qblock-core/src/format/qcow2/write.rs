@@ -645,6 +645,26 @@ impl Qcow2 {
     /// the backing file on v2, as QEMU does). External data files keep
     /// their 1:1 mapping, so there it is a zero write.
     pub(super) fn discard_impl(&self, offset: u64, len: u64) -> Result<()> {
+        let zero = self.hdr.version >= 3 && self.hdr.backing_file.is_some();
+        self.drop_clusters(offset, len, zero)
+    }
+
+    /// Every cluster unallocated, reading from the backing file again
+    /// (`qemu-img commit` empties the overlay so). With an external data
+    /// file the mapping is fixed: there it is refused.
+    pub(super) fn make_empty_impl(&self) -> Result<()> {
+        if self.has_data_file() {
+            return Err(crate::error::unsupported(
+                "a qcow2 image with an external data file cannot be emptied",
+            ));
+        }
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        self.drop_clusters(0, align_up(size, self.g.cluster_size)?, false)
+    }
+
+    /// Drop the whole clusters of a range, leaving them unallocated, or
+    /// reading as zeroes when `zero`.
+    fn drop_clusters(&self, offset: u64, len: u64, zero: bool) -> Result<()> {
         self.ensure_prepared()?;
         let g = self.g;
         let cs = g.cluster_size;
@@ -657,7 +677,6 @@ impl Qcow2 {
             }
             return Ok(());
         }
-        let zero = self.hdr.version >= 3 && self.hdr.backing_file.is_some();
         while pos < stop_all {
             let table_end = ((pos >> g.l2_cover_bits()) + 1) << g.l2_cover_bits();
             let stop = stop_all.min(table_end);
