@@ -91,7 +91,7 @@ impl Flow {
 /// Copy `pieces`, one after another, into `target` from its offset 0.
 /// `target` must be at least as long as the pieces together.
 pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, progress: &mut dyn Progress) -> Result<()> {
-    if opts.sparse_min % SECTOR != 0 {
+    if !opts.sparse_min.is_multiple_of(SECTOR) {
         return Err(invalid(format!(
             "the sparse size must be a multiple of 512 bytes, not {}",
             opts.sparse_min
@@ -313,7 +313,7 @@ fn reads_zero(img: &Image, at: u64, len: u64) -> Result<bool> {
     let mut pos = at;
     while pos < at + len {
         let st = img.block_status(pos, at + len - pos)?;
-        if !(st.zero && !st.data) {
+        if !st.zero || st.data {
             return Ok(false);
         }
         pos += st.len;
