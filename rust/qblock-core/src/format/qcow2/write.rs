@@ -721,10 +721,44 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Drop every cluster past the new end, then record the size: a crash
+    /// in between leaves the old size with that range unallocated, never
+    /// the new size with old data still mapped past it (growing again would
+    /// show it). The L1 table keeps its length (a longer one is valid).
+    fn shrink(&self, size: u64, cur: u64) -> Result<()> {
+        use crate::driver::Driver;
+        if !self.snapshots()?.is_empty() {
+            return Err(unsupported("cannot shrink a qcow2 image that has internal snapshots"));
+        }
+        if self.has_data_file() {
+            return Err(unsupported(
+                "shrinking a qcow2 image with an external data file is not supported",
+            ));
+        }
+        if self.hdr.bitmaps.is_some() {
+            return Err(unsupported("cannot shrink a qcow2 image that has persistent bitmaps"));
+        }
+        let cs = self.g.cluster_size;
+        let from = align_up(size, cs)?;
+        let to = align_up(cur, cs)?;
+        if to > from {
+            self.drop_clusters(from, to - from, false)?;
+        }
+        let _guard = self.lock_alloc()?;
+        self.file.write_at(&size.to_be_bytes(), OFF_SIZE)?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub(super) fn truncate_impl(&self, size: u64) -> Result<()> {
         let cur = self.size.load(Ordering::Relaxed);
+        if !size.is_multiple_of(512) {
+            return Err(invalid(format!(
+                "the new size {size} is not a multiple of 512 (qcow2 counts sectors)"
+            )));
+        }
         if size < cur {
-            return Err(unsupported("shrinking qcow2 images is not supported"));
+            return self.shrink(size, cur);
         }
         if size == cur {
             return Ok(());
