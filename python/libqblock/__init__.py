@@ -43,7 +43,8 @@ from .options import (
     VpcOptions,
     options_class,
 )
-from .tools import CompareResult, checksum, compare, convert
+from .tools import CompareResult, checksum, compare, convert, resize
+from .backing import commit, rebase
 from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
@@ -92,6 +93,7 @@ __all__ = [
     "VpcOptions",
     "capi",
     "checksum",
+    "commit",
     "compare",
     "convert",
     "create",
@@ -99,6 +101,8 @@ __all__ = [
     "open",
     "options_class",
     "probe",
+    "rebase",
+    "resize",
     "str2fmttype",
     "supported_formats",
 ]

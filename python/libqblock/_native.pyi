@@ -6,7 +6,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union, final
 
 from typing_extensions import Buffer
 
-__all__ = ["Image", "checksum_image", "compare_images", "convert_images", "create", "formats", "open", "probe"]
+__all__ = [
+    "Image",
+    "checksum_image",
+    "commit_image",
+    "compare_images",
+    "convert_images",
+    "create",
+    "formats",
+    "open",
+    "probe",
+    "rebase_image",
+]
 
 # (offset, length, allocated, present, data, zero, compressed, depth, file, file_offset)
 _StatusTuple = Tuple[int, int, bool, bool, bool, bool, bool, int, Optional[str], Optional[int]]
@@ -57,3 +68,13 @@ def convert_images(
 ) -> None: ...
 def checksum_image(image: Image, threads: int, progress: _Progress = None) -> str: ...
 def compare_images(a: Image, b: Image, strict: bool, progress: _Progress = None) -> Tuple[str, Optional[int]]: ...
+def commit_image(
+    top: Image, base: Optional[Tuple[str, str]] = None, empty: bool = True, progress: _Progress = None
+) -> bool: ...
+def rebase_image(
+    image: Image,
+    name: Optional[str],
+    backing_format: Optional[str] = None,
+    unsafe_: bool = False,
+    progress: _Progress = None,
+) -> None: ...

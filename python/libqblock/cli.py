@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
+from . import backing as _backing
 from . import image as _image
 from . import tools as _tools
-from .errors import InvalidParamError, OutOfRangeError, QBlockError
+from ._qemu_order import qemu_order
+from .errors import InvalidParamError, OutOfRangeError, QBlockError, UnsupportedError
 from .flags import O_CACHE_WB, O_RDWR
 from .formats import Format
 from .options import ImageOptions, option_fields, options_class
@@ -112,16 +115,17 @@ def _known_format(name: str) -> Format:
     return fmt
 
 
-def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
-    with _image.open(a.filename, a.format, flags=0) as img:
+def _info_dict(filename: str, fmt: Optional[str]) -> Dict[str, Any]:
+    with _image.open(filename, fmt, flags=0) as img:
         i = img.info()
     d: Dict[str, Any] = {
         "filename": str(i.location),
         "format": i.format.value,
         "virtual-size": i.virt_size,
-        "encrypted": i.encrypted,
         "dirty-flag": i.dirty,
     }
+    if i.encrypted:  # qemu-img leaves the key out for plain images
+        d["encrypted"] = True
     if i.cluster_size is not None:
         d["cluster-size"] = i.cluster_size
     if i.actual_size is not None:
@@ -136,14 +140,78 @@ def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
     return d
 
 
-def cmd_info(a: argparse.Namespace) -> int:
-    """``qblock info [--output json] FILE``: what ``qemu-img info`` prints."""
-    d = _info_dict(a)
-    if a.output == "json":
-        print(json.dumps(d, indent=4))
+def human_size(n: int) -> str:
+    """A byte count as ``qemu-img info`` words it: three significant digits
+    of the largest binary unit that keeps the number under about 1000."""
+    exp = math.frexp(n * 1.024)[1] - 1 if n else 0  # floor(log2(n * 1.024))
+    i = min(max(exp, 0) // 10, 6)
+    return f"{n / (1 << (10 * i)):0.3g} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[i]}B"
+
+
+def _human_value(key: str, v: Any, indent: str, out: List[str]) -> None:
+    """One format-specific item as qemu-img's human output nests it."""
+    name = key.replace("-", " ")
+    if isinstance(v, dict):
+        out.append(f"{indent}{name}:")
+        for k, x in v.items():
+            _human_value(k, x, indent + "    ", out)
+    elif isinstance(v, list):
+        out.append(f"{indent}{name}:")
+        for n, x in enumerate(v):
+            _human_value(f"[{n}]", x, indent + "    ", out)
+    elif isinstance(v, bool):
+        out.append(f"{indent}{name}: {'true' if v else 'false'}")
     else:
-        for k, v in d.items():
-            print(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}")
+        out.append(f"{indent}{name}: {v}")
+
+
+def human_info(d: Dict[str, Any]) -> str:
+    """``qemu-img info``'s human text for one image's JSON dict (without the
+    child-node section: the protocol layer is not a node here)."""
+    out = [
+        f"image: {d['filename']}",
+        f"file format: {d['format']}",
+        f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
+        f"disk size: {human_size(d['actual-size']) if 'actual-size' in d else 'unavailable'}",
+    ]
+    if d.get("encrypted"):
+        out.append("encrypted: yes")
+    if "cluster-size" in d:
+        out.append(f"cluster_size: {d['cluster-size']}")
+    if d.get("dirty-flag"):
+        out.append("cleanly shut down: no")
+    if "backing-filename" in d:
+        line = f"backing file: {d['backing-filename']}"
+        if d.get("full-backing-filename", d["backing-filename"]) != d["backing-filename"]:
+            line += f" (actual path: {d['full-backing-filename']})"
+        out.append(line)
+        if "backing-filename-format" in d:
+            out.append(f"backing file format: {d['backing-filename-format']}")
+    fs = d.get("format-specific", {}).get("data")
+    if fs:
+        out.append("Format specific information:")
+        for k, v in qemu_order(fs).items():
+            _human_value(k, v, "    ", out)
+    return "\n".join(out)
+
+
+def _chain_dicts(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """The info of the image and, with --backing-chain, of every image below it."""
+    out = [_info_dict(a.filename, a.format)]
+    while a.backing_chain and "full-backing-filename" in out[-1]:
+        if len(out) > 64:
+            raise InvalidParamError("the backing chain is deeper than 64 images")
+        out.append(_info_dict(out[-1]["full-backing-filename"], out[-1].get("backing-filename-format")))
+    return out
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    """``qblock info [--output json] [--backing-chain] FILE``: what ``qemu-img info`` prints."""
+    chain = _chain_dicts(a)
+    if a.output == "json":
+        print(json.dumps(qemu_order(chain if a.backing_chain else chain[0]), indent=4))
+    else:
+        print("\n\n".join(human_info(d) for d in chain))
     return 0
 
 
@@ -182,10 +250,64 @@ def cmd_read(a: argparse.Namespace) -> int:
     return 0
 
 
+def _hex(n: int) -> str:
+    """C's ``%#x``: no prefix on zero."""
+    return f"{n:#x}" if n else "0"
+
+
 def cmd_map(a: argparse.Namespace) -> int:
-    """``qblock map FILE``: extents as ``qemu-img map --output=json``."""
+    """``qblock map [--output human|json] FILE``: extents as ``qemu-img map`` prints them."""
     with _image.open(a.filename, a.format, flags=0) as img:
-        print(json.dumps([e.to_qemu_map() for e in img.map()], indent=1))
+        extents = list(img.map())
+    if a.output == "json":
+        print(json.dumps([e.to_qemu_map() for e in extents], indent=1))
+        return 0
+    # The human table lists where data lies in which file, as qemu-img's.
+    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in extents:
+        if not e.data:
+            continue
+        if e.file_offset is None or e.file is None:
+            raise UnsupportedError("File contains external, encrypted or compressed clusters.")
+        lines.append(f"{_hex(e.offset):<16}{_hex(e.length):<16}{_hex(e.file_offset):<16}{e.file}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_commit(a: argparse.Namespace) -> int:
+    """``qblock commit [-f FMT] [-b BASE] [-d] [-p] FILE``."""
+    _backing.commit(a.filename, format=a.format, base=a.base, keep=a.keep,
+                    progress=_bar if a.progress else None)
+    print("Image committed.")
+    return 0
+
+
+def cmd_rebase(a: argparse.Namespace) -> int:
+    """``qblock rebase [-f FMT] -b BACKING [-F FMT] [-u] [-p] FILE``."""
+    _backing.rebase(a.filename, a.backing, format=a.format, backing_format=a.backing_format,
+                    unsafe=a.unsafe, progress=_bar if a.progress else None)
+    return 0
+
+
+def cmd_resize(a: argparse.Namespace) -> int:
+    """``qblock resize [-f FMT] [--shrink] FILE [+|-]SIZE``."""
+    text = a.size
+    with _image.open(a.filename, a.format, flags=0) as img:
+        old = img.virt_size
+    if text[:1] in "+-":
+        delta = parse_size(text[1:])
+        new = old + delta if text[0] == "+" else old - delta
+        if new < 0:
+            raise InvalidParamError(f"the image is {old} bytes: it cannot shrink by {delta}")
+    else:
+        new = parse_size(text)
+    if new < old:
+        if not a.shrink:
+            raise InvalidParamError("Use the --shrink option to perform a shrink operation.")
+        print("qblock: warning: Shrinking an image will delete all data beyond the shrunken image's end.",
+              file=sys.stderr)
+    _tools.resize(a.filename, new, format=a.format, shrink=a.shrink)
+    print("Image resized.")
     return 0
 
 
@@ -250,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print what an image says about itself")
     i.add_argument("-f", "--format")
     i.add_argument("--output", choices=("human", "json"), default="human")
+    i.add_argument("--backing-chain", action="store_true", help="also every image of the backing chain")
     i.add_argument("filename")
     i.set_defaults(func=cmd_info)
     w = sub.add_parser("write", help="write a byte pattern (or zeroes) into an image")
@@ -266,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("offset")
     r.add_argument("length")
     r.set_defaults(func=cmd_read)
-    m = sub.add_parser("map", help="print allocation like qemu-img map --output=json")
+    m = sub.add_parser("map", help="print allocation like qemu-img map")
     m.add_argument("-f", "--format")
+    m.add_argument("--output", choices=("human", "json"), default="human")
     m.add_argument("filename")
     m.set_defaults(func=cmd_map)
     cv = sub.add_parser("convert", help="copy an image (or several, concatenated) into a new one of any format")
@@ -298,6 +422,27 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     ck.add_argument("filename")
     ck.set_defaults(func=cmd_checksum)
+    cm = sub.add_parser("commit", help="write an overlay's data into its backing file, then empty it")
+    cm.add_argument("-f", "--format")
+    cm.add_argument("-b", dest="base", help="commit into this deeper image of the chain (implies -d)")
+    cm.add_argument("-d", dest="keep", action="store_true", help="keep the overlay's data (do not empty it)")
+    cm.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    cm.add_argument("filename")
+    cm.set_defaults(func=cmd_commit)
+    rb = sub.add_parser("rebase", help="put an image on another backing file (or none), keeping its content")
+    rb.add_argument("-f", "--format")
+    rb.add_argument("-b", dest="backing", required=True, help='the new backing file; "" for none')
+    rb.add_argument("-F", dest="backing_format", help="its format (needed with a backing file)")
+    rb.add_argument("-u", dest="unsafe", action="store_true", help="only change the recorded name; copy nothing")
+    rb.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    rb.add_argument("filename")
+    rb.set_defaults(func=cmd_rebase)
+    rs = sub.add_parser("resize", help="change the virtual size")
+    rs.add_argument("-f", "--format")
+    rs.add_argument("--shrink", action="store_true", help="allow the image to get smaller (drops its end)")
+    rs.add_argument("filename")
+    rs.add_argument("size", help="new size, or +SIZE / -SIZE relative to the current one")
+    rs.set_defaults(func=cmd_resize)
     return p
 
 

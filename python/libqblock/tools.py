@@ -249,3 +249,29 @@ def compare(a: Source, b: Source, *, fmt_a: Optional[Union[Format, str]] = None,
         "allocation": f"Strict mode: Offset {off} block status mismatch!",
     }[kind]
     return CompareResult(kind == "identical", kind, off, message, sizes)
+
+
+def resize(
+    image: Where,
+    size: int,
+    *,
+    format: Optional[Union[Format, str]] = None,  # noqa: A002 - qemu-img's word
+    shrink: bool = False,
+) -> None:
+    """Change the virtual size of ``image`` to ``size`` bytes (``qemu-img resize``).
+
+    Growing adds space that reads as zeroes. Shrinking drops everything past
+    the new end, so it must be asked for with ``shrink=True`` (``--shrink``);
+    otherwise it raises :class:`~libqblock.errors.InvalidParamError` and the
+    image is left alone. A format that cannot change its size, or cannot
+    shrink, raises :class:`~libqblock.errors.UnsupportedError`.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidParamError(f"the new size must be a non-negative int, not {size!r}")
+    with _open(image, format, flags=O_RDWR | O_CACHE_WB) as img:
+        if size < img.virt_size and not shrink:
+            raise InvalidParamError(
+                f"shrinking from {img.virt_size} to {size} bytes drops data: pass shrink=True (--shrink)"
+            )
+        if size != img.virt_size:
+            img.truncate(size)
