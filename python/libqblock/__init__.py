@@ -45,6 +45,7 @@ from .options import (
 )
 from .tools import CompareResult, checksum, compare, convert, resize
 from .backing import commit, rebase
+from .sizing import MeasureResult, measure
 from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "Image",
     "ImageLockedError",
     "ImageOptions",
+    "MeasureResult",
     "InternalError",
     "InvalidParamError",
     "Location",
@@ -98,6 +100,7 @@ __all__ = [
     "convert",
     "create",
     "fmttype2str",
+    "measure",
     "open",
     "options_class",
     "probe",

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import backing as _backing
 from . import image as _image
+from . import sizing as _sizing
 from . import tools as _tools
 from ._qemu_order import qemu_order
 from .errors import InvalidParamError, OutOfRangeError, QBlockError, UnsupportedError
@@ -357,6 +358,24 @@ def cmd_checksum(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_measure(a: argparse.Namespace) -> int:
+    """``qblock measure [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)``."""
+    if (a.size is None) == (a.filename is None):
+        raise InvalidParamError("measure needs either --size or an image file, not both")
+    fmt = _known_format(a.output_format)
+    cls, kw = _option_args(a.output_format, a.o, None, None, None)
+    fields = {**_sizing._defaults(fmt), **kw}
+    r = _sizing._measure_with(fmt, fields, parse_size(a.size) if a.size is not None else None,
+                               a.filename, a.format)
+    if a.output == "json":
+        print(json.dumps(r.to_qemu_json(), indent=4))
+    else:
+        print(f"required size: {r.required}\nfully allocated size: {r.fully_allocated}")
+        if r.bitmaps is not None:
+            print(f"bitmaps size: {r.bitmaps}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qblock`` command."""
     p = argparse.ArgumentParser(prog="qblock", description="Create, inspect and edit disk images.")
@@ -443,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("filename")
     rs.add_argument("size", help="new size, or +SIZE / -SIZE relative to the current one")
     rs.set_defaults(func=cmd_resize)
+    me = sub.add_parser("measure", help="the file size an image of a format and options would need")
+    me.add_argument("-f", "--format", help="format of the source image")
+    me.add_argument("-O", dest="output_format", default="raw", help="target format (default raw)")
+    me.add_argument("-o", action="append", default=[], help="target options key=value[,...]")
+    me.add_argument("--size", help="measure a new, empty disk of this size instead of an image")
+    me.add_argument("--output", choices=("human", "json"), default="human")
+    me.add_argument("filename", nargs="?")
+    me.set_defaults(func=cmd_measure)
     return p
 
 
