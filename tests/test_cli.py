@@ -295,3 +295,38 @@ def test_a_closed_pipe_stops_quietly(tmp):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait() == 141 and err == "", err
+
+
+DD_CASES = [
+    ["-f", "qcow2", "-O", "raw", "bs=64k", "count=3", "skip=1"],
+    ["-O", "qcow2", "bs=1M"],
+    ["bs=3000", "count=2"],
+    ["count=0"],
+    ["-O", "vmdk", "skip=3", "bs=1M"],
+]
+
+
+@pytest.mark.parametrize("args", DD_CASES, ids=lambda a: " ".join(a))
+def test_dd_as_qemu_img(tmp, args):
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
+    qemu_io(str(src), "write -P 1 0 100k", "write -P 2 1M 1M", "write -P 3 3M 4096")
+    fmt = args[args.index("-O") + 1] if "-O" in args else "raw"
+    ours, theirs = tmp / f"ours.{fmt}", tmp / f"theirs.{fmt}"
+    qemu_img("dd", *args, f"if={src}", f"of={theirs}")
+    # the operands in another order, and the options after them
+    r = subprocess.run([*qblock_cmd(), "dd", f"of={ours}", f"if={src}", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert qemu_info(str(ours))["virtual-size"] == qemu_info(str(theirs))["virtual-size"]
+    assert qemu_img("compare", str(ours), str(theirs), check=False).returncode == 0
+
+
+def test_dd_errors(tmp, capsysbinary):
+    src = tmp / "src.raw"
+    qb.create(src, qb.RawOptions(MiB))
+    rc, _, err = run(capsysbinary, "dd", f"if={src}", f"of={tmp / 'o.raw'}", "bs=1M", "skip=2")
+    assert rc == 1 and "cannot skip" in err and not (tmp / "o.raw").exists()
+    rc, _, err = run(capsysbinary, "dd", f"if={src}", "seek=1", f"of={tmp / 'o.raw'}")
+    assert rc == 1 and "unrecognized operand" in err
+    rc, _, err = run(capsysbinary, "dd", f"if={src}")
+    assert rc == 1 and "of=" in err

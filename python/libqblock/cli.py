@@ -358,6 +358,52 @@ def cmd_checksum(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dd_operands(words: List[str]) -> Dict[str, str]:
+    """``key=value`` operands of ``qblock dd``, as dd(1) spells them."""
+    out: Dict[str, str] = {}
+    it = iter(words)
+    for w in it:
+        if w in ("-f", "-O"):  # options may come between the operands, as in qemu-img
+            out[w] = next(it, "")
+            if not out[w]:
+                raise InvalidParamError(f"option {w} needs a format")
+            continue
+        key, sep, val = w.partition("=")
+        if not sep or key not in ("if", "of", "bs", "count", "skip"):
+            raise InvalidParamError(f"unrecognized operand {w!r} (if=, of=, bs=, count=, skip=)")
+        out[key] = val
+    for key in ("if", "of"):
+        if not out.get(key):
+            raise InvalidParamError(f"dd needs {key}=FILE")
+    return out
+
+
+def cmd_dd(a: argparse.Namespace) -> int:
+    """``qblock dd [-f FMT] [-O FMT] [bs=SIZE] [count=N] [skip=N] if=IN of=OUT``, as qemu-img dd.
+
+    As qemu-img's, ``count`` ends the copy at ``count x bs`` bytes of the input
+    from its start, and ``skip`` then drops ``skip x bs`` of them.
+    """
+    ops = _dd_operands(a.operands)
+    a.format = ops.get("-f", a.format)
+    a.output_format = ops.get("-O", a.output_format)
+    bs = parse_size(ops.get("bs", "512"))
+    if bs <= 0:
+        raise InvalidParamError("bs must be at least 1 byte")
+    with _image.open(ops["if"], a.format, flags=0) as img:
+        end = img.virt_size
+    if "count" in ops:
+        end = min(end, int(ops["count"]) * bs)
+    skip = int(ops.get("skip", "0")) * bs
+    if skip > end:
+        raise InvalidParamError(f"{ops['if']}: cannot skip to specified offset")
+    cls, kw = _option_args(a.output_format, [], None, None, None)
+    _tools._convert([ops["if"]], ops["of"], lambda n: cls(**kw, virt_size=_tools._aligned(cls, n)),
+                    source_format=a.format, sparse_size=4096, compress=False, start=skip,
+                    length=end - skip, threads=0, progress=None)
+    return 0
+
+
 def cmd_measure(a: argparse.Namespace) -> int:
     """``qblock measure [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)``."""
     if (a.size is None) == (a.filename is None):
@@ -470,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--output", choices=("human", "json"), default="human")
     me.add_argument("filename", nargs="?")
     me.set_defaults(func=cmd_measure)
+    dd = sub.add_parser("dd", help="copy part of an image into a new one, dd style (bs=, count=, skip=, if=, of=)")
+    dd.add_argument("-f", "--format", help="format of the input")
+    dd.add_argument("-O", dest="output_format", default="raw", help="format of the output (default raw)")
+    dd.add_argument("operands", nargs=argparse.REMAINDER, metavar="KEY=VALUE")
+    dd.set_defaults(func=cmd_dd)
     return p
 
 
