@@ -478,6 +478,33 @@ impl Image {
         self.driver.snapshot_delete(id_or_name)
     }
 
+    /// See [`Driver::compressed_unit`].
+    pub fn compressed_unit(&self) -> Option<u64> {
+        self.driver.compressed_unit()
+    }
+
+    /// See [`Driver::compress_unit`].
+    pub fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.driver.compress_unit(data)
+    }
+
+    /// See [`Driver::write_compressed`]: every unit must lie inside the disk.
+    pub fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        let unit = self
+            .driver
+            .compressed_unit()
+            .ok_or_else(|| crate::error::unsupported(format!("{} cannot store compressed data", self.format())))?;
+        for (off, _) in units {
+            if !off.is_multiple_of(unit) || *off >= self.virtual_size() {
+                return Err(invalid(format!("a compressed unit at {off} is not a whole unit of the disk")));
+            }
+        }
+        self.driver.write_compressed(units)?;
+        self.after_write()
+    }
+
     /// See [`Driver::make_empty`].
     pub fn make_empty(&self) -> Result<()> {
         self.check_open()?;
