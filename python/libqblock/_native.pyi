@@ -64,7 +64,12 @@ def formats() -> List[Tuple[str, bool, bool]]: ...
 _Progress = Optional[Callable[[int, int], object]]
 
 def convert_images(
-    sources: List[Tuple[Image, int, int]], target: Image, sparse_min: int, threads: int, progress: _Progress = None
+    sources: List[Tuple[Image, int, int]],
+    target: Image,
+    sparse_min: int,
+    threads: int,
+    progress: _Progress = None,
+    compress: bool = False,
 ) -> None: ...
 def checksum_image(image: Image, threads: int, progress: _Progress = None) -> str: ...
 def compare_images(a: Image, b: Image, strict: bool, progress: _Progress = None) -> Tuple[str, Optional[int]]: ...

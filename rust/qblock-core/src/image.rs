@@ -498,7 +498,9 @@ impl Image {
             .ok_or_else(|| crate::error::unsupported(format!("{} cannot store compressed data", self.format())))?;
         for (off, _) in units {
             if !off.is_multiple_of(unit) || *off >= self.virtual_size() {
-                return Err(invalid(format!("a compressed unit at {off} is not a whole unit of the disk")));
+                return Err(invalid(format!(
+                    "a compressed unit at {off} is not a whole unit of the disk"
+                )));
             }
         }
         self.driver.write_compressed(units)?;

@@ -58,7 +58,7 @@ impl Progress for PyProgress {
 
 /// `sources`: (image, start, length) pieces copied one after another.
 #[pyfunction]
-#[pyo3(signature = (sources, target, sparse_min, threads, progress=None))]
+#[pyo3(signature = (sources, target, sparse_min, threads, progress=None, compress=false))]
 pub fn convert_images(
     py: Python<'_>,
     sources: Vec<(PyRef<'_, PyImage>, u64, u64)>,
@@ -66,13 +66,18 @@ pub fn convert_images(
     sparse_min: u64,
     threads: usize,
     progress: Option<Py<PyAny>>,
+    compress: bool,
 ) -> PyResult<()> {
     let imgs = sources
         .iter()
         .map(|(i, s, l)| Ok((i.get(py)?, *s, *l)))
         .collect::<PyResult<Vec<_>>>()?;
     let target = target.get(py)?;
-    let opts = convert::ConvertOptions { sparse_min, threads };
+    let opts = convert::ConvertOptions {
+        sparse_min,
+        threads,
+        compress,
+    };
     let mut p = PyProgress::new(progress);
     let r = run(py, || {
         let pieces: Vec<convert::Piece<'_>> = imgs
