@@ -337,7 +337,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise InvalidParamError("-n writes into the existing target: -o and -B do not apply")
     _tools._convert(sources, target, make, source_format=a.format, sparse_size=parse_size(a.sparse_size),
                     compress=a.compress, start=0, length=None, threads=a.threads,
-                    progress=_bar if a.progress else None)
+                    progress=_bar if a.progress else None, sync=a.cache != "unsafe")
     return 0
 
 
@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("-S", dest="sparse_size", default="4k", help="zero runs this long become holes (default 4k; 0: none)")
     cv.add_argument("-c", dest="compress", action="store_true", help="store the data compressed (qcow2: zlib or zstd)")
     cv.add_argument("-m", dest="threads", type=int, default=0, help="worker threads (default: one per core)")
+    cv.add_argument("-t", dest="cache", default="unsafe", choices=("unsafe", "writeback", "writethrough", "none", "directsync"),
+                    help="target cache mode: unsafe (default, as qemu-img) leaves the copy to the page cache;"
+                         " the others sync it before exiting")
     cv.add_argument("-W", action="store_true", help="accepted for qemu-img compatibility; writes stay in order")
     cv.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     cv.add_argument("filenames", nargs="+", metavar="FILE", help="sources, then the target")

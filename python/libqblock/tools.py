@@ -81,6 +81,7 @@ def convert(
     length: Optional[int] = None,
     threads: int = 0,
     progress: Optional[ProgressFn] = None,
+    sync: bool = False,
 ) -> None:
     """Copy the guest content of ``source`` into a new image at ``target``.
 
@@ -98,13 +99,21 @@ def convert(
     ``options`` must then be None): what already reads right there is left
     alone, the rest overwritten. On any error, cancellation included, a
     target created here is removed; an existing one is flushed and stays
-    valid. ``threads`` 0 uses one worker per core.
+    valid. ``threads`` 0 uses one worker per core. ``compress`` stores the
+    data compressed (qcow2: zlib or zstd, as its ``compression_type``); other
+    target formats raise UnsupportedError.
+
+    A target created here is written as qemu-img writes one (its default
+    ``-t unsafe``): without flushes on the way, left to the page cache at the
+    end unless ``sync`` (then it is on disk when the call returns). A crash
+    meanwhile leaves an incomplete copy. An ``existing`` target is written
+    with every barrier and flushed, so it stays valid whatever happens.
     """
     if existing and options is not None:
         raise InvalidParamError("existing=True writes into the image as it is: pass no options")
     _convert(source, target, None if existing else _options_maker(options), source_format=source_format,
              sparse_size=sparse_size, compress=compress, start=start, length=length, threads=threads,
-             progress=progress)
+             progress=progress, sync=sync)
 
 
 def _options_maker(options: OptionsArg) -> Callable[[int], ImageOptions]:
@@ -137,6 +146,7 @@ def _convert(
     length: Optional[int],
     threads: int,
     progress: Optional[ProgressFn],
+    sync: bool = False,
 ) -> None:
     """convert() with the target's options as a function of the copied length (None: the target exists)."""
     if isinstance(sparse_size, bool) or not isinstance(sparse_size, int) or sparse_size < 0 or sparse_size % 512:
@@ -149,12 +159,13 @@ def _convert(
         total = sum(n for _, _, n in pieces)
         tloc = Location.of(target)
         if make_options is None:
-            _run_convert(pieces, tloc, None, sparse_size, threads, progress, compress, fresh=False)
+            _run_convert(pieces, tloc, None, sparse_size, threads, progress, compress, fresh=False, sync=True)
             return
         opts = make_options(total)
         create(tloc, opts)
         try:
-            _run_convert(pieces, tloc, opts.format, sparse_size, threads, progress, compress, fresh=True)
+            _run_convert(pieces, tloc, opts.format, sparse_size, threads, progress, compress, fresh=True,
+                         sync=sync)
         except BaseException:
             _remove(tloc)
             raise
@@ -188,17 +199,18 @@ def _pieces(images: List[Image], start: int, length: Optional[int]) -> List[Tupl
 
 
 def _run_convert(pieces: List[Tuple[Image, int, int]], tloc: Location, fmt: Optional[Format], sparse_size: int,
-                 threads: int, progress: Optional[ProgressFn], compress: bool, fresh: bool) -> None:
+                 threads: int, progress: Optional[ProgressFn], compress: bool, fresh: bool,
+                 sync: bool) -> None:
     # A target made by this call is written as qemu-img writes it (cache=unsafe):
     # no barriers on the way (a crash leaves an incomplete copy either way, and
-    # the call removes it on an error), one sync at the end. An existing
-    # target keeps every barrier: it must stay valid whatever happens.
+    # the call removes it on an error), and, with `sync`, one sync at the end.
+    # An existing target keeps every barrier: it must stay valid whatever happens.
     flags = O_RDWR | O_CACHE_WB | (O_NO_FLUSH if fresh else 0)
     with _open(tloc, fmt, flags=flags) as tgt:
         _native.convert_images([(img._n, s, n) for img, s, n in pieces], tgt._n, sparse_size, threads, progress,
                                compress)
         tgt.flush()
-    if fresh and tloc.protocol == "file":
+    if fresh and sync and tloc.protocol == "file":
         fd = os.open(tloc.target, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -278,6 +278,22 @@ impl Qcow2 {
                 }
                 return Ok((first, max.min(run)));
             }
+            if first == Unit::Unallocated {
+                // Sparse tables are mostly zero words: find the next word that
+                // is not with a plain search instead of decoding every unit.
+                let words = g.words();
+                let per = g.cluster_bits - g.unit_bits;
+                let ci0 = (u0 >> per) as usize;
+                let entries = 1usize << (cover_bits - g.cluster_bits);
+                if w[ci0 * words..(ci0 + 1) * words].iter().all(|&x| x == 0) {
+                    let next = w[(ci0 + 1) * words..entries * words]
+                        .iter()
+                        .position(|&x| x != 0)
+                        .map_or(entries, |p| ci0 + 1 + p / words);
+                    let run = ((next - ci0) as u64) * g.cluster_size - (offset & (g.cluster_size - 1));
+                    return Ok((Unit::Unallocated, run.min(max)));
+                }
+            }
             let mut run = us - within;
             let mut k = 1u64;
             let last_unit = 1u64 << (cover_bits - g.unit_bits);
