@@ -43,6 +43,7 @@ from .options import (
     VpcOptions,
     options_class,
 )
+from .snapshot import SnapshotInfo
 from .tools import CompareResult, checksum, compare, convert
 from . import capi  # noqa: E402  (imports the names above)
 
@@ -83,6 +84,7 @@ __all__ = [
     "RawOptions",
     "RbdOptions",
     "SheepdogOptions",
+    "SnapshotInfo",
     "StaticInfo",
     "UnsupportedError",
     "VdiOptions",
