@@ -1,4 +1,4 @@
-"""The ``qblock`` command: create, info, write, read and map images."""
+"""The ``qblock`` command: create, info, write, read, map, convert, compare, checksum and snapshot images."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .errors import InvalidParamError, OutOfRangeError, QBlockError
 from .flags import O_CACHE_WB, O_RDWR
 from .formats import Format
 from .options import ImageOptions, option_fields, options_class
+from .snapshot import snapshot_table
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 #: qemu-img's -o names that differ from the option classes' field names.
@@ -131,6 +132,8 @@ def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
         d["full-backing-filename"] = str(i.backing_location)
     if i.backing_format:
         d["backing-filename-format"] = i.backing_format.value
+    if i.snapshots:
+        d["snapshots"] = [s.to_qemu_info() for s in i.snapshots]
     if i.format_specific:
         d["format-specific"] = {"type": i.format.value, "data": i.format_specific}
     return d
@@ -142,8 +145,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     if a.output == "json":
         print(json.dumps(d, indent=4))
     else:
+        snaps = d.pop("snapshots", None)
         for k, v in d.items():
             print(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}")
+        if snaps:
+            with _image.open(a.filename, a.format, flags=0) as img:
+                print(snapshot_table(img.snapshots()))
     return 0
 
 
@@ -235,6 +242,28 @@ def cmd_checksum(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(a: argparse.Namespace) -> int:
+    """``qblock snapshot [-f FMT] [-q] (-l | -c NAME | -a NAME | -d NAME) FILE``, as ``qemu-img snapshot``."""
+    if a.list:
+        with _image.open(a.filename, a.format, flags=0) as img:
+            snaps = img.snapshots()
+        if snaps:  # qemu-img prints nothing at all for an image without snapshots
+            print(snapshot_table(snaps))
+        return 0
+    with _image.open(a.filename, a.format, flags=O_RDWR | O_CACHE_WB) as img:
+        if a.create is not None:
+            img.snapshot_create(a.create)
+        elif a.apply is not None:
+            img.snapshot_apply(a.apply)
+        else:
+            # qemu-img deletes by name only (an id does not name a snapshot here).
+            match = next((s for s in img.snapshots() if s.name == a.delete), None)
+            if match is None:
+                raise InvalidParamError(f"Could not delete snapshot '{a.delete}': snapshot not found")
+            img.snapshot_delete(match.id)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qblock`` command."""
     p = argparse.ArgumentParser(prog="qblock", description="Create, inspect and edit disk images.")
@@ -298,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     ck.add_argument("filename")
     ck.set_defaults(func=cmd_checksum)
+    sn = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots (qcow2)")
+    sn.add_argument("-f", "--format")
+    sn.add_argument("-q", dest="quiet", action="store_true", help="accepted for qemu-img compatibility")
+    op = sn.add_mutually_exclusive_group(required=True)
+    op.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    op.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot of the current content")
+    op.add_argument("-a", dest="apply", metavar="NAME", help="make the image read as this snapshot (id or name)")
+    op.add_argument("-d", dest="delete", metavar="NAME", help="delete the snapshot with this name")
+    sn.add_argument("filename")
+    sn.set_defaults(func=cmd_snapshot)
     return p
 
 
