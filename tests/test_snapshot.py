@@ -329,16 +329,29 @@ def test_refcount_limits_are_refused_without_a_leak(tmp):
         with pytest.raises(qb.UnsupportedError, match="refcount_bits=1"):
             img.snapshot_create("s")
     clean(one)
-    two = make(tmp, "b2.qcow2", size=MiB, refcount_bits=2)
-    with qb.open(two) as img:
+    small = make(tmp, "b2s.qcow2", size=MiB, refcount_bits=2)
+    with qb.open(small) as img:
         img.write(b"\x02" * 4096, 0)
         img.snapshot_create("s1")
         img.snapshot_create("s2")
         with pytest.raises(qb.UnsupportedError, match="refcount_bits=2"):
             img.snapshot_create("s3")
+    clean(small)
+    two = make(tmp, "b2.qcow2", size=4 * MiB, refcount_bits=2, cluster_size=4096)
+    with qb.open(two) as img:
+        img.write(b"\x02" * 4096, 3 * MiB)  # in the second L2 table (2 MiB each)
+        img.snapshot_create("s1")
+        img.snapshot_create("s2")
+        # The first table is the image's alone again: raising it succeeds,
+        # the second one fails, and the first is lowered back.
+        img.write(b"\x03" * 4096, 0)
+        with pytest.raises(qb.UnsupportedError, match="refcount_bits=2"):
+            img.snapshot_create("s3")
         assert [s.name for s in img.snapshots()] == ["s1", "s2"]
+        img.write(b"\x04" * 4096, 0)  # still ours alone: written in place
     clean(two)
-    assert content(two, tmp, "s2")[:4096] == b"\x02" * 4096
+    assert content(two, tmp, "s2")[3 * MiB : 3 * MiB + 4096] == b"\x02" * 4096
+    assert content(two, tmp)[:4096] == b"\x04" * 4096
 
 
 def test_persistent_bitmaps_block_apply_as_in_qemu(tmp):

@@ -168,8 +168,14 @@ impl Qcow2 {
                 .l1_entries_for(size)
                 .ok_or_else(|| corrupt("the snapshot's disk size overflows the L1 range"))?
                 .max(sn_l1.len() as u64);
-            self.grow_l1(rc, need)?;
+            // Everything that can refuse before the first change.
+            let active = self.l1.read().entries.clone();
+            self.check_tree(rc, &active, -1)?;
             self.adjust_tree(rc, &sn_l1, 1)?;
+            if let Err(e) = self.grow_l1(rc, need) {
+                let _ = self.adjust_tree(rc, &sn_l1, -1);
+                return Err(e);
+            }
             let (l1_off, old) = {
                 let l1 = self.l1.read();
                 (l1.offset, l1.entries.clone())
@@ -206,6 +212,7 @@ impl Qcow2 {
             };
             let sn = list.remove(idx);
             let sn_l1 = self.snapshot_l1(&sn)?;
+            self.check_tree(rc, &sn_l1, -1)?;
             self.write_table(rc, list)?;
             let file = self.file.as_ref();
             self.adjust_tree(rc, &sn_l1, -1)?;
@@ -284,9 +291,43 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The ranges (sorted by start) of the metadata that is not an L2
+    /// table: header, refcount table and blocks, the active and every
+    /// snapshot's L1 table, the snapshot table.
+    fn structure(&self, rc: &Refcounts) -> Vec<(u64, u64)> {
+        let cs = self.g.cluster_size;
+        let tables = |off: u64, bytes: u64| (off, off + bytes.div_ceil(cs) * cs);
+        let mut m = vec![(0, cs), tables(rc.table_offset, rc.table_clusters * cs)];
+        m.extend(rc.table.iter().filter(|&&o| o != 0).map(|&o| (o, o + cs)));
+        {
+            let l1 = self.l1.read();
+            m.push(tables(l1.offset, l1.entries.len() as u64 * 8));
+        }
+        let t = self.snaps.read();
+        m.push(tables(t.offset, t.len));
+        m.extend(
+            t.list
+                .iter()
+                .map(|s| tables(s.l1_table_offset, u64::from(s.l1_size) * 8)),
+        );
+        m.retain(|r| r.0 < r.1);
+        m.sort_unstable();
+        // Merged, so the last range starting at or before an offset is the
+        // only one that can hold it.
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(m.len());
+        for r in m {
+            match merged.last_mut() {
+                Some(last) if r.0 <= last.1 => last.1 = last.1.max(r.1),
+                _ => merged.push(r),
+            }
+        }
+        merged
+    }
+
     /// Every host cluster the L2 table at `l2_off` references (data,
     /// preallocated zero and compressed clusters), once per reference,
-    /// and the table itself; sorted.
+    /// and the table itself; sorted. None of its data may lie on metadata
+    /// (a hostile tree would make us free it).
     fn references_of(&self, l2_off: u64) -> Result<Vec<u64>> {
         let g = self.g;
         let words = self.l2.copy(self.file.as_ref(), l2_off)?;
@@ -295,9 +336,11 @@ impl Qcow2 {
         for &e in words.iter().step_by(g.words()) {
             if e & COMPRESSED != 0 {
                 let (first, n) = self.compressed_clusters(e)?;
+                self.check_not_meta(first << g.cluster_bits, n << g.cluster_bits)?;
                 out.extend(first..first + n);
             } else if e & OFFSET_MASK != 0 {
                 self.check_host(e & OFFSET_MASK)?;
+                self.check_not_meta(e & OFFSET_MASK, g.cluster_size)?;
                 out.push((e & OFFSET_MASK) >> g.cluster_bits);
             }
         }
@@ -309,19 +352,37 @@ impl Qcow2 {
     /// reaches, once per reference. Each L2 table's clusters are checked
     /// before any of them changes; when raising fails, the tables already
     /// raised are lowered again, so a refused operation changes nothing.
+    /// An L2 table lying on the header, the refcount structure, an L1
+    /// table or the snapshot table is refused (a hostile tree would make
+    /// us free it).
     fn adjust_tree(&self, rc: &mut Refcounts, l1: &[u64], delta: i64) -> Result<()> {
+        self.tree_pass(rc, l1, delta, true)
+    }
+
+    /// What `adjust_tree` checks, changing nothing: run before an
+    /// operation's first change when the tree's refcounts drop later.
+    fn check_tree(&self, rc: &mut Refcounts, l1: &[u64], delta: i64) -> Result<()> {
+        self.tree_pass(rc, l1, delta, false)
+    }
+
+    fn tree_pass(&self, rc: &mut Refcounts, l1: &[u64], delta: i64, change: bool) -> Result<()> {
         let end = self.file_end.load(Ordering::Relaxed);
+        let structure = self.structure(rc);
         for (i, &e) in l1.iter().enumerate() {
             let off = check_l1_entry(&self.g, i, e, end)?;
             if off == 0 {
                 continue;
             }
+            let at = structure.partition_point(|r| r.0 <= off);
+            if at > 0 && structure[at - 1].1 > off {
+                return Err(corrupt(format!("L2 table {off:#x} lies on other metadata")));
+            }
             let r = self
                 .references_of(off)
-                .and_then(|refs| self.adjust_refs(rc, &refs, delta));
+                .and_then(|refs| self.adjust_refs(rc, &refs, delta, change));
             if let Err(err) = r {
-                if delta > 0 {
-                    let _ = self.adjust_tree(rc, &l1[..i], -delta);
+                if delta > 0 && change {
+                    let _ = self.tree_pass(rc, &l1[..i], -delta, true);
                 }
                 return Err(err);
             }
@@ -329,7 +390,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn adjust_refs(&self, rc: &mut Refcounts, refs: &[u64], delta: i64) -> Result<()> {
+    fn adjust_refs(&self, rc: &mut Refcounts, refs: &[u64], delta: i64, change: bool) -> Result<()> {
         let file = self.file.as_ref();
         let runs = runs(refs);
         let max = rc.max_refcount();
@@ -353,7 +414,7 @@ impl Qcow2 {
                 }
             }
         }
-        for (first, n, k) in runs {
+        for (first, n, k) in runs.into_iter().filter(|_| change) {
             rc.update(file, first, n, delta * k as i64)?;
         }
         Ok(())

@@ -1114,3 +1114,61 @@ fn allocation_pool_doubles_between_flushes() {
         assert_eq!(rc.get(&store, c).unwrap(), want, "cluster {c}");
     }
 }
+
+/// `base()` with one snapshot "1" (table in cluster 6, its L1 in cluster 7,
+/// one L2 table in cluster 8, all counted) whose L2 entry 0 is `entry`.
+fn with_hostile_snapshot(entry: u64) -> Vec<u8> {
+    let mut b = base();
+    b.resize(9 * CS, 0);
+    for c in 6..9 {
+        b[2 * CS + 2 * c + 1] = 1;
+    }
+    put32(&mut b, 60, 1);
+    put64(&mut b, 64, 6 * CS as u64);
+    let s = 6 * CS;
+    put64(&mut b, s, 7 * CS as u64);
+    put32(&mut b, s + 8, 32);
+    b[s + 13] = 1; // id of 1 byte, no name
+    put32(&mut b, s + 36, 16);
+    put64(&mut b, s + 48, SIZE); // disk size
+    b[s + 56] = b'1';
+    put64(&mut b, 7 * CS, 8 * CS as u64);
+    put64(&mut b, 8 * CS, entry);
+    b
+}
+
+/// A snapshot whose tree points outside the file or onto metadata (the
+/// active L1 table as data, a refcount block as an L2 table: delete would
+/// otherwise free them) is refused by apply and delete before anything
+/// changes.
+#[test]
+fn hostile_snapshot_trees_change_nothing() {
+    let loc = Location::file("/nonexistent/hostile-snap.qcow2");
+    let ctx = OpenCtx {
+        location: &loc,
+        read_only: false,
+        direct: false,
+        check: false,
+    };
+    let mut l2_on_refblock = with_hostile_snapshot(0);
+    put64(&mut l2_on_refblock, 7 * CS, 2 * CS as u64);
+    let cases = [
+        0x10_0000 | COPIED,
+        (3 * CS as u64) | COPIED,
+        COMPRESSED | 0x3f_ffff_ffff,
+    ]
+    .map(|e| (e, with_hostile_snapshot(e)));
+    for (entry, b) in cases.into_iter().chain([(0, l2_on_refblock)]) {
+        let mem = Arc::new(MemoryStorage::new(b, false));
+        let d = Qcow2::open(mem.clone(), &ctx).unwrap();
+        assert_eq!(d.snapshots().unwrap()[0].id, "1");
+        let before = mem.snapshot();
+        for r in [d.snapshot_apply("1"), d.snapshot_delete("1")] {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::CorruptImage, "entry {entry:#x}");
+            assert!(entry != 0 || e.to_string().contains("lies on other metadata"), "{e}");
+            assert_eq!(mem.snapshot(), before, "entry {entry:#x}: the image changed");
+        }
+        assert_eq!(read(&d, 0, CS).unwrap(), vec![0xab; CS]);
+    }
+}

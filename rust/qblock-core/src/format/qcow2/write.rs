@@ -176,7 +176,7 @@ impl Qcow2 {
     }
 
     /// Refuse a data write onto metadata (a hostile or damaged L2 entry).
-    fn check_not_meta(&self, host: u64, len: u64) -> Result<()> {
+    pub(super) fn check_not_meta(&self, host: u64, len: u64) -> Result<()> {
         if self.has_data_file() {
             return Ok(());
         }
