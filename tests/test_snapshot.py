@@ -289,6 +289,12 @@ def test_errors(tmp):
         for op in (img.snapshot_create, img.snapshot_apply, img.snapshot_delete):
             with pytest.raises(qb.InvalidParamError, match="read-only"):
                 op("one")
+    # Under O_SNAPSHOT the snapshots listed are the image's, which is read-only.
+    with qb.open(p, flags=qb.O_RDWR | qb.O_SNAPSHOT) as img:
+        assert [s.name for s in img.snapshots()] == ["one"]
+        for op in (img.snapshot_create, img.snapshot_apply, img.snapshot_delete):
+            with pytest.raises(qb.InvalidParamError, match="read-only"):
+                op("one")
     img = qb.open(p, flags=0)
     img.close()
     with pytest.raises(qb.InvalidParamError, match="closed"):
