@@ -733,6 +733,26 @@ impl Storage for Recording {
     }
 }
 
+/// A recording storage holding `b`.
+fn recording(b: &[u8]) -> Arc<Recording> {
+    Arc::new(Recording {
+        inner: MemoryStorage::new(b.to_vec(), false),
+        log: Default::default(),
+    })
+}
+
+/// Open the image in `s` for writing.
+fn open_writable(s: Arc<dyn Storage>) -> Qcow2 {
+    let loc = Location::file("/nonexistent/qcow2-unit-test.qcow2");
+    let ctx = OpenCtx {
+        location: &loc,
+        read_only: false,
+        direct: false,
+        check: false,
+    };
+    Qcow2::open(s, &ctx).unwrap()
+}
+
 /// Power loss at any point: everything before some flush reached the disk,
 /// and any subset of the writes after it. In every such state the image
 /// must open and no cluster may have fewer references counted than it is
@@ -740,18 +760,8 @@ impl Storage for Recording {
 #[test]
 fn crash_at_any_point_leaves_refcounts_covering_references() {
     let start = base();
-    let rec = Arc::new(Recording {
-        inner: MemoryStorage::new(start.clone(), false),
-        log: Default::default(),
-    });
-    let loc = Location::file("/nonexistent/crash.qcow2");
-    let ctx = OpenCtx {
-        location: &loc,
-        read_only: false,
-        direct: false,
-        check: false,
-    };
-    let d = Qcow2::open(rec.clone(), &ctx).unwrap();
+    let rec = recording(&start);
+    let d = open_writable(rec.clone());
     for i in 0..40u64 {
         d.write_at(&[i as u8; 700], (i * 24571) % (SIZE - 700), &NoBacking)
             .unwrap();
@@ -935,14 +945,7 @@ fn copied_flags_are_safe(
 #[test]
 fn snapshots_share_clusters_and_writes_copy_them() {
     let mem = Arc::new(MemoryStorage::new(base(), false));
-    let loc = Location::file("/nonexistent/snap.qcow2");
-    let ctx = OpenCtx {
-        location: &loc,
-        read_only: false,
-        direct: false,
-        check: false,
-    };
-    let d = Qcow2::open(mem.clone(), &ctx).unwrap();
+    let d = open_writable(mem.clone());
     let consistent = |what: &str| {
         d.flush().unwrap(); // gives the reserved clusters back
         let counted = refcounts_cover_references(&mem, what, true);
@@ -993,18 +996,8 @@ fn snapshots_share_clusters_and_writes_copy_them() {
 #[test]
 fn crash_during_snapshot_operations_is_safe() {
     let start = base();
-    let rec = Arc::new(Recording {
-        inner: MemoryStorage::new(start.clone(), false),
-        log: Default::default(),
-    });
-    let loc = Location::file("/nonexistent/snapcrash.qcow2");
-    let ctx = OpenCtx {
-        location: &loc,
-        read_only: false,
-        direct: false,
-        check: false,
-    };
-    let d = Qcow2::open(rec.clone(), &ctx).unwrap();
+    let rec = recording(&start);
+    let d = open_writable(rec.clone());
     for i in 0..12u64 {
         d.write_at(&[i as u8 + 1; 700], (i * 73_331) % (SIZE - 700), &NoBacking)
             .unwrap();
@@ -1143,13 +1136,6 @@ fn with_hostile_snapshot(entry: u64) -> Vec<u8> {
 /// changes.
 #[test]
 fn hostile_snapshot_trees_change_nothing() {
-    let loc = Location::file("/nonexistent/hostile-snap.qcow2");
-    let ctx = OpenCtx {
-        location: &loc,
-        read_only: false,
-        direct: false,
-        check: false,
-    };
     let mut l2_on_refblock = with_hostile_snapshot(0);
     put64(&mut l2_on_refblock, 7 * CS, 2 * CS as u64);
     let cases = [
@@ -1160,7 +1146,7 @@ fn hostile_snapshot_trees_change_nothing() {
     .map(|e| (e, with_hostile_snapshot(e)));
     for (entry, b) in cases.into_iter().chain([(0, l2_on_refblock)]) {
         let mem = Arc::new(MemoryStorage::new(b, false));
-        let d = Qcow2::open(mem.clone(), &ctx).unwrap();
+        let d = open_writable(mem.clone());
         assert_eq!(d.snapshots().unwrap()[0].id, "1");
         let before = mem.snapshot();
         for r in [d.snapshot_apply("1"), d.snapshot_delete("1")] {
