@@ -127,8 +127,7 @@ impl Qcow2 {
                 vm_clock_nsec: 0,
                 vm_state_size: 0,
                 disk_size: self.size.load(Ordering::Relaxed),
-                // qemu-img leaves it 0 (QEMU itself writes "none" outside
-                // record/replay); we list like qemu-img's own snapshots.
+                // qemu-img records 0 (not "none"): ours list as its own do.
                 icount: 0,
                 extra_rest: Vec::new(),
             };
