@@ -13,7 +13,7 @@ import pytest
 import libqblock as qb
 from libqblock import cli
 
-from conftest import qemu_check, qemu_info, qemu_io, qemu_map
+from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map
 
 MiB = 1 << 20
 
@@ -88,8 +88,78 @@ def test_info_raw_human_and_json(tmp, capsysbinary):
     assert rc == 0 and d["format"] == theirs["format"] == "raw"
     assert d["virtual-size"] == theirs["virtual-size"] == 5 * MiB and d["filename"] == str(p)
     rc, out, _ = run(capsysbinary, "info", "-f", "raw", p)
-    text = out.decode()
-    assert rc == 0 and "format: raw" in text and f"virtual-size: {5 * MiB}" in text
+    assert rc == 0 and out.decode() == qemu_human_info(p, "-f", "raw")
+
+
+def qemu_human_info(p, *extra):
+    """qemu-img info's text up to its child-node section (which qblock does not print)."""
+    text = qemu_img("info", *extra, str(p)).stdout
+    keep = [ln for ln in text.split("\n\n")]
+    return "\n\n".join(b.split("Child node")[0].rstrip("\n") for b in keep) + "\n"
+
+
+def test_info_human_and_backing_chain_as_qemu_img(tmp, capsysbinary):
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(base), "3G")
+    qemu_io(str(base), "write -P 1 0 300k")
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    vmdk = tmp / "v.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(vmdk), "100M")
+    for path, extra in ((base, ()), (top, ("--backing-chain",)), (vmdk, ())):
+        rc, out, _ = run(capsysbinary, "info", *extra, path)
+        assert rc == 0 and out.decode() == qemu_human_info(path, *extra)
+    rc, out, _ = run(capsysbinary, "info", "--output=json", "--backing-chain", top)
+    ours, theirs = json.loads(out), json.loads(qemu_img("info", "--output=json", "--backing-chain", str(top)).stdout)
+    assert len(ours) == len(theirs) == 2
+    for o, t in zip(ours, theirs):
+        assert {k: v for k, v in t.items() if k in o} == o
+
+
+def test_map_human_as_qemu_img(tmp, capsysbinary):
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
+    qemu_io(str(base), "write -P 2 512k 64k", "write -P 3 3M 1M")
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    qemu_io(str(top), "write -P 1 0 128k", "write -z 1M 64k", "write -P 4 3M 64k")
+    for p in (base, top):
+        rc, out, _ = run(capsysbinary, "map", p)
+        assert rc == 0 and out.decode() == qemu_img("map", str(p)).stdout
+    z = tmp / "z.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", str(top), str(z))
+    rc, out, err = run(capsysbinary, "map", z)
+    assert rc == 1 and "compressed" in err and qemu_img("map", str(z), check=False).returncode == 1
+
+
+def test_commit_rebase_resize_commands(tmp):
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
+    qemu_io(str(base), "write -P 1 0 1M")
+    top = tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    qemu_io(str(top), "write -P 2 64k 64k")
+    cmd = qblock_cmd()
+    r = subprocess.run([*cmd, "commit", str(top)], capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "Image committed.\n", "")
+    assert qemu_img("map", "--output=json", str(base)).stdout.count('"present": true') >= 1
+    r = subprocess.run([*cmd, "commit", str(base)], capture_output=True, text=True)
+    assert r.returncode == 1 and "no backing file" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*cmd, "rebase", "-b", "", str(top)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "backing-filename" not in qemu_info(str(top))
+    r = subprocess.run([*cmd, "rebase", "-b", "base.qcow2", str(top)], capture_output=True, text=True)
+    assert r.returncode == 1 and "format" in r.stderr
+    r = subprocess.run([*cmd, "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", str(top)], capture_output=True, text=True)
+    assert r.returncode == 0 and qemu_info(str(top))["backing-filename"] == "base.qcow2"
+    r = subprocess.run([*cmd, "resize", str(top), "+2M"], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (0, "Image resized.\n") and qemu_info(str(top))["virtual-size"] == 6 * MiB
+    raw = tmp / "r.raw"
+    qb.create(raw, qb.RawOptions(4 * MiB))
+    r = subprocess.run([*cmd, "resize", str(raw), "--", "-1M"], capture_output=True, text=True)
+    assert r.returncode == 1 and "--shrink" in r.stderr and raw.stat().st_size == 4 * MiB
+    r = subprocess.run([*cmd, "resize", "--shrink", str(raw), "--", "-1M"], capture_output=True, text=True)
+    assert r.returncode == 0 and raw.stat().st_size == 3 * MiB and "warning" in r.stderr
 
 
 def test_write_read_and_map_raw(tmp, capsysbinary):
@@ -107,7 +177,7 @@ def test_write_read_and_map_raw(tmp, capsysbinary):
     assert out == b"\xab" * 16
     rc, out, err = run(capsysbinary, "read", p, "8M", "1")
     assert rc == 1 and "beyond" in err
-    rc, out, _ = run(capsysbinary, "map", p)
+    rc, out, _ = run(capsysbinary, "map", "--output=json", p)
     ours = json.loads(out)
     keys = ("start", "length", "data", "zero", "present", "depth")
     assert [{k: e[k] for k in keys} for e in ours] == [{k: e[k] for k in keys} for e in qemu_map(str(p), "-f", "raw")]
@@ -148,7 +218,7 @@ def test_the_installed_command(tmp):
     r = subprocess.run([*cmd, "create", "-f", "raw", str(tmp / "e.raw"), "1M"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([*cmd, "info", str(tmp / "e.raw")], capture_output=True, text=True)
-    assert r.returncode == 0 and "virtual-size: 1048576" in r.stdout
+    assert r.returncode == 0 and "virtual size: 1 MiB (1048576 bytes)" in r.stdout
     r = subprocess.run([*cmd], capture_output=True, text=True)
     assert r.returncode == 2  # argparse: a subcommand is required
 
@@ -225,3 +295,38 @@ def test_a_closed_pipe_stops_quietly(tmp):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait() == 141 and err == "", err
+
+
+DD_CASES = [
+    ["-f", "qcow2", "-O", "raw", "bs=64k", "count=3", "skip=1"],
+    ["-O", "qcow2", "bs=1M"],
+    ["bs=3000", "count=2"],
+    ["count=0"],
+    ["-O", "vmdk", "skip=3", "bs=1M"],
+]
+
+
+@pytest.mark.parametrize("args", DD_CASES, ids=lambda a: " ".join(a))
+def test_dd_as_qemu_img(tmp, args):
+    src = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
+    qemu_io(str(src), "write -P 1 0 100k", "write -P 2 1M 1M", "write -P 3 3M 4096")
+    fmt = args[args.index("-O") + 1] if "-O" in args else "raw"
+    ours, theirs = tmp / f"ours.{fmt}", tmp / f"theirs.{fmt}"
+    qemu_img("dd", *args, f"if={src}", f"of={theirs}")
+    # the operands in another order, and the options after them
+    r = subprocess.run([*qblock_cmd(), "dd", f"of={ours}", f"if={src}", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert qemu_info(str(ours))["virtual-size"] == qemu_info(str(theirs))["virtual-size"]
+    assert qemu_img("compare", str(ours), str(theirs), check=False).returncode == 0
+
+
+def test_dd_errors(tmp, capsysbinary):
+    src = tmp / "src.raw"
+    qb.create(src, qb.RawOptions(MiB))
+    rc, _, err = run(capsysbinary, "dd", f"if={src}", f"of={tmp / 'o.raw'}", "bs=1M", "skip=2")
+    assert rc == 1 and "cannot skip" in err and not (tmp / "o.raw").exists()
+    rc, _, err = run(capsysbinary, "dd", f"if={src}", "seek=1", f"of={tmp / 'o.raw'}")
+    assert rc == 1 and "unrecognized operand" in err
+    rc, _, err = run(capsysbinary, "dd", f"if={src}")
+    assert rc == 1 and "of=" in err

@@ -44,7 +44,9 @@ from .options import (
     options_class,
 )
 from .snapshot import SnapshotInfo
-from .tools import CompareResult, checksum, compare, convert
+from .tools import CompareResult, checksum, compare, convert, resize
+from .backing import commit, rebase
+from .sizing import MeasureResult, measure
 from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "Image",
     "ImageLockedError",
     "ImageOptions",
+    "MeasureResult",
     "InternalError",
     "InvalidParamError",
     "Location",
@@ -94,13 +97,17 @@ __all__ = [
     "VpcOptions",
     "capi",
     "checksum",
+    "commit",
     "compare",
     "convert",
     "create",
     "fmttype2str",
+    "measure",
     "open",
     "options_class",
     "probe",
+    "rebase",
+    "resize",
     "str2fmttype",
     "supported_formats",
 ]

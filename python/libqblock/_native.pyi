@@ -9,12 +9,14 @@ from typing_extensions import Buffer
 __all__ = [
     "Image",
     "checksum_image",
+    "commit_image",
     "compare_images",
     "convert_images",
     "create",
     "formats",
     "open",
     "probe",
+    "rebase_image",
     "snapshot_apply",
     "snapshot_create",
     "snapshot_delete",
@@ -74,7 +76,22 @@ def snapshot_delete(image: Image, id_or_name: str) -> None: ...
 _Progress = Optional[Callable[[int, int], object]]
 
 def convert_images(
-    sources: List[Tuple[Image, int, int]], target: Image, sparse_min: int, threads: int, progress: _Progress = None
+    sources: List[Tuple[Image, int, int]],
+    target: Image,
+    sparse_min: int,
+    threads: int,
+    progress: _Progress = None,
+    compress: bool = False,
 ) -> None: ...
 def checksum_image(image: Image, threads: int, progress: _Progress = None) -> str: ...
 def compare_images(a: Image, b: Image, strict: bool, progress: _Progress = None) -> Tuple[str, Optional[int]]: ...
+def commit_image(
+    top: Image, base: Optional[Tuple[str, str]] = None, empty: bool = True, progress: _Progress = None
+) -> bool: ...
+def rebase_image(
+    image: Image,
+    name: Optional[str],
+    backing_format: Optional[str] = None,
+    unsafe_: bool = False,
+    progress: _Progress = None,
+) -> None: ...

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
+from . import backing as _backing
 from . import image as _image
+from . import sizing as _sizing
 from . import tools as _tools
-from .errors import InvalidParamError, OutOfRangeError, QBlockError
+from ._qemu_order import qemu_order
+from .errors import InvalidParamError, OutOfRangeError, QBlockError, UnsupportedError
 from .flags import O_CACHE_WB, O_RDWR
 from .formats import Format
 from .options import ImageOptions, option_fields, options_class
-from .snapshot import snapshot_table
+from .snapshot import SnapshotInfo
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 #: qemu-img's -o names that differ from the option classes' field names.
@@ -113,16 +118,17 @@ def _known_format(name: str) -> Format:
     return fmt
 
 
-def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
-    with _image.open(a.filename, a.format, flags=0) as img:
+def _info_dict(filename: str, fmt: Optional[str]) -> Dict[str, Any]:
+    with _image.open(filename, fmt, flags=0) as img:
         i = img.info()
     d: Dict[str, Any] = {
         "filename": str(i.location),
         "format": i.format.value,
         "virtual-size": i.virt_size,
-        "encrypted": i.encrypted,
         "dirty-flag": i.dirty,
     }
+    if i.encrypted:  # qemu-img leaves the key out for plain images
+        d["encrypted"] = True
     if i.cluster_size is not None:
         d["cluster-size"] = i.cluster_size
     if i.actual_size is not None:
@@ -139,18 +145,80 @@ def _info_dict(a: argparse.Namespace) -> Dict[str, Any]:
     return d
 
 
-def cmd_info(a: argparse.Namespace) -> int:
-    """``qblock info [--output json] FILE``: what ``qemu-img info`` prints."""
-    d = _info_dict(a)
-    if a.output == "json":
-        print(json.dumps(d, indent=4))
+def human_size(n: int) -> str:
+    """A byte count as ``qemu-img info`` words it: three significant digits
+    of the largest binary unit that keeps the number under about 1000."""
+    exp = math.frexp(n * 1.024)[1] - 1 if n else 0  # floor(log2(n * 1.024))
+    i = min(max(exp, 0) // 10, 6)
+    return f"{n / (1 << (10 * i)):0.3g} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[i]}B"
+
+
+def _human_value(key: str, v: Any, indent: str, out: List[str]) -> None:
+    """One format-specific item as qemu-img's human output nests it."""
+    name = key.replace("-", " ")
+    if isinstance(v, dict):
+        out.append(f"{indent}{name}:")
+        for k, x in v.items():
+            _human_value(k, x, indent + "    ", out)
+    elif isinstance(v, list):
+        out.append(f"{indent}{name}:")
+        for n, x in enumerate(v):
+            _human_value(f"[{n}]", x, indent + "    ", out)
+    elif isinstance(v, bool):
+        out.append(f"{indent}{name}: {'true' if v else 'false'}")
     else:
-        snaps = d.pop("snapshots", None)
-        for k, v in d.items():
-            print(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}")
-        if snaps:
-            with _image.open(a.filename, a.format, flags=0) as img:
-                print(snapshot_table(img.snapshots()))
+        out.append(f"{indent}{name}: {v}")
+
+
+def human_info(d: Dict[str, Any]) -> str:
+    """``qemu-img info``'s human text for one image's JSON dict (without the
+    child-node section: the protocol layer is not a node here)."""
+    out = [
+        f"image: {d['filename']}",
+        f"file format: {d['format']}",
+        f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)",
+        f"disk size: {human_size(d['actual-size']) if 'actual-size' in d else 'unavailable'}",
+    ]
+    if d.get("encrypted"):
+        out.append("encrypted: yes")
+    if "cluster-size" in d:
+        out.append(f"cluster_size: {d['cluster-size']}")
+    if d.get("dirty-flag"):
+        out.append("cleanly shut down: no")
+    if "backing-filename" in d:
+        line = f"backing file: {d['backing-filename']}"
+        if d.get("full-backing-filename", d["backing-filename"]) != d["backing-filename"]:
+            line += f" (actual path: {d['full-backing-filename']})"
+        out.append(line)
+        if "backing-filename-format" in d:
+            out.append(f"backing file format: {d['backing-filename-format']}")
+    if d.get("snapshots"):
+        out.append(snapshot_table([SnapshotInfo.from_qemu_info(x) for x in d["snapshots"]]))
+    fs = d.get("format-specific", {}).get("data")
+    if fs:
+        out.append("Format specific information:")
+        for k, v in qemu_order(fs).items():
+            _human_value(k, v, "    ", out)
+    return "\n".join(out)
+
+
+def _chain_dicts(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """The info of the image and, with --backing-chain, of every image below it."""
+    out = [_info_dict(a.filename, a.format)]
+    while a.backing_chain and "full-backing-filename" in out[-1]:
+        if len(out) > 64:
+            raise InvalidParamError("the backing chain is deeper than 64 images")
+        out.append(_info_dict(out[-1]["full-backing-filename"], out[-1].get("backing-filename-format")))
+    return out
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    """``qblock info [--output json] [--backing-chain] FILE``: what ``qemu-img info`` prints."""
+    chain = _chain_dicts(a)
+    if a.output == "json":
+        print(json.dumps(qemu_order(chain if a.backing_chain else chain[0]), indent=4))
+    else:
+        print("\n\n".join(human_info(d) for d in chain))
     return 0
 
 
@@ -189,10 +257,64 @@ def cmd_read(a: argparse.Namespace) -> int:
     return 0
 
 
+def _hex(n: int) -> str:
+    """C's ``%#x``: no prefix on zero."""
+    return f"{n:#x}" if n else "0"
+
+
 def cmd_map(a: argparse.Namespace) -> int:
-    """``qblock map FILE``: extents as ``qemu-img map --output=json``."""
+    """``qblock map [--output human|json] FILE``: extents as ``qemu-img map`` prints them."""
     with _image.open(a.filename, a.format, flags=0) as img:
-        print(json.dumps([e.to_qemu_map() for e in img.map()], indent=1))
+        extents = list(img.map())
+    if a.output == "json":
+        print(json.dumps([e.to_qemu_map() for e in extents], indent=1))
+        return 0
+    # The human table lists where data lies in which file, as qemu-img's.
+    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in extents:
+        if not e.data:
+            continue
+        if e.file_offset is None or e.file is None:
+            raise UnsupportedError("File contains external, encrypted or compressed clusters.")
+        lines.append(f"{_hex(e.offset):<16}{_hex(e.length):<16}{_hex(e.file_offset):<16}{e.file}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_commit(a: argparse.Namespace) -> int:
+    """``qblock commit [-f FMT] [-b BASE] [-d] [-p] FILE``."""
+    _backing.commit(a.filename, format=a.format, base=a.base, keep=a.keep,
+                    progress=_bar if a.progress else None)
+    print("Image committed.")
+    return 0
+
+
+def cmd_rebase(a: argparse.Namespace) -> int:
+    """``qblock rebase [-f FMT] -b BACKING [-F FMT] [-u] [-p] FILE``."""
+    _backing.rebase(a.filename, a.backing, format=a.format, backing_format=a.backing_format,
+                    unsafe=a.unsafe, progress=_bar if a.progress else None)
+    return 0
+
+
+def cmd_resize(a: argparse.Namespace) -> int:
+    """``qblock resize [-f FMT] [--shrink] FILE [+|-]SIZE``."""
+    text = a.size
+    with _image.open(a.filename, a.format, flags=0) as img:
+        old = img.virt_size
+    if text[:1] in "+-":
+        delta = parse_size(text[1:])
+        new = old + delta if text[0] == "+" else old - delta
+        if new < 0:
+            raise InvalidParamError(f"the image is {old} bytes: it cannot shrink by {delta}")
+    else:
+        new = parse_size(text)
+    if new < old:
+        if not a.shrink:
+            raise InvalidParamError("Use the --shrink option to perform a shrink operation.")
+        print("qblock: warning: Shrinking an image will delete all data beyond the shrunken image's end.",
+              file=sys.stderr)
+    _tools.resize(a.filename, new, format=a.format, shrink=a.shrink)
+    print("Image resized.")
     return 0
 
 
@@ -242,6 +364,29 @@ def cmd_checksum(a: argparse.Namespace) -> int:
     return 0
 
 
+_SNAP_NS = 1_000_000_000
+
+
+def _clock(nsec: int) -> str:
+    """The VM clock as qemu-img prints it: hours (at least four digits), minutes, seconds, milliseconds."""
+    secs = nsec // _SNAP_NS
+    return f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{nsec // 1_000_000 % 1000:03d}"
+
+
+#: qemu-img's columns: ID, TAG, VM_SIZE, DATE, VM_CLOCK, ICOUNT (printf widths -7, -16, 8, 19, 15, 10).
+_ROW = "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}"
+
+
+def snapshot_table(snapshots: Sequence[SnapshotInfo]) -> str:
+    """The lines ``qemu-img snapshot -l`` prints for these snapshots (dates in local time)."""
+    lines = ["Snapshot list:", _ROW.format("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
+        icount = "" if s.icount is None else str(s.icount)
+        lines.append(_ROW.format(s.id, s.name, human_size(s.vm_state_size), date, _clock(s.vm_clock_nsec), icount))
+    return "\n".join(lines)
+
+
 def cmd_snapshot(a: argparse.Namespace) -> int:
     """``qblock snapshot [-f FMT] [-q] (-l | -c NAME | -a NAME | -d NAME) FILE``, as ``qemu-img snapshot``."""
     if a.list:
@@ -264,6 +409,70 @@ def cmd_snapshot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dd_operands(words: List[str]) -> Dict[str, str]:
+    """``key=value`` operands of ``qblock dd``, as dd(1) spells them."""
+    out: Dict[str, str] = {}
+    it = iter(words)
+    for w in it:
+        if w in ("-f", "-O"):  # options may come between the operands, as in qemu-img
+            out[w] = next(it, "")
+            if not out[w]:
+                raise InvalidParamError(f"option {w} needs a format")
+            continue
+        key, sep, val = w.partition("=")
+        if not sep or key not in ("if", "of", "bs", "count", "skip"):
+            raise InvalidParamError(f"unrecognized operand {w!r} (if=, of=, bs=, count=, skip=)")
+        out[key] = val
+    for key in ("if", "of"):
+        if not out.get(key):
+            raise InvalidParamError(f"dd needs {key}=FILE")
+    return out
+
+
+def cmd_dd(a: argparse.Namespace) -> int:
+    """``qblock dd [-f FMT] [-O FMT] [bs=SIZE] [count=N] [skip=N] if=IN of=OUT``, as qemu-img dd.
+
+    As qemu-img's, ``count`` ends the copy at ``count x bs`` bytes of the input
+    from its start, and ``skip`` then drops ``skip x bs`` of them.
+    """
+    ops = _dd_operands(a.operands)
+    a.format = ops.get("-f", a.format)
+    a.output_format = ops.get("-O", a.output_format)
+    bs = parse_size(ops.get("bs", "512"))
+    if bs <= 0:
+        raise InvalidParamError("bs must be at least 1 byte")
+    with _image.open(ops["if"], a.format, flags=0) as img:
+        end = img.virt_size
+    if "count" in ops:
+        end = min(end, int(ops["count"]) * bs)
+    skip = int(ops.get("skip", "0")) * bs
+    if skip > end:
+        raise InvalidParamError(f"{ops['if']}: cannot skip to specified offset")
+    cls, kw = _option_args(a.output_format, [], None, None, None)
+    _tools._convert([ops["if"]], ops["of"], lambda n: cls(**kw, virt_size=_tools._aligned(cls, n)),
+                    source_format=a.format, sparse_size=4096, compress=False, start=skip,
+                    length=end - skip, threads=0, progress=None)
+    return 0
+
+
+def cmd_measure(a: argparse.Namespace) -> int:
+    """``qblock measure [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)``."""
+    if (a.size is None) == (a.filename is None):
+        raise InvalidParamError("measure needs either --size or an image file, not both")
+    fmt = _known_format(a.output_format)
+    cls, kw = _option_args(a.output_format, a.o, None, None, None)
+    fields = {**_sizing._defaults(fmt), **kw}
+    r = _sizing._measure_with(fmt, fields, parse_size(a.size) if a.size is not None else None,
+                               a.filename, a.format)
+    if a.output == "json":
+        print(json.dumps(r.to_qemu_json(), indent=4))
+    else:
+        print(f"required size: {r.required}\nfully allocated size: {r.fully_allocated}")
+        if r.bitmaps is not None:
+            print(f"bitmaps size: {r.bitmaps}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qblock`` command."""
     p = argparse.ArgumentParser(prog="qblock", description="Create, inspect and edit disk images.")
@@ -279,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print what an image says about itself")
     i.add_argument("-f", "--format")
     i.add_argument("--output", choices=("human", "json"), default="human")
+    i.add_argument("--backing-chain", action="store_true", help="also every image of the backing chain")
     i.add_argument("filename")
     i.set_defaults(func=cmd_info)
     w = sub.add_parser("write", help="write a byte pattern (or zeroes) into an image")
@@ -295,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("offset")
     r.add_argument("length")
     r.set_defaults(func=cmd_read)
-    m = sub.add_parser("map", help="print allocation like qemu-img map --output=json")
+    m = sub.add_parser("map", help="print allocation like qemu-img map")
     m.add_argument("-f", "--format")
+    m.add_argument("--output", choices=("human", "json"), default="human")
     m.add_argument("filename")
     m.set_defaults(func=cmd_map)
     cv = sub.add_parser("convert", help="copy an image (or several, concatenated) into a new one of any format")
@@ -337,6 +548,40 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("-d", dest="delete", metavar="NAME", help="delete the snapshot with this name")
     sn.add_argument("filename")
     sn.set_defaults(func=cmd_snapshot)
+    cm = sub.add_parser("commit", help="write an overlay's data into its backing file, then empty it")
+    cm.add_argument("-f", "--format")
+    cm.add_argument("-b", dest="base", help="commit into this deeper image of the chain (implies -d)")
+    cm.add_argument("-d", dest="keep", action="store_true", help="keep the overlay's data (do not empty it)")
+    cm.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    cm.add_argument("filename")
+    cm.set_defaults(func=cmd_commit)
+    rb = sub.add_parser("rebase", help="put an image on another backing file (or none), keeping its content")
+    rb.add_argument("-f", "--format")
+    rb.add_argument("-b", dest="backing", required=True, help='the new backing file; "" for none')
+    rb.add_argument("-F", dest="backing_format", help="its format (needed with a backing file)")
+    rb.add_argument("-u", dest="unsafe", action="store_true", help="only change the recorded name; copy nothing")
+    rb.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    rb.add_argument("filename")
+    rb.set_defaults(func=cmd_rebase)
+    rs = sub.add_parser("resize", help="change the virtual size")
+    rs.add_argument("-f", "--format")
+    rs.add_argument("--shrink", action="store_true", help="allow the image to get smaller (drops its end)")
+    rs.add_argument("filename")
+    rs.add_argument("size", help="new size, or +SIZE / -SIZE relative to the current one")
+    rs.set_defaults(func=cmd_resize)
+    me = sub.add_parser("measure", help="the file size an image of a format and options would need")
+    me.add_argument("-f", "--format", help="format of the source image")
+    me.add_argument("-O", dest="output_format", default="raw", help="target format (default raw)")
+    me.add_argument("-o", action="append", default=[], help="target options key=value[,...]")
+    me.add_argument("--size", help="measure a new, empty disk of this size instead of an image")
+    me.add_argument("--output", choices=("human", "json"), default="human")
+    me.add_argument("filename", nargs="?")
+    me.set_defaults(func=cmd_measure)
+    dd = sub.add_parser("dd", help="copy part of an image into a new one, dd style (bs=, count=, skip=, if=, of=)")
+    dd.add_argument("-f", "--format", help="format of the input")
+    dd.add_argument("-O", dest="output_format", default="raw", help="format of the output (default raw)")
+    dd.add_argument("operands", nargs=argparse.REMAINDER, metavar="KEY=VALUE")
+    dd.set_defaults(func=cmd_dd)
     return p
 
 

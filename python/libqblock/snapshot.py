@@ -1,6 +1,6 @@
 """Internal snapshots (qcow2): :class:`SnapshotInfo` and the operations behind
 ``Image.snapshots``, ``Image.snapshot_create``, ``Image.snapshot_apply`` and
-``Image.snapshot_delete``, plus the table ``qemu-img snapshot -l`` prints.
+``Image.snapshot_delete``.
 
 A snapshot records the whole disk as it is when it is taken; later writes
 copy the clusters they change, so the snapshot keeps reading the same bytes
@@ -10,10 +10,8 @@ until it is deleted. Applying one makes the disk read as the snapshot again
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from . import _native
 
@@ -52,6 +50,12 @@ class SnapshotInfo:
     def date(self) -> float:
         """When the snapshot was taken, as a Unix timestamp with its fraction."""
         return self.date_sec + self.date_nsec / _NS
+
+    @classmethod
+    def from_qemu_info(cls, d: Dict[str, Any]) -> "SnapshotInfo":
+        """The snapshot an entry of ``qemu-img info --output=json``'s ``snapshots`` describes."""
+        return cls(d["id"], d["name"], d["vm-state-size"], d["date-sec"], d["date-nsec"],
+                   d["vm-clock-sec"] * _NS + d["vm-clock-nsec"], d.get("icount"))
 
     def to_qemu_info(self) -> Dict[str, Any]:
         """This snapshot as one entry of ``qemu-img info --output=json``'s ``snapshots``.
@@ -106,33 +110,3 @@ def apply_snapshot(image: "Image", id_or_name: str) -> None:
 def delete_snapshot(image: "Image", id_or_name: str) -> None:
     """Delete the snapshot with this id (tried first) or name, freeing what only it used."""
     _native.snapshot_delete(image._n, id_or_name)
-
-
-def _size(n: int) -> str:
-    """A byte count as QEMU's size_to_str prints it: ``0 B``, ``1.5 KiB``, ``12 MiB``.
-
-    Like QEMU, a unit is used from 1000 of the one below (1000 bytes is ``0.977 KiB``).
-    """
-    _, exp = math.frexp(n / (1000.0 / 1024.0))
-    i = int((exp - 1) / 10)  # C's division, which truncates towards zero
-    return f"{n / (1 << (i * 10)):0.3g} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[i]}B"
-
-
-def _clock(nsec: int) -> str:
-    """The VM clock as qemu-img prints it: hours (at least four digits), minutes, seconds, milliseconds."""
-    secs = nsec // _NS
-    return f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{nsec // 1_000_000 % 1000:03d}"
-
-
-#: qemu-img's columns: ID, TAG, VM_SIZE, DATE, VM_CLOCK, ICOUNT (printf widths -7, -16, 8, 19, 15, 10).
-_ROW = "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}"
-
-
-def snapshot_table(snapshots: Sequence[SnapshotInfo]) -> str:
-    """The lines ``qemu-img snapshot -l`` prints for these snapshots (dates in local time)."""
-    lines = ["Snapshot list:", _ROW.format("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
-    for s in snapshots:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
-        icount = "" if s.icount is None else str(s.icount)
-        lines.append(_ROW.format(s.id, s.name, _size(s.vm_state_size), date, _clock(s.vm_clock_nsec), icount))
-    return "\n".join(lines)

@@ -139,8 +139,6 @@ def _convert(
     progress: Optional[ProgressFn],
 ) -> None:
     """convert() with the target's options as a function of the copied length (None: the target exists)."""
-    if compress:
-        raise UnsupportedError("compressed conversion (-c) is not built yet")
     if isinstance(sparse_size, bool) or not isinstance(sparse_size, int) or sparse_size < 0 or sparse_size % 512:
         raise InvalidParamError(f"sparse_size must be a non-negative multiple of 512, not {sparse_size!r}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
@@ -151,12 +149,12 @@ def _convert(
         total = sum(n for _, _, n in pieces)
         tloc = Location.of(target)
         if make_options is None:
-            _run_convert(pieces, tloc, None, sparse_size, threads, progress)
+            _run_convert(pieces, tloc, None, sparse_size, threads, progress, compress)
             return
         opts = make_options(total)
         create(tloc, opts)
         try:
-            _run_convert(pieces, tloc, opts.format, sparse_size, threads, progress)
+            _run_convert(pieces, tloc, opts.format, sparse_size, threads, progress, compress)
         except BaseException:
             _remove(tloc)
             raise
@@ -190,9 +188,10 @@ def _pieces(images: List[Image], start: int, length: Optional[int]) -> List[Tupl
 
 
 def _run_convert(pieces: List[Tuple[Image, int, int]], tloc: Location, fmt: Optional[Format], sparse_size: int,
-                 threads: int, progress: Optional[ProgressFn]) -> None:
+                 threads: int, progress: Optional[ProgressFn], compress: bool) -> None:
     with _open(tloc, fmt, flags=O_RDWR | O_CACHE_WB) as tgt:
-        _native.convert_images([(img._n, s, n) for img, s, n in pieces], tgt._n, sparse_size, threads, progress)
+        _native.convert_images([(img._n, s, n) for img, s, n in pieces], tgt._n, sparse_size, threads, progress,
+                               compress)
         tgt.flush()
 
 
@@ -249,3 +248,29 @@ def compare(a: Source, b: Source, *, fmt_a: Optional[Union[Format, str]] = None,
         "allocation": f"Strict mode: Offset {off} block status mismatch!",
     }[kind]
     return CompareResult(kind == "identical", kind, off, message, sizes)
+
+
+def resize(
+    image: Where,
+    size: int,
+    *,
+    format: Optional[Union[Format, str]] = None,  # noqa: A002 - qemu-img's word
+    shrink: bool = False,
+) -> None:
+    """Change the virtual size of ``image`` to ``size`` bytes (``qemu-img resize``).
+
+    Growing adds space that reads as zeroes. Shrinking drops everything past
+    the new end, so it must be asked for with ``shrink=True`` (``--shrink``);
+    otherwise it raises :class:`~libqblock.errors.InvalidParamError` and the
+    image is left alone. A format that cannot change its size, or cannot
+    shrink, raises :class:`~libqblock.errors.UnsupportedError`.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidParamError(f"the new size must be a non-negative int, not {size!r}")
+    with _open(image, format, flags=O_RDWR | O_CACHE_WB) as img:
+        if size < img.virt_size and not shrink:
+            raise InvalidParamError(
+                f"shrinking from {img.virt_size} to {size} bytes drops data: pass shrink=True (--shrink)"
+            )
+        if size != img.virt_size:
+            img.truncate(size)

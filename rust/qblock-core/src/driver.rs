@@ -210,6 +210,25 @@ pub trait Driver: Send + Sync {
         let _ = id_or_name;
         Err(unsupported(format!("{} has no internal snapshots", self.format())))
     }
+    /// The size of the units this layer can store compressed (its cluster
+    /// size), or None when it cannot.
+    fn compressed_unit(&self) -> Option<u64> {
+        None
+    }
+    /// Encode one whole unit of guest bytes (the last unit of the disk may
+    /// be shorter: it is padded with zeroes) for [`Driver::write_compressed`];
+    /// None when it would not shrink and should be written plainly. Pure
+    /// computation, so workers may call it in parallel.
+    fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let _ = data;
+        Err(unsupported(format!("{} cannot store compressed data", self.format())))
+    }
+    /// Store units `compress_unit` encoded, each at a unit-aligned guest
+    /// offset, in one batch (one durability barrier for all of them).
+    fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        let _ = units;
+        Err(unsupported(format!("{} cannot store compressed data", self.format())))
+    }
     /// Make every cluster of this layer unallocated, so that it reads
     /// through to its backing file (after `commit`).
     fn make_empty(&self) -> Result<()> {

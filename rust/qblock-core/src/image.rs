@@ -419,10 +419,29 @@ impl Image {
         self.driver.flush()
     }
 
+    /// Change the virtual size. Growing makes the new range read as
+    /// zeroes: the bytes a format kept stored past the old end inside its
+    /// last cluster (after a shrink) are zeroed, and an overlay does not
+    /// show its backing file's bytes there (QEMU does the same).
     pub fn truncate(&self, size: u64) -> Result<()> {
         self.check_open()?;
         self.check_writable()?;
-        self.driver.truncate(size)
+        let cur = self.virtual_size();
+        self.driver.truncate(size)?;
+        if size > cur {
+            let mut zero_to = cur;
+            if let Some(cs) = self.driver.info()?.cluster_size.filter(|c| c.is_power_of_two()) {
+                zero_to = cur.div_ceil(cs).saturating_mul(cs);
+            }
+            if let Some(b) = &self.backing {
+                zero_to = zero_to.max(b.virtual_size());
+            }
+            let zero_to = zero_to.min(size);
+            if zero_to > cur {
+                self.driver.write_zeroes(cur, zero_to - cur, self.below())?;
+            }
+        }
+        self.after_write()
     }
 
     /// Check the image's own metadata (not its backing files'); repairs
@@ -460,6 +479,35 @@ impl Image {
         self.check_open()?;
         self.user_layer().check_writable()?;
         self.user_layer().driver.snapshot_delete(id_or_name)
+    }
+
+    /// See [`Driver::compressed_unit`].
+    pub fn compressed_unit(&self) -> Option<u64> {
+        self.driver.compressed_unit()
+    }
+
+    /// See [`Driver::compress_unit`].
+    pub fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.driver.compress_unit(data)
+    }
+
+    /// See [`Driver::write_compressed`]: every unit must lie inside the disk.
+    pub fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        self.check_open()?;
+        self.check_writable()?;
+        let unit = self
+            .driver
+            .compressed_unit()
+            .ok_or_else(|| crate::error::unsupported(format!("{} cannot store compressed data", self.format())))?;
+        for (off, _) in units {
+            if !off.is_multiple_of(unit) || *off >= self.virtual_size() {
+                return Err(invalid(format!(
+                    "a compressed unit at {off} is not a whole unit of the disk"
+                )));
+            }
+        }
+        self.driver.write_compressed(units)?;
+        self.after_write()
     }
 
     /// See [`Driver::make_empty`].

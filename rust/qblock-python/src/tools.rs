@@ -3,9 +3,11 @@
 //! at most every 100 ms, and an exception it raises stops the job and is
 //! re-raised as it was.
 
-use crate::image::{run, PyImage};
+use crate::image::{format_arg, location, run, PyImage};
 use pyo3::prelude::*;
-use qblock_core::tools::{checksum, compare, convert, Progress};
+use qblock_core::driver::BackingRef;
+use qblock_core::tools::{checksum, commit, compare, convert, rebase, Progress};
+use qblock_core::{Error, Image, OpenOptions};
 use std::time::{Duration, Instant};
 
 const EVERY: Duration = Duration::from_millis(100);
@@ -56,7 +58,7 @@ impl Progress for PyProgress {
 
 /// `sources`: (image, start, length) pieces copied one after another.
 #[pyfunction]
-#[pyo3(signature = (sources, target, sparse_min, threads, progress=None))]
+#[pyo3(signature = (sources, target, sparse_min, threads, progress=None, compress=false))]
 pub fn convert_images(
     py: Python<'_>,
     sources: Vec<(PyRef<'_, PyImage>, u64, u64)>,
@@ -64,13 +66,18 @@ pub fn convert_images(
     sparse_min: u64,
     threads: usize,
     progress: Option<Py<PyAny>>,
+    compress: bool,
 ) -> PyResult<()> {
     let imgs = sources
         .iter()
         .map(|(i, s, l)| Ok((i.get(py)?, *s, *l)))
         .collect::<PyResult<Vec<_>>>()?;
     let target = target.get(py)?;
-    let opts = convert::ConvertOptions { sparse_min, threads };
+    let opts = convert::ConvertOptions {
+        sparse_min,
+        threads,
+        compress,
+    };
     let mut p = PyProgress::new(progress);
     let r = run(py, || {
         let pieces: Vec<convert::Piece<'_>> = imgs
@@ -121,4 +128,100 @@ pub fn compare_images(
         compare::Verdict::SizeMismatch => ("size", None),
         compare::Verdict::AllocationMismatch(o) => ("allocation", Some(o)),
     })
+}
+
+/// Commit `top` into its backing file, or into the layer of its chain at
+/// `base` (protocol, target). Returns whether the top image was emptied.
+#[pyfunction]
+#[pyo3(signature = (top, base=None, empty=true, progress=None))]
+pub fn commit_image(
+    py: Python<'_>,
+    top: PyRef<'_, PyImage>,
+    base: Option<(String, String)>,
+    empty: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<bool> {
+    let top = top.get(py)?;
+    let mut p = PyProgress::new(progress);
+    let r = run(py, || {
+        let want = base.as_ref().map(|(proto, target)| location(proto, target).identity());
+        let mut depth = 0u32;
+        let mut layer = top.backing_image();
+        let found = loop {
+            let Some(l) = layer else { break None };
+            depth += 1;
+            if want.as_ref().is_none_or(|w| *w == l.location().identity()) {
+                break Some(l);
+            }
+            layer = l.backing_image();
+        };
+        let Some(base_layer) = found else {
+            return Err(match &base {
+                None => Error::InvalidParam(format!(
+                    "'{}' has no backing file to commit into",
+                    top.location().describe()
+                )),
+                Some((_, t)) => Error::InvalidParam(format!(
+                    "'{t}' is not in the backing chain of '{}'",
+                    top.location().describe()
+                )),
+            });
+        };
+        let rw = OpenOptions::default();
+        let base_img = Image::open(base_layer.location(), Some(base_layer.format()), &rw)
+            .map_err(|e| e.context("cannot open the base image for writing"))?;
+        let r = commit::commit(&top, depth, &base_img, empty, &mut p);
+        let closed = base_img.close();
+        let emptied = r?;
+        closed.map(|_| emptied)
+    });
+    p.finish(r)
+}
+
+/// Put `image` on the backing file `name` (relative to the image, as it
+/// will be recorded; None: no backing file). Safe unless `unsafe_`: the
+/// content is kept by copying what differs into the image first.
+#[pyfunction]
+#[pyo3(signature = (image, name, backing_format=None, unsafe_=false, progress=None))]
+pub fn rebase_image(
+    py: Python<'_>,
+    image: PyRef<'_, PyImage>,
+    name: Option<String>,
+    backing_format: Option<String>,
+    unsafe_: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let img = image.get(py)?;
+    let mut p = PyProgress::new(progress);
+    let r = run(py, || {
+        let fmt = format_arg(backing_format.as_deref())?;
+        let new_ref = name.as_ref().map(|n| BackingRef {
+            filename: n.clone(),
+            format: fmt.map(|f| f.name().to_string()),
+        });
+        if unsafe_ {
+            img.set_backing(new_ref.as_ref())?;
+            return img.flush();
+        }
+        let ro = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let base = match &name {
+            Some(n) => Some(
+                Image::open(&img.location().relative(n), fmt, &ro)
+                    .map_err(|e| e.context(format!("cannot open the new backing file '{n}'")))?,
+            ),
+            None => None,
+        };
+        // Record the format found when none was given, as qemu-img does.
+        let new_ref = new_ref.map(|mut r| {
+            if r.format.is_none() {
+                r.format = base.as_ref().map(|b| b.format().name().to_string());
+            }
+            r
+        });
+        rebase::rebase(&img, base.as_ref(), new_ref.as_ref(), &mut p)
+    });
+    p.finish(r)
 }

@@ -83,7 +83,7 @@ pub fn compare(a: &Image, b: &Image, strict: bool, progress: &mut dyn Progress) 
             return Err(cancelled());
         }
         let st = longer.block_status(pos, (total - pos).min(CHUNK))?;
-        if !(st.zero && !st.data) {
+        if !st.zero || st.data {
             let n = st.len as usize;
             longer.read_at(&mut ba[..n], pos)?;
             if !zeroes::is_zero(&ba[..n]) {

@@ -36,6 +36,10 @@ pub struct ConvertOptions {
     pub sparse_min: u64,
     /// Worker threads; 0 means one per core.
     pub threads: usize,
+    /// Store the data compressed (`qemu-img convert -c`): the target's
+    /// compressed unit (a qcow2 cluster, a vmdk grain) is then the unit of
+    /// comparison, and each unit is encoded by a worker.
+    pub compress: bool,
 }
 
 impl Default for ConvertOptions {
@@ -43,6 +47,7 @@ impl Default for ConvertOptions {
         ConvertOptions {
             sparse_min: 4096,
             threads: 0,
+            compress: false,
         }
     }
 }
@@ -57,8 +62,71 @@ pub struct Piece<'a> {
 
 /// What a worker found a chunk needs.
 enum Op {
-    Data { at: u64, from: usize, len: usize },
-    Zero { at: u64, len: u64 },
+    Data {
+        at: u64,
+        from: usize,
+        len: usize,
+    },
+    Zero {
+        at: u64,
+        len: u64,
+    },
+    /// One unit, encoded by the target's `compress_unit`.
+    Compressed {
+        at: u64,
+        blob: Vec<u8>,
+    },
+}
+
+/// Bytes of compressed units (and of the writes between them) the writer
+/// holds back to store in one go: each run of compressed units costs one
+/// durability barrier, so runs should be long.
+const COMPRESSED_BATCH: usize = 16 << 20;
+
+/// A write held back behind compressed units, to keep guest order (and so
+/// the target's layout sequential).
+enum Held {
+    Data(u64, Vec<u8>),
+    Zero(u64, u64),
+    Compressed(u64, Vec<u8>),
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Held>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn push(&mut self, h: Held) {
+        self.bytes += match &h {
+            Held::Data(_, b) | Held::Compressed(_, b) => b.len(),
+            Held::Zero(..) => 0,
+        };
+        self.ops.push(h);
+    }
+
+    /// Everything held, in order; each run of compressed units in one call.
+    fn write(&mut self, target: &Image) -> Result<()> {
+        let ops = std::mem::take(&mut self.ops);
+        self.bytes = 0;
+        let mut run: Vec<(u64, &[u8])> = Vec::new();
+        for h in &ops {
+            if !matches!(h, Held::Compressed(..)) && !run.is_empty() {
+                target.write_compressed(&run)?;
+                run.clear();
+            }
+            match h {
+                Held::Compressed(at, b) => run.push((*at, &b[..])),
+                Held::Data(at, b) => target.write_at(b, *at)?,
+                Held::Zero(at, len) => target.write_zeroes(*at, *len)?,
+            }
+        }
+        if !run.is_empty() {
+            target.write_compressed(&run)?;
+        }
+        Ok(())
+    }
 }
 
 struct Plan {
@@ -91,7 +159,7 @@ impl Flow {
 /// Copy `pieces`, one after another, into `target` from its offset 0.
 /// `target` must be at least as long as the pieces together.
 pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, progress: &mut dyn Progress) -> Result<()> {
-    if opts.sparse_min % SECTOR != 0 {
+    if !opts.sparse_min.is_multiple_of(SECTOR) {
         return Err(invalid(format!(
             "the sparse size must be a multiple of 512 bytes, not {}",
             opts.sparse_min
@@ -110,6 +178,18 @@ pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, prog
             total
         )));
     }
+    let unit = if opts.compress {
+        target.compressed_unit().ok_or_else(|| {
+            crate::error::unsupported(format!("{} images cannot store compressed data", target.format()))
+        })?
+    } else {
+        opts.sparse_min
+    };
+    if opts.compress && !CHUNK.is_multiple_of(unit) {
+        return Err(invalid(format!(
+            "a compressed unit of {unit} bytes does not divide the 2 MiB chunks"
+        )));
+    }
     let chunks = total.div_ceil(CHUNK);
     let workers = worker_count(opts.threads).min(chunks.max(1) as usize);
     let window = (workers as u64) * 2 + 1;
@@ -121,7 +201,12 @@ pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, prog
         stop: false,
     });
     let changed = Condvar::new();
-    let ctx = Ctx { pieces, target, opts };
+    let ctx = Ctx {
+        pieces,
+        target,
+        unit,
+        compress: opts.compress,
+    };
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
@@ -162,6 +247,7 @@ fn write_in_order(
     if !progress.report(0, total) {
         return Err(cancelled());
     }
+    let mut queue = Queue::default();
     for k in 0..chunks {
         let plan = {
             let mut f = flow.lock().unwrap();
@@ -172,11 +258,21 @@ fn write_in_order(
                 f = changed.wait(f).unwrap();
             }
         }?;
-        for op in &plan.ops {
-            match *op {
-                Op::Data { at, from, len } => target.write_at(&plan.buf[from..from + len], at)?,
-                Op::Zero { at, len } => target.write_zeroes(at, len)?,
+        let mut plan = plan;
+        for op in std::mem::take(&mut plan.ops) {
+            match op {
+                // Without compressed units in flight, write at once.
+                Op::Data { at, from, len } if queue.ops.is_empty() => {
+                    target.write_at(&plan.buf[from..from + len], at)?
+                }
+                Op::Zero { at, len } if queue.ops.is_empty() => target.write_zeroes(at, len)?,
+                Op::Data { at, from, len } => queue.push(Held::Data(at, plan.buf[from..from + len].to_vec())),
+                Op::Zero { at, len } => queue.push(Held::Zero(at, len)),
+                Op::Compressed { at, blob } => queue.push(Held::Compressed(at, blob)),
             }
+        }
+        if queue.bytes >= COMPRESSED_BATCH || k + 1 == chunks {
+            queue.write(target)?;
         }
         done += plan.len;
         {
@@ -196,14 +292,16 @@ fn write_in_order(
 struct Ctx<'a> {
     pieces: &'a [Piece<'a>],
     target: &'a Image,
-    opts: &'a ConvertOptions,
+    /// Unit of comparison: `-S`, or the compressed unit.
+    unit: u64,
+    compress: bool,
 }
 
 impl Ctx<'_> {
     fn plan(&self, k: u64, total: u64, flow: &Mutex<Flow>) -> Result<Plan> {
         let at = k * CHUNK;
         let n = (total - at).min(CHUNK);
-        let unit = self.opts.sparse_min;
+        let unit = self.unit;
         let runs = self.source_runs(at, n)?;
         let src_zero = runs.iter().all(|r| r.zero);
         let tgt_zero = reads_zero(self.target, at, n)?;
@@ -253,6 +351,17 @@ impl Ctx<'_> {
                 let len = end - off;
                 match (ops.last_mut(), is_zero) {
                     (Some(Op::Zero { at: a, len: l }), true) if *a + *l == here => *l += len as u64,
+                    // A short unit is padded with zeroes: only at the disk's end.
+                    (_, false) if self.compress && (len == unit || here + len as u64 == self.target.virtual_size()) => {
+                        match self.target.compress_unit(new)? {
+                            Some(blob) => ops.push(Op::Compressed { at: here, blob }),
+                            None => ops.push(Op::Data {
+                                at: here,
+                                from: off,
+                                len,
+                            }),
+                        }
+                    }
                     (Some(Op::Data { from, len: l, .. }), false) if *from + *l == off => *l += len,
                     (_, true) => ops.push(Op::Zero {
                         at: here,
@@ -313,7 +422,7 @@ fn reads_zero(img: &Image, at: u64, len: u64) -> Result<bool> {
     let mut pos = at;
     while pos < at + len {
         let st = img.block_status(pos, at + len - pos)?;
-        if !(st.zero && !st.data) {
+        if !st.zero || st.data {
             return Ok(false);
         }
         pos += st.len;

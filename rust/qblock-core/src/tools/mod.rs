@@ -1,10 +1,13 @@
-//! Whole-image jobs built on [`crate::Image`]: convert, checksum, compare.
+//! Whole-image jobs built on [`crate::Image`]: convert, checksum, compare,
+//! commit, rebase.
 //! Each runs on the caller's thread plus a bounded set of workers, reports
 //! progress through [`Progress`] and stops cleanly when it says so.
 
 pub mod checksum;
+pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod rebase;
 mod zeroes;
 
 use crate::error::{Error, Result};

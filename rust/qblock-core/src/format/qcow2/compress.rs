@@ -2,7 +2,8 @@
 //! Descriptor", "compression type"): zlib means a raw deflate stream
 //! (no zlib header), zstd a zstd frame. The stored length is rounded up to
 //! whole sectors, so trailing bytes after the stream are ignored; the output
-//! must fill exactly one cluster.
+//! must fill exactly one cluster. Encoding follows QEMU's settings, so
+//! that QEMU (inflating with a 4 KiB window) reads what we write.
 
 use super::types::{COMPRESSION_ZLIB, COMPRESSION_ZSTD};
 use crate::error::{corrupt, unsupported, Result};
@@ -13,6 +14,71 @@ pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
         COMPRESSION_ZSTD => unzstd(input, out),
         t => Err(unsupported(format!("compression type {t}"))),
     }
+}
+
+/// zlib level of compressed clusters: QEMU's (Z_DEFAULT_COMPRESSION).
+const ZLIB_LEVEL: u32 = 6;
+/// zstd level: QEMU's (the library default).
+const ZSTD_LEVEL: i32 = 3;
+
+/// One cluster (`data`, zero-padded to `cluster` bytes when shorter)
+/// encoded as `kind`, or None when the encoding is not smaller than a
+/// cluster less one byte (QEMU's rule; such a cluster is stored plainly).
+/// zlib streams use a 4 KiB window: QEMU inflates with windowBits -12.
+pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<Vec<u8>>> {
+    if data.len() > cluster {
+        return Err(crate::error::invalid(format!(
+            "{} bytes do not fit a {cluster}-byte cluster",
+            data.len()
+        )));
+    }
+    let padded;
+    let input = if data.len() < cluster {
+        let mut p = data.to_vec();
+        p.resize(cluster, 0);
+        padded = p;
+        &padded[..]
+    } else {
+        data
+    };
+    let limit = cluster - 1;
+    match kind {
+        COMPRESSION_ZLIB => {
+            use flate2::{Compress, Compression, FlushCompress, Status};
+            if !zstd_fast_shrinks(input, limit) {
+                return Ok(None);
+            }
+            let mut c = Compress::new_with_window_bits(Compression::new(ZLIB_LEVEL), false, 12);
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(input, &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => Ok(Some(out)),
+                Ok(_) => Ok(None), // the output filled the limit: not worth it
+                Err(e) => Err(crate::error::Error::Internal(format!("deflate failed: {e}"))),
+            }
+        }
+        COMPRESSION_ZSTD => {
+            let mut out = vec![0u8; limit];
+            match zstd::bulk::compress_to_buffer(input, &mut out, ZSTD_LEVEL) {
+                Ok(n) => {
+                    out.truncate(n);
+                    Ok(Some(out))
+                }
+                Err(_) => Ok(None), // too big for the limit
+            }
+        }
+        t => Err(unsupported(format!("compression type {t}"))),
+    }
+}
+
+/// A quick look before a slow deflate: zstd at its fastest level (about
+/// 50 times deflate's speed on data that does not compress) uses the same
+/// means (entropy-coded literals, matches over a larger window); when it
+/// cannot get under `limit`, deflate with a 4 KiB window cannot either in
+/// practice, and QEMU would store the cluster plainly after trying. Random
+/// or already compressed data then costs a fraction of a deflate pass.
+fn zstd_fast_shrinks(input: &[u8], limit: usize) -> bool {
+    let mut out = vec![0u8; limit];
+    zstd::bulk::compress_to_buffer(input, &mut out, 1).is_ok()
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
@@ -57,6 +123,45 @@ mod tests {
         let mut big = vec![0u8; 8192];
         assert!(decompress(COMPRESSION_ZLIB, &c, &mut big).is_err());
         assert!(decompress(COMPRESSION_ZLIB, &[0xff; 64], &mut out).is_err());
+    }
+
+    #[test]
+    fn encoded_clusters_decode_and_incompressible_ones_are_refused() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+        for kind in [COMPRESSION_ZLIB, COMPRESSION_ZSTD] {
+            let c = compress_cluster(kind, &data, 65536).unwrap().unwrap();
+            assert!(c.len() < 65535);
+            let mut out = vec![0u8; 65536];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+            // A short last cluster is padded with zeroes.
+            let c = compress_cluster(kind, &data[..1000], 4096).unwrap().unwrap();
+            let mut out = vec![1u8; 4096];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(&out[..1000], &data[..1000]);
+            assert!(out[1000..].iter().all(|&b| b == 0));
+            let mut x = 0x1234_5678u32;
+            let noise: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            assert_eq!(compress_cluster(kind, &noise, 4096).unwrap(), None);
+            assert!(compress_cluster(kind, &data[..5000], 4096).is_err());
+        }
+        // zlib streams stay inside a 4 KiB window, as QEMU inflates them.
+        let mut rep = vec![0u8; 65536];
+        for (i, b) in rep.iter_mut().enumerate() {
+            *b = ((i % 5000) * 7 % 251) as u8;
+        }
+        let c = compress_cluster(COMPRESSION_ZLIB, &rep, 65536).unwrap().unwrap();
+        let mut d = flate2::Decompress::new_with_window_bits(false, 12);
+        let mut out = Vec::with_capacity(65536);
+        d.decompress_vec(&c, &mut out, flate2::FlushDecompress::Finish).unwrap();
+        assert_eq!(out, rep);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - `refcount`: refcount table/blocks and cluster allocation.
 //! - `write`: the write path (allocation, COW, zero clusters, discard,
 //!   growing).
-//! - `compress`: compressed clusters (zlib, zstd), read only.
+//! - `compress`: compressed clusters (zlib, zstd): decoding, and encoding
+//!   for `write_compressed` (packed byte by byte, as QEMU writes them).
 //! - `bitmap`: marking persistent bitmaps in use before we write.
 //! - `repair`: recounting the refcounts of a dirty image.
 //! - `snapshot`: the internal snapshot table (read, checked, written).
@@ -20,8 +21,7 @@
 //! by `image.rs`), internal snapshots (list, create, apply, delete; refused
 //! with an external data file, as QEMU does), bitmaps preserved, dirty
 //! images (refcounts rebuilt on a writable open). Not supported: encryption
-//! (Unsupported on open and create), writing compressed clusters,
-//! shrinking.
+//! (Unsupported on open and create).
 //!
 //! Reading never takes a mutex: `map` takes the L1 and L2-cache read locks
 //! and returns a run of host bytes; the data I/O happens in `image.rs`
@@ -97,6 +97,10 @@ pub struct Qcow2 {
     /// A fresh cluster's zero tail was left unwritten past the end of the
     /// file: the next flush grows the file to `file_end`.
     short_tail: AtomicBool,
+    /// Where the next compressed cluster's bytes go and where the clusters
+    /// allocated for packing them end (0, 0: none yet). Compressed data is
+    /// packed byte by byte, as QEMU packs it. Taken under `alloc`.
+    packed: Mutex<(u64, u64)>,
     read_only: bool,
     id: u64,
     /// Host ranges holding metadata of the image file (sorted by start),
@@ -196,6 +200,7 @@ impl Qcow2 {
             prepared: AtomicBool::new(false),
             file_end: AtomicU64::new(file_end),
             short_tail: AtomicBool::new(false),
+            packed: Mutex::new((0, 0)),
             read_only,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             meta: RwLock::new(Vec::new()),
@@ -548,6 +553,20 @@ impl Driver for Qcow2 {
             dirty: h.incompatible & INCOMPAT_DIRTY != 0,
             format_specific: fs,
         })
+    }
+
+    fn compressed_unit(&self) -> Option<u64> {
+        // QEMU writes no compressed clusters into an external data file.
+        (!self.has_data_file()).then_some(self.g.cluster_size)
+    }
+
+    fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        compress::compress_cluster(self.hdr.compression_type, data, self.g.cluster_size as usize)
+    }
+
+    fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        let _g = self.gate.read_recursive();
+        self.write_compressed_impl(units)
     }
 
     fn make_empty(&self) -> Result<()> {

@@ -177,6 +177,19 @@ impl Refcounts {
         Ok(get_entry(self.block(file, off)?, idx, order))
     }
 
+    /// Where the next `alloc` of `n` clusters starts when the pool holds
+    /// them, so that a caller can tell whether they will follow its own.
+    pub fn next_alloc(&self, n: u64) -> Option<u64> {
+        let bytes = n.checked_mul(self.cs())?;
+        (self.pool.1 - self.pool.0 >= bytes).then_some(self.pool.0)
+    }
+
+    /// Whether host cluster `cluster` can take one more reference (a
+    /// 1-bit refcount cannot: packed compressed clusters then start afresh).
+    pub fn can_add_reference(&mut self, file: &dyn Storage, cluster: u64) -> Result<bool> {
+        Ok(self.get(file, cluster)? < self.max_refcount())
+    }
+
     /// Add `delta` to the refcounts of `count` clusters from `first`.
     pub fn update(&mut self, file: &dyn Storage, first: u64, count: u64, delta: i64) -> Result<()> {
         let r = self.update_inner(file, first, count, delta);

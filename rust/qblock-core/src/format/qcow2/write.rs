@@ -493,6 +493,85 @@ impl Qcow2 {
         Ok(wlen)
     }
 
+    /// Store compressed clusters (`units`: guest offset, encoding from
+    /// `compress_cluster`). Their bytes are packed after one another in
+    /// clusters allocated for them; a cluster holding the bytes of several
+    /// counts one reference for each. Order: refcounts (fresh clusters come
+    /// with a durable refcount of 1; the extra references of shared ones
+    /// are written, then one flush for the batch), then the bytes, then the
+    /// L2 entries, then the refcounts of what they replace.
+    pub(super) fn write_compressed_impl(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        if self.has_data_file() {
+            return Err(unsupported("compressed clusters cannot go to an external data file"));
+        }
+        self.ensure_prepared()?;
+        let g = self.g;
+        let cs = g.cluster_size;
+        let mut guard = self.lock_alloc()?;
+        let rc = guard
+            .as_mut()
+            .ok_or_else(|| Error::Internal("allocation state missing".into()))?;
+        let mut packed = self.packed.lock();
+        let mut placed = Vec::with_capacity(units.len());
+        for &(guest, blob) in units {
+            let n = blob.len() as u64;
+            if n == 0 || n >= cs || !guest.is_multiple_of(cs) {
+                return Err(invalid(
+                    "a compressed cluster must be 1 byte to a cluster less one byte, at a cluster start",
+                ));
+            }
+            let (mut pos, mut end) = *packed;
+            // Bytes may go on in the last cluster if it can count one more
+            // reference, and cross into more clusters if those follow it.
+            let shared_ok = pos != 0
+                && (pos.is_multiple_of(cs) || rc.can_add_reference(self.file.as_ref(), pos >> g.cluster_bits)?);
+            let free = if shared_ok { end - pos } else { 0 };
+            if free < n {
+                let extra = (n - free).div_ceil(cs);
+                if free > 0 && rc.next_alloc(extra) == Some(end) {
+                    self.alloc_data(rc, guest, extra)?;
+                    end += extra * cs;
+                } else {
+                    let k = n.div_ceil(cs);
+                    pos = self.alloc_data(rc, guest, k)?;
+                    end = pos + k * cs;
+                }
+            }
+            // A cluster already holding earlier bytes gains a reference.
+            if !pos.is_multiple_of(cs) {
+                rc.update(self.file.as_ref(), pos >> g.cluster_bits, 1, 1)?;
+            }
+            self.file.write_at(blob, pos)?;
+            placed.push((guest, pos, n));
+            *packed = (pos + n, end);
+        }
+        drop(packed);
+        // Barrier: the bytes and the extra references are durable before an
+        // L2 entry can name them.
+        self.file.flush()?;
+        for (guest, host, n) in placed {
+            let (l1_idx, _) = self.l2_for(guest)?;
+            let l2_off = self.writable_l2(rc, l1_idx)?;
+            let ci = ((guest >> g.cluster_bits) & (g.l2_entries() - 1)) as usize;
+            let old = self.l2_words(l2_off, ci, 1)?[0];
+            let release = if old & COMPRESSED != 0 || old & OFFSET_MASK != 0 {
+                Some(self.release_range(old)?)
+            } else {
+                None
+            };
+            let extra_sectors = (host + n - 1) / 512 - host / 512;
+            let mut new = vec![COMPRESSED | (extra_sectors << g.csize_shift) | host];
+            if g.extended {
+                new.push(0);
+            }
+            self.set_l2(l2_off, ci, &new)?;
+            if let Some((first, count)) = release {
+                rc.release(self.file.as_ref(), first, count)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Give back reserved clusters (before a flush, and at close), and let
     /// the file reach the end of the last cluster we allocated (a write
     /// into a fresh cluster may have left its zero tail unwritten, past the
@@ -731,10 +810,44 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Drop every cluster past the new end, then record the size: a crash
+    /// in between leaves the old size with that range unallocated, never
+    /// the new size with old data still mapped past it (growing again would
+    /// show it). The L1 table keeps its length (a longer one is valid).
+    fn shrink(&self, size: u64, cur: u64) -> Result<()> {
+        use crate::driver::Driver;
+        if !self.snapshots()?.is_empty() {
+            return Err(unsupported("cannot shrink a qcow2 image that has internal snapshots"));
+        }
+        if self.has_data_file() {
+            return Err(unsupported(
+                "shrinking a qcow2 image with an external data file is not supported",
+            ));
+        }
+        if self.hdr.bitmaps.is_some() {
+            return Err(unsupported("cannot shrink a qcow2 image that has persistent bitmaps"));
+        }
+        let cs = self.g.cluster_size;
+        let from = align_up(size, cs)?;
+        let to = align_up(cur, cs)?;
+        if to > from {
+            self.drop_clusters(from, to - from, false)?;
+        }
+        let _guard = self.lock_alloc()?;
+        self.file.write_at(&size.to_be_bytes(), OFF_SIZE)?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub(super) fn truncate_impl(&self, size: u64) -> Result<()> {
         let cur = self.size.load(Ordering::Relaxed);
+        if !size.is_multiple_of(512) {
+            return Err(invalid(format!(
+                "the new size {size} is not a multiple of 512 (qcow2 counts sectors)"
+            )));
+        }
         if size < cur {
-            return Err(unsupported("shrinking qcow2 images is not supported"));
+            return self.shrink(size, cur);
         }
         if size == cur {
             return Ok(());
