@@ -259,6 +259,8 @@ def mixed_source(tmp: Path, size: int = SIZE) -> tuple[str, bytes]:
             raw[k : k + (64 << 10)] = rng.randbytes(64 << 10)
         elif kind < 0.7:
             raw[k + 1000 : k + 1100] = b"x" * 100  # mostly zero
+        elif kind < 0.85:  # random letters of a 16-letter alphabet: compressible without matches
+            raw[k : k + (64 << 10)] = rng.randbytes(64 << 10).translate(bytes(65 + (i & 15) for i in range(256)))
     raw[-300:] = b"end" * 100
     rp = tmp / "mixed.raw"
     rp.write_bytes(bytes(raw))

@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("-F", dest="backing_format", help="format of the -B file")
     cv.add_argument("-n", dest="existing", action="store_true", help="the target exists: write into it")
     cv.add_argument("-S", dest="sparse_size", default="4k", help="zero runs this long become holes (default 4k; 0: none)")
-    cv.add_argument("-c", dest="compress", action="store_true", help="compress the target (not built yet)")
+    cv.add_argument("-c", dest="compress", action="store_true", help="store the data compressed (qcow2: zlib or zstd)")
     cv.add_argument("-m", dest="threads", type=int, default=0, help="worker threads (default: one per core)")
     cv.add_argument("-W", action="store_true", help="accepted for qemu-img compatibility; writes stay in order")
     cv.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")

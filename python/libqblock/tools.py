@@ -16,7 +16,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Type, Un
 
 from . import _native
 from .errors import InvalidParamError, UnsupportedError
-from .flags import O_CACHE_WB, O_RDWR
+from .flags import O_CACHE_WB, O_NO_FLUSH, O_RDWR
 from .formats import Format
 from .image import Image, Where, create, open as _open
 from .location import Location
@@ -149,12 +149,12 @@ def _convert(
         total = sum(n for _, _, n in pieces)
         tloc = Location.of(target)
         if make_options is None:
-            _run_convert(pieces, tloc, None, sparse_size, threads, progress, compress)
+            _run_convert(pieces, tloc, None, sparse_size, threads, progress, compress, fresh=False)
             return
         opts = make_options(total)
         create(tloc, opts)
         try:
-            _run_convert(pieces, tloc, opts.format, sparse_size, threads, progress, compress)
+            _run_convert(pieces, tloc, opts.format, sparse_size, threads, progress, compress, fresh=True)
         except BaseException:
             _remove(tloc)
             raise
@@ -188,11 +188,22 @@ def _pieces(images: List[Image], start: int, length: Optional[int]) -> List[Tupl
 
 
 def _run_convert(pieces: List[Tuple[Image, int, int]], tloc: Location, fmt: Optional[Format], sparse_size: int,
-                 threads: int, progress: Optional[ProgressFn], compress: bool) -> None:
-    with _open(tloc, fmt, flags=O_RDWR | O_CACHE_WB) as tgt:
+                 threads: int, progress: Optional[ProgressFn], compress: bool, fresh: bool) -> None:
+    # A target made by this call is written as qemu-img writes it (cache=unsafe):
+    # no barriers on the way (a crash leaves an incomplete copy either way, and
+    # the call removes it on an error), one sync at the end. An existing
+    # target keeps every barrier: it must stay valid whatever happens.
+    flags = O_RDWR | O_CACHE_WB | (O_NO_FLUSH if fresh else 0)
+    with _open(tloc, fmt, flags=flags) as tgt:
         _native.convert_images([(img._n, s, n) for img, s, n in pieces], tgt._n, sparse_size, threads, progress,
                                compress)
         tgt.flush()
+    if fresh and tloc.protocol == "file":
+        fd = os.open(tloc.target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _remove(loc: Location) -> None:

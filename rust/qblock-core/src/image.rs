@@ -11,6 +11,7 @@ use crate::location::Location;
 use crate::options::{CreateOptions, OptValue};
 use crate::registry::{self, OpenCtx};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Longest backing chain we open. QEMU has no fixed cap but detects loops;
 /// a cap also bounds file descriptors and the recursion of status queries.
@@ -23,7 +24,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Flush after every write (the seed's default without O_CACHE_WB).
     pub write_through: bool,
-    /// Make flush a no-op (O_NO_FLUSH).
+    /// Make every flush a no-op, the drivers' own ordering barriers too
+    /// (O_NO_FLUSH, QEMU's cache=unsafe): fast, but a crash may leave the
+    /// image inconsistent. The top image's file only.
     pub no_flush: bool,
     /// Bypass the host page cache (O_NOCACHE: O_DIRECT) for every file of
     /// the chain.
@@ -152,7 +155,10 @@ impl Image {
         seen: &mut Vec<String>,
         opts: &OpenOptions,
     ) -> Result<Image> {
-        let storage = location.open_storage_with(read_only, opts.direct)?;
+        let mut storage = location.open_storage_with(read_only, opts.direct)?;
+        if opts.no_flush && !read_only {
+            storage = Arc::new(crate::backend::Unsynced(storage));
+        }
         let format = match format {
             Some(f) => f,
             None => registry::probe(storage.as_ref())?,

@@ -69,3 +69,45 @@ pub fn write_zero_buffers<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> 
     }
     Ok(())
 }
+
+/// A storage whose flushes do nothing: O_NO_FLUSH, QEMU's cache=unsafe.
+/// The ordering barriers drivers put between dependent writes go too, so a
+/// crash (of the process or the machine) may leave the image inconsistent;
+/// `qemu-img convert` writes its targets so, for speed, and so may we.
+pub struct Unsynced(pub std::sync::Arc<dyn Storage>);
+
+impl Storage for Unsynced {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.0.set_len(len)
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn extent(&self, offset: u64, len: u64) -> Result<HostExtent> {
+        self.0.extent(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.allocate(offset, len)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.0.allocated_bytes()
+    }
+}

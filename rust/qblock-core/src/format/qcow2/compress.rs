@@ -17,7 +17,7 @@ pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
 }
 
 /// zlib level of compressed clusters: QEMU's (Z_DEFAULT_COMPRESSION).
-const ZLIB_LEVEL: u32 = 6;
+const ZLIB_LEVEL: i32 = 6;
 /// zstd level: QEMU's (the library default).
 const ZSTD_LEVEL: i32 = 3;
 
@@ -44,16 +44,39 @@ pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<
     let limit = cluster - 1;
     match kind {
         COMPRESSION_ZLIB => {
-            use flate2::{Compress, Compression, FlushCompress, Status};
-            if !zstd_fast_shrinks(input, limit) {
+            // zstd at its fastest level first (tens of times deflate's speed):
+            // when it cannot shrink the cluster, deflate cannot either in
+            // practice (zstd has the same means, and a larger window), and
+            // QEMU would store it plainly after trying; when it shrinks it no
+            // better than the bytes' own entropy, LZ77 matches do not help,
+            // and Huffman coding alone (no matches, so no window question) is
+            // as good as a full deflate and several times faster.
+            let mut probe = vec![0u8; limit];
+            let Ok(z) = zstd::bulk::compress_to_buffer(input, &mut probe, 1) else {
                 return Ok(None);
-            }
-            let mut c = Compress::new_with_window_bits(Compression::new(ZLIB_LEVEL), false, 12);
-            let mut out = Vec::with_capacity(limit);
-            match c.compress_vec(input, &mut out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => Ok(Some(out)),
-                Ok(_) => Ok(None), // the output filled the limit: not worth it
-                Err(e) => Err(crate::error::Error::Internal(format!("deflate failed: {e}"))),
+            };
+            let strategy = if z as f64 >= 0.97 * entropy_bytes(input) {
+                zlib_rs::Strategy::HuffmanOnly
+            } else {
+                zlib_rs::Strategy::Default
+            };
+            let config = zlib_rs::DeflateConfig {
+                level: ZLIB_LEVEL,
+                method: zlib_rs::Method::Deflated,
+                window_bits: -12, // raw deflate, 4 KiB window: QEMU inflates with windowBits -12
+                mem_level: 9,     // QEMU's
+                strategy,
+            };
+            let mut out = probe; // reused: zstd's bytes are no longer needed
+            let (done, rc) = zlib_rs::compress_slice(&mut out, input, config);
+            match rc {
+                zlib_rs::ReturnCode::Ok => {
+                    let n = done.len();
+                    out.truncate(n);
+                    Ok(Some(out))
+                }
+                zlib_rs::ReturnCode::BufError => Ok(None), // did not fit under the limit
+                e => Err(crate::error::Error::Internal(format!("deflate failed: {e:?}"))),
             }
         }
         COMPRESSION_ZSTD => {
@@ -70,15 +93,23 @@ pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<
     }
 }
 
-/// A quick look before a slow deflate: zstd at its fastest level (about
-/// 50 times deflate's speed on data that does not compress) uses the same
-/// means (entropy-coded literals, matches over a larger window); when it
-/// cannot get under `limit`, deflate with a 4 KiB window cannot either in
-/// practice, and QEMU would store the cluster plainly after trying. Random
-/// or already compressed data then costs a fraction of a deflate pass.
-fn zstd_fast_shrinks(input: &[u8], limit: usize) -> bool {
-    let mut out = vec![0u8; limit];
-    zstd::bulk::compress_to_buffer(input, &mut out, 1).is_ok()
+/// Bytes an order-0 entropy coder needs for `data` (its byte histogram's
+/// Shannon entropy): what Huffman coding alone can at best reach.
+fn entropy_bytes(data: &[u8]) -> f64 {
+    let mut h = [0u32; 256];
+    for &b in data {
+        h[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    let bits: f64 = h
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    bits * n / 8.0
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
@@ -152,6 +183,36 @@ mod tests {
             assert_eq!(compress_cluster(kind, &noise, 4096).unwrap(), None);
             assert!(compress_cluster(kind, &data[..5000], 4096).is_err());
         }
+        // Random bytes on a 16-letter alphabet: Huffman alone, still a
+        // stream a 4 KiB-window inflater reads.
+        let mut y = 99u32;
+        let alpha: Vec<u8> = (0..65536)
+            .map(|_| {
+                y ^= y << 13;
+                y ^= y >> 17;
+                y ^= y << 5;
+                b'A' + (y & 15) as u8
+            })
+            .collect();
+        let c = compress_cluster(COMPRESSION_ZLIB, &alpha, 65536).unwrap().unwrap();
+        assert!(c.len() < 65536 * 53 / 100, "{}", c.len());
+        let mut d = flate2::Decompress::new_with_window_bits(false, 12);
+        let mut out = Vec::with_capacity(65536);
+        d.decompress_vec(&c, &mut out, flate2::FlushDecompress::Finish).unwrap();
+        assert_eq!(out, alpha);
+        // An output that does not fit is an error code, not a truncated stream.
+        let cfg = zlib_rs::DeflateConfig {
+            level: 6,
+            method: zlib_rs::Method::Deflated,
+            window_bits: -12,
+            mem_level: 9,
+            strategy: zlib_rs::Strategy::Default,
+        };
+        let mut small = vec![0u8; 100];
+        assert_eq!(
+            zlib_rs::compress_slice(&mut small, &alpha, cfg).1,
+            zlib_rs::ReturnCode::BufError
+        );
         // zlib streams stay inside a 4 KiB window, as QEMU inflates them.
         let mut rep = vec![0u8; 65536];
         for (i, b) in rep.iter_mut().enumerate() {
