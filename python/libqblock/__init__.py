@@ -43,6 +43,7 @@ from .options import (
     VpcOptions,
     options_class,
 )
+from .snapshot import SnapshotInfo
 from .tools import CompareResult, checksum, compare, convert, resize
 from .backing import commit, rebase
 from .sizing import MeasureResult, measure
@@ -86,6 +87,7 @@ __all__ = [
     "RawOptions",
     "RbdOptions",
     "SheepdogOptions",
+    "SnapshotInfo",
     "StaticInfo",
     "UnsupportedError",
     "VdiOptions",

@@ -17,6 +17,10 @@ __all__ = [
     "open",
     "probe",
     "rebase_image",
+    "snapshot_apply",
+    "snapshot_create",
+    "snapshot_delete",
+    "snapshot_list",
 ]
 
 # (offset, length, allocated, present, data, zero, compressed, depth, file, file_offset)
@@ -60,6 +64,14 @@ def open(
 def create(protocol: str, target: str, fmt: str, options: Dict[str, _OptionValue]) -> None: ...
 def probe(protocol: str, target: str) -> str: ...
 def formats() -> List[Tuple[str, bool, bool]]: ...
+
+# (id, name, vm_state_size, date_sec, date_nsec, vm_clock_nsec, icount)
+_SnapshotTuple = Tuple[str, str, int, int, int, int, Optional[int]]
+
+def snapshot_list(image: Image) -> List[_SnapshotTuple]: ...
+def snapshot_create(image: Image, name: str) -> _SnapshotTuple: ...
+def snapshot_apply(image: Image, id_or_name: str) -> None: ...
+def snapshot_delete(image: Image, id_or_name: str) -> None: ...
 
 _Progress = Optional[Callable[[int, int], object]]
 

@@ -1,4 +1,4 @@
-"""The ``qblock`` command: create, info, write, read and map images."""
+"""The ``qblock`` command: create, info, write, read, map, convert, compare, checksum and snapshot images."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import backing as _backing
@@ -19,6 +20,7 @@ from .errors import InvalidParamError, OutOfRangeError, QBlockError, Unsupported
 from .flags import O_CACHE_WB, O_RDWR
 from .formats import Format
 from .options import ImageOptions, option_fields, options_class
+from .snapshot import SnapshotInfo
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 #: qemu-img's -o names that differ from the option classes' field names.
@@ -136,6 +138,8 @@ def _info_dict(filename: str, fmt: Optional[str]) -> Dict[str, Any]:
         d["full-backing-filename"] = str(i.backing_location)
     if i.backing_format:
         d["backing-filename-format"] = i.backing_format.value
+    if i.snapshots:
+        d["snapshots"] = [s.to_qemu_info() for s in i.snapshots]
     if i.format_specific:
         d["format-specific"] = {"type": i.format.value, "data": i.format_specific}
     return d
@@ -188,6 +192,8 @@ def human_info(d: Dict[str, Any]) -> str:
         out.append(line)
         if "backing-filename-format" in d:
             out.append(f"backing file format: {d['backing-filename-format']}")
+    if d.get("snapshots"):
+        out.append(snapshot_table([SnapshotInfo.from_qemu_info(x) for x in d["snapshots"]]))
     fs = d.get("format-specific", {}).get("data")
     if fs:
         out.append("Format specific information:")
@@ -358,6 +364,51 @@ def cmd_checksum(a: argparse.Namespace) -> int:
     return 0
 
 
+_SNAP_NS = 1_000_000_000
+
+
+def _clock(nsec: int) -> str:
+    """The VM clock as qemu-img prints it: hours (at least four digits), minutes, seconds, milliseconds."""
+    secs = nsec // _SNAP_NS
+    return f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{nsec // 1_000_000 % 1000:03d}"
+
+
+#: qemu-img's columns: ID, TAG, VM_SIZE, DATE, VM_CLOCK, ICOUNT (printf widths -7, -16, 8, 19, 15, 10).
+_ROW = "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}"
+
+
+def snapshot_table(snapshots: Sequence[SnapshotInfo]) -> str:
+    """The lines ``qemu-img snapshot -l`` prints for these snapshots (dates in local time)."""
+    lines = ["Snapshot list:", _ROW.format("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
+        icount = "" if s.icount is None else str(s.icount)
+        lines.append(_ROW.format(s.id, s.name, human_size(s.vm_state_size), date, _clock(s.vm_clock_nsec), icount))
+    return "\n".join(lines)
+
+
+def cmd_snapshot(a: argparse.Namespace) -> int:
+    """``qblock snapshot [-f FMT] [-q] (-l | -c NAME | -a NAME | -d NAME) FILE``, as ``qemu-img snapshot``."""
+    if a.list:
+        with _image.open(a.filename, a.format, flags=0) as img:
+            snaps = img.snapshots()
+        if snaps:  # qemu-img prints nothing at all for an image without snapshots
+            print(snapshot_table(snaps))
+        return 0
+    with _image.open(a.filename, a.format, flags=O_RDWR | O_CACHE_WB) as img:
+        if a.create is not None:
+            img.snapshot_create(a.create)
+        elif a.apply is not None:
+            img.snapshot_apply(a.apply)
+        else:
+            # qemu-img deletes by name only (an id does not name a snapshot here).
+            match = next((s for s in img.snapshots() if s.name == a.delete), None)
+            if match is None:
+                raise InvalidParamError(f"Could not delete snapshot '{a.delete}': snapshot not found")
+            img.snapshot_delete(match.id)
+    return 0
+
+
 def _dd_operands(words: List[str]) -> Dict[str, str]:
     """``key=value`` operands of ``qblock dd``, as dd(1) spells them."""
     out: Dict[str, str] = {}
@@ -490,6 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     ck.add_argument("filename")
     ck.set_defaults(func=cmd_checksum)
+    sn = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots (qcow2)")
+    sn.add_argument("-f", "--format")
+    sn.add_argument("-q", dest="quiet", action="store_true", help="accepted for qemu-img compatibility")
+    op = sn.add_mutually_exclusive_group(required=True)
+    op.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    op.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot of the current content")
+    op.add_argument("-a", dest="apply", metavar="NAME", help="make the image read as this snapshot (id or name)")
+    op.add_argument("-d", dest="delete", metavar="NAME", help="delete the snapshot with this name")
+    sn.add_argument("filename")
+    sn.set_defaults(func=cmd_snapshot)
     cm = sub.add_parser("commit", help="write an overlay's data into its backing file, then empty it")
     cm.add_argument("-f", "--format")
     cm.add_argument("-b", dest="base", help="commit into this deeper image of the chain (implies -d)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import _native
 from .errors import InvalidParamError
@@ -11,6 +11,7 @@ from .flags import O_CACHE_WB, O_NO_BACKING, O_NO_FLUSH, O_NOCACHE, O_RDWR, O_SN
 from .formats import Format
 from .location import Location, PathLike
 from .options import ImageOptions
+from .snapshot import SnapshotInfo, apply_snapshot, create_snapshot, delete_snapshot, list_snapshots
 
 Where = Union[Location, PathLike]
 
@@ -31,6 +32,8 @@ class StaticInfo:
     actual_size: Optional[int] = None
     backing_filename: Optional[str] = None
     format_specific: Dict[str, Any] = field(default_factory=dict)
+    #: Internal snapshots, oldest first (qcow2), as ``qemu-img info`` lists them.
+    snapshots: Tuple[SnapshotInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,25 @@ class Image:
             actual_size=d["actual_size"],
             backing_filename=d["backing_filename"],
             format_specific=d["format_specific"],
+            snapshots=tuple(list_snapshots(self)),
         )
+
+    # Internal snapshots (see libqblock.snapshot) ------------------------
+    def snapshots(self) -> List[SnapshotInfo]:
+        """The internal snapshots, oldest first; empty for formats without them."""
+        return list_snapshots(self)
+
+    def snapshot_create(self, name: str) -> SnapshotInfo:
+        """Record the current content as a new snapshot called ``name``; returns it."""
+        return create_snapshot(self, name)
+
+    def snapshot_apply(self, id_or_name: str) -> None:
+        """Make the image read as this snapshot again (id tried first, then name)."""
+        apply_snapshot(self, id_or_name)
+
+    def snapshot_delete(self, id_or_name: str) -> None:
+        """Delete this snapshot (id tried first, then name)."""
+        delete_snapshot(self, id_or_name)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self._n.format

@@ -466,22 +466,25 @@ impl Image {
         self.user_layer().driver.snapshots()
     }
 
+    // Snapshots belong to the image the user opened, as `snapshots()` lists
+    // them: under O_SNAPSHOT that image is read-only, so changing them is
+    // refused (not done in the throw-away overlay).
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
         self.check_open()?;
-        self.check_writable()?;
-        self.driver.snapshot_create(name)
+        self.user_layer().check_writable()?;
+        self.user_layer().driver.snapshot_create(name)
     }
 
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         self.check_open()?;
-        self.check_writable()?;
-        self.driver.snapshot_apply(id_or_name)
+        self.user_layer().check_writable()?;
+        self.user_layer().driver.snapshot_apply(id_or_name)
     }
 
     pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
         self.check_open()?;
-        self.check_writable()?;
-        self.driver.snapshot_delete(id_or_name)
+        self.user_layer().check_writable()?;
+        self.user_layer().driver.snapshot_delete(id_or_name)
     }
 
     /// See [`Driver::compressed_unit`].

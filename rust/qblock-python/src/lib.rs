@@ -4,6 +4,7 @@
 mod buffer;
 mod errors;
 mod image;
+mod snapshot;
 mod tools;
 
 use pyo3::prelude::*;
@@ -15,6 +16,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::create, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe, m)?)?;
     m.add_function(wrap_pyfunction!(image::formats, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot::snapshot_list, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot::snapshot_create, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot::snapshot_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot::snapshot_delete, m)?)?;
     m.add_function(wrap_pyfunction!(tools::convert_images, m)?)?;
     m.add_function(wrap_pyfunction!(tools::checksum_image, m)?)?;
     m.add_function(wrap_pyfunction!(tools::compare_images, m)?)?;

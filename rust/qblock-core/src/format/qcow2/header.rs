@@ -52,6 +52,7 @@ pub struct Header {
 pub const OFF_SIZE: u64 = 24;
 pub const OFF_L1_SIZE: u64 = 36; // l1_size (u32) then l1_table_offset (u64): 12 bytes
 pub const OFF_REFTABLE: u64 = 48; // offset (u64) then clusters (u32): 12 bytes
+pub const OFF_NB_SNAPSHOTS: u64 = 60; // nb_snapshots (u32) then snapshots_offset (u64): 12 bytes
 pub const OFF_INCOMPAT: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;
 

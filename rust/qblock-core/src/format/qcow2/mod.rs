@@ -11,14 +11,16 @@
 //!   for `write_compressed` (packed byte by byte, as QEMU writes them).
 //! - `bitmap`: marking persistent bitmaps in use before we write.
 //! - `repair`: recounting the refcounts of a dirty image.
-//! - `snapshot`: checking the internal snapshot table.
+//! - `snapshot`: the internal snapshot table (read, checked, written).
+//! - `snapshot_ops`: creating, applying and deleting internal snapshots.
 //! - `create`: new images.
 //!
 //! Supported: v2/v3, every refcount width, extended L2 (read and write),
 //! zero clusters, compressed clusters (read; writing over one allocates a
 //! plain cluster), external data files (raw or not), backing files (opened
-//! by `image.rs`), internal snapshots and bitmaps preserved, dirty images
-//! (refcounts rebuilt on a writable open). Not supported: encryption
+//! by `image.rs`), internal snapshots (list, create, apply, delete; refused
+//! with an external data file, as QEMU does), bitmaps preserved, dirty
+//! images (refcounts rebuilt on a writable open). Not supported: encryption
 //! (Unsupported on open and create).
 //!
 //! Reading never takes a mutex: `map` takes the L1 and L2-cache read locks
@@ -33,6 +35,7 @@ mod header;
 mod refcount;
 mod repair;
 mod snapshot;
+mod snapshot_ops;
 mod types;
 mod write;
 
@@ -40,7 +43,7 @@ mod write;
 mod tests;
 
 use crate::backend::Storage;
-use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping, SnapshotInfo};
 use crate::error::{corrupt, try_zeroed, Error, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
@@ -105,6 +108,13 @@ pub struct Qcow2 {
     /// refused, as QEMU's overlap check does. Bounded by the L1 and
     /// refcount table caps.
     meta: RwLock<Vec<(u64, u64)>>,
+    /// The internal snapshot table as it is now (`hdr` keeps the values
+    /// read at open).
+    snaps: RwLock<snapshot::Table>,
+    /// Held shared by every write call and exclusively by snapshot
+    /// operations, so that no write (not even one into a cluster of our
+    /// own, which takes no other lock) runs while the tables change hands.
+    gate: RwLock<()>,
 }
 
 fn open(file: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
@@ -129,10 +139,16 @@ impl Qcow2 {
         let g = Geometry::new(hdr.cluster_bits, hdr.extended_l2());
         let file_end = align_up(len, cs)?;
         let l1 = cluster::load_l1(file.as_ref(), &g, hdr.l1_table_offset, hdr.l1_size, file_end)?;
-        if hdr.nb_snapshots > 0 {
-            // Checked as QEMU checks it at open, though we only preserve it.
-            snapshot::read_table(file.as_ref(), &hdr, len)?;
-        }
+        let snaps = if hdr.nb_snapshots > 0 {
+            let (list, table_len) = snapshot::read_table(file.as_ref(), &hdr, len)?;
+            snapshot::Table {
+                offset: hdr.snapshots_offset,
+                len: table_len,
+                list,
+            }
+        } else {
+            snapshot::Table::default()
+        };
         if hdr.version < 3 {
             // QEMU ignores a bitmaps extension in a version 2 image.
             hdr.bitmaps = None;
@@ -188,6 +204,8 @@ impl Qcow2 {
             read_only,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             meta: RwLock::new(Vec::new()),
+            snaps: RwLock::new(snaps),
+            gate: RwLock::new(()),
         })
     }
 
@@ -481,14 +499,17 @@ impl Driver for Qcow2 {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, below: &dyn Below) -> Result<()> {
+        let _g = self.gate.read_recursive();
         self.write_impl(buf, offset, below)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn Below) -> Result<()> {
+        let _g = self.gate.read_recursive();
         self.zero_impl(offset, len, below)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _g = self.gate.read_recursive();
         self.discard_impl(offset, len)
     }
 
@@ -560,11 +581,29 @@ impl Driver for Qcow2 {
     }
 
     fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        let _g = self.gate.read_recursive();
         self.write_compressed_impl(units)
     }
 
     fn make_empty(&self) -> Result<()> {
+        let _g = self.gate.read_recursive();
         self.make_empty_impl()
+    }
+
+    fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(self.snaps.read().list.iter().map(|s| s.info()).collect())
+    }
+
+    fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        self.snapshot_create_impl(name)
+    }
+
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        self.snapshot_apply_impl(id_or_name)
+    }
+
+    fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        self.snapshot_delete_impl(id_or_name)
     }
 
     fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {

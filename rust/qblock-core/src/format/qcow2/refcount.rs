@@ -140,7 +140,7 @@ impl Refcounts {
             .max(Self::first_pool(self.cluster_bits))
     }
 
-    fn max_refcount(&self) -> u64 {
+    pub fn max_refcount(&self) -> u64 {
         if self.order == 6 {
             u64::MAX
         } else {

@@ -733,26 +733,35 @@ impl Storage for Recording {
     }
 }
 
-/// Power loss at any point: everything before some flush reached the disk,
-/// and any subset of the writes after it. In every such state the image
-/// must open and no cluster may have fewer references counted than it is
-/// referenced (leaks are fine, QEMU's rule).
-#[test]
-fn crash_at_any_point_leaves_refcounts_covering_references() {
-    use super::refcount::Refcounts;
-    let start = base();
-    let rec = Arc::new(Recording {
-        inner: MemoryStorage::new(start.clone(), false),
+/// A recording storage holding `b`.
+fn recording(b: &[u8]) -> Arc<Recording> {
+    Arc::new(Recording {
+        inner: MemoryStorage::new(b.to_vec(), false),
         log: Default::default(),
-    });
-    let loc = Location::file("/nonexistent/crash.qcow2");
+    })
+}
+
+/// Open the image in `s` for writing.
+fn open_writable(s: Arc<dyn Storage>) -> Qcow2 {
+    let loc = Location::file("/nonexistent/qcow2-unit-test.qcow2");
     let ctx = OpenCtx {
         location: &loc,
         read_only: false,
         direct: false,
         check: false,
     };
-    let d = Qcow2::open(rec.clone(), &ctx).unwrap();
+    Qcow2::open(s, &ctx).unwrap()
+}
+
+/// Power loss at any point: everything before some flush reached the disk,
+/// and any subset of the writes after it. In every such state the image
+/// must open and no cluster may have fewer references counted than it is
+/// referenced (leaks are fine, QEMU's rule).
+#[test]
+fn crash_at_any_point_leaves_refcounts_covering_references() {
+    let start = base();
+    let rec = recording(&start);
+    let d = open_writable(rec.clone());
     for i in 0..40u64 {
         d.write_at(&[i as u8; 700], (i * 24571) % (SIZE - 700), &NoBacking)
             .unwrap();
@@ -780,6 +789,29 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
     };
     assert!(table_moved, "the scenario should move the refcount table");
 
+    // Each check recounts the whole image: about 40 crash points.
+    let (checked, windows) = crash_states(&start, &log, 40, 120, |img, what| {
+        refcounts_cover_references(img, what, false);
+    });
+    assert!(
+        checked >= 40 && windows >= 10,
+        "only {checked} crash states of {windows} windows"
+    );
+}
+
+/// Replay power losses over `log` (the writes and flushes made since the
+/// image was `start`): for about `points` points spread over the run,
+/// always the last, everything before a flush and several random subsets
+/// of the writes after it (about `budget` states in all, 2 to 12 per
+/// point). Calls `check` on each state; returns how many states were
+/// checked and how many flush windows the log has.
+fn crash_states(
+    start: &[u8],
+    log: &[Event],
+    points: usize,
+    budget: usize,
+    mut check: impl FnMut(&MemoryStorage, &str),
+) -> (usize, usize) {
     let mut seed = 0x1234_5678_9abc_def1u64;
     let mut rnd = || {
         seed ^= seed << 13;
@@ -787,32 +819,24 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
         seed ^= seed << 17;
         seed
     };
-    let flushes: Vec<usize> = log
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.is_none())
-        .map(|(i, _)| i)
-        .collect();
     let mut windows: Vec<(usize, usize)> = Vec::new();
     let mut prev = 0;
-    for &f in &flushes {
-        windows.push((prev, f));
-        prev = f + 1;
+    for (i, _) in log.iter().enumerate().filter(|(_, e)| e.is_none()) {
+        windows.push((prev, i));
+        prev = i + 1;
     }
     windows.push((prev, log.len()));
     let mut checked = 0;
-    // About 40 crash points spread over the whole run (each check recounts
-    // the whole image), always including the last.
-    let step = (windows.len() / 40).max(1);
+    let step = (windows.len() / points).max(1);
     // Several random subsets per crash point (the first: all writes).
-    let trials = (120 / windows.len()).clamp(2, 12);
+    let trials = (budget / windows.len()).clamp(2, 12);
     let last = windows.len() - 1;
     for (wi, &(a, b)) in windows.iter().enumerate() {
         if wi % step != 0 && wi != last {
             continue;
         }
         for trial in 0..trials {
-            let img = MemoryStorage::new(start.clone(), false);
+            let img = MemoryStorage::new(start.to_vec(), false);
             for e in log[..a].iter().flatten() {
                 img.write_at(&e.1, e.0).unwrap();
             }
@@ -821,48 +845,184 @@ fn crash_at_any_point_leaves_refcounts_covering_references() {
                     img.write_at(&e.1, e.0).unwrap();
                 }
             }
-            let bytes = img.snapshot();
-            let d = match open_bytes(bytes.clone(), true) {
-                Ok(d) => d,
-                Err(e) => panic!("window {a}..{b} trial {trial}: does not open: {e}"),
-            };
-            let h = d.hdr.clone();
-            let (l1_off, l1_len) = {
-                let l1 = d.l1.read();
-                (l1.offset, l1.entries.len() as u64)
-            };
-            let mut refs = super::repair::count_references(&img, &h, l1_off, l1_len).unwrap();
-            let len = img.len().unwrap();
-            let mut rc = Refcounts::load(
-                &img,
-                9,
-                h.refcount_order,
-                h.refcount_table_offset,
-                h.refcount_table_clusters,
-                len,
-            )
-            .unwrap();
-            // The refcount structure references itself too.
-            for c in 0..u64::from(h.refcount_table_clusters) {
-                refs[((h.refcount_table_offset >> 9) + c) as usize] += 1;
-            }
-            for &blk in rc.table.clone().iter().filter(|&&o| o != 0) {
-                refs[(blk >> 9) as usize] += 1;
-            }
-            for (c, &r) in refs.iter().enumerate() {
-                let have = rc.get(&img, c as u64).unwrap();
-                assert!(
-                    have >= u64::from(r),
-                    "window {a}..{b} trial {trial}: cluster {c} has refcount {have} but {r} references"
-                );
-            }
+            check(&img, &format!("window {a}..{b} trial {trial}"));
             checked += 1;
         }
     }
+    (checked, windows.len())
+}
+
+/// No cluster of `img` has fewer references counted than it is referenced
+/// (by the active tables, every snapshot, bitmaps and the refcount
+/// structure itself); with `exact`, none has more either (no leak). Returns
+/// the refcounts and the references, to check more.
+fn refcounts_cover_references(img: &MemoryStorage, what: &str, exact: bool) -> (super::refcount::Refcounts, Vec<u32>) {
+    let bytes = img.snapshot();
+    let d = match open_bytes(bytes, true) {
+        Ok(d) => d,
+        Err(e) => panic!("{what}: does not open: {e}"),
+    };
+    let h = d.hdr.clone();
+    let bits = h.cluster_bits;
+    let (l1_off, l1_len) = {
+        let l1 = d.l1.read();
+        (l1.offset, l1.entries.len() as u64)
+    };
+    let mut refs = super::repair::count_references(img, &h, l1_off, l1_len).unwrap();
+    let len = img.len().unwrap();
+    let mut rc = super::refcount::Refcounts::load(
+        img,
+        bits,
+        h.refcount_order,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        len,
+    )
+    .unwrap();
+    // The refcount structure references itself too.
+    for c in 0..u64::from(h.refcount_table_clusters) {
+        refs[((h.refcount_table_offset >> bits) + c) as usize] += 1;
+    }
+    for &blk in rc.table.clone().iter().filter(|&&o| o != 0) {
+        refs[(blk >> bits) as usize] += 1;
+    }
+    for (c, &r) in refs.iter().enumerate() {
+        let have = rc.get(img, c as u64).unwrap();
+        assert!(
+            have >= u64::from(r) && (!exact || have == u64::from(r)),
+            "{what}: cluster {c} has refcount {have} but {r} references"
+        );
+    }
+    (rc, refs)
+}
+
+/// Every copied flag of the active L1 and L2 tables is on a cluster that
+/// nothing else references (else a write in place would reach a snapshot);
+/// with `exact`, it is set exactly where the refcount is 1 (as `qemu-img
+/// check` wants).
+fn copied_flags_are_safe(
+    img: &MemoryStorage,
+    counted: (super::refcount::Refcounts, Vec<u32>),
+    what: &str,
+    exact: bool,
+) {
+    let (mut rc, refs) = counted;
+    let d = open_bytes(img.snapshot(), true).unwrap();
+    let g = d.g;
+    let entries = d.l1.read().entries.clone();
+    let mut check = |e: u64, host: u64, kind: &str| {
+        let r = rc.get(img, host >> g.cluster_bits).unwrap();
+        let n = refs[(host >> g.cluster_bits) as usize];
+        let copied = e & COPIED != 0;
+        assert!(
+            !copied || n == 1,
+            "{what}: {kind} at {host:#x} is marked copied with {n} references"
+        );
+        assert!(
+            !exact || copied == (r == 1),
+            "{what}: {kind} at {host:#x}: copied {copied}, refcount {r}"
+        );
+    };
+    for &l1e in &entries {
+        let off = l1e & OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        check(l1e, off, "L2 table");
+        let mut raw = vec![0u8; g.cluster_size as usize];
+        img.read_at(&mut raw, off).unwrap();
+        for e in raw.chunks_exact(8 * g.words()).map(|c| be64(c, 0)) {
+            if e & COMPRESSED == 0 && e & OFFSET_MASK != 0 {
+                check(e, e & OFFSET_MASK, "data cluster");
+            }
+        }
+    }
+}
+
+/// Snapshots share clusters with the active image; writes after one copy
+/// what they change; apply and delete give every cluster back exactly;
+/// each step leaves refcounts and copied flags as `qemu-img check` wants.
+#[test]
+fn snapshots_share_clusters_and_writes_copy_them() {
+    let mem = Arc::new(MemoryStorage::new(base(), false));
+    let d = open_writable(mem.clone());
+    let consistent = |what: &str| {
+        d.flush().unwrap(); // gives the reserved clusters back
+        let counted = refcounts_cover_references(&mem, what, true);
+        copied_flags_are_safe(&mem, counted, what, true);
+    };
+    let s1 = d.snapshot_create("one").unwrap();
+    assert_eq!((s1.id.as_str(), s1.name.as_str(), s1.vm_state_size), ("1", "one", 0));
+    consistent("after create");
+    d.write_at(&[7u8; 700], 100, &NoBacking).unwrap(); // copies the shared cluster and its L2 table
+    d.write_at(&[5u8; 10], 600_000, &NoBacking).unwrap();
+    consistent("after writes");
+    assert_eq!(d.snapshot_create("two").unwrap().id, "2");
+    assert_eq!(d.snapshot_create("two").unwrap_err().kind(), ErrorKind::InvalidParam);
+    d.write_zeroes(0, 4096, &NoBacking).unwrap();
+    d.truncate(SIZE * 2).unwrap();
+    d.write_at(&[6u8; 512], SIZE + 512, &NoBacking).unwrap();
+    consistent("after zeroes and a resize");
+    d.snapshot_apply("one").unwrap();
+    assert_eq!(d.virtual_size(), SIZE, "the snapshot's size comes back");
+    assert_eq!(
+        read(&d, 0, 1024).unwrap(),
+        vec![0xab; 512].into_iter().chain([0; 512]).collect::<Vec<_>>()
+    );
+    assert_eq!(read(&d, 600_000, 10).unwrap(), vec![0; 10]);
+    consistent("after applying one");
+    d.write_at(&[8u8; 3], 0, &NoBacking).unwrap();
+    d.snapshot_apply("2").unwrap();
+    let r = read(&d, 0, 1000).unwrap();
+    assert_eq!(
+        (&r[..100], &r[100..800], &r[800..]),
+        (&[0xab; 100][..], &[7; 700][..], &[0; 200][..])
+    );
+    assert_eq!(read(&d, 600_000, 10).unwrap(), vec![5; 10]);
+    consistent("after applying two");
+    assert_eq!(d.snapshot_apply("three").unwrap_err().kind(), ErrorKind::InvalidParam);
+    d.snapshot_delete("one").unwrap();
+    consistent("after deleting one");
+    d.snapshot_delete("two").unwrap();
+    consistent("after deleting two");
+    assert!(d.snapshots().unwrap().is_empty());
+    assert_eq!(be32(&mem.snapshot(), 60), 0);
+    assert_eq!(read(&d, 600_000, 10).unwrap(), vec![5; 10]);
+}
+
+/// Power loss at any point of snapshot operations: the image opens,
+/// refcounts cover every reference (of the active tables and of every
+/// snapshot the header names), and no copied flag claims a shared cluster.
+#[test]
+fn crash_during_snapshot_operations_is_safe() {
+    let start = base();
+    let rec = recording(&start);
+    let d = open_writable(rec.clone());
+    for i in 0..12u64 {
+        d.write_at(&[i as u8 + 1; 700], (i * 73_331) % (SIZE - 700), &NoBacking)
+            .unwrap();
+    }
+    d.snapshot_create("a").unwrap();
+    for i in 0..12u64 {
+        d.write_at(&[0x40 | i as u8; 600], (i * 91_019) % (SIZE - 600), &NoBacking)
+            .unwrap();
+    }
+    d.snapshot_create("b").unwrap();
+    d.snapshot_apply("a").unwrap();
+    d.write_at(&[0x77; 512], 4096, &NoBacking).unwrap();
+    d.snapshot_delete("b").unwrap();
+    d.snapshot_delete("a").unwrap();
+    d.close().unwrap();
+    drop(d);
+    let log = rec.log.lock().clone();
+    // Every flush window.
+    let (checked, windows) = crash_states(&start, &log, usize::MAX, 600, |img, what| {
+        let counted = refcounts_cover_references(img, what, false);
+        copied_flags_are_safe(img, counted, what, false);
+    });
     assert!(
-        checked >= 40 && windows.len() >= 10,
-        "only {checked} crash states of {} windows",
-        windows.len()
+        checked >= 40 && windows >= 10,
+        "only {checked} crash states of {windows} windows"
     );
 }
 
@@ -945,5 +1105,56 @@ fn allocation_pool_doubles_between_flushes() {
             want += 1;
         }
         assert_eq!(rc.get(&store, c).unwrap(), want, "cluster {c}");
+    }
+}
+
+/// `base()` with one snapshot "1" (table in cluster 6, its L1 in cluster 7,
+/// one L2 table in cluster 8, all counted) whose L2 entry 0 is `entry`.
+fn with_hostile_snapshot(entry: u64) -> Vec<u8> {
+    let mut b = base();
+    b.resize(9 * CS, 0);
+    for c in 6..9 {
+        b[2 * CS + 2 * c + 1] = 1;
+    }
+    put32(&mut b, 60, 1);
+    put64(&mut b, 64, 6 * CS as u64);
+    let s = 6 * CS;
+    put64(&mut b, s, 7 * CS as u64);
+    put32(&mut b, s + 8, 32);
+    b[s + 13] = 1; // id of 1 byte, no name
+    put32(&mut b, s + 36, 16);
+    put64(&mut b, s + 48, SIZE); // disk size
+    b[s + 56] = b'1';
+    put64(&mut b, 7 * CS, 8 * CS as u64);
+    put64(&mut b, 8 * CS, entry);
+    b
+}
+
+/// A snapshot whose tree points outside the file or onto metadata (the
+/// active L1 table as data, a refcount block as an L2 table: delete would
+/// otherwise free them) is refused by apply and delete before anything
+/// changes.
+#[test]
+fn hostile_snapshot_trees_change_nothing() {
+    let mut l2_on_refblock = with_hostile_snapshot(0);
+    put64(&mut l2_on_refblock, 7 * CS, 2 * CS as u64);
+    let cases = [
+        0x10_0000 | COPIED,
+        (3 * CS as u64) | COPIED,
+        COMPRESSED | 0x3f_ffff_ffff,
+    ]
+    .map(|e| (e, with_hostile_snapshot(e)));
+    for (entry, b) in cases.into_iter().chain([(0, l2_on_refblock)]) {
+        let mem = Arc::new(MemoryStorage::new(b, false));
+        let d = open_writable(mem.clone());
+        assert_eq!(d.snapshots().unwrap()[0].id, "1");
+        let before = mem.snapshot();
+        for r in [d.snapshot_apply("1"), d.snapshot_delete("1")] {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::CorruptImage, "entry {entry:#x}");
+            assert!(entry != 0 || e.to_string().contains("lies on other metadata"), "{e}");
+            assert_eq!(mem.snapshot(), before, "entry {entry:#x}: the image changed");
+        }
+        assert_eq!(read(&d, 0, CS).unwrap(), vec![0xab; CS]);
     }
 }

@@ -18,7 +18,6 @@
 use super::bitmap;
 use super::header::{OFF_AUTOCLEAR, OFF_L1_SIZE, OFF_SIZE};
 use super::refcount::Refcounts;
-use super::snapshot;
 use super::types::*;
 use super::Qcow2;
 use crate::backend::Storage;
@@ -43,7 +42,7 @@ impl Qcow2 {
 
     /// The allocation state, loaded (and the image prepared for writing)
     /// on first use.
-    fn lock_alloc(&self) -> Result<MutexGuard<'_, Option<Refcounts>>> {
+    pub(super) fn lock_alloc(&self) -> Result<MutexGuard<'_, Option<Refcounts>>> {
         if self.read_only {
             return Err(invalid("the image is open read-only"));
         }
@@ -77,7 +76,7 @@ impl Qcow2 {
     /// Two pieces of metadata sharing a cluster (a refcount block on the
     /// L1 table, an L2 table on a refcount block...) make the image corrupt:
     /// writing one would destroy the other.
-    fn build_meta(&self, rc: &Refcounts) -> Result<()> {
+    pub(super) fn build_meta(&self, rc: &Refcounts) -> Result<()> {
         let cs = self.g.cluster_size;
         let h = &self.hdr;
         let mut m = vec![(0, cs), (rc.table_offset, rc.table_offset + rc.table_clusters * cs)];
@@ -94,10 +93,13 @@ impl Qcow2 {
             );
         }
         m.extend(rc.table.iter().filter(|&&o| o != 0).map(|&o| (o, o + cs)));
-        if h.nb_snapshots > 0 {
-            let (snaps, len) = snapshot::read_table(self.file.as_ref(), h, self.file.len()?)?;
-            m.push((h.snapshots_offset, h.snapshots_offset + len.div_ceil(cs) * cs));
-            for sn in snaps.iter().filter(|s| s.l1_size > 0) {
+        {
+            // The live table: snapshot operations move it after open.
+            let t = self.snaps.read();
+            if t.len > 0 {
+                m.push((t.offset, t.offset + t.len.div_ceil(cs) * cs));
+            }
+            for sn in t.list.iter().filter(|s| s.l1_size > 0) {
                 let bytes = (u64::from(sn.l1_size) * 8).div_ceil(cs) * cs;
                 m.push((sn.l1_table_offset, sn.l1_table_offset + bytes));
             }
@@ -126,7 +128,7 @@ impl Qcow2 {
 
     /// Record metadata we just placed (always at the end of the file, so
     /// the list stays sorted).
-    fn add_meta(&self, rc: &mut Refcounts, extra: Option<(u64, u64)>) {
+    pub(super) fn add_meta(&self, rc: &mut Refcounts, extra: Option<(u64, u64)>) {
         let mut m = self.meta.write();
         for r in rc.fresh_meta.drain(..).chain(extra) {
             match m.last_mut() {
@@ -145,19 +147,9 @@ impl Qcow2 {
     fn release_range(&self, e: u64) -> Result<(u64, u64)> {
         let g = &self.g;
         if e & COMPRESSED != 0 {
-            let (off, len) = g.compressed(e);
-            let end = off
-                .checked_add(len)
-                .ok_or_else(|| corrupt("compressed cluster range overflows"))?;
-            if off < g.cluster_size || off >= self.file_end.load(Ordering::Relaxed) {
-                return Err(corrupt(format!(
-                    "compressed cluster at {off:#x} is outside the image file"
-                )));
-            }
-            let first = (off & !511) >> g.cluster_bits;
-            let last = (end - 1) >> g.cluster_bits;
-            self.check_not_meta(first << g.cluster_bits, (last - first + 1) << g.cluster_bits)?;
-            return Ok((first, last - first + 1));
+            let (first, count) = self.compressed_clusters(e)?;
+            self.check_not_meta(first << g.cluster_bits, count << g.cluster_bits)?;
+            return Ok((first, count));
         }
         let host = e & OFFSET_MASK;
         self.check_host(host)?;
@@ -165,8 +157,26 @@ impl Qcow2 {
         Ok((host >> g.cluster_bits, 1))
     }
 
+    /// The host clusters (first, count) the bytes of the compressed
+    /// cluster `e` touch, each of which holds a reference for it.
+    pub(super) fn compressed_clusters(&self, e: u64) -> Result<(u64, u64)> {
+        let g = &self.g;
+        let (off, len) = g.compressed(e);
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| corrupt("compressed cluster range overflows"))?;
+        if off < g.cluster_size || off >= self.file_end.load(Ordering::Relaxed) {
+            return Err(corrupt(format!(
+                "compressed cluster at {off:#x} is outside the image file"
+            )));
+        }
+        let first = (off & !511) >> g.cluster_bits;
+        let last = (end - 1) >> g.cluster_bits;
+        Ok((first, last - first + 1))
+    }
+
     /// Refuse a data write onto metadata (a hostile or damaged L2 entry).
-    fn check_not_meta(&self, host: u64, len: u64) -> Result<()> {
+    pub(super) fn check_not_meta(&self, host: u64, len: u64) -> Result<()> {
         if self.has_data_file() {
             return Ok(());
         }
@@ -216,7 +226,7 @@ impl Qcow2 {
     }
 
     /// We wrote up to `end` in the image file.
-    fn note_end(&self, end: u64) {
+    pub(super) fn note_end(&self, end: u64) {
         self.file_end.fetch_max(end, Ordering::Relaxed);
     }
 
@@ -845,53 +855,18 @@ impl Qcow2 {
         if size > i64::MAX as u64 {
             return Err(invalid(format!("size {size} does not fit in 63 bits")));
         }
-        let g = self.g;
-        let cs = g.cluster_size;
+        if self.hdr.version < 3 && !self.snaps.read().list.is_empty() {
+            // Version 2 snapshots need not record their size (QEMU's rule too).
+            return Err(unsupported(
+                "a compat=0.10 qcow2 image with internal snapshots cannot be resized",
+            ));
+        }
         let mut guard = self.lock_alloc()?;
         let rc = guard
             .as_mut()
             .ok_or_else(|| Error::Internal("allocation state missing".into()))?;
-        let need = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
-        let (old_off, old_len) = {
-            let l1 = self.l1.read();
-            (l1.offset, l1.entries.len() as u64)
-        };
-        if need > old_len {
-            if need * 8 > MAX_L1_BYTES {
-                return Err(Error::OutOfRange(format!(
-                    "size {size} needs an L1 table beyond the 32 MiB cap"
-                )));
-            }
-            let clusters = (need * 8).div_ceil(cs);
-            // Refcount, then the new table, then the header, then release the old one.
-            let off = rc.alloc(self.file.as_ref(), clusters)?;
-            self.add_meta(rc, Some((off, off + clusters * cs)));
-            self.note_end(off + clusters * cs);
-            let mut entries = self.l1.read().entries.clone();
-            entries.resize(need as usize, 0);
-            let mut raw = try_zeroed((clusters * cs) as usize, "L1 table")?;
-            for (i, e) in entries.iter().enumerate() {
-                raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-            }
-            self.file.write_at(&raw, off)?;
-            self.file.flush()?;
-            let mut h = [0u8; 12];
-            h[..4].copy_from_slice(&(need as u32).to_be_bytes());
-            h[4..].copy_from_slice(&off.to_be_bytes());
-            self.file.write_at(&h, OFF_L1_SIZE)?;
-            {
-                let mut l1 = self.l1.write();
-                l1.offset = off;
-                l1.entries = entries;
-            }
-            if old_len > 0 {
-                rc.release(
-                    self.file.as_ref(),
-                    old_off >> g.cluster_bits,
-                    (old_len * 8).div_ceil(cs),
-                )?;
-            }
-        }
+        let need = self.g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
+        self.grow_l1(rc, need)?;
         if self.hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0 {
             if let Some(d) = &self.data {
                 if d.len()? < size {
@@ -901,6 +876,56 @@ impl Qcow2 {
         }
         self.file.write_at(&size.to_be_bytes(), OFF_SIZE)?;
         self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Give the active L1 table at least `need` entries (new ones zero),
+    /// moving it to the end of the file when it must grow.
+    /// Crash order: refcount, then the new table, then the header, then
+    /// the old table released.
+    pub(super) fn grow_l1(&self, rc: &mut Refcounts, need: u64) -> Result<()> {
+        let g = self.g;
+        let cs = g.cluster_size;
+        let (old_off, old_len) = {
+            let l1 = self.l1.read();
+            (l1.offset, l1.entries.len() as u64)
+        };
+        if need <= old_len {
+            return Ok(());
+        }
+        if need * 8 > MAX_L1_BYTES {
+            return Err(Error::OutOfRange(format!(
+                "{need} L1 entries exceed the 32 MiB cap of the L1 table"
+            )));
+        }
+        let clusters = (need * 8).div_ceil(cs);
+        let off = rc.alloc(self.file.as_ref(), clusters)?;
+        self.add_meta(rc, Some((off, off + clusters * cs)));
+        self.note_end(off + clusters * cs);
+        let mut entries = self.l1.read().entries.clone();
+        entries.resize(need as usize, 0);
+        let mut raw = try_zeroed((clusters * cs) as usize, "L1 table")?;
+        for (i, e) in entries.iter().enumerate() {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        self.file.write_at(&raw, off)?;
+        self.file.flush()?;
+        let mut h = [0u8; 12];
+        h[..4].copy_from_slice(&(need as u32).to_be_bytes());
+        h[4..].copy_from_slice(&off.to_be_bytes());
+        self.file.write_at(&h, OFF_L1_SIZE)?;
+        {
+            let mut l1 = self.l1.write();
+            l1.offset = off;
+            l1.entries = entries;
+        }
+        if old_len > 0 {
+            rc.release(
+                self.file.as_ref(),
+                old_off >> g.cluster_bits,
+                (old_len * 8).div_ceil(cs),
+            )?;
+        }
         Ok(())
     }
 }
