@@ -10,6 +10,7 @@
 //! - `compress`: compressed clusters (zlib, zstd), read only.
 //! - `bitmap`: marking persistent bitmaps in use before we write.
 //! - `repair`: recounting the refcounts of a dirty image.
+//! - `check`: the consistency check and its repairs (`qemu-img check`).
 //! - `snapshot`: checking the internal snapshot table.
 //! - `create`: new images.
 //!
@@ -26,6 +27,7 @@
 //! outside any lock.
 
 mod bitmap;
+mod check;
 mod cluster;
 mod compress;
 mod create;
@@ -40,7 +42,7 @@ mod write;
 mod tests;
 
 use crate::backend::Storage;
-use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair};
 use crate::error::{corrupt, try_zeroed, Error, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
@@ -101,6 +103,13 @@ pub struct Qcow2 {
     /// refused, as QEMU's overlap check does. Bounded by the L1 and
     /// refcount table caps.
     meta: RwLock<Vec<(u64, u64)>>,
+    /// Opened read-write for checking while dirty or marked corrupt: the
+    /// refcounts on disk cannot be trusted, so nothing may allocate until a
+    /// check has repaired them (`check.rs` clears it).
+    stale: AtomicBool,
+    /// Opened for checking with L1 entries that failed their checks (kept
+    /// as `cluster::DAMAGED_L1`): never written through.
+    damaged_l1: bool,
 }
 
 fn open(file: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
@@ -119,12 +128,15 @@ impl Qcow2 {
         hdr.parse_extensions(&first)?;
         hdr.validate(len)?;
         let read_only = ctx.read_only;
-        if !read_only && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
+        // A corrupt image may be opened for writing only to be repaired.
+        if !read_only && !ctx.check && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; it can only be opened read-only"));
         }
         let g = Geometry::new(hdr.cluster_bits, hdr.extended_l2());
         let file_end = align_up(len, cs)?;
-        let l1 = cluster::load_l1(file.as_ref(), &g, hdr.l1_table_offset, hdr.l1_size, file_end)?;
+        let (l1, damaged_l1) =
+            cluster::load_l1(file.as_ref(), &g, hdr.l1_table_offset, hdr.l1_size, file_end, ctx.check)?;
+        let stale = ctx.check && !read_only && hdr.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0;
         if hdr.nb_snapshots > 0 {
             // Checked as QEMU checks it at open, though we only preserve it.
             snapshot::read_table(file.as_ref(), &hdr, len)?;
@@ -183,6 +195,8 @@ impl Qcow2 {
             read_only,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             meta: RwLock::new(Vec::new()),
+            stale: AtomicBool::new(stale),
+            damaged_l1,
         })
     }
 
@@ -242,6 +256,9 @@ impl Qcow2 {
             .entries
             .get(idx)
             .ok_or_else(|| Error::Internal(format!("offset {offset} is beyond the L1 table")))?;
+        if e == cluster::DAMAGED_L1 {
+            return Err(corrupt(format!("L1 entry {idx} is damaged (see the check's report)")));
+        }
         Ok((idx, e & OFFSET_MASK))
     }
 
@@ -531,5 +548,9 @@ impl Driver for Qcow2 {
 
     fn truncate(&self, size: u64) -> Result<()> {
         self.truncate_impl(size)
+    }
+
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        self.check_impl(repair)
     }
 }
