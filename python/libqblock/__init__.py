@@ -44,11 +44,13 @@ from .options import (
     options_class,
 )
 from .tools import CompareResult, checksum, compare, convert
+from .check import CheckResult, check
 from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
     "BlockStatus",
     "Broker",
+    "CheckResult",
     "CompareResult",
     "CorruptImageError",
     "CowOptions",
@@ -91,6 +93,7 @@ __all__ = [
     "VmdkOptions",
     "VpcOptions",
     "capi",
+    "check",
     "checksum",
     "compare",
     "convert",

@@ -1,12 +1,12 @@
 """Type stubs for ``libqblock._native``, the PyO3 extension
-(rust/qblock-python/src/image.rs). Checked against the built module by
+(rust/qblock-python/src/image.rs, tools.rs, check.rs). Checked against the built module by
 ``python -m mypy.stubtest libqblock._native`` (tests/test_api.py)."""
 
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, final
 
 from typing_extensions import Buffer
 
-__all__ = ["Image", "checksum_image", "compare_images", "convert_images", "create", "formats", "open", "probe"]
+__all__ = ["Image", "check_image", "checksum_image", "compare_images", "convert_images", "create", "formats", "open", "probe"]
 
 # (offset, length, allocated, present, data, zero, compressed, depth, file, file_offset)
 _StatusTuple = Tuple[int, int, bool, bool, bool, bool, bool, int, Optional[str], Optional[int]]
@@ -57,3 +57,9 @@ def convert_images(
 ) -> None: ...
 def checksum_image(image: Image, threads: int, progress: _Progress = None) -> str: ...
 def compare_images(a: Image, b: Image, strict: bool, progress: _Progress = None) -> Tuple[str, Optional[int]]: ...
+
+# (format, first report, second report after a repair that fixed something);
+# each report has the CheckReport fields and "messages".
+def check_image(
+    protocol: str, target: str, fmt: Optional[str], repair: str
+) -> Tuple[str, Dict[str, Any], Optional[Dict[str, Any]]]: ...

@@ -10,7 +10,7 @@ use qblock_core::info::InfoValue;
 use qblock_core::{BlockStatus, CreateOptions, Error, Format, Image, Location, OpenOptions, OptValue};
 use std::sync::Arc;
 
-fn location(protocol: &str, target: &str) -> Location {
+pub(crate) fn location(protocol: &str, target: &str) -> Location {
     match protocol {
         "file" => Location::file(target),
         other => Location::Other {
@@ -20,7 +20,7 @@ fn location(protocol: &str, target: &str) -> Location {
     }
 }
 
-fn format_arg(name: Option<&str>) -> Result<Option<Format>, Error> {
+pub(crate) fn format_arg(name: Option<&str>) -> Result<Option<Format>, Error> {
     match name {
         None => Ok(None),
         Some(n) => Format::from_name(n)

@@ -1,7 +1,9 @@
-//! Whole-image jobs built on [`crate::Image`]: convert, checksum, compare.
+//! Whole-image jobs built on [`crate::Image`]: convert, checksum, compare,
+//! check.
 //! Each runs on the caller's thread plus a bounded set of workers, reports
 //! progress through [`Progress`] and stops cleanly when it says so.
 
+pub mod check;
 pub mod checksum;
 pub mod compare;
 pub mod convert;

@@ -745,9 +745,12 @@ impl Qcow2 {
             meta = w2.meta;
         } else if repair != Repair::None {
             if rebuild {
-                return Err(corrupt(
-                    "the refcount structure needs a rebuild (a used cluster has refcount 0): repair all",
-                ));
+                // QEMU fails the same way (after printing its findings).
+                return Err(corrupt(format!(
+                    "need to rebuild refcount structures, which only a repair of all errors does \
+                     ({} errors and {} leaked clusters found)",
+                    rep.corruptions, rep.leaks
+                )));
             }
             if rep.leaks > 0 || rep.corruptions > 0 {
                 // Again, fixing this time (QEMU's messages of both passes).
