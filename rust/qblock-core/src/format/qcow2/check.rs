@@ -95,6 +95,7 @@ struct Walk<'a> {
     file: &'a dyn Storage,
     g: Geometry,
     data_file: bool,
+    file_len: u64,
     /// The largest count this image's refcount width holds (QEMU counts in
     /// that width too, and calls a count beyond it an overflow).
     max_ref: u32,
@@ -112,16 +113,25 @@ struct Walk<'a> {
 }
 
 impl RefSink for Walk<'_> {
-    fn add(&mut self, off: u64, len: u64, what: &str) -> Result<()> {
+    fn add(&mut self, off: u64, len: u64, _what: &str) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
-        let Some(end) = off.checked_add(len - 1) else {
-            corruption(
-                &mut self.rep,
-                format!("ERROR {what} at {off:#x} overflows the 64-bit range"),
-            );
-            return Ok(());
+        // As QEMU: the last cluster may be partly past the end of the file
+        // (a write may not have filled it yet), but a range reaching a
+        // whole cluster or more past it is a corruption and is not counted.
+        let end = match off.checked_add(len) {
+            Some(e) if e < self.file_len.saturating_add(self.g.cluster_size) => e - 1,
+            _ => {
+                corruption(
+                    &mut self.rep,
+                    format!(
+                        "ERROR: counting reference for region exceeding the end of the file by one cluster \
+                         or more: offset {off:#x} size {len:#x}"
+                    ),
+                );
+                return Ok(());
+            }
         };
         let cb = self.g.cluster_bits;
         for c in (off >> cb)..=(end >> cb) {
@@ -159,7 +169,8 @@ impl RefSink for Walk<'_> {
 
 impl<'a> Walk<'a> {
     fn new(file: &'a dyn Storage, g: &Geometry, h: &Header) -> Result<Walk<'a>> {
-        let nclusters = align_up(file.len()?, g.cluster_size)? >> g.cluster_bits;
+        let file_len = file.len()?;
+        let nclusters = align_up(file_len, g.cluster_size)? >> g.cluster_bits;
         if nclusters > MAX_REPAIR_CLUSTERS {
             return Err(unsupported(format!(
                 "images of more than {MAX_REPAIR_CLUSTERS} clusters cannot be checked yet"
@@ -179,6 +190,7 @@ impl<'a> Walk<'a> {
             file,
             g: *g,
             data_file: h.data_file.is_some(),
+            file_len,
             max_ref,
             refs: Refs {
                 dense,
@@ -1030,17 +1042,21 @@ mod tests {
     }
 
     #[test]
-    fn references_past_the_end_are_counted_not_trusted() {
+    fn references_past_the_end_are_not_counted() {
         let mut b = base();
         // A second L2 table far past the end of the file.
         b[3 * CS + 8..3 * CS + 16].copy_from_slice(&(1u64 << 40 | COPIED).to_be_bytes());
         let (r, _) = check(b.clone(), Repair::None);
-        assert_eq!(r.corruptions, 2, "{:?}", r.messages); // no refcount, and the copied flag
-        assert_eq!(r.image_end_offset, Some((1 << 40) + CS as u64));
-        // A rebuild would have to reach 1 TiB: refused, nothing written.
-        let (img, store) = open_bytes_ctx(b.clone(), false, true).unwrap();
-        assert!(img.check(Repair::All).is_err());
-        assert_eq!(store.snapshot(), b);
+        assert_eq!(r.corruptions, 2, "{:?}", r.messages); // the reference, and the copied flag
+        assert!(r.messages[0].starts_with("ERROR: counting reference for region exceeding the end of the file"));
+        assert_eq!(r.image_end_offset, Some(6 * CS as u64));
+        // Only the copied flag can be fixed; the image stays unwritable
+        // through the damaged entry.
+        let (img, store) = open_bytes_ctx(b, false, true).unwrap();
+        let r = img.check(Repair::All).unwrap();
+        assert_eq!((r.corruptions, r.corruptions_fixed), (1, 1), "{:?}", r.messages);
+        assert_eq!(store.snapshot()[3 * CS + 8] & 0x80, 0);
+        assert!(img.write_at(&[1u8; 512], 0, &crate::driver::NoBacking).is_err());
     }
 
     #[test]
