@@ -1,6 +1,6 @@
 """Consistency checks and repairs of images: :func:`check`, as ``qemu-img check``.
 
-qcow2 is the format checked today: every reference its metadata makes is
+qcow2 and qed are checked today. For qcow2 every reference its metadata makes is
 counted and compared with the stored refcounts, and the copied flags with
 the refcounts (see the README). Other formats raise
 :class:`~libqblock.errors.UnsupportedError`, as ``qemu-img check`` refuses
@@ -19,9 +19,9 @@ from .formats import Format
 from .image import Where, _fmt_name, probe
 from .location import Location
 
-#: Formats whose driver checks its metadata (qemu-img also checks qed, vdi,
-#: vhdx and parallels; libqblock does not yet).
-CHECKABLE = frozenset({Format.QCOW2})
+#: Formats whose driver checks its metadata (qemu-img also checks vdi, vhdx
+#: and parallels; libqblock does not yet).
+CHECKABLE = frozenset({Format.QCOW2, Format.QED})
 
 _REPAIRS = {None: "none", "leaks": "leaks", "all": "all"}
 
