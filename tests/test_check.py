@@ -463,3 +463,42 @@ def test_qed_matches_qemu(tmp, damage):
         assert ours.read_bytes() == theirs.read_bytes()
         # The need-check flag goes once no corruption is left, stays otherwise.
         assert qed_features(ours) & 2 == (qed_features(orig) & 2 if want.get("corruptions") else 0)
+
+
+# --- vdi ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header_count", [None, 2, 5])
+def test_vdi_matches_qemu(tmp, header_count):
+    p = tmp / "v.vdi"
+    qemu_img("create", "-q", "-f", "vdi", str(p), "64M")
+    qemu_io(str(p), "write -P 1 0 3M", fmt="vdi")
+    if header_count is not None:
+        with open(p, "r+b") as f:  # blocks_allocated in the header
+            f.seek(0x184)
+            f.write(struct.pack("<I", header_count))
+    r = qb.check(str(p))
+    assert_same_as_qemu(p, r)
+    # qemu-img check -r on vdi: "does not support checks", exit 63; the same here.
+    before = p.read_bytes()
+    assert qemu_img("check", "-r", "all", str(p), check=False).returncode == 63
+    ours = subprocess.run([*qblock_cmd(), "check", "-r", "all", str(p)], capture_output=True, text=True)
+    assert ours.returncode == 63 and ours.stderr == "qblock: This image format does not support checks\n"
+    with pytest.raises(qb.UnsupportedError):
+        qb.check(p, repair="leaks")
+    assert p.read_bytes() == before
+
+
+def test_vdi_block_used_twice_is_refused_at_open(tmp):
+    """qemu-img counts it as a corruption; our vdi driver refuses to open such a map at all."""
+    p = tmp / "v.vdi"
+    qemu_img("create", "-q", "-f", "vdi", str(p), "64M")
+    qemu_io(str(p), "write -P 1 0 2M", fmt="vdi")
+    with open(p, "r+b") as f:
+        f.seek(0x154)
+        bmap = struct.unpack("<I", f.read(4))[0]
+        f.seek(bmap + 4)
+        f.write(struct.pack("<I", 0))
+    assert qemu_check(str(p))[1]["corruptions"] >= 1
+    with pytest.raises(qb.CorruptImageError, match="used twice"):
+        qb.check(p)

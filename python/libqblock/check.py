@@ -1,6 +1,6 @@
 """Consistency checks and repairs of images: :func:`check`, as ``qemu-img check``.
 
-qcow2 and qed are checked today. For qcow2 every reference its metadata makes is
+qcow2, qed and vdi are checked today (vdi without repairs). For qcow2 every reference its metadata makes is
 counted and compared with the stored refcounts, and the copied flags with
 the refcounts (see the README). Other formats raise
 :class:`~libqblock.errors.UnsupportedError`, as ``qemu-img check`` refuses
@@ -19,9 +19,12 @@ from .formats import Format
 from .image import Where, _fmt_name, probe
 from .location import Location
 
-#: Formats whose driver checks its metadata (qemu-img also checks vdi, vhdx
-#: and parallels; libqblock does not yet).
-CHECKABLE = frozenset({Format.QCOW2, Format.QED})
+#: Formats whose driver checks its metadata (qemu-img also checks vhdx and
+#: parallels; libqblock does not yet).
+CHECKABLE = frozenset({Format.QCOW2, Format.QED, Format.VDI})
+#: Of those, the ones a check can repair (qemu-img check -r on a vdi image
+#: says "This image format does not support checks").
+REPAIRABLE = frozenset({Format.QCOW2, Format.QED})
 
 _REPAIRS = {None: "none", "leaks": "leaks", "all": "all"}
 
@@ -154,8 +157,9 @@ def check(location: Where, *, format: Optional[Union[Format, str]] = None,  # no
         raise InvalidParamError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
     loc = Location.of(location)
     fmt = probe(loc) if format is None else Format.from_str(str(_fmt_name(format)))
-    if fmt not in CHECKABLE:
-        raise UnsupportedError(f"This image format does not support checks ({fmt})")
+    if fmt not in CHECKABLE or (repair is not None and fmt not in REPAIRABLE):
+        raise UnsupportedError(f"This image format does not support checks ({fmt}"
+                               f"{' repairs' if fmt in CHECKABLE else ''})")
     name, first, second = _native.check_image(loc.protocol, loc.target, str(fmt), _REPAIRS[repair])
     filename = os.fspath(location) if isinstance(location, (str, os.PathLike)) else loc.target
     if second is None:
