@@ -110,6 +110,13 @@ struct Walk<'a> {
     /// Clusters of the refcount table and blocks, once per reference: a
     /// rebuild does not carry them over.
     refcount_clusters: Vec<u64>,
+    /// Repair what the walk itself can (`Repair::All`).
+    fix_errors: bool,
+    /// Metadata known before the walk (sorted, with running maximum ends):
+    /// the walk never writes an L2 entry into it.
+    protect: Ranges,
+    /// L2 tables the walk changed.
+    fixed_l2: Vec<u64>,
 }
 
 impl RefSink for Walk<'_> {
@@ -201,6 +208,9 @@ impl<'a> Walk<'a> {
             rebuild: false,
             meta: Vec::new(),
             refcount_clusters: Vec::new(),
+            fix_errors: false,
+            protect: Ranges::default(),
+            fixed_l2: Vec::new(),
         })
     }
 
@@ -215,6 +225,31 @@ impl<'a> Walk<'a> {
     /// snapshots, refcount table, bitmaps, refcount blocks.
     fn walk(&mut self, h: &Header, l1: (u64, u64), reftable: &[u64], fix_errors: bool) -> Result<()> {
         let cs = self.g.cluster_size;
+        self.fix_errors = fix_errors;
+        if fix_errors {
+            let mut known = vec![(0, cs), (l1.0, l1.0 + l1.1 * 8)];
+            known.push((
+                h.refcount_table_offset,
+                h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs,
+            ));
+            known.extend(
+                reftable
+                    .iter()
+                    .map(|e| e & REFT_OFFSET_MASK)
+                    .filter(|&o| o != 0)
+                    .map(|o| (o, o.saturating_add(cs))),
+            );
+            if h.nb_snapshots > 0 {
+                let (snaps, len) = snapshot::read_table(self.file, h, self.file.len()?)?;
+                known.push((h.snapshots_offset, h.snapshots_offset + len));
+                known.extend(
+                    snaps
+                        .iter()
+                        .map(|s| (s.l1_table_offset, s.l1_table_offset + u64::from(s.l1_size) * 8)),
+                );
+            }
+            self.protect = Ranges::new(known);
+        }
         self.add(0, cs, "header")?;
         self.meta.push((0, cs));
         self.l1(l1.0, l1.1, true)?;
@@ -344,6 +379,21 @@ impl<'a> Walk<'a> {
             }
             if host & (cs - 1) != 0 {
                 let what = if zero { "Preallocated" } else { "Data" };
+                if zero && self.fix_errors && off & (cs - 1) == 0 && off >= cs && !self.protect.meets(off, cs) {
+                    // As QEMU: the entry becomes a plain zero cluster (what
+                    // it named becomes unused: a leak at worst).
+                    say(
+                        &mut self.rep,
+                        format!(
+                            "Repairing offset={host:x}: {what} cluster is not properly aligned; L2 entry corrupted."
+                        ),
+                    );
+                    self.file.write_at(&ZERO_FLAG.to_be_bytes(), off + (i * 8 * w) as u64)?;
+                    self.file.flush()?;
+                    self.rep.corruptions_fixed += 1;
+                    self.fixed_l2.push(off);
+                    continue;
+                }
                 corruption(
                     &mut self.rep,
                     format!("ERROR offset={host:x}: {what} cluster is not properly aligned; L2 entry corrupted."),
@@ -680,11 +730,32 @@ struct CopiedFixes {
     l2: Vec<u64>,
 }
 
-/// Whether `[off, off+len)` meets any of the sorted ranges, whose running
-/// maximum of ends is `ends`.
-fn overlaps(meta: &[(u64, u64)], ends: &[u64], off: u64, len: u64) -> bool {
-    let i = meta.partition_point(|r| r.0 < off + len);
-    i > 0 && ends[i - 1] > off
+/// Byte ranges of metadata, sorted, with the running maximum of their ends
+/// (they may overlap each other in a damaged image).
+#[derive(Default)]
+struct Ranges {
+    ranges: Vec<(u64, u64)>,
+    ends: Vec<u64>,
+}
+
+impl Ranges {
+    fn new(mut ranges: Vec<(u64, u64)>) -> Ranges {
+        ranges.sort_unstable();
+        let ends = ranges
+            .iter()
+            .scan(0u64, |m, r| {
+                *m = (*m).max(r.1);
+                Some(*m)
+            })
+            .collect();
+        Ranges { ranges, ends }
+    }
+
+    /// Whether `[off, off+len)` meets any of them.
+    fn meets(&self, off: u64, len: u64) -> bool {
+        let i = self.ranges.partition_point(|r| r.0 < off.saturating_add(len));
+        i > 0 && self.ends[i - 1] > off
+    }
 }
 
 impl Qcow2 {
@@ -725,6 +796,7 @@ impl Qcow2 {
         let pre = rep.clone();
         let mut highest = compare(&w.refs, &mut st, Repair::None, &mut rep, &mut rebuild)?;
         let mut meta = std::mem::take(&mut w.meta);
+        let walk_fixed = std::mem::take(&mut w.fixed_l2);
         if rebuild && repair == Repair::All {
             say(&mut rep, "Rebuilding refcount structure");
             let (old_corruptions, old_leaks) = (rep.corruptions, rep.leaks);
@@ -778,8 +850,7 @@ impl Qcow2 {
             Repair::Leaks => rep.check_errors == 0 && rep.corruptions == 0 && rep.leaks == 0,
             Repair::None => false,
         };
-        meta.sort_unstable();
-        let fixes = self.check_copied(&mut st, l1, fix_copied, &meta, &mut rep)?;
+        let fixes = self.check_copied(&mut st, l1, fix_copied, &Ranges::new(meta), &mut rep)?;
         {
             let mut l1m = self.l1.write();
             for (i, e) in fixes.l1 {
@@ -788,7 +859,7 @@ impl Qcow2 {
                 }
             }
         }
-        for t in fixes.l2 {
+        for t in fixes.l2.into_iter().chain(walk_fixed) {
             self.l2.forget(t);
         }
         rep.image_end_offset = Some((highest + 1) * cs);
@@ -817,20 +888,13 @@ impl Qcow2 {
         st: &mut Stored,
         l1: (u64, u64),
         fix: bool,
-        meta: &[(u64, u64)],
+        meta: &Ranges,
         rep: &mut CheckReport,
     ) -> Result<CopiedFixes> {
         let file = self.file.as_ref();
         let (cs, cb) = (self.g.cluster_size, self.g.cluster_bits);
         let data_file = self.hdr.data_file.is_some();
         let verb = if fix { "Repairing" } else { "ERROR" };
-        let ends: Vec<u64> = meta
-            .iter()
-            .scan(0u64, |m, r| {
-                *m = (*m).max(r.1);
-                Some(*m)
-            })
-            .collect();
         let mut out = CopiedFixes::default();
         st.charge(l1.1 * 8)?;
         let mut raw = try_zeroed((l1.1 * 8) as usize, "L1 table")?;
@@ -887,7 +951,7 @@ impl Qcow2 {
                 continue;
             }
             // Never write into other metadata through a damaged L1 entry.
-            if l2 & (cs - 1) != 0 || overlaps(meta, &ends, l2, cs) {
+            if l2 & (cs - 1) != 0 || meta.meets(l2, cs) {
                 rep.check_errors += 1;
                 say(rep, "ERROR: Could not write L2 table; metadata overlap check failed");
                 break;
