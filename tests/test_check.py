@@ -513,3 +513,25 @@ def test_vdi_block_used_twice_is_refused_at_open(tmp):
     assert qemu_check(str(p))[1]["corruptions"] >= 1
     with pytest.raises(qb.CorruptImageError, match="used twice"):
         qb.check(p)
+
+
+def test_amplified_references_are_bounded_and_counted_as_qemu(tmp):
+    """Every L1 entry names the same L2 table and every L2 entry the same
+    cluster: 1 Mi references to one cluster, overflowing its 16-bit refcount."""
+    p = tmp / "amp.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "64G")
+    qemu_io(str(p), "write -P 1 0 64k")
+    m = Meta(p)
+    l1 = m.u64(m.l1_entry(0))
+    data = m.u64(m.l2_entry(0))
+    with open(p, "r+b") as f:
+        f.seek(m.l1_offset)
+        f.write(struct.pack(">Q", l1) * 128)
+        f.seek(l1 & 0x00FFFFFFFFFFFE00)
+        f.write(struct.pack(">Q", data) * 8192)
+    t0 = time.monotonic()
+    r = qb.check(p)
+    assert time.monotonic() - t0 < 20
+    assert len(r.messages) == 10_001 and r.messages[-1].startswith("(only the first")
+    rc, want, _ = qemu_check(str(p))
+    assert r.to_qemu_json() == want and rc == 2

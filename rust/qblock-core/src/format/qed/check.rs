@@ -128,3 +128,49 @@ impl Qed {
         Ok(rep)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::build_image;
+    use super::*;
+    use crate::backend::memory::MemoryStorage;
+    use crate::backend::Storage;
+    use crate::driver::{Driver, NoBacking};
+    use std::sync::Arc;
+
+    const CS: u64 = 4096;
+
+    /// 4 KiB clusters, one-cluster tables; one cluster written at offset 0.
+    fn image() -> (Qed, Arc<MemoryStorage>) {
+        let v = build_image(1 << 20, CS, 1, None, None).unwrap();
+        let m = Arc::new(MemoryStorage::new(v, false));
+        let s: Arc<dyn Storage> = m.clone();
+        let q = Qed::open_with(s, true, true).unwrap();
+        q.write_at(&[7u8; 4096], 0, &NoBacking).unwrap();
+        q.flush().unwrap();
+        (q, m)
+    }
+
+    #[test]
+    fn clean_then_leaked_then_repaired() {
+        let (q, m) = image();
+        let r = q.check(Repair::None).unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.allocated_clusters), (0, 0, Some(1)));
+        // An L2 entry naming a cluster far past the end of the file.
+        let l2 = q.l1.read()[0];
+        m.write_at(&(1u64 << 40).to_le_bytes(), l2 + 8).unwrap();
+        q.l2.clear();
+        let r = q.check(Repair::None).unwrap();
+        assert_eq!((r.corruptions, r.allocated_clusters), (1, Some(2)));
+        let r = q.check(Repair::All).unwrap();
+        assert_eq!((r.corruptions, r.corruptions_fixed), (0, 1));
+        let mut e = [0u8; 8];
+        m.read_at(&mut e, l2 + 8).unwrap();
+        assert_eq!(e, [0u8; 8]);
+        // A cluster past the used ones: a leak nothing fixes.
+        m.set_len(m.len().unwrap() + CS).unwrap();
+        q.end.fetch_add(CS, Ordering::AcqRel);
+        let r = q.check(Repair::All).unwrap();
+        assert_eq!((r.leaks, r.leaks_fixed), (1, 0));
+    }
+}
