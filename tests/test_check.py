@@ -112,6 +112,12 @@ def zero_refcount(m: Meta) -> None:
     m.set_refcount(host // m.cs, 0)
 
 
+def shared_too_low(m: Meta) -> None:
+    """A cluster the snapshot shares with the active layer, its refcount 2 lowered to 1."""
+    host = m.u64(m.l2_entry(64 << 10)) & 0x00FFFFFFFFFFFE00
+    m.set_refcount(host // m.cs, 1)
+
+
 def copied_l2(m: Meta) -> None:
     at = m.l2_entry(0)
     m.put64(at, m.u64(at) & ~COPIED)
@@ -154,6 +160,7 @@ def compressed_copied(m: Meta) -> None:
 DAMAGES: Dict[str, Callable[[Meta], None]] = {
     "leak": leak,
     "shared_leak": shared_leak,
+    "shared_too_low": shared_too_low,
     "zero_refcount": zero_refcount,
     "copied_l2": copied_l2,
     "copied_l1": copied_l1,
@@ -169,6 +176,10 @@ def make_image(path: Path, *opts: str) -> Path:
     qemu_img("create", "-q", "-f", "qcow2", *(["-o", ",".join(opts)] if opts else []), str(path), "64M")
     qemu_io(str(path), "write -P 1 0 1M", "write -P 2 10M 192k", "write -c -P 3 2M 64k", "write -P 4 1M 64k",
             "write -P 5 4M 64k", "write -z 4M 64k")  # the last one stays allocated, reading as zeroes
+    # An internal snapshot shares what was written so far; then the active
+    # layer rewrites its first cluster (its L2 table is copied).
+    qemu_img("snapshot", "-c", "s1", str(path))
+    qemu_io(str(path), "write -P 6 0 64k")
     return path
 
 
@@ -213,7 +224,7 @@ def test_snapshots_bitmaps_and_data_files_are_counted(tmp):
     r = qb.check(p, repair="leaks")
     assert r.clean and not (r.leaks_fixed or r.corruptions_fixed)
     assert p.read_bytes() == before
-    assert len(json.loads(qemu_img("info", "--output=json", str(p)).stdout)["snapshots"]) == 2
+    assert len(json.loads(qemu_img("info", "--output=json", str(p)).stdout)["snapshots"]) == 3
     d = tmp / "d.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp / 'd.raw'}", str(d), "8M")
     qemu_io(str(d), "write -P 1 0 1M")
