@@ -1,6 +1,6 @@
 """Consistency checks and repairs of images: :func:`check`, as ``qemu-img check``.
 
-qcow2, qed and vdi are checked today (vdi without repairs). For qcow2 every reference its metadata makes is
+qcow2, qed, vdi (without repairs) and parallels are checked today. For qcow2 every reference its metadata makes is
 counted and compared with the stored refcounts, and the copied flags with
 the refcounts (see the README). Other formats raise
 :class:`~libqblock.errors.UnsupportedError`, as ``qemu-img check`` refuses
@@ -19,12 +19,12 @@ from .formats import Format
 from .image import Where, _fmt_name, probe
 from .location import Location
 
-#: Formats whose driver checks its metadata (qemu-img also checks vhdx and
-#: parallels; libqblock does not yet).
-CHECKABLE = frozenset({Format.QCOW2, Format.QED, Format.VDI})
+#: Formats whose driver checks its metadata (qemu-img also checks vhdx;
+#: libqblock does not yet).
+CHECKABLE = frozenset({Format.QCOW2, Format.QED, Format.VDI, Format.PARALLELS})
 #: Of those, the ones a check can repair (qemu-img check -r on a vdi image
 #: says "This image format does not support checks").
-REPAIRABLE = frozenset({Format.QCOW2, Format.QED})
+REPAIRABLE = frozenset({Format.QCOW2, Format.QED, Format.PARALLELS})
 
 _REPAIRS = {None: "none", "leaks": "leaks", "all": "all"}
 
