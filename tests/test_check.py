@@ -620,3 +620,28 @@ def test_vhdx_dirty_log_is_replayed_by_a_repair(tmp):
     assert "1 corruptions" in mine.stdout
     assert qb.check(ours).clean and qemu_check(str(ours))[0] == 0
     assert qemu_img("compare", str(ours), str(theirs), check=False).returncode == 0
+
+
+# --- vmdk -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"])
+def test_vmdk_matches_qemu(tmp, subformat):
+    p = tmp / "v.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", str(p), "16M")
+    qemu_io(str(p), "write -P 1 0 1M", "write -P 2 8M 64k", fmt="vmdk")
+    assert_same_as_qemu(p, qb.check(str(p)))
+    # No repairs, as qemu-img: "does not support checks", exit 63.
+    assert qemu_img("check", "-r", "leaks", str(p), check=False).returncode == 63
+    r = subprocess.run([*qblock_cmd(), "check", "-r", "leaks", str(p)], capture_output=True, text=True)
+    assert r.returncode == 63
+
+
+def test_vmdk_grain_past_the_end_fails_the_check(tmp):
+    p = tmp / "v.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(p), "16M")
+    qemu_io(str(p), "write -P 1 0 1M", fmt="vmdk")
+    os.truncate(p, 200_000)
+    assert qemu_img("check", str(p), check=False).returncode == 1
+    r = subprocess.run([*qblock_cmd(), "check", str(p)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("qblock: Check failed: ") and "Traceback" not in r.stderr

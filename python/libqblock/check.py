@@ -1,7 +1,7 @@
 """Consistency checks and repairs of images: :func:`check`, as ``qemu-img check``.
 
-qcow2, qed, vdi (without repairs), parallels and vhdx are checked, as
-qemu-img checks them. For qcow2 every reference its metadata makes is
+qcow2, qed, vdi and vmdk (these two without repairs), parallels and vhdx are
+checked, as qemu-img checks them. For qcow2 every reference its metadata makes is
 counted and compared with the stored refcounts, and the copied flags with
 the refcounts (see the README). Other formats raise
 :class:`~libqblock.errors.UnsupportedError`, as ``qemu-img check`` refuses
@@ -21,9 +21,9 @@ from .image import Where, _fmt_name, probe
 from .location import Location
 
 #: Formats whose driver checks its metadata: those qemu-img checks.
-CHECKABLE = frozenset({Format.QCOW2, Format.QED, Format.VDI, Format.PARALLELS, Format.VHDX})
-#: Of those, the ones a check can repair (qemu-img check -r on a vdi image
-#: says "This image format does not support checks").
+CHECKABLE = frozenset({Format.QCOW2, Format.QED, Format.VDI, Format.PARALLELS, Format.VHDX, Format.VMDK})
+#: Of those, the ones a check can repair (qemu-img check -r on a vdi or vmdk
+#: image says "This image format does not support checks").
 REPAIRABLE = frozenset({Format.QCOW2, Format.QED, Format.PARALLELS, Format.VHDX})
 
 _REPAIRS = {None: "none", "leaks": "leaks", "all": "all"}
