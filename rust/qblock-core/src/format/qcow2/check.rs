@@ -4,8 +4,9 @@
 //!
 //! A walk counts every reference the metadata makes (header, L1/L2 tables
 //! and the clusters they map, snapshots, the refcount table and blocks,
-//! bitmaps), cluster by cluster, including clusters past the end of the
-//! file. The counts are then compared with the stored refcounts: a stored
+//! bitmaps), cluster by cluster; a range reaching a whole cluster or more
+//! past the end of the file is a corruption and is not counted (QEMU's
+//! rule: nothing is rebuilt for it). The counts are then compared with the stored refcounts: a stored
 //! refcount above the count is a leak (wasted space), one below it a
 //! corruption (a cluster that could be handed out twice). Last, the copied
 //! flag of every L1 and L2 entry of the active table must say "refcount is
@@ -17,8 +18,9 @@
 //! structure itself is damaged), `Repair::All` writes a whole new structure
 //! past the last used cluster, then switches the header to it
 //! (`repair::write_refcounts`): a crash before the switch leaves the old
-//! structure in force. Copied flags are fixed last, from the refcounts now
-//! on disk. A repaired image with no corruption left is marked clean (the
+//! structure in force. `Repair::All` also turns a misaligned preallocated
+//! zero cluster into a plain zero cluster. Copied flags are fixed last, from
+//! the refcounts now on disk. A repaired image with no corruption left is marked clean (the
 //! dirty and corrupt bits cleared after a flush).
 
 use super::header::{Header, OFF_INCOMPAT};
@@ -37,10 +39,13 @@ use std::sync::atomic::Ordering;
 /// can have millions; the counts stay exact.
 const MAX_MESSAGES: usize = 10_000;
 /// Distinct clusters past the end of the file that references may name
-/// (each costs a map entry).
+/// (each costs a map entry). Only the cluster a range ends in may lie past
+/// the end (see `Walk::add`), so this is a guard, never reached by QEMU's
+/// rules.
 const MAX_BEYOND: usize = 1 << 20;
 /// Stored refcounts past the end of the file the comparison looks at (only
-/// refcount blocks under references past the end are read there).
+/// refcount blocks under references past the end are read there): a guard
+/// like `MAX_BEYOND`.
 const MAX_BEYOND_VISITS: u64 = 1 << 26;
 /// Reserved bits of a refcount table entry.
 const REFT_RESERVED: u64 = 0x1ff;
@@ -56,7 +61,8 @@ fn corruption(rep: &mut CheckReport, msg: impl Into<String>) {
     say(rep, msg);
 }
 
-/// References per cluster: dense over the file, sparse past its end.
+/// References per cluster: dense over the file, sparse past its end (the
+/// last cluster of a range may reach past a file whose tail is unwritten).
 #[derive(Default)]
 struct Refs {
     dense: Vec<u32>,
