@@ -140,18 +140,22 @@ def check(location: Where, *, format: Optional[Union[Format, str]] = None,  # no
 
     ``format`` None probes it. ``repair`` None only reports (the image is
     opened read-only); ``"leaks"`` frees leaked clusters; ``"all"`` also
-    fixes corruptions (a refcount of 0 under a used cluster makes it rebuild
-    the whole refcount structure). A repair opens the image read-write (so
-    it fails while another process holds it), and is followed by a second
-    check whose counts the result carries. The backing chain is not opened:
-    only this file is checked. A dirty or corrupt-marked qcow2 is reported as
-    it is on disk, and marked clean once a repair leaves no corruption.
+    fixes corruptions (for qcow2, a refcount of 0 under a used cluster makes
+    it rebuild the whole refcount structure). A repair opens the image
+    read-write (libqblock takes no image locks yet: never repair an image
+    another process has open) and, when it fixed something, is followed by a
+    second check whose counts the result carries. The backing chain is not
+    opened: only this file is checked. A dirty or corrupt-marked qcow2 is
+    reported as it is on disk, and marked clean once a repair leaves no
+    corruption.
 
-    Raises UnsupportedError for a format that cannot be checked,
-    InvalidParamError for an unknown ``repair``, CorruptImageError when the
-    image cannot even be opened or (with ``repair="leaks"``) needs a rebuild
-    only ``repair="all"`` does, and NoMemoryError/UnsupportedError when its
-    metadata is beyond the check's limits.
+    Raises UnsupportedError for a format that cannot be checked (or, vdi and
+    vmdk, repaired), InvalidParamError for an unknown ``repair``,
+    CorruptImageError when the image cannot even be opened, when the check
+    cannot complete (a vmdk grain past its extent file) or when (qcow2, with
+    ``repair="leaks"``) it needs a rebuild only ``repair="all"`` does, and
+    NoMemoryError/UnsupportedError when its metadata is beyond the check's
+    limits.
     """
     if repair not in _REPAIRS:
         raise InvalidParamError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
