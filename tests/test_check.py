@@ -645,3 +645,19 @@ def test_vmdk_grain_past_the_end_fails_the_check(tmp):
     assert qemu_img("check", str(p), check=False).returncode == 1
     r = subprocess.run([*qblock_cmd(), "check", str(p)], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("qblock: Check failed: ") and "Traceback" not in r.stderr
+
+
+def test_rebuild_keeps_a_version_2_header_extension(tmp):
+    """Version 2 has no feature fields: offset 72 starts its extensions (here
+    the backing format), which a rebuild must not overwrite."""
+    base = tmp / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
+    p = tmp / "v2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", str(base), "-F", "qcow2", str(p))
+    qemu_io(str(p), "write -P 1 0 1M")
+    zero_refcount(Meta(p))
+    r = qb.check(p, repair="all")
+    assert r.clean and r.corruptions_fixed == 1
+    info = json.loads(qemu_img("info", "--output=json", str(p)).stdout)
+    assert info["backing-filename-format"] == "qcow2" and info["format-specific"]["data"]["compat"] == "0.10"
+    assert qemu_check(str(p))[0] == 0
