@@ -47,11 +47,13 @@ from .snapshot import SnapshotInfo
 from .tools import CompareResult, checksum, compare, convert, resize
 from .backing import commit, rebase
 from .sizing import MeasureResult, measure
+from .check import CheckResult, check
 from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
     "BlockStatus",
     "Broker",
+    "CheckResult",
     "CompareResult",
     "CorruptImageError",
     "CowOptions",
@@ -96,6 +98,7 @@ __all__ = [
     "VmdkOptions",
     "VpcOptions",
     "capi",
+    "check",
     "checksum",
     "commit",
     "compare",

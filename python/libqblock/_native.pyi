@@ -1,5 +1,5 @@
 """Type stubs for ``libqblock._native``, the PyO3 extension
-(rust/qblock-python/src/image.rs). Checked against the built module by
+(rust/qblock-python/src/image.rs, tools.rs, check.rs). Checked against the built module by
 ``python -m mypy.stubtest libqblock._native`` (tests/test_api.py)."""
 
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, final
@@ -8,6 +8,7 @@ from typing_extensions import Buffer
 
 __all__ = [
     "Image",
+    "check_image",
     "checksum_image",
     "commit_image",
     "compare_images",
@@ -95,3 +96,9 @@ def rebase_image(
     unsafe_: bool = False,
     progress: _Progress = None,
 ) -> None: ...
+
+# (format, first report, second report after a repair that fixed something);
+# each report has the CheckReport fields and "messages".
+def check_image(
+    protocol: str, target: str, fmt: Optional[str], repair: str
+) -> Tuple[str, Dict[str, Any], Optional[Dict[str, Any]]]: ...

@@ -1,4 +1,5 @@
-"""The ``qblock`` command: create, info, write, read, map, convert, compare, checksum and snapshot images."""
+"""The ``qblock`` command: qemu-img's jobs (create, info, map, convert, compare, check, commit, rebase,
+resize, snapshot, measure, amend, dd) plus write, read and checksum, with its options and outputs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from . import tools as _tools
 from ._qemu_order import qemu_order
 from .errors import InvalidParamError, OutOfRangeError, QBlockError, UnsupportedError
 from .flags import O_CACHE_WB, O_RDWR
+from .check import check as _check
 from .formats import Format
 from .options import ImageOptions, option_fields, options_class
 from .snapshot import SnapshotInfo
@@ -471,6 +473,39 @@ def cmd_measure(a: argparse.Namespace) -> int:
         if r.bitmaps is not None:
             print(f"bitmaps size: {r.bitmaps}")
     return 0
+def cmd_check(a: argparse.Namespace) -> int:
+    """``qblock check [-f FMT] [-r leaks|all] [--output human|json] [-q] FILE``.
+
+    Exits as qemu-img check: 0 clean, 1 the check could not complete, 2
+    corruptions, 3 leaks only, 63 the format cannot be checked. The findings
+    go to stderr, the summary to stdout.
+    """
+    try:
+        r = _check(a.filename, format=a.format, repair=a.repair)
+    except UnsupportedError as e:
+        if e.message.startswith("This image format does not support checks"):
+            print("qblock: This image format does not support checks", file=sys.stderr)
+            return 63
+        raise
+    except QBlockError as e:
+        print(f"qblock: Check failed: {e.message}", file=sys.stderr)
+        return 1
+    for line in r.repair_messages:
+        print(line, file=sys.stderr)
+    if not a.quiet and a.output == "human":
+        sys.stdout.write(r.repair_text())
+        sys.stdout.flush()
+    for line in r.messages:
+        print(line, file=sys.stderr)
+    if not a.quiet:
+        if a.output == "json":
+            print(json.dumps(r.to_qemu_json(), indent=4))
+        else:
+            sys.stdout.write(r.summary_text())
+    if r.check_errors:
+        print("qblock: Check failed", file=sys.stderr)
+        return 1
+    return 2 if r.corruptions else 3 if r.leaks else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -585,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("-O", dest="output_format", default="raw", help="format of the output (default raw)")
     dd.add_argument("operands", nargs=argparse.REMAINDER, metavar="KEY=VALUE")
     dd.set_defaults(func=cmd_dd)
+    cc = sub.add_parser("check", help="check an image's metadata (and repair it); exit 0 clean, 2 corrupt, 3 leaks")
+    cc.add_argument("-f", "--format")
+    cc.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair leaks, or all that can be repaired")
+    cc.add_argument("--output", choices=("human", "json"), default="human")
+    cc.add_argument("-q", dest="quiet", action="store_true", help="print no summary; only the exit status tells")
+    cc.add_argument("filename")
+    cc.set_defaults(func=cmd_check)
     return p
 
 

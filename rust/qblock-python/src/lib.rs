@@ -2,6 +2,7 @@
 //! release and error mapping only; no format knowledge lives here.
 
 mod buffer;
+mod check;
 mod errors;
 mod image;
 mod snapshot;
@@ -25,5 +26,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tools::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(tools::commit_image, m)?)?;
     m.add_function(wrap_pyfunction!(tools::rebase_image, m)?)?;
+    m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     Ok(())
 }

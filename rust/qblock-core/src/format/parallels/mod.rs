@@ -18,15 +18,17 @@
 //! new clusters could land on the extension's clusters.
 //!
 //! `bundle`: opening a `.hdd` bundle through its DiskDescriptor.xml.
+//! `check`: `qemu-img check` for parallels.
 //!
 //! Reading takes no lock: the BAT is a vector of atomics and `map` returns
 //! runs of consecutive clusters. Allocation is serialized by one mutex.
 
 pub mod bundle;
+mod check;
 
 use super::bytes::{le32, le64};
 use crate::backend::Storage;
-use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
 use crate::format_name::Format;
 use crate::location::Location;
@@ -221,6 +223,9 @@ struct Alloc {
     /// The in-use flag is set on disk and must be cleared on close.
     marked: bool,
     closed: bool,
+    /// The image was not closed cleanly and no check has repaired that yet
+    /// (what a check reports, as QEMU's does, even once close would clear it).
+    unclean: bool,
 }
 
 pub struct Parallels {
@@ -331,6 +336,7 @@ impl Parallels {
             data_end,
             marked,
             closed: false,
+            unclean: header.dirty,
         });
         Ok(Parallels {
             storage,
@@ -467,6 +473,10 @@ impl Parallels {
 impl Driver for Parallels {
     fn format(&self) -> Format {
         Format::Parallels
+    }
+
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        self.check_impl(repair)
     }
     fn virtual_size(&self) -> u64 {
         self.header.size

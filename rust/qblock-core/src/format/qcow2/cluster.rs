@@ -181,20 +181,42 @@ pub fn check_l1_entry(g: &Geometry, idx: usize, e: u64, file_end: u64) -> Result
     Ok(off)
 }
 
-/// Load and check the L1 table.
-pub fn load_l1(file: &dyn Storage, g: &Geometry, offset: u64, size: u32, file_end: u64) -> Result<L1> {
+/// In memory only, in an image opened for checking: an L1 entry that
+/// failed `check_l1_entry` (it has reserved bits set, so no real entry is
+/// ever equal to it). Mapping through it is an error; the check reads the
+/// entry from disk.
+pub const DAMAGED_L1: u64 = u64::MAX;
+
+/// Load and check the L1 table; with `lenient` (an image opened for checking, which
+/// QEMU opens without looking at L1 entries) a bad entry becomes
+/// [`DAMAGED_L1`] instead of failing the open. Also says whether any was bad.
+pub fn load_l1(
+    file: &dyn Storage,
+    g: &Geometry,
+    offset: u64,
+    size: u32,
+    file_end: u64,
+    lenient: bool,
+) -> Result<(L1, bool)> {
     let mut raw = try_zeroed(size as usize * 8, "L1 table")?; // capped at 32 MiB by the header check
     file.read_at(&mut raw, offset)?;
     let mut entries = Vec::new();
     entries
         .try_reserve_exact(size as usize)
         .map_err(|_| Error::NoMemory("L1 table".into()))?;
+    let mut damaged = false;
     for (i, c) in raw.chunks_exact(8).enumerate() {
         let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
-        check_l1_entry(g, i, e, file_end)?;
-        entries.push(e);
+        match check_l1_entry(g, i, e, file_end) {
+            Ok(_) => entries.push(e),
+            Err(_) if lenient => {
+                damaged = true;
+                entries.push(DAMAGED_L1);
+            }
+            Err(err) => return Err(err),
+        }
     }
-    Ok(L1 { offset, entries })
+    Ok((L1 { offset, entries }, damaged))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //!   for `write_compressed` (packed byte by byte, as QEMU writes them).
 //! - `bitmap`: marking persistent bitmaps in use before we write.
 //! - `repair`: recounting the refcounts of a dirty image.
+//! - `check`: the consistency check and its repairs (`qemu-img check`).
 //! - `snapshot`: the internal snapshot table (read, checked, written).
 //! - `snapshot_ops`: creating, applying and deleting internal snapshots.
 //! - `create`: new images.
@@ -28,6 +29,7 @@
 //! outside any lock.
 
 mod bitmap;
+mod check;
 mod cluster;
 mod compress;
 mod create;
@@ -43,7 +45,7 @@ mod write;
 mod tests;
 
 use crate::backend::Storage;
-use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping, SnapshotInfo};
+use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair, SnapshotInfo};
 use crate::error::{corrupt, try_zeroed, Error, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
@@ -115,6 +117,13 @@ pub struct Qcow2 {
     /// operations, so that no write (not even one into a cluster of our
     /// own, which takes no other lock) runs while the tables change hands.
     gate: RwLock<()>,
+    /// Opened read-write for checking while dirty or marked corrupt: the
+    /// refcounts on disk cannot be trusted, so nothing may allocate until a
+    /// check has repaired them (`check.rs` clears it).
+    stale: AtomicBool,
+    /// Opened for checking with L1 entries that failed their checks (kept
+    /// as `cluster::DAMAGED_L1`): never written through.
+    damaged_l1: bool,
 }
 
 fn open(file: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
@@ -133,12 +142,15 @@ impl Qcow2 {
         hdr.parse_extensions(&first)?;
         hdr.validate(len)?;
         let read_only = ctx.read_only;
-        if !read_only && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
+        // A corrupt image may be opened for writing only to be repaired.
+        if !read_only && !ctx.check && hdr.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(corrupt("image is marked corrupt; it can only be opened read-only"));
         }
         let g = Geometry::new(hdr.cluster_bits, hdr.extended_l2());
         let file_end = align_up(len, cs)?;
-        let l1 = cluster::load_l1(file.as_ref(), &g, hdr.l1_table_offset, hdr.l1_size, file_end)?;
+        let (l1, damaged_l1) =
+            cluster::load_l1(file.as_ref(), &g, hdr.l1_table_offset, hdr.l1_size, file_end, ctx.check)?;
+        let stale = ctx.check && !read_only && hdr.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0;
         let snaps = if hdr.nb_snapshots > 0 {
             let (list, table_len) = snapshot::read_table(file.as_ref(), &hdr, len)?;
             snapshot::Table {
@@ -206,6 +218,8 @@ impl Qcow2 {
             meta: RwLock::new(Vec::new()),
             snaps: RwLock::new(snaps),
             gate: RwLock::new(()),
+            stale: AtomicBool::new(stale),
+            damaged_l1,
         })
     }
 
@@ -265,6 +279,9 @@ impl Qcow2 {
             .entries
             .get(idx)
             .ok_or_else(|| Error::Internal(format!("offset {offset} is beyond the L1 table")))?;
+        if e == cluster::DAMAGED_L1 {
+            return Err(corrupt(format!("L1 entry {idx} is damaged (see the check's report)")));
+        }
         Ok((idx, e & OFFSET_MASK))
     }
 
@@ -616,5 +633,9 @@ impl Driver for Qcow2 {
 
     fn truncate(&self, size: u64) -> Result<()> {
         self.truncate_impl(size)
+    }
+
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        self.check_impl(repair)
     }
 }

@@ -494,7 +494,7 @@ pub fn set_entry(b: &mut [u8], i: usize, order: u32, v: u64) {
 }
 
 /// Bytes of a block holding entries `i0..=i1`.
-fn byte_range(i0: usize, i1: usize, order: u32) -> (usize, usize) {
+pub fn byte_range(i0: usize, i1: usize, order: u32) -> (usize, usize) {
     let bits = 1usize << order;
     ((i0 * bits) / 8, ((i1 + 1) * bits).div_ceil(8))
 }

@@ -13,20 +13,29 @@
 //! open repairs again; the old structures become unreferenced clusters.
 
 use super::bitmap;
-use super::header::{Header, OFF_INCOMPAT, OFF_REFTABLE};
+use super::header::{BitmapsExt, Header, OFF_INCOMPAT, OFF_REFTABLE};
 use super::refcount::set_entry;
 use super::snapshot;
 use super::types::*;
 use crate::backend::Storage;
 use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
 
-/// Largest file (in clusters) we repair: the counting array is 4 bytes per
-/// cluster, so this bounds it at 64 MiB (1 TiB of 64 KiB clusters).
-const MAX_REPAIR_CLUSTERS: u64 = 1 << 24;
+/// Largest file (in clusters) we repair or check: the counting array is 4
+/// bytes per cluster, so this bounds it at 64 MiB (1 TiB of 64 KiB clusters).
+pub const MAX_REPAIR_CLUSTERS: u64 = 1 << 24;
 
 /// Metadata the recount may read: every snapshot walks its L2 tables again,
 /// so a hostile table of snapshots could otherwise make it read without end.
-const MAX_REPAIR_READ: u64 = 2 << 30;
+pub const MAX_REPAIR_READ: u64 = 2 << 30;
+
+/// Where a walk over the metadata sends what it finds: the recount here,
+/// and the consistency check (`check.rs`), which also classifies damage.
+pub trait RefSink {
+    /// One reference to every cluster touched by `[off, off+len)`.
+    fn add(&mut self, off: u64, len: u64, what: &str) -> Result<()>;
+    /// `bytes` of tables are about to be read (bounded by the caller).
+    fn charge(&mut self, bytes: u64) -> Result<()>;
+}
 
 struct Counter {
     cs: u64,
@@ -36,8 +45,7 @@ struct Counter {
     read: u64,
 }
 
-impl Counter {
-    /// Count one reference to every cluster touched by `[off, off+len)`.
+impl RefSink for Counter {
     fn add(&mut self, off: u64, len: u64, what: &str) -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -66,7 +74,9 @@ impl Counter {
         }
         Ok(())
     }
+}
 
+impl Counter {
     /// An L1 table and everything below it.
     fn l1(&mut self, file: &dyn Storage, g: &Geometry, off: u64, size: u64, data_file: bool) -> Result<()> {
         if size * 8 > MAX_L1_BYTES || !off.is_multiple_of(self.cs) {
@@ -136,42 +146,59 @@ pub fn count_references(file: &dyn Storage, h: &Header, l1_offset: u64, l1_size:
         }
         c.add(h.snapshots_offset, table_len, "snapshot table")?;
     }
-    // Bitmaps: directory, tables, data clusters.
     if let Some(b) = &h.bitmaps {
-        if b.directory_size > MAX_BITMAP_DIR {
-            return Err(corrupt("bitmap directory too large"));
-        }
-        c.add(b.directory_offset, b.directory_size, "bitmap directory")?;
-        let mut dir = try_zeroed(b.directory_size as usize, "bitmap directory")?;
-        file.read_at(&mut dir, b.directory_offset)?;
-        for (at, _) in bitmap::entries(&dir, b.nb_bitmaps)? {
-            let entry = at - 12;
-            let t_off = be64(&dir, entry);
-            let t_size = u64::from(be32(&dir, entry + 8));
-            if !t_off.is_multiple_of(cs) || t_size * 8 > MAX_L1_BYTES {
-                return Err(corrupt("bitmap table is invalid"));
-            }
-            c.add(t_off, t_size * 8, "bitmap table")?;
-            c.charge(t_size * 8)?;
-            let mut t = try_zeroed((t_size * 8) as usize, "bitmap table")?;
-            file.read_at(&mut t, t_off)?;
-            for e in t.chunks_exact(8) {
-                let o = be64(e, 0) & OFFSET_MASK;
-                if o != 0 {
-                    c.add(o, cs, "bitmap data")?;
-                }
-            }
-        }
+        bitmap_refs(file, b, cs, &mut c)?;
     }
     Ok(c.counts)
 }
 
+/// The bitmap directory, every bitmap table and the data clusters they
+/// name, as references.
+pub fn bitmap_refs(file: &dyn Storage, b: &BitmapsExt, cs: u64, sink: &mut dyn RefSink) -> Result<()> {
+    if b.directory_size > MAX_BITMAP_DIR {
+        return Err(corrupt("bitmap directory too large"));
+    }
+    sink.add(b.directory_offset, b.directory_size, "bitmap directory")?;
+    let mut dir = try_zeroed(b.directory_size as usize, "bitmap directory")?;
+    file.read_at(&mut dir, b.directory_offset)?;
+    for (at, _) in bitmap::entries(&dir, b.nb_bitmaps)? {
+        let entry = at - 12;
+        let t_off = be64(&dir, entry);
+        let t_size = u64::from(be32(&dir, entry + 8));
+        if !t_off.is_multiple_of(cs) || t_size * 8 > MAX_L1_BYTES {
+            return Err(corrupt("bitmap table is invalid"));
+        }
+        sink.add(t_off, t_size * 8, "bitmap table")?;
+        sink.charge(t_size * 8)?;
+        let mut t = try_zeroed((t_size * 8) as usize, "bitmap table")?;
+        file.read_at(&mut t, t_off)?;
+        for e in t.chunks_exact(8) {
+            let o = be64(e, 0) & OFFSET_MASK;
+            if o != 0 {
+                sink.add(o, cs, "bitmap data")?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Recount every reference and write a fresh refcount structure.
 pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64) -> Result<()> {
-    let cs = h.cluster_size();
-    let file_len = align_up(file.len()?, cs)?;
-    let nclusters = file_len / cs;
     let counts = count_references(file, h, l1_offset, l1_size)?;
+    write_refcounts(file, h, &counts)
+}
+
+/// Write a fresh refcount structure giving cluster `i` the refcount
+/// `counts[i]` (`counts` covers at least the whole file; the structure goes
+/// right after the clusters it covers and counts itself), switch the header
+/// to it and clear the dirty bit. The old structure is left unreferenced.
+pub fn write_refcounts(file: &dyn Storage, h: &mut Header, counts: &[u32]) -> Result<()> {
+    let cs = h.cluster_size();
+    let file_len = counts.len() as u64 * cs;
+    if file_len < file.len()? {
+        return Err(Error::Internal("refcount rebuild: counts do not cover the file".into()));
+    }
+    let nclusters = counts.len() as u64;
     // The new refcount structure at the end of the file counts itself.
     let order = h.refcount_order;
     let epb = (cs * 8) >> order;
@@ -229,9 +256,12 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
     hdr[8..].copy_from_slice(&(table as u32).to_be_bytes());
     file.write_at(&hdr, OFF_REFTABLE)?;
     file.flush()?;
-    h.incompatible &= !INCOMPAT_DIRTY;
-    file.write_at(&h.incompatible.to_be_bytes(), OFF_INCOMPAT)?;
-    file.flush()?;
+    if h.version >= 3 && h.incompatible & INCOMPAT_DIRTY != 0 {
+        // (Version 2 has no feature fields: offset 72 starts its extensions.)
+        h.incompatible &= !INCOMPAT_DIRTY;
+        file.write_at(&h.incompatible.to_be_bytes(), OFF_INCOMPAT)?;
+        file.flush()?;
+    }
     h.refcount_table_offset = table_off;
     h.refcount_table_clusters = table as u32;
     Ok(())

@@ -26,7 +26,7 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
 /// A valid v3 image with 512-byte clusters: header (0), refcount table (1),
 /// refcount block (2), L1 (3), one L2 table (4), one data cluster (5) full
 /// of 0xab mapped at guest offset 0.
-fn base() -> Vec<u8> {
+pub(super) fn base() -> Vec<u8> {
     let mut b = vec![0u8; 6 * CS];
     b[0..4].copy_from_slice(MAGIC);
     put32(&mut b, 4, 3);
@@ -58,6 +58,21 @@ fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
     };
     let s: Arc<dyn Storage> = Arc::new(MemoryStorage::new(b, read_only));
     Qcow2::open(s, &ctx)
+}
+
+/// Open image bytes, keeping the storage to look at afterwards; `check` as
+/// `qemu-img check` opens.
+pub(super) fn open_bytes_ctx(b: Vec<u8>, read_only: bool, check: bool) -> Result<(Qcow2, Arc<MemoryStorage>)> {
+    let loc = Location::file("/nonexistent/qcow2-unit-test.qcow2");
+    let ctx = OpenCtx {
+        location: &loc,
+        read_only,
+        direct: false,
+        check,
+    };
+    let m = Arc::new(MemoryStorage::new(b, read_only));
+    let s: Arc<dyn Storage> = m.clone();
+    Ok((Qcow2::open(s, &ctx)?, m))
 }
 
 fn read(d: &Qcow2, off: u64, len: usize) -> Result<Vec<u8>> {

@@ -46,6 +46,17 @@ impl Qcow2 {
         if self.read_only {
             return Err(invalid("the image is open read-only"));
         }
+        if self.damaged_l1 {
+            return Err(corrupt(
+                "the image has damaged L1 entries (opened for checking): writes are refused",
+            ));
+        }
+        if self.stale.load(Ordering::Acquire) {
+            return Err(corrupt(
+                "the image is dirty or marked corrupt and was opened for checking: \
+                 its refcounts are stale until a repair (check -r all) rebuilds them",
+            ));
+        }
         let mut g = self.alloc.lock();
         if g.as_ref().is_some_and(|rc| rc.broken) {
             // A previous operation failed half-way: start again from the disk.
@@ -53,12 +64,15 @@ impl Qcow2 {
         }
         if g.is_none() {
             let len = self.file.len()?;
+            // From the header on disk: a table moved since the open (grown,
+            // or rebuilt by a repair) is where it is now.
+            let h = self.disk_header()?;
             let mut rc = Refcounts::load(
                 self.file.as_ref(),
                 self.g.cluster_bits,
                 self.hdr.refcount_order,
-                self.hdr.refcount_table_offset,
-                self.hdr.refcount_table_clusters,
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
                 len,
             )?;
             rc.next_free = rc.next_free.max(self.file_end.load(Ordering::Relaxed));
@@ -578,7 +592,11 @@ impl Qcow2 {
     /// file's end). Under the allocation lock, so nothing is written beyond
     /// `file_end` meanwhile and growing the file cannot cut a write short.
     pub(super) fn release_reserved(&self) -> Result<()> {
-        let mut g = self.alloc.lock();
+        self.release_locked(&mut self.alloc.lock())
+    }
+
+    /// `release_reserved` with the allocation lock held.
+    pub(super) fn release_locked(&self, g: &mut Option<Refcounts>) -> Result<()> {
         if let Some(rc) = g.as_mut() {
             rc.release_pool(self.file.as_ref())?;
         }

@@ -45,7 +45,7 @@ mod sesparse;
 mod sparse;
 
 use crate::backend::Storage;
-use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
@@ -571,6 +571,35 @@ impl Driver for Vmdk {
     }
     fn host_file(&self, file: HostFile) -> Option<&dyn Storage> {
         self.files.get(file as usize).map(|s| s.as_ref())
+    }
+    /// `qemu-img check` for vmdk, as QEMU's: every run of the disk must map
+    /// inside its extent file; the first that does not fails the check (QEMU
+    /// stops there too). QEMU repairs nothing and refuses `-r` as "does not
+    /// support checks"; so do we.
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        if repair != Repair::None {
+            return Err(unsupported(
+                "This image format does not support checks (vmdk cannot be repaired)",
+            ));
+        }
+        let mut pos = 0u64;
+        while pos < self.size {
+            let m = self.map_status(pos, self.size - pos)?;
+            if let Mapped::Data { file, offset } = m.kind {
+                let len = self
+                    .host_file(file)
+                    .ok_or_else(|| corrupt("vmdk run mapped to an unknown extent file"))?
+                    .len()?;
+                if offset >= len {
+                    return Err(corrupt(format!(
+                        "ERROR: cluster offset for sector {} points after EOF",
+                        pos / 512
+                    )));
+                }
+            }
+            pos += m.len.max(1);
+        }
+        Ok(CheckReport::default())
     }
     fn read_encoded(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let e = self.extent_at(offset)?;

@@ -29,6 +29,8 @@
 //! set after the open (like QEMU, the next flush clears it); data clusters
 //! named twice are not looked for. Entries are still checked whenever used.
 //!
+//! `check` (submodule): `qemu-img check` for qed, as QEMU's qed-check.c.
+//!
 //! Crash order of an allocating write: the data cluster, then (for a new L2
 //! table) the table with its entry and a flush, then the L1 entry; or the
 //! L2 entry. The need-check flag covers what a crash can leave (L2/L1
@@ -39,10 +41,12 @@
 //! into. QEMU cannot open images with `table_size` 1 (its table check
 //! rejects one-cluster tables); we read, write and create them.
 
+mod check;
+
 use super::bytes::{le32, le64};
 use super::qcow::table::{ranges_meet, TableCache, TableSet};
 use crate::backend::Storage;
-use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
+use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
 use crate::format_name::Format;
 use crate::location::Location;
@@ -232,11 +236,18 @@ pub struct Qed {
 }
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Qed::open(storage, !ctx.read_only)?))
+    Ok(Box::new(Qed::open_with(storage, !ctx.read_only, ctx.check)?))
 }
 
 impl Qed {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qed> {
+        Self::open_with(storage, writable, false)
+    }
+
+    /// `check`: opened to be checked (as QEMU's BDRV_O_CHECK), so neither
+    /// repaired at open nor refused for bad L1 entries (they stay checked
+    /// whenever used).
+    pub fn open_with(storage: Arc<dyn Storage>, writable: bool, check: bool) -> Result<Qed> {
         let file_len = storage.len()?;
         if file_len < HEADER_SIZE as u64 {
             return Err(corrupt(format!(
@@ -298,7 +309,9 @@ impl Qed {
             q.write_header(&h)?;
             q.storage.flush()?;
         }
-        if writable && h.features & F_NEED_CHECK != 0 {
+        if check {
+            // Left for `Driver::check` to report and repair.
+        } else if writable && h.features & F_NEED_CHECK != 0 {
             q.repair()?;
         } else if h.features & F_NEED_CHECK == 0 {
             // A clean image: every L1 entry must name a table in the file.
@@ -448,6 +461,10 @@ impl Qed {
 impl Driver for Qed {
     fn format(&self) -> Format {
         Format::Qed
+    }
+
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        self.check_impl(repair)
     }
     fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
