@@ -421,7 +421,7 @@ try:
 except BaseException as e:
     out["exc"] = type(e).__name__
     out["msg"] = str(e)[:400]
-out["rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["rss_kib"] = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM")))  # ru_maxrss would inherit the parent's peak
 print("RESULT " + json.dumps(out), flush=True)
 """
 

@@ -103,7 +103,7 @@ try:
 except BaseException as e:
     out["exc"] = type(e).__name__
     out["msg"] = str(e)[:500]
-out["rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["rss_kib"] = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM")))  # ru_maxrss would inherit the parent's peak
 out["elapsed"] = round(time.monotonic() - t0, 3)
 print("RESULT " + json.dumps(out), flush=True)
 """

@@ -250,7 +250,7 @@ try:
 except Exception as e:
     out["exc"], out["msg"] = type(e).__name__, str(e)
 out["elapsed"] = round(time.monotonic() - t0, 3)
-out["rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["rss_kib"] = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM")))  # ru_maxrss would inherit the parent's peak
 print("RESULT " + json.dumps(out))
 """
 
