@@ -48,6 +48,7 @@ from .tools import CompareResult, checksum, compare, convert, resize
 from .backing import commit, rebase
 from .sizing import MeasureResult, measure
 from .check import CheckResult, check
+from .streams import convert_from_stream, convert_to_stream
 from . import capi  # noqa: E402  (imports the names above)
 
 __all__ = [
@@ -103,6 +104,8 @@ __all__ = [
     "commit",
     "compare",
     "convert",
+    "convert_from_stream",
+    "convert_to_stream",
     "create",
     "fmttype2str",
     "measure",

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 from . import backing as _backing
 from . import image as _image
 from . import sizing as _sizing
+from . import streams as _streams
 from . import tools as _tools
 from ._qemu_order import qemu_order
 from .errors import InvalidParamError, OutOfRangeError, QBlockError, UnsupportedError
@@ -337,6 +338,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     *sources, target = a.filenames
     if not sources:
         raise InvalidParamError("convert needs a source and a target")
+    if "-" in sources or target == "-":
+        return _convert_stream(a, sources, target)
     make: Optional[Callable[[int], ImageOptions]] = None
     if not a.existing:
         cls, kw = _option_args(a.output_format, a.o, a.backing, a.backing_format, None)
@@ -346,6 +349,26 @@ def cmd_convert(a: argparse.Namespace) -> int:
     _tools._convert(sources, target, make, source_format=a.format, sparse_size=parse_size(a.sparse_size),
                     compress=a.compress, start=0, length=None, threads=a.threads,
                     progress=_bar if a.progress else None, sync=a.cache != "unsafe")
+    return 0
+
+
+def _convert_stream(a: argparse.Namespace, sources: List[str], target: str) -> int:
+    """``-`` as the source (raw bytes on stdin) or the target (raw bytes to stdout)."""
+    if target == "-":
+        if a.output_format != "raw" or a.o or a.backing or a.existing or a.compress:
+            raise InvalidParamError("converting to stdout writes raw bytes: use -O raw, without -o, -B, -n or -c")
+        if "-" in sources:
+            raise InvalidParamError("stdin and stdout cannot both be streams here; one side must be a file")
+        out = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
+        _streams.convert_to_stream(sources, out, source_format=a.format, progress=_bar if a.progress else None)
+        return 0
+    if sources != ["-"] or (a.format or "raw") != "raw":
+        raise InvalidParamError("reading stdin takes one source, -, of raw bytes (-f raw)")
+    if a.existing or a.backing or a.compress:
+        raise InvalidParamError("reading stdin makes a new image: -n, -B and -c do not apply")
+    cls, kw = _option_args(a.output_format, a.o, None, None, None)
+    _streams.convert_from_stream(sys.stdin.buffer, target, cls(**kw, virt_size=kw.get("virt_size", cls.size_alignment)),
+                                 sparse_size=parse_size(a.sparse_size), progress=None)
     return 0
 
 
