@@ -156,6 +156,18 @@ mod tests {
         assert!(decompress(COMPRESSION_ZLIB, &[0xff; 64], &mut out).is_err());
     }
 
+    /// `n` pseudo-random bytes (xorshift32 from `seed`).
+    fn xorshift(mut x: u32, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn encoded_clusters_decode_and_incompressible_ones_are_refused() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
@@ -171,29 +183,13 @@ mod tests {
             decompress(kind, &c, &mut out).unwrap();
             assert_eq!(&out[..1000], &data[..1000]);
             assert!(out[1000..].iter().all(|&b| b == 0));
-            let mut x = 0x1234_5678u32;
-            let noise: Vec<u8> = (0..4096)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect();
+            let noise: Vec<u8> = xorshift(0x1234_5678, 4096);
             assert_eq!(compress_cluster(kind, &noise, 4096).unwrap(), None);
             assert!(compress_cluster(kind, &data[..5000], 4096).is_err());
         }
         // Random bytes on a 16-letter alphabet: Huffman alone, still a
         // stream a 4 KiB-window inflater reads.
-        let mut y = 99u32;
-        let alpha: Vec<u8> = (0..65536)
-            .map(|_| {
-                y ^= y << 13;
-                y ^= y >> 17;
-                y ^= y << 5;
-                b'A' + (y & 15) as u8
-            })
-            .collect();
+        let alpha: Vec<u8> = xorshift(99, 65536).iter().map(|b| b'A' + (b & 15)).collect();
         let c = compress_cluster(COMPRESSION_ZLIB, &alpha, 65536).unwrap().unwrap();
         assert!(c.len() < 65536 * 53 / 100, "{}", c.len());
         let mut d = flate2::Decompress::new_with_window_bits(false, 12);

@@ -45,7 +45,9 @@ mod write;
 mod tests;
 
 use crate::backend::Storage;
-use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair, SnapshotInfo};
+use crate::driver::{
+    BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair, SnapshotInfo,
+};
 use crate::error::{corrupt, try_zeroed, Error, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;

@@ -231,7 +231,11 @@ impl Qcow2 {
         }
         // `read_table` checked its size and place.
         let end = self.file_end.load(Ordering::Relaxed);
-        Ok(load_l1(self.file.as_ref(), &self.g, sn.l1_table_offset, sn.l1_size, end)?.entries)
+        Ok(
+            load_l1(self.file.as_ref(), &self.g, sn.l1_table_offset, sn.l1_size, end, false)?
+                .0
+                .entries,
+        )
     }
 
     /// Place `bytes` in fresh clusters at the end of the file, zero-padded
