@@ -45,6 +45,7 @@ from .options import (
 )
 from .tools import CompareResult, checksum, compare, convert, resize
 from .backing import commit, rebase
+from .amend import amend
 from .sizing import MeasureResult, measure
 from . import capi  # noqa: E402  (imports the names above)
 
@@ -93,6 +94,7 @@ __all__ = [
     "VhdxOptions",
     "VmdkOptions",
     "VpcOptions",
+    "amend",
     "capi",
     "checksum",
     "commit",

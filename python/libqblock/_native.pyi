@@ -8,6 +8,7 @@ from typing_extensions import Buffer
 
 __all__ = [
     "Image",
+    "amend_image",
     "checksum_image",
     "commit_image",
     "compare_images",
@@ -76,5 +77,19 @@ def rebase_image(
     name: Optional[str],
     backing_format: Optional[str] = None,
     unsafe_: bool = False,
+    progress: _Progress = None,
+) -> None: ...
+def amend_image(
+    protocol: str,
+    target: str,
+    format: Optional[str] = None,
+    compat: Optional[str] = None,
+    lazy_refcounts: Optional[bool] = None,
+    refcount_bits: Optional[int] = None,
+    size: Optional[int] = None,
+    backing_file: Optional[str] = None,
+    backing_fmt: Optional[str] = None,
+    data_file: Optional[str] = None,
+    data_file_raw: Optional[bool] = None,
     progress: _Progress = None,
 ) -> None: ...

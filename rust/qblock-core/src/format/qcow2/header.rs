@@ -53,7 +53,9 @@ pub const OFF_SIZE: u64 = 24;
 pub const OFF_L1_SIZE: u64 = 36; // l1_size (u32) then l1_table_offset (u64): 12 bytes
 pub const OFF_REFTABLE: u64 = 48; // offset (u64) then clusters (u32): 12 bytes
 pub const OFF_INCOMPAT: u64 = 72;
+pub const OFF_COMPAT: u64 = 80;
 pub const OFF_AUTOCLEAR: u64 = 88;
+pub const OFF_REFCOUNT_ORDER: u64 = 96;
 
 fn name(bytes: &[u8], what: &str) -> Result<String> {
     if bytes.contains(&0) {
@@ -505,7 +507,7 @@ pub struct NewHeader<'a> {
     pub data_file: Option<&'a str>,
 }
 
-fn push_ext(out: &mut Vec<u8>, magic: u32, data: &[u8]) {
+pub(super) fn push_ext(out: &mut Vec<u8>, magic: u32, data: &[u8]) {
     out.extend_from_slice(&magic.to_be_bytes());
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
     out.extend_from_slice(data);
@@ -523,6 +525,19 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
     (2, 0, "bitmaps"),
     (2, 1, "raw external data"),
 ];
+
+/// The feature name table extension's data: 48 bytes per known bit.
+pub(super) fn feature_table() -> Vec<u8> {
+    let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);
+    for (kind, bit, n) in FEATURE_NAMES {
+        let mut e = [0u8; 48];
+        e[0] = *kind;
+        e[1] = *bit;
+        e[2..2 + n.len()].copy_from_slice(n.as_bytes());
+        t.extend_from_slice(&e);
+    }
+    t
+}
 
 impl NewHeader<'_> {
     /// The first cluster's bytes (header, extensions, backing name);
@@ -560,15 +575,7 @@ impl NewHeader<'_> {
             push_ext(&mut out, EXT_DATA_FILE, d.as_bytes());
         }
         if v3 {
-            let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);
-            for (kind, bit, n) in FEATURE_NAMES {
-                let mut e = [0u8; 48];
-                e[0] = *kind;
-                e[1] = *bit;
-                e[2..2 + n.len()].copy_from_slice(n.as_bytes());
-                t.extend_from_slice(&e);
-            }
-            push_ext(&mut out, EXT_FEATURE_TABLE, &t);
+            push_ext(&mut out, EXT_FEATURE_TABLE, &feature_table());
         }
         out.extend_from_slice(&[0u8; 8]); // end of extensions
         if let Some(b) = self.backing_file {

@@ -12,6 +12,7 @@
 //! - `repair`: recounting the refcounts of a dirty image.
 //! - `snapshot`: checking the internal snapshot table.
 //! - `create`: new images.
+//! - `amend`: compat level, lazy refcounts and refcount width in place.
 //!
 //! Supported: v2/v3, every refcount width, extended L2 (read and write),
 //! zero clusters, compressed clusters (read; writing over one allocates a
@@ -25,6 +26,7 @@
 //! and returns a run of host bytes; the data I/O happens in `image.rs`
 //! outside any lock.
 
+pub mod amend;
 mod bitmap;
 mod cluster;
 mod compress;

@@ -13,7 +13,7 @@
 //! open repairs again; the old structures become unreferenced clusters.
 
 use super::bitmap;
-use super::header::{Header, OFF_INCOMPAT, OFF_REFTABLE};
+use super::header::{Header, OFF_INCOMPAT, OFF_REFCOUNT_ORDER, OFF_REFTABLE};
 use super::refcount::set_entry;
 use super::snapshot;
 use super::types::*;
@@ -168,12 +168,46 @@ pub fn count_references(file: &dyn Storage, h: &Header, l1_offset: u64, l1_size:
 
 /// Recount every reference and write a fresh refcount structure.
 pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64) -> Result<()> {
+    rebuild_with_order(file, h, l1_offset, l1_size, h.refcount_order)
+}
+
+/// [`rebuild`] with entries of `order` (refcount_bits = 1 << order) in the
+/// new structure. Every count is checked against the new width before
+/// anything is written. The header's table offset, table size and (when
+/// it changes) refcount order are switched by one write of bytes 48..100,
+/// inside the first sector, so the image names either the old structure
+/// with the old width or the new one with the new width, never a mix.
+pub fn rebuild_with_order(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64, order: u32) -> Result<()> {
     let cs = h.cluster_size();
     let file_len = align_up(file.len()?, cs)?;
     let nclusters = file_len / cs;
     let counts = count_references(file, h, l1_offset, l1_size)?;
+    if order > MAX_REFCOUNT_ORDER || (order != 4 && h.version < 3) {
+        return Err(Error::Internal(format!(
+            "refcount order {order} for a version {} image",
+            h.version
+        )));
+    }
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    };
+    if let Some((cl, &v)) = counts.iter().enumerate().find(|(_, &v)| u64::from(v) > max) {
+        return Err(if order == h.refcount_order {
+            corrupt(format!(
+                "cluster {cl} has {v} references, more than refcount_bits allow"
+            ))
+        } else {
+            // QEMU's wording (qcow2_change_refcount_order).
+            crate::error::invalid(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {v}",
+                1u32 << order,
+                cl as u64 * cs
+            ))
+        });
+    }
     // The new refcount structure at the end of the file counts itself.
-    let order = h.refcount_order;
     let epb = (cs * 8) >> order;
     let (mut blocks, mut table) = (1u64, 1u64);
     loop {
@@ -190,11 +224,6 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
     }
     let table_off = file_len;
     let blocks_off = table_off + table * cs;
-    let max = if order == 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1u32 << order)) - 1
-    };
     let mut tbl = try_zeroed((table * cs) as usize, "refcount table")?;
     let mut blk = try_zeroed(cs as usize, "refcount block")?;
     let total = nclusters + blocks + table;
@@ -210,11 +239,6 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
             } else {
                 1
             };
-            if v > max {
-                return Err(corrupt(format!(
-                    "cluster {cl} has {v} references, more than refcount_bits allow"
-                )));
-            }
             set_entry(&mut blk, i as usize, order, v);
         }
         let o = blocks_off + b * cs;
@@ -224,15 +248,29 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
     file.write_at(&tbl, table_off)?;
     file.flush()?;
     // Switch the header to the new table, then clear the dirty bit.
-    let mut hdr = [0u8; 12];
-    hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-    hdr[8..].copy_from_slice(&(table as u32).to_be_bytes());
-    file.write_at(&hdr, OFF_REFTABLE)?;
+    if order == h.refcount_order {
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(table as u32).to_be_bytes());
+        file.write_at(&hdr, OFF_REFTABLE)?;
+    } else {
+        // Bytes 60..96 as they are on disk now (the dirty bit included).
+        let mut hdr = [0u8; (OFF_REFCOUNT_ORDER + 4 - OFF_REFTABLE) as usize];
+        file.read_at(&mut hdr, OFF_REFTABLE)?;
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..12].copy_from_slice(&(table as u32).to_be_bytes());
+        let at = (OFF_REFCOUNT_ORDER - OFF_REFTABLE) as usize;
+        hdr[at..].copy_from_slice(&order.to_be_bytes());
+        file.write_at(&hdr, OFF_REFTABLE)?;
+    }
     file.flush()?;
-    h.incompatible &= !INCOMPAT_DIRTY;
-    file.write_at(&h.incompatible.to_be_bytes(), OFF_INCOMPAT)?;
-    file.flush()?;
+    h.refcount_order = order;
     h.refcount_table_offset = table_off;
     h.refcount_table_clusters = table as u32;
+    if h.incompatible & INCOMPAT_DIRTY != 0 {
+        h.incompatible &= !INCOMPAT_DIRTY;
+        file.write_at(&h.incompatible.to_be_bytes(), OFF_INCOMPAT)?;
+        file.flush()?;
+    }
     Ok(())
 }
