@@ -13,7 +13,7 @@ refused.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, Mapping, Optional, Union
 
 from . import _native
 from .errors import InvalidParamError
@@ -56,7 +56,7 @@ def _int(key: str, v: OptionValue) -> int:
     raise InvalidParamError(f"Parameter '{key}' expects a {'size' if key == 'size' else 'number'}")
 
 
-def _native_args(options: Dict[str, OptionValue]) -> Dict[str, object]:
+def _native_args(options: Mapping[str, OptionValue]) -> Dict[str, object]:
     """The options as the engine's keywords, each checked for its name and type."""
     out: Dict[str, object] = {}
     for raw_key, v in options.items():
@@ -79,7 +79,7 @@ def _native_args(options: Dict[str, OptionValue]) -> Dict[str, object]:
 
 def amend(
     location: Where,
-    options: Optional[Dict[str, OptionValue]] = None,
+    options: Optional[Mapping[str, OptionValue]] = None,
     *,
     format: Optional[Union[Format, str]] = None,  # noqa: A002 - qemu-img's word
     progress: Optional[ProgressFn] = None,
