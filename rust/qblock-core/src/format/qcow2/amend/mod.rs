@@ -26,6 +26,8 @@
 
 mod first_cluster;
 mod snapshots;
+#[cfg(test)]
+mod tests;
 mod zeroes;
 
 use super::header::{Header, OFF_AUTOCLEAR, OFF_COMPAT, OFF_INCOMPAT};
@@ -346,7 +348,12 @@ impl Steps<'_> {
 /// cannot make either (downgrading an image with a data file, ...).
 pub fn amend(location: &Location, opts: &AmendOptions, progress: &mut dyn Progress) -> Result<()> {
     let file = location.open_storage(false)?;
-    let file = file.as_ref();
+    amend_in(file.as_ref(), location, opts, progress)
+}
+
+/// [`amend`] on the image in `file`, found at `location` (for a resize,
+/// which opens the image with its backing chain).
+fn amend_in(file: &dyn Storage, location: &Location, opts: &AmendOptions, progress: &mut dyn Progress) -> Result<()> {
     let mut o = read_image(file)?;
     if o.h.incompatible & INCOMPAT_DIRTY != 0 && o.h.incompatible & INCOMPAT_CORRUPT == 0 {
         // As a writable open does (QEMU's too): recount a dirty image first.
