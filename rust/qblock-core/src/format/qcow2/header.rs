@@ -434,12 +434,26 @@ pub fn with_backing(first: &[u8], h: &Header, backing: Option<(&str, Option<&str
     if let Some((_, Some(f))) = backing {
         push_ext(&mut out, EXT_BACKING_FORMAT, f.as_bytes());
     }
+    for (magic, data) in extensions(first, h) {
+        if magic != EXT_BACKING_FORMAT {
+            push_ext(&mut out, magic, data);
+        }
+    }
+    finish_first_cluster(out, backing.map(|b| b.0), cs)
+}
+
+/// The extensions of `first` (already parsed into `h`) as (magic, data),
+/// in order, up to the end marker.
+pub(super) fn extensions<'a>(first: &'a [u8], h: &Header) -> Vec<(u32, &'a [u8])> {
+    let cs = h.cluster_size() as usize;
+    let hl = h.header_length as usize;
     // The extension area as parse_extensions bounded it (already checked).
     let end = if h.backing_file_offset > hl as u64 && h.backing_file_offset < cs as u64 {
         h.backing_file_offset as usize
     } else {
         cs
     };
+    let mut out = Vec::new();
     let mut off = hl;
     while off + 8 <= end {
         let magic = be32(first, off);
@@ -447,14 +461,19 @@ pub fn with_backing(first: &[u8], h: &Header, backing: Option<(&str, Option<&str
         if magic == EXT_END {
             break;
         }
-        if magic != EXT_BACKING_FORMAT {
-            push_ext(&mut out, magic, &first[off + 8..off + 8 + len]);
-        }
+        out.push((magic, &first[off + 8..off + 8 + len]));
         off += 8 + ((len + 7) & !7);
     }
+    out
+}
+
+/// Close a first cluster whose header and extensions are in `out`: the
+/// end marker, then the backing file name (its offset and size set in
+/// the header), zero-padded to the cluster size `cs`.
+pub(super) fn finish_first_cluster(mut out: Vec<u8>, backing: Option<&str>, cs: usize) -> Result<Vec<u8>> {
     out.extend_from_slice(&[0u8; 8]);
     let (boff, blen) = match backing {
-        Some((name, _)) => {
+        Some(name) => {
             let at = out.len() as u64;
             out.extend_from_slice(name.as_bytes());
             (at, name.len() as u32)

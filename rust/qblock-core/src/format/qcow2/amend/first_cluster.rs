@@ -7,9 +7,9 @@
 //! extension is kept byte for byte and in its order (backing format and
 //! unknown ones alike), and the backing file name follows the end marker.
 
-use super::super::header::{feature_table, push_ext, Header};
+use super::super::header::{extensions, feature_table, finish_first_cluster, push_ext, Header};
 use super::super::types::*;
-use crate::error::{unsupported, Result};
+use crate::error::Result;
 
 /// The fields a version change sets.
 pub struct NewFields {
@@ -20,30 +20,6 @@ pub struct NewFields {
     pub compression_type: u8,
     /// Drop the bitmaps extension (a version 2 image cannot keep bitmaps).
     pub drop_bitmaps: bool,
-}
-
-/// The extensions of `first` as (magic, data), in order, up to the end marker.
-fn extensions<'a>(first: &'a [u8], h: &Header) -> Vec<(u32, &'a [u8])> {
-    let cs = h.cluster_size() as usize;
-    let hl = h.header_length as usize;
-    // The extension area as parse_extensions bounded (and checked) it.
-    let end = if h.backing_file_offset > hl as u64 && h.backing_file_offset < cs as u64 {
-        h.backing_file_offset as usize
-    } else {
-        cs
-    };
-    let mut out = Vec::new();
-    let mut off = hl;
-    while off + 8 <= end {
-        let magic = be32(first, off);
-        let len = be32(first, off + 4) as usize;
-        if magic == EXT_END {
-            break;
-        }
-        out.push((magic, &first[off + 8..off + 8 + len]));
-        off += 8 + ((len + 7) & !7);
-    }
-    out
 }
 
 /// How many bytes of `first` are in use: header, extensions, end marker
@@ -85,23 +61,77 @@ pub fn rewrite(first: &[u8], h: &Header, f: &NewFields) -> Result<Vec<u8>> {
         // A version 2 image has no feature bits to name.
         push_ext(&mut out, EXT_FEATURE_TABLE, &feature_table());
     }
-    out.extend_from_slice(&[0u8; 8]);
-    let (boff, blen) = match &h.backing_file {
-        Some(name) => {
-            let at = out.len() as u64;
-            out.extend_from_slice(name.as_bytes());
-            (at, name.len() as u32)
+    finish_first_cluster(out, h.backing_file.as_deref(), cs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::qcow2::header::NewHeader;
+
+    /// A version 2 first cluster with a backing format, an unknown
+    /// extension and a backing name; parsed.
+    fn v2() -> (Vec<u8>, Header) {
+        let mut first = NewHeader {
+            version: 2,
+            cluster_bits: 16,
+            size: 1 << 20,
+            l1_size: 1,
+            l1_table_offset: 3 << 16,
+            refcount_table_offset: 1 << 16,
+            refcount_table_clusters: 1,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            compression_type: 0,
+            backing_file: None,
+            backing_format: Some("raw"),
+            data_file: None,
         }
-        None => (0, 0),
-    };
-    if out.len() > cs {
-        return Err(unsupported(format!(
-            "the new header, its extensions and the backing file name need {} bytes, more than the {cs}-byte first cluster",
-            out.len()
-        )));
+        .serialize()
+        .unwrap();
+        first.truncate(first.len() - 8); // reopen the extension area
+        push_ext(&mut first, 0x1234_5678, b"keep me");
+        let first = finish_first_cluster(first, Some("base.img"), 1 << 16).unwrap();
+        let h = reparse(&first);
+        (first, h)
     }
-    out[8..16].copy_from_slice(&boff.to_be_bytes());
-    out[16..20].copy_from_slice(&blen.to_be_bytes());
-    out.resize(cs, 0);
-    Ok(out)
+
+    fn reparse(first: &[u8]) -> Header {
+        let mut h = Header::parse_fixed(first, 4 << 16).unwrap();
+        h.parse_extensions(first).unwrap();
+        h
+    }
+
+    fn fields(version: u32) -> NewFields {
+        NewFields {
+            version,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            compression_type: 0,
+            drop_bitmaps: true,
+        }
+    }
+
+    #[test]
+    fn up_and_down_keep_backing_and_unknown_extensions() {
+        let (first, h) = v2();
+        assert_eq!(h.unknown_extensions, vec![0x1234_5678]);
+        let up = rewrite(&first, &h, &fields(3)).unwrap();
+        let h3 = reparse(&up);
+        assert_eq!((h3.version, h3.header_length), (3, 112));
+        assert_eq!(h3.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(h3.backing_format.as_deref(), Some("raw"));
+        assert_eq!(h3.unknown_extensions, vec![0x1234_5678]);
+        assert_eq!(h3.feature_name(1, 0), Some("lazy refcounts"));
+        let down = rewrite(&up, &h3, &fields(2)).unwrap();
+        let h2 = reparse(&down);
+        assert_eq!((h2.version, h2.header_length), (2, 72));
+        assert!(h2.feature_names.is_empty());
+        assert_eq!(h2.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(h2.unknown_extensions, vec![0x1234_5678]);
+        assert_eq!(used_len(&down, &h2), used_len(&first, &h));
+    }
 }
