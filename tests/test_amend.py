@@ -120,6 +120,16 @@ def test_lazy_refcounts_off_on_a_dirty_image_recounts_first(tmp):
     assert qemu_info(str(ours))["dirty-flag"] is False
 
 
+def test_a_refusal_leaves_even_a_dirty_image_unrepaired(tmp):
+    src = make(tmp, opts="lazy_refcounts=on", writes=WRITES)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 12M 256k", "-c", "abort", str(src)],
+                   capture_output=True)
+    before = src.read_bytes()
+    with pytest.raises(qb.InvalidParamError):
+        qb.amend(str(src), compat="0.10", refcount_bits=8)
+    assert src.read_bytes() == before
+
+
 def test_lazy_refcounts_as_keyword_and_bool(tmp):
     src = make(tmp, writes=WRITES)
     qb.amend(str(src), lazy_refcounts=True)
@@ -291,6 +301,20 @@ def test_downgrade_with_refcount_bits_16_from_64(tmp):
 def test_upgrade_with_refcount_bits_and_lazy_refcounts(tmp):
     src = make(tmp, opts="compat=0.10", writes=WRITES[:2])
     both(tmp, src, {"compat": "1.1", "refcount_bits": 64, "lazy_refcounts": "on"})
+
+
+def test_data_file_raw_off_and_the_same_data_file(tmp):
+    src = make(tmp, opts="data_file=data.raw,data_file_raw=on", writes=WRITES[:2])
+    ours, theirs = tmp / "ours.qcow2", tmp / "theirs.qcow2"
+    shutil.copyfile(src, ours)
+    shutil.copyfile(src, theirs)
+    qemu_img("amend", "-o", "data_file=data.raw,data_file_raw=off", str(theirs))
+    qb.amend(str(ours), data_file="data.raw", data_file_raw=False)
+    assert specific(ours)["data-file-raw"] is False
+    assert specific(ours) == specific(theirs)
+    qemu_check(str(ours))
+    with pytest.raises(qb.UnsupportedError, match="not supported yet"):
+        qb.amend(str(ours), data_file="elsewhere.raw")
 
 
 # --- size -------------------------------------------------------------------------

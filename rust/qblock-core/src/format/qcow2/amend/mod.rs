@@ -355,13 +355,15 @@ pub fn amend(location: &Location, opts: &AmendOptions, progress: &mut dyn Progre
 /// which opens the image with its backing chain).
 fn amend_in(file: &dyn Storage, location: &Location, opts: &AmendOptions, progress: &mut dyn Progress) -> Result<()> {
     let mut o = read_image(file)?;
-    if o.h.incompatible & INCOMPAT_DIRTY != 0 && o.h.incompatible & INCOMPAT_CORRUPT == 0 {
-        // As a writable open does (QEMU's too): recount a dirty image first.
+    let mut p = plan(file, &o, opts)?;
+    if o.h.incompatible & INCOMPAT_DIRTY != 0 {
+        // As a writable open does (QEMU's too): recount a dirty image
+        // first, once the options are known to apply.
         let order = o.h.refcount_order;
         recount(file, &mut o.h, order).map_err(|e| e.context("cannot repair the refcounts of this dirty image"))?;
         o = read_image(file)?;
+        p = plan(file, &o, opts)?;
     }
-    let p = plan(file, &o, opts)?;
     let resize = opts.size.filter(|&s| s != o.h.size);
     let mut steps = Steps {
         progress,
