@@ -78,8 +78,9 @@ def both(tmp, src, options, *, snapshots=(), same_map=True, convert_opts=None):
     qb.amend(str(ours), options)
     mine, qemu = specific(ours), specific(theirs)
     assert {k: mine.get(k) for k in FIELDS} == {k: qemu.get(k) for k in FIELDS}
+    assert mine == qemu  # the rest too: compression type, bitmaps, corrupt, extended L2, data file
     assert qemu_info(str(ours))["virtual-size"] == qemu_info(str(theirs))["virtual-size"]
-    for key in ("backing-filename", "backing-filename-format"):
+    for key in ("backing-filename", "backing-filename-format", "snapshots"):
         assert qemu_info(str(ours)).get(key) == qemu_info(str(theirs)).get(key)
     report = qemu_check(str(ours))  # exit status 0: no leak, no corruption
     assert report["check-errors"] == 0 and "leaks" not in report and "corruptions" not in report
@@ -148,6 +149,10 @@ def test_downgrade_with_data_and_zero_clusters(tmp):
     assert specific(ours)["compat"] == "0.10"
     head = ours.read_bytes()[:8]
     assert struct.unpack(">I", head[4:8])[0] == 2
+
+
+def test_downgrade_with_lazy_refcounts(tmp):
+    both(tmp, make(tmp, opts="lazy_refcounts=on", writes=WRITES), {"compat": "0.10"})
 
 
 def test_downgrade_over_a_backing_file_keeps_its_name_and_format(tmp):
