@@ -399,6 +399,15 @@ def test_refused_refcount_width_too_narrow_for_a_snapshot(tmp):
              "Cannot decrease refcount entry width to 1 bits: Cluster at offset 0x")
 
 
+def test_refused_narrowing_after_an_upgrade_touches_nothing(tmp):
+    src = make(tmp, opts="compat=0.10", writes=WRITES[:2], snapshot="s1")
+    # qemu-img upgrades first, then refuses the width: its copy ends up v3.
+    _refused(tmp, src, "compat=1.1,refcount_bits=1", qb.InvalidParamError,
+             "Cannot decrease refcount entry width to 1 bits")
+    assert specific(tmp / "theirs.qcow2")["compat"] == "1.1"
+    assert specific(src)["compat"] == "0.10"
+
+
 @pytest.mark.parametrize("fmt", ["raw", None])
 def test_other_formats_are_refused(tmp, fmt):
     path = tmp / "disk.raw"

@@ -166,6 +166,39 @@ pub fn count_references(file: &dyn Storage, h: &Header, l1_offset: u64, l1_size:
     Ok(c.counts)
 }
 
+/// Whether every count fits entries of `order`: QEMU's refusal to narrow
+/// the width below a cluster's refcount, or corruption at the same width.
+fn check_counts(counts: &[u32], h: &Header, order: u32) -> Result<()> {
+    let cs = h.cluster_size();
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    };
+    if let Some((cl, &v)) = counts.iter().enumerate().find(|(_, &v)| u64::from(v) > max) {
+        return Err(if order == h.refcount_order {
+            corrupt(format!(
+                "cluster {cl} has {v} references, more than refcount_bits allow"
+            ))
+        } else {
+            // QEMU's wording (qcow2_change_refcount_order).
+            crate::error::invalid(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {v}",
+                1u32 << order,
+                cl as u64 * cs
+            ))
+        });
+    }
+    Ok(())
+}
+
+/// Whether the references of the image fit refcount entries of `order`
+/// (checked before an amend touches anything).
+pub fn check_width(file: &dyn Storage, h: &Header, order: u32) -> Result<()> {
+    let counts = count_references(file, h, h.l1_table_offset, u64::from(h.l1_size))?;
+    check_counts(&counts, h, order)
+}
+
 /// Recount every reference and write a fresh refcount structure.
 pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64) -> Result<()> {
     rebuild_with_order(file, h, l1_offset, l1_size, h.refcount_order)
@@ -188,25 +221,7 @@ pub fn rebuild_with_order(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1
             h.version
         )));
     }
-    let max = if order == 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1u32 << order)) - 1
-    };
-    if let Some((cl, &v)) = counts.iter().enumerate().find(|(_, &v)| u64::from(v) > max) {
-        return Err(if order == h.refcount_order {
-            corrupt(format!(
-                "cluster {cl} has {v} references, more than refcount_bits allow"
-            ))
-        } else {
-            // QEMU's wording (qcow2_change_refcount_order).
-            crate::error::invalid(format!(
-                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {v}",
-                1u32 << order,
-                cl as u64 * cs
-            ))
-        });
-    }
+    check_counts(&counts, h, order)?;
     // The new refcount structure at the end of the file counts itself.
     let epb = (cs * 8) >> order;
     let (mut blocks, mut table) = (1u64, 1u64);

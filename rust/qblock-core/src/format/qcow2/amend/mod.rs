@@ -31,7 +31,7 @@ mod tests;
 mod zeroes;
 
 use super::header::{Header, OFF_AUTOCLEAR, OFF_COMPAT, OFF_INCOMPAT};
-use super::repair::rebuild_with_order;
+use super::repair::{check_width, rebuild_with_order};
 use super::types::*;
 use crate::backend::Storage;
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Error, Result};
@@ -171,6 +171,9 @@ fn plan(file: &dyn Storage, o: &Opened, opts: &AmendOptions) -> Result<Plan> {
                 "the new size {s} is not a multiple of 512 (qcow2 counts sectors)"
             )));
         }
+    }
+    if refcount_order < h.refcount_order {
+        check_width(file, h, refcount_order)?;
     }
     if version < h.version {
         check_downgrade(file, h, refcount_order, opts.size.unwrap_or(h.size))?;
