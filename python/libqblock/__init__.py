@@ -46,6 +46,7 @@ from .options import (
 from .snapshot import SnapshotInfo
 from .tools import CompareResult, checksum, compare, convert, resize
 from .backing import commit, rebase
+from .amend import amend
 from .sizing import MeasureResult, measure
 from .check import CheckResult, check
 from .streams import convert_from_stream, convert_to_stream
@@ -98,6 +99,7 @@ __all__ = [
     "VhdxOptions",
     "VmdkOptions",
     "VpcOptions",
+    "amend",
     "capi",
     "check",
     "checksum",

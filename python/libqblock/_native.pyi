@@ -8,6 +8,7 @@ from typing_extensions import Buffer
 
 __all__ = [
     "Image",
+    "amend_image",
     "check_image",
     "checksum_image",
     "commit_image",
@@ -102,3 +103,17 @@ def rebase_image(
 def check_image(
     protocol: str, target: str, fmt: Optional[str], repair: str
 ) -> Tuple[str, Dict[str, Any], Optional[Dict[str, Any]]]: ...
+def amend_image(
+    protocol: str,
+    target: str,
+    format: Optional[str] = None,
+    compat: Optional[str] = None,
+    lazy_refcounts: Optional[bool] = None,
+    refcount_bits: Optional[int] = None,
+    size: Optional[int] = None,
+    backing_file: Optional[str] = None,
+    backing_fmt: Optional[str] = None,
+    data_file: Optional[str] = None,
+    data_file_raw: Optional[bool] = None,
+    progress: _Progress = None,
+) -> None: ...

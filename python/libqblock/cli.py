@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
+from .amend import amend as _amend
 from . import backing as _backing
 from . import image as _image
 from . import sizing as _sizing
@@ -480,6 +481,30 @@ def cmd_dd(a: argparse.Namespace) -> int:
     return 0
 
 
+_AMEND_HELP = """Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image (only the one recorded)
+  backing_fmt=<str>      - Image format of the base image (only the one recorded)
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file (only the one recorded)
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image (off only)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size"""
+
+
+def cmd_amend(a: argparse.Namespace) -> int:
+    """``qblock amend [-f FMT] -o OPTS [-p] [-q] FILE``: change a qcow2 image's options in place."""
+    if not a.o:
+        raise InvalidParamError("Must specify options (-o)")
+    if _wants_help(a.o):
+        print(_AMEND_HELP)
+        return 0
+    back = {v: k for k, v in _QEMU_NAMES.items()}  # _parse_o's names back to qemu-img's
+    opts = {back.get(k, k): v for k, v in _parse_o(a.o).items()}
+    _amend(a.filename, opts, format=a.format, progress=_bar if a.progress and not a.quiet else None)
+    return 0
+
+
 def cmd_measure(a: argparse.Namespace) -> int:
     """``qblock measure [--output human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] FILE)``."""
     if (a.size is None) == (a.filename is None):
@@ -638,6 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--output", choices=("human", "json"), default="human")
     me.add_argument("filename", nargs="?")
     me.set_defaults(func=cmd_measure)
+    am = sub.add_parser("amend", help="change a qcow2 image's compat level, lazy refcounts or refcount width in place")
+    am.add_argument("-f", "--format", help="format of the image (default: probe)")
+    am.add_argument("-o", action="append", default=[], help="key=value[,...] options to change; -o help lists them")
+    am.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    am.add_argument("-q", dest="quiet", action="store_true", help="quiet: no progress")
+    am.add_argument("filename")
+    am.set_defaults(func=cmd_amend)
     dd = sub.add_parser("dd", help="copy part of an image into a new one, dd style (bs=, count=, skip=, if=, of=)")
     dd.add_argument("-f", "--format", help="format of the input")
     dd.add_argument("-O", dest="output_format", default="raw", help="format of the output (default raw)")

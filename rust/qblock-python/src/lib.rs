@@ -1,6 +1,7 @@
 //! `libqblock._native`: PyO3 bindings over qblock-core. Conversion, GIL
 //! release and error mapping only; no format knowledge lives here.
 
+mod amend;
 mod buffer;
 mod check;
 mod errors;
@@ -27,5 +28,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tools::commit_image, m)?)?;
     m.add_function(wrap_pyfunction!(tools::rebase_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
+    m.add_function(wrap_pyfunction!(amend::amend_image, m)?)?;
     Ok(())
 }

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 const EVERY: Duration = Duration::from_millis(100);
 
 /// Calls a Python callable with `(done, total)`; remembers what it raised.
-struct PyProgress {
+pub(crate) struct PyProgress {
     callback: Option<Py<PyAny>>,
     last: Option<Instant>,
     raised: Option<PyErr>,
 }
 
 impl PyProgress {
-    fn new(callback: Option<Py<PyAny>>) -> Self {
+    pub(crate) fn new(callback: Option<Py<PyAny>>) -> Self {
         PyProgress {
             callback,
             last: None,
@@ -30,7 +30,7 @@ impl PyProgress {
 
     /// The job's result as Python sees it: the callback's own exception
     /// when it stopped the job.
-    fn finish<T>(self, r: PyResult<T>) -> PyResult<T> {
+    pub(crate) fn finish<T>(self, r: PyResult<T>) -> PyResult<T> {
         match (r, self.raised) {
             (Err(_), Some(e)) => Err(e),
             (r, _) => r,

@@ -1,8 +1,9 @@
 //! Whole-image jobs built on [`crate::Image`]: convert, checksum, compare,
-//! commit, rebase, check.
+//! commit, rebase, check; and amend, which edits an image's metadata in place.
 //! Each runs on the caller's thread plus a bounded set of workers, reports
 //! progress through [`Progress`] and stops cleanly when it says so.
 
+pub mod amend;
 pub mod check;
 pub mod checksum;
 pub mod commit;

@@ -54,7 +54,9 @@ pub const OFF_L1_SIZE: u64 = 36; // l1_size (u32) then l1_table_offset (u64): 12
 pub const OFF_REFTABLE: u64 = 48; // offset (u64) then clusters (u32): 12 bytes
 pub const OFF_NB_SNAPSHOTS: u64 = 60; // nb_snapshots (u32) then snapshots_offset (u64): 12 bytes
 pub const OFF_INCOMPAT: u64 = 72;
+pub const OFF_COMPAT: u64 = 80;
 pub const OFF_AUTOCLEAR: u64 = 88;
+pub const OFF_REFCOUNT_ORDER: u64 = 96;
 
 fn name(bytes: &[u8], what: &str) -> Result<String> {
     if bytes.contains(&0) {
@@ -433,12 +435,26 @@ pub fn with_backing(first: &[u8], h: &Header, backing: Option<(&str, Option<&str
     if let Some((_, Some(f))) = backing {
         push_ext(&mut out, EXT_BACKING_FORMAT, f.as_bytes());
     }
+    for (magic, data) in extensions(first, h) {
+        if magic != EXT_BACKING_FORMAT {
+            push_ext(&mut out, magic, data);
+        }
+    }
+    finish_first_cluster(out, backing.map(|b| b.0), cs)
+}
+
+/// The extensions of `first` (already parsed into `h`) as (magic, data),
+/// in order, up to the end marker.
+pub(super) fn extensions<'a>(first: &'a [u8], h: &Header) -> Vec<(u32, &'a [u8])> {
+    let cs = h.cluster_size() as usize;
+    let hl = h.header_length as usize;
     // The extension area as parse_extensions bounded it (already checked).
     let end = if h.backing_file_offset > hl as u64 && h.backing_file_offset < cs as u64 {
         h.backing_file_offset as usize
     } else {
         cs
     };
+    let mut out = Vec::new();
     let mut off = hl;
     while off + 8 <= end {
         let magic = be32(first, off);
@@ -446,14 +462,19 @@ pub fn with_backing(first: &[u8], h: &Header, backing: Option<(&str, Option<&str
         if magic == EXT_END {
             break;
         }
-        if magic != EXT_BACKING_FORMAT {
-            push_ext(&mut out, magic, &first[off + 8..off + 8 + len]);
-        }
+        out.push((magic, &first[off + 8..off + 8 + len]));
         off += 8 + ((len + 7) & !7);
     }
+    out
+}
+
+/// Close a first cluster whose header and extensions are in `out`: the
+/// end marker, then the backing file name (its offset and size set in
+/// the header), zero-padded to the cluster size `cs`.
+pub(super) fn finish_first_cluster(mut out: Vec<u8>, backing: Option<&str>, cs: usize) -> Result<Vec<u8>> {
     out.extend_from_slice(&[0u8; 8]);
     let (boff, blen) = match backing {
-        Some((name, _)) => {
+        Some(name) => {
             let at = out.len() as u64;
             out.extend_from_slice(name.as_bytes());
             (at, name.len() as u32)
@@ -506,7 +527,7 @@ pub struct NewHeader<'a> {
     pub data_file: Option<&'a str>,
 }
 
-fn push_ext(out: &mut Vec<u8>, magic: u32, data: &[u8]) {
+pub(super) fn push_ext(out: &mut Vec<u8>, magic: u32, data: &[u8]) {
     out.extend_from_slice(&magic.to_be_bytes());
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
     out.extend_from_slice(data);
@@ -524,6 +545,19 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
     (2, 0, "bitmaps"),
     (2, 1, "raw external data"),
 ];
+
+/// The feature name table extension's data: 48 bytes per known bit.
+pub(super) fn feature_table() -> Vec<u8> {
+    let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);
+    for (kind, bit, n) in FEATURE_NAMES {
+        let mut e = [0u8; 48];
+        e[0] = *kind;
+        e[1] = *bit;
+        e[2..2 + n.len()].copy_from_slice(n.as_bytes());
+        t.extend_from_slice(&e);
+    }
+    t
+}
 
 impl NewHeader<'_> {
     /// The first cluster's bytes (header, extensions, backing name);
@@ -561,15 +595,7 @@ impl NewHeader<'_> {
             push_ext(&mut out, EXT_DATA_FILE, d.as_bytes());
         }
         if v3 {
-            let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);
-            for (kind, bit, n) in FEATURE_NAMES {
-                let mut e = [0u8; 48];
-                e[0] = *kind;
-                e[1] = *bit;
-                e[2..2 + n.len()].copy_from_slice(n.as_bytes());
-                t.extend_from_slice(&e);
-            }
-            push_ext(&mut out, EXT_FEATURE_TABLE, &t);
+            push_ext(&mut out, EXT_FEATURE_TABLE, &feature_table());
         }
         out.extend_from_slice(&[0u8; 8]); // end of extensions
         if let Some(b) = self.backing_file {

@@ -15,6 +15,7 @@
 //! - `snapshot`: the internal snapshot table (read, checked, written).
 //! - `snapshot_ops`: creating, applying and deleting internal snapshots.
 //! - `create`: new images.
+//! - `amend`: compat level, lazy refcounts and refcount width in place.
 //!
 //! Supported: v2/v3, every refcount width, extended L2 (read and write),
 //! zero clusters, compressed clusters (read; writing over one allocates a
@@ -28,6 +29,7 @@
 //! and returns a run of host bytes; the data I/O happens in `image.rs`
 //! outside any lock.
 
+pub mod amend;
 mod bitmap;
 mod check;
 mod cluster;

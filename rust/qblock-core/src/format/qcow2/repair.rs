@@ -13,7 +13,7 @@
 //! open repairs again; the old structures become unreferenced clusters.
 
 use super::bitmap;
-use super::header::{BitmapsExt, Header, OFF_INCOMPAT, OFF_REFTABLE};
+use super::header::{BitmapsExt, Header, OFF_INCOMPAT, OFF_REFCOUNT_ORDER, OFF_REFTABLE};
 use super::refcount::set_entry;
 use super::snapshot;
 use super::types::*;
@@ -182,10 +182,57 @@ pub fn bitmap_refs(file: &dyn Storage, b: &BitmapsExt, cs: u64, sink: &mut dyn R
     Ok(())
 }
 
+/// Whether every count fits entries of `order`: QEMU's refusal to narrow
+/// the width below a cluster's refcount, or corruption at the same width.
+fn check_counts(counts: &[u32], h: &Header, order: u32) -> Result<()> {
+    let cs = h.cluster_size();
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    };
+    if let Some((cl, &v)) = counts.iter().enumerate().find(|(_, &v)| u64::from(v) > max) {
+        return Err(if order == h.refcount_order {
+            corrupt(format!(
+                "cluster {cl} has {v} references, more than refcount_bits allow"
+            ))
+        } else {
+            // QEMU's wording (qcow2_change_refcount_order).
+            crate::error::invalid(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {v}",
+                1u32 << order,
+                cl as u64 * cs
+            ))
+        });
+    }
+    Ok(())
+}
+
+/// Whether the references of the image fit refcount entries of `order`
+/// (checked before an amend touches anything).
+pub fn check_width(file: &dyn Storage, h: &Header, order: u32) -> Result<()> {
+    let counts = count_references(file, h, h.l1_table_offset, u64::from(h.l1_size))?;
+    check_counts(&counts, h, order)
+}
+
 /// Recount every reference and write a fresh refcount structure.
 pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64) -> Result<()> {
+    rebuild_with_order(file, h, l1_offset, l1_size, h.refcount_order)
+}
+
+/// [`rebuild`] with entries of `order` (refcount_bits = 1 << order) in the
+/// new structure. Every count is checked against the new width before
+/// anything is written.
+pub fn rebuild_with_order(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64, order: u32) -> Result<()> {
+    if order > MAX_REFCOUNT_ORDER || (order != 4 && h.version < 3) {
+        return Err(Error::Internal(format!(
+            "refcount order {order} for a version {} image",
+            h.version
+        )));
+    }
     let counts = count_references(file, h, l1_offset, l1_size)?;
-    write_refcounts(file, h, &counts)
+    check_counts(&counts, h, order)?;
+    write_refcounts_with_order(file, h, &counts, order)
 }
 
 /// Write a fresh refcount structure giving cluster `i` the refcount
@@ -193,6 +240,15 @@ pub fn rebuild(file: &dyn Storage, h: &mut Header, l1_offset: u64, l1_size: u64)
 /// right after the clusters it covers and counts itself), switch the header
 /// to it and clear the dirty bit. The old structure is left unreferenced.
 pub fn write_refcounts(file: &dyn Storage, h: &mut Header, counts: &[u32]) -> Result<()> {
+    write_refcounts_with_order(file, h, counts, h.refcount_order)
+}
+
+/// [`write_refcounts`] with entries of `order`. The header's table offset,
+/// table size and (when it changes) refcount order are switched by one
+/// write of bytes 48..100, inside the first sector, so the image names
+/// either the old structure with the old width or the new one with the new
+/// width, never a mix.
+fn write_refcounts_with_order(file: &dyn Storage, h: &mut Header, counts: &[u32], order: u32) -> Result<()> {
     let cs = h.cluster_size();
     let file_len = counts.len() as u64 * cs;
     if file_len < file.len()? {
@@ -200,7 +256,6 @@ pub fn write_refcounts(file: &dyn Storage, h: &mut Header, counts: &[u32]) -> Re
     }
     let nclusters = counts.len() as u64;
     // The new refcount structure at the end of the file counts itself.
-    let order = h.refcount_order;
     let epb = (cs * 8) >> order;
     let (mut blocks, mut table) = (1u64, 1u64);
     loop {
@@ -251,10 +306,21 @@ pub fn write_refcounts(file: &dyn Storage, h: &mut Header, counts: &[u32]) -> Re
     file.write_at(&tbl, table_off)?;
     file.flush()?;
     // Switch the header to the new table, then clear the dirty bit.
-    let mut hdr = [0u8; 12];
-    hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-    hdr[8..].copy_from_slice(&(table as u32).to_be_bytes());
-    file.write_at(&hdr, OFF_REFTABLE)?;
+    if order == h.refcount_order {
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(table as u32).to_be_bytes());
+        file.write_at(&hdr, OFF_REFTABLE)?;
+    } else {
+        // Bytes 48..100 as they are on disk now (the dirty bit included).
+        let mut hdr = [0u8; (OFF_REFCOUNT_ORDER + 4 - OFF_REFTABLE) as usize];
+        file.read_at(&mut hdr, OFF_REFTABLE)?;
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..12].copy_from_slice(&(table as u32).to_be_bytes());
+        let at = (OFF_REFCOUNT_ORDER - OFF_REFTABLE) as usize;
+        hdr[at..].copy_from_slice(&order.to_be_bytes());
+        file.write_at(&hdr, OFF_REFTABLE)?;
+    }
     file.flush()?;
     if h.version >= 3 && h.incompatible & INCOMPAT_DIRTY != 0 {
         // (Version 2 has no feature fields: offset 72 starts its extensions.)
@@ -262,6 +328,7 @@ pub fn write_refcounts(file: &dyn Storage, h: &mut Header, counts: &[u32]) -> Re
         file.write_at(&h.incompatible.to_be_bytes(), OFF_INCOMPAT)?;
         file.flush()?;
     }
+    h.refcount_order = order;
     h.refcount_table_offset = table_off;
     h.refcount_table_clusters = table as u32;
     Ok(())

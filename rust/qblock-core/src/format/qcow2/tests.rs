@@ -48,7 +48,7 @@ pub(super) fn base() -> Vec<u8> {
     b
 }
 
-fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
+pub(super) fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
     let loc = Location::file("/nonexistent/qcow2-unit-test.qcow2");
     let ctx = OpenCtx {
         location: &loc,
@@ -75,7 +75,7 @@ pub(super) fn open_bytes_ctx(b: Vec<u8>, read_only: bool, check: bool) -> Result
     Ok((Qcow2::open(s, &ctx)?, m))
 }
 
-fn read(d: &Qcow2, off: u64, len: usize) -> Result<Vec<u8>> {
+pub(super) fn read(d: &Qcow2, off: u64, len: usize) -> Result<Vec<u8>> {
     let mut out = vec![0u8; len];
     let mut done = 0usize;
     while done < len {
