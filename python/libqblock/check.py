@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from . import _native
+from ._qemu_order import qemu_order
 from .errors import InvalidParamError, UnsupportedError
 from .formats import Format
 from .image import Where, _fmt_name, probe
@@ -28,23 +29,23 @@ REPAIRABLE = frozenset({Format.QCOW2, Format.QED, Format.PARALLELS, Format.VHDX}
 
 _REPAIRS = {None: "none", "leaks": "leaks", "all": "all"}
 
-#: qemu-img check --output=json's keys in the order it prints them (QEMU's
-#: dictionary order), with the CheckResult field each comes from; every key
-#: but the first three is left out when its value is 0.
-_JSON_KEYS = (
-    ("image-end-offset", "image_end_offset"),
-    ("compressed-clusters", "compressed_clusters"),
-    ("total-clusters", "total_clusters"),
-    ("corruptions", "corruptions"),
-    ("corruptions-fixed", "corruptions_fixed"),
-    ("check-errors", "check_errors"),
-    ("leaks", "leaks"),
-    ("leaks-fixed", "leaks_fixed"),
-    ("allocated-clusters", "allocated_clusters"),
-    ("filename", "filename"),
-    ("format", "format"),
-    ("fragmented-clusters", "fragmented_clusters"),
-)
+#: qemu-img check --output=json's keys and the CheckResult field each comes
+#: from; every key but those in _ALWAYS is left out when its value is 0. They
+#: are printed in QEMU's dictionary order (``qemu_order``), as qemu-img does.
+_JSON_KEYS = {
+    "check-errors": "check_errors",
+    "filename": "filename",
+    "format": "format",
+    "image-end-offset": "image_end_offset",
+    "total-clusters": "total_clusters",
+    "allocated-clusters": "allocated_clusters",
+    "fragmented-clusters": "fragmented_clusters",
+    "compressed-clusters": "compressed_clusters",
+    "corruptions": "corruptions",
+    "corruptions-fixed": "corruptions_fixed",
+    "leaks": "leaks",
+    "leaks-fixed": "leaks_fixed",
+}
 _ALWAYS = frozenset({"check-errors", "filename", "format"})
 
 
@@ -90,13 +91,13 @@ class CheckResult:
     def to_qemu_json(self) -> Dict[str, Any]:
         """This result as ``qemu-img check --output=json`` prints it (same keys, same order)."""
         out: Dict[str, Any] = {}
-        for key, attr in _JSON_KEYS:
+        for key, attr in _JSON_KEYS.items():
             value = getattr(self, attr)
             if key == "format":
                 value = str(value)
             if key in _ALWAYS or value:
                 out[key] = value
-        return out
+        return qemu_order(out)
 
     def to_qemu_human(self) -> str:
         """The text ``qemu-img check`` prints on stdout for this result."""
