@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, List
 
@@ -36,6 +37,17 @@ def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> str:
     if r.returncode != 0 or "error" in r.stderr.lower() or "failed" in r.stdout.lower():
         raise AssertionError(f"qemu-io failed: {r.stdout}{r.stderr}")
     return r.stdout
+
+
+def qblock_cmd() -> List[str]:
+    """The qblock command installed for this interpreter (not a version
+    manager's shim on PATH, which may pick another environment), else
+    ``python -m libqblock``."""
+    exe = os.path.join(os.path.dirname(sys.executable), "qblock")
+    if os.access(exe, os.X_OK):
+        return [exe]
+    found = shutil.which("qblock")
+    return [found] if found else [sys.executable, "-m", "libqblock"]
 
 
 def qemu_info(path: str, *extra: str) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import libqblock as qb
 
 from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_raw_bytes
-from test_cli import qblock_cmd
+from conftest import qblock_cmd
 
 MiB = 1 << 20
 FIELDS = ("compat", "lazy-refcounts", "refcount-bits")

@@ -16,7 +16,6 @@ import random
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -25,14 +24,10 @@ import pytest
 
 import libqblock as qb
 
-from conftest import CORPUS, qemu_img, qemu_io
+from conftest import CORPUS, qblock_cmd, qemu_img, qemu_io
 
 CS = 65536
 
-
-def qblock_cmd() -> List[str]:
-    exe = shutil.which("qblock")
-    return [exe] if exe else [sys.executable, "-m", "libqblock"]
 
 
 def qemu_check(path: str, *args: str) -> Tuple[int, Optional[dict], List[str]]:

@@ -13,7 +13,7 @@ import pytest
 import libqblock as qb
 from libqblock import cli
 
-from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map
+from conftest import qblock_cmd, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map
 
 MiB = 1 << 20
 
@@ -222,10 +222,6 @@ def test_the_installed_command(tmp):
     r = subprocess.run([*cmd], capture_output=True, text=True)
     assert r.returncode == 2  # argparse: a subcommand is required
 
-
-def qblock_cmd():
-    exe = shutil.which("qblock")
-    return [exe] if exe else [sys.executable, "-m", "libqblock"]
 
 
 def test_convert_through_the_installed_command(tmp):

@@ -17,7 +17,7 @@ import libqblock as qb
 from libqblock.cli import snapshot_table
 
 from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_raw_bytes
-from test_cli import qblock_cmd
+from conftest import qblock_cmd
 
 KiB = 1 << 10
 MiB = 1 << 20

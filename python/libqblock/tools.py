@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 from . import _native
-from .errors import InvalidParamError, UnsupportedError
+from .errors import InvalidParamError
 from .flags import O_CACHE_WB, O_NO_FLUSH, O_RDWR
 from .formats import Format
 from .image import Image, Where, create, open as _open
