@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import io
 import os
-import random
-import shutil
 import subprocess
-import sys
 
 import pytest
 
 import libqblock as qb
 
-from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
+from conftest import qblock_cmd, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
 
 MiB = 1 << 20
 
-
-def qblock_cmd() -> list:
-    exe = shutil.which("qblock")
-    return [exe] if exe else [sys.executable, "-m", "libqblock"]
 
 
 def source(tmp, size=20 * MiB):
@@ -94,6 +87,12 @@ def test_pipes_on_the_command_line(tmp):
     a.stdout.close()
     assert a.wait() == 0 and b.returncode == 0, b.stderr
     assert qemu_img("compare", str(src), str(dst), check=False).returncode == 0
+    # -o size= is kept as a minimum; the stream grows the image past it
+    dst = tmp / "sized.qcow2"
+    r = subprocess.run([*qblock_cmd(), "convert", "-f", "raw", "-O", "qcow2", "-o", "size=1M", "-", str(dst)],
+                       input=want[: 3 * MiB], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert qemu_info(str(dst))["virtual-size"] == 3 * MiB and qemu_raw_bytes(str(dst), tmp) == want[: 3 * MiB]
     # a reader that goes away early: quiet exit 141, no traceback
     r = subprocess.run(f"{' '.join(qblock_cmd())} convert -O raw {src} - | head -c 1000 > /dev/null; "
                        "echo ${PIPESTATUS[0]}", shell=True, capture_output=True, text=True, executable="/bin/bash")

@@ -368,8 +368,9 @@ def _convert_stream(a: argparse.Namespace, sources: List[str], target: str) -> i
     if a.existing or a.backing or a.compress:
         raise InvalidParamError("reading stdin makes a new image: -n, -B and -c do not apply")
     cls, kw = _option_args(a.output_format, a.o, None, None, None)
-    _streams.convert_from_stream(sys.stdin.buffer, target, cls(**kw, virt_size=kw.get("virt_size", cls.size_alignment)),
-                                 sparse_size=parse_size(a.sparse_size), progress=None)
+    kw.setdefault("virt_size", cls.size_alignment)  # the stream's length decides the size; -o size= a minimum
+    _streams.convert_from_stream(sys.stdin.buffer, target, cls(**kw), sparse_size=parse_size(a.sparse_size),
+                                 progress=None)
     return 0
 
 
