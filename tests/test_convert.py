@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import libqblock as qb
-from conftest import qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
+from conftest import qblock_cmd, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
 
 MiB = 1 << 20
 SIZE = 24 * MiB
@@ -346,6 +344,19 @@ def test_compressed_convert_on_the_command_line(tmp):
     assert r.returncode == 1 and "cannot store compressed data" in r.stderr and not (tmp / "c.vdi").exists()
 
 
-def qblock_cmd() -> list:
-    exe = shutil.which("qblock")
-    return [exe] if exe else [sys.executable, "-m", "libqblock"]
+
+def test_a_created_target_is_synced_only_when_asked(tmp, monkeypatch):
+    from libqblock import cli, tools
+
+    src, want = make_source(tmp)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(tools.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    qb.convert(src, str(tmp / "a.qcow2"), qb.Qcow2Options)
+    assert synced == []  # qemu-img's default (-t unsafe): left to the page cache
+    qb.convert(src, str(tmp / "b.qcow2"), qb.Qcow2Options, sync=True)
+    assert synced == [str(tmp / "b.qcow2")]
+    assert cli.main(["convert", "-t", "writeback", "-O", "qcow2", src, str(tmp / "c.qcow2")]) == 0
+    assert synced[-1] == str(tmp / "c.qcow2")
+    for name in "abc":
+        assert qemu_raw_bytes(str(tmp / f"{name}.qcow2"), tmp) == want
