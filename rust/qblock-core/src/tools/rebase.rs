@@ -41,7 +41,11 @@ pub fn rebase(
             continue; // the image's own data: the backing file does not show
         }
         let old_zero = !st.present || st.zero;
-        if old_zero && new_base.is_none_or(|b| reads_zero(b, at, len).unwrap_or(false)) {
+        let new_zero = match new_base {
+            Some(b) => reads_zero(b, at, len)?,
+            None => true,
+        };
+        if old_zero && new_zero {
             continue;
         }
         let o = &mut old[..len as usize];
