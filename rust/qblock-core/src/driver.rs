@@ -215,6 +215,12 @@ pub trait Driver: Send + Sync {
     fn compressed_unit(&self) -> Option<u64> {
         None
     }
+    /// Whether this layer stores every unit compressed (a streamOptimized
+    /// vmdk): writers must then hand it whole units through
+    /// [`Driver::write_compressed`], and `compress_unit` never says None.
+    fn compressed_only(&self) -> bool {
+        false
+    }
     /// Encode one whole unit of guest bytes (the last unit of the disk may
     /// be shorter: it is padded with zeroes) for [`Driver::write_compressed`];
     /// None when it would not shrink and should be written plainly. Pure

@@ -492,6 +492,11 @@ impl Image {
         self.driver.compressed_unit()
     }
 
+    /// See [`Driver::compressed_only`].
+    pub fn compressed_only(&self) -> bool {
+        self.driver.compressed_only()
+    }
+
     /// See [`Driver::compress_unit`].
     pub fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
         self.driver.compress_unit(data)
