@@ -5,6 +5,7 @@ pub mod bochs;
 pub mod bytes;
 pub mod cloop;
 pub mod cow;
+pub mod deflate;
 pub mod dmg;
 pub mod inflate;
 pub mod luks;

@@ -7,6 +7,7 @@
 
 use super::types::{COMPRESSION_ZLIB, COMPRESSION_ZSTD};
 use crate::error::{corrupt, unsupported, Result};
+use crate::format::deflate::{deflate, Container};
 
 pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
     match kind {
@@ -16,8 +17,6 @@ pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
     }
 }
 
-/// zlib level of compressed clusters: QEMU's (Z_DEFAULT_COMPRESSION).
-const ZLIB_LEVEL: i32 = 6;
 /// zstd level: QEMU's (the library default).
 const ZSTD_LEVEL: i32 = 3;
 
@@ -43,42 +42,7 @@ pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<
     };
     let limit = cluster - 1;
     match kind {
-        COMPRESSION_ZLIB => {
-            // zstd at its fastest level first (tens of times deflate's speed):
-            // when it cannot shrink the cluster, deflate cannot either in
-            // practice (zstd has the same means, and a larger window), and
-            // QEMU would store it plainly after trying; when it shrinks it no
-            // better than the bytes' own entropy, LZ77 matches do not help,
-            // and Huffman coding alone (no matches, so no window question) is
-            // as good as a full deflate and several times faster.
-            let mut probe = vec![0u8; limit];
-            let Ok(z) = zstd::bulk::compress_to_buffer(input, &mut probe, 1) else {
-                return Ok(None);
-            };
-            let strategy = if z as f64 >= 0.97 * entropy_bytes(input) {
-                zlib_rs::Strategy::HuffmanOnly
-            } else {
-                zlib_rs::Strategy::Default
-            };
-            let config = zlib_rs::DeflateConfig {
-                level: ZLIB_LEVEL,
-                method: zlib_rs::Method::Deflated,
-                window_bits: -12, // raw deflate, 4 KiB window: QEMU inflates with windowBits -12
-                mem_level: 9,     // QEMU's
-                strategy,
-            };
-            let mut out = probe; // reused: zstd's bytes are no longer needed
-            let (done, rc) = zlib_rs::compress_slice(&mut out, input, config);
-            match rc {
-                zlib_rs::ReturnCode::Ok => {
-                    let n = done.len();
-                    out.truncate(n);
-                    Ok(Some(out))
-                }
-                zlib_rs::ReturnCode::BufError => Ok(None), // did not fit under the limit
-                e => Err(crate::error::Error::Internal(format!("deflate failed: {e:?}"))),
-            }
-        }
+        COMPRESSION_ZLIB => deflate(input, limit, Container::Raw4K),
         COMPRESSION_ZSTD => {
             let mut out = vec![0u8; limit];
             match zstd::bulk::compress_to_buffer(input, &mut out, ZSTD_LEVEL) {
@@ -91,25 +55,6 @@ pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<
         }
         t => Err(unsupported(format!("compression type {t}"))),
     }
-}
-
-/// Bytes an order-0 entropy coder needs for `data` (its byte histogram's
-/// Shannon entropy): what Huffman coding alone can at best reach.
-fn entropy_bytes(data: &[u8]) -> f64 {
-    let mut h = [0u32; 256];
-    for &b in data {
-        h[b as usize] += 1;
-    }
-    let n = data.len() as f64;
-    let bits: f64 = h
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = f64::from(c) / n;
-            -p * p.log2()
-        })
-        .sum();
-    bits * n / 8.0
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
