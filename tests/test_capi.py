@@ -143,11 +143,12 @@ def test_create_errors(tmp, broker):
     assert "cluster_size" in c.qb_error_get_human_str(broker)
     fmt.fmt_type = c.QB_FMT_VMDK
     fmt.o_fmt.o_vmdk.virt_size = MiB
-    fmt.o_fmt.o_vmdk.subformat = "streamOptimized"
-    assert c.qb_create(broker, qbs, loc, fmt, 0) == c.QB_ERR_UNSUPPORTED
-    assert broker.err_ret == -102 and "vmdk" in broker.err_msg
+    fmt.o_fmt.o_vmdk.subformat = "streamOptimised"  # (sic)
+    assert c.qb_create(broker, qbs, loc, fmt, 0) == c.QB_ERR_INVALID_PARAM
+    assert "subformat" in broker.err_msg
     nbd = c.QBlockLocationInfo(c.QB_PROT_NBD, host="localhost", port=10809, export="e")
     assert c.qb_create(broker, qbs, nbd, raw_fmt(broker, MiB), 0) == c.QB_ERR_UNSUPPORTED
+    assert broker.err_ret == -102
     assert c.qb_create(broker, qbs, loc, "raw", 0) == c.QB_ERR_INVALID_PARAM
     assert not (tmp / "x.img").exists()
 

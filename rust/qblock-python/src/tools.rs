@@ -88,7 +88,7 @@ pub fn convert_images(
                 len: *l,
             })
             .collect();
-        convert::convert(&pieces, &target, &opts, &mut p)
+        convert::convert(&pieces, target.as_ref(), &opts, &mut p)
     });
     p.finish(r)
 }

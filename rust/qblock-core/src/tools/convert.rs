@@ -38,7 +38,8 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// Store the data compressed (`qemu-img convert -c`): the target's
     /// compressed unit (a qcow2 cluster, a vmdk grain) is then the unit of
-    /// comparison, and each unit is encoded by a worker.
+    /// comparison, and each unit is encoded by a worker. Implied for a
+    /// target that stores everything compressed (streamOptimized vmdk).
     pub compress: bool,
 }
 
@@ -49,6 +50,57 @@ impl Default for ConvertOptions {
             threads: 0,
             compress: false,
         }
+    }
+}
+
+/// What `convert` writes into: an open image, or a writer that lays an
+/// image out in order on a stream (`super::stream`). The writer thread
+/// calls the write methods in guest order; workers call the others.
+pub trait Target: Sync {
+    fn virtual_size(&self) -> u64;
+    /// The format's name, for messages.
+    fn format_name(&self) -> String;
+    fn compressed_unit(&self) -> Option<u64>;
+    fn compressed_only(&self) -> bool;
+    fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()>;
+    fn write_at(&self, buf: &[u8], at: u64) -> Result<()>;
+    fn write_zeroes(&self, at: u64, len: u64) -> Result<()>;
+    /// Whether `[at, at+len)` reads as zeroes now, known without reading.
+    fn reads_zero(&self, at: u64, len: u64) -> Result<bool>;
+    fn read_at(&self, buf: &mut [u8], at: u64) -> Result<()>;
+}
+
+impl Target for Image {
+    fn virtual_size(&self) -> u64 {
+        Image::virtual_size(self)
+    }
+    fn format_name(&self) -> String {
+        self.format().to_string()
+    }
+    fn compressed_unit(&self) -> Option<u64> {
+        Image::compressed_unit(self)
+    }
+    fn compressed_only(&self) -> bool {
+        Image::compressed_only(self)
+    }
+    fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        Image::compress_unit(self, data)
+    }
+    fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        Image::write_compressed(self, units)
+    }
+    fn write_at(&self, buf: &[u8], at: u64) -> Result<()> {
+        Image::write_at(self, buf, at)
+    }
+    fn write_zeroes(&self, at: u64, len: u64) -> Result<()> {
+        Image::write_zeroes(self, at, len)
+    }
+    fn reads_zero(&self, at: u64, len: u64) -> Result<bool> {
+        reads_zero(self, at, len)
+    }
+    fn read_at(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        Image::read_at(self, buf, at)
     }
 }
 
@@ -107,7 +159,7 @@ impl Queue {
     }
 
     /// Everything held, in order; each run of compressed units in one call.
-    fn write(&mut self, target: &Image) -> Result<()> {
+    fn write(&mut self, target: &dyn Target) -> Result<()> {
         let ops = std::mem::take(&mut self.ops);
         self.bytes = 0;
         let mut run: Vec<(u64, &[u8])> = Vec::new();
@@ -158,7 +210,12 @@ impl Flow {
 
 /// Copy `pieces`, one after another, into `target` from its offset 0.
 /// `target` must be at least as long as the pieces together.
-pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, progress: &mut dyn Progress) -> Result<()> {
+pub fn convert(
+    pieces: &[Piece<'_>],
+    target: &dyn Target,
+    opts: &ConvertOptions,
+    progress: &mut dyn Progress,
+) -> Result<()> {
     if !opts.sparse_min.is_multiple_of(SECTOR) {
         return Err(invalid(format!(
             "the sparse size must be a multiple of 512 bytes, not {}",
@@ -178,14 +235,17 @@ pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, prog
             total
         )));
     }
-    let unit = if opts.compress {
+    // A target that stores everything compressed is always given
+    // compressed units, encoded by the workers.
+    let compress = opts.compress || target.compressed_only();
+    let unit = if compress {
         target.compressed_unit().ok_or_else(|| {
-            crate::error::unsupported(format!("{} images cannot store compressed data", target.format()))
+            crate::error::unsupported(format!("{} images cannot store compressed data", target.format_name()))
         })?
     } else {
         opts.sparse_min
     };
-    if opts.compress && !CHUNK.is_multiple_of(unit) {
+    if compress && !CHUNK.is_multiple_of(unit) {
         return Err(invalid(format!(
             "a compressed unit of {unit} bytes does not divide the 2 MiB chunks"
         )));
@@ -205,7 +265,7 @@ pub fn convert(pieces: &[Piece<'_>], target: &Image, opts: &ConvertOptions, prog
         pieces,
         target,
         unit,
-        compress: opts.compress,
+        compress,
     };
     std::thread::scope(|s| {
         for _ in 0..workers {
@@ -239,7 +299,7 @@ fn write_in_order(
     flow: &Mutex<Flow>,
     changed: &Condvar,
     chunks: u64,
-    target: &Image,
+    target: &dyn Target,
     total: u64,
     progress: &mut dyn Progress,
 ) -> Result<()> {
@@ -291,7 +351,7 @@ fn write_in_order(
 
 struct Ctx<'a> {
     pieces: &'a [Piece<'a>],
-    target: &'a Image,
+    target: &'a dyn Target,
     /// Unit of comparison: `-S`, or the compressed unit.
     unit: u64,
     compress: bool,
@@ -304,7 +364,7 @@ impl Ctx<'_> {
         let unit = self.unit;
         let runs = self.source_runs(at, n)?;
         let src_zero = runs.iter().all(|r| r.zero);
-        let tgt_zero = reads_zero(self.target, at, n)?;
+        let tgt_zero = self.target.reads_zero(at, n)?;
         let empty = |ops| Plan {
             buf: Vec::new(),
             old: None,

@@ -3,9 +3,13 @@
 //! tables all preallocated (zeroed, sparse in the host file), a redundant
 //! grain directory before the primary one, the descriptor embedded at
 //! sector 1 (20 sectors) for monolithicSparse or in its own file with
-//! `-flat`/`-sNNN`/`-fNNN` extent files beside it.
+//! `-flat`/`-sNNN`/`-fNNN` extent files beside it. streamOptimized is
+//! QEMU's too: monolithicSparse's layout with compressed grains (version
+//! 3, compress and marker flags), grains appended as they are written.
 
-use super::header::{SparseHeader, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR};
+use super::header::{
+    SparseHeader, COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, SECTOR,
+};
 use crate::backend::Storage;
 use crate::error::{invalid, unsupported, Result};
 use crate::format_name::Format;
@@ -42,7 +46,9 @@ pub fn random_cid() -> u32 {
 
 /// Write an empty sparse extent of `size` bytes into `s`; returns the
 /// header written.
-pub fn init_sparse(s: &dyn Storage, size: u64, zeroed_grain: bool) -> Result<SparseHeader> {
+/// `compressed`: a streamOptimized extent in QEMU's layout (tables first,
+/// compressed grains with markers appended), header version 3.
+pub fn init_sparse(s: &dyn Storage, size: u64, zeroed_grain: bool, compressed: bool) -> Result<SparseHeader> {
     let capacity = size / SECTOR;
     let grains = capacity.div_ceil(GRAIN_SECTORS);
     let gt_sectors = (GTES_PER_GT * 4).div_ceil(SECTOR);
@@ -57,8 +63,15 @@ pub fn init_sparse(s: &dyn Storage, size: u64, zeroed_grain: bool) -> Result<Spa
         )));
     }
     let h = SparseHeader {
-        version: if zeroed_grain { 2 } else { 1 },
-        flags: FLAG_RGD | FLAG_NL_DETECT | if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 },
+        version: match (compressed, zeroed_grain) {
+            (true, _) => 3,
+            (false, true) => 2,
+            (false, false) => 1,
+        },
+        flags: FLAG_RGD
+            | FLAG_NL_DETECT
+            | if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 }
+            | if compressed { FLAG_COMPRESS | FLAG_MARKER } else { 0 },
         capacity,
         granularity: GRAIN_SECTORS,
         desc_offset: DESC_OFFSET,
@@ -67,7 +80,7 @@ pub fn init_sparse(s: &dyn Storage, size: u64, zeroed_grain: bool) -> Result<Spa
         rgd_offset,
         gd_offset,
         grain_offset,
-        compress: 0,
+        compress: if compressed { COMPRESSION_DEFLATE } else { 0 },
     };
     s.write_at(&h.serialize(), 0)?;
     s.set_len(grain_offset * SECTOR)?;
@@ -101,17 +114,13 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         }
     }
     let (flat, split) = match subformat.as_str() {
-        "monolithicSparse" => (false, false),
+        "monolithicSparse" | "streamOptimized" => (false, false),
         "monolithicFlat" => (true, false),
         "twoGbMaxExtentSparse" => (false, true),
         "twoGbMaxExtentFlat" => (true, true),
-        "streamOptimized" => {
-            return Err(unsupported(
-                "creating streamOptimized vmdk images is not supported yet (convert to one later)",
-            ))
-        }
         s => return Err(invalid(format!("unknown vmdk subformat '{s}'"))),
     };
+    let compressed = subformat == "streamOptimized";
     if !matches!(adapter.as_str(), "ide" | "lsilogic" | "buslogic" | "legacyESX") {
         return Err(invalid(format!("unknown vmdk adapter_type '{adapter}'")));
     }
@@ -230,7 +239,7 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
 
     let main = location.create_storage()?;
     if embedded {
-        init_sparse(main.as_ref(), size, zeroed_grain)?;
+        init_sparse(main.as_ref(), size, zeroed_grain, compressed)?;
         main.write_at(desc.as_bytes(), DESC_OFFSET * SECTOR)?;
     } else {
         for (name, cur) in &extents {
@@ -238,7 +247,7 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
             if flat {
                 s.set_len(*cur)?;
             } else {
-                init_sparse(s.as_ref(), *cur, zeroed_grain)?;
+                init_sparse(s.as_ref(), *cur, zeroed_grain, false)?;
             }
             s.flush()?;
         }

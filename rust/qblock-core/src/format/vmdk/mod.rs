@@ -490,6 +490,19 @@ impl Vmdk {
         Ok(())
     }
 
+    /// The one writable compressed extent of a streamOptimized image that
+    /// grains can be appended to (its tables first, as QEMU lays them out).
+    fn compressed_extent(&self) -> Option<&SparseExtent> {
+        match &self.extents[..] {
+            [Extent {
+                kind: Kind::Sparse(s),
+                read_only: false,
+                ..
+            }] if s.layout.compressed && s.appendable() && !self.read_only => Some(s),
+            _ => None,
+        }
+    }
+
     fn extent_at(&self, offset: u64) -> Result<&Extent> {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset);
         self.extents
@@ -672,6 +685,25 @@ impl Driver for Vmdk {
             }
         }
         Ok(())
+    }
+    fn compressed_unit(&self) -> Option<u64> {
+        self.compressed_extent().map(|s| s.layout.grain)
+    }
+    fn compressed_only(&self) -> bool {
+        self.compressed_extent().is_some()
+    }
+    fn compress_unit(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let s = self
+            .compressed_extent()
+            .ok_or_else(|| unsupported("only streamOptimized VMDK images store compressed grains"))?;
+        s.compress_grain(data).map(Some)
+    }
+    fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        let s = self
+            .compressed_extent()
+            .ok_or_else(|| unsupported("only streamOptimized VMDK images store compressed grains"))?;
+        self.before_write()?;
+        s.write_compressed(units)
     }
     fn info(&self) -> Result<DriverInfo> {
         // (flat, compressed, grain) per extent: QEMU gives a cluster size

@@ -15,6 +15,7 @@ use super::header::{self, SparseLayout, GTE_ZEROED, MAX_EXTENT_FILE, SECTOR};
 use crate::backend::Storage;
 use crate::driver::{Below, HostFile, Mapped};
 use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
+use crate::format::deflate::{deflate, stored_zlib, Container};
 use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -60,6 +61,10 @@ pub struct SparseExtent {
     /// pointing at or past it are corrupt.
     end: AtomicU64,
     id: u64,
+    /// The header says GD_AT_END (a stream, as VMware writes one): the
+    /// tables, footer and end-of-stream marker end the file, so nothing
+    /// can be appended to it.
+    streamed: bool,
 }
 
 /// Read `n` little-endian u32 from `at`.
@@ -82,7 +87,8 @@ impl SparseExtent {
             return Self::with_layout(file, storage, layout, file_len, writable);
         }
         let mut h = header::SparseHeader::parse(head)?;
-        if h.gd_offset == header::GD_AT_END {
+        let streamed = h.gd_offset == header::GD_AT_END;
+        if streamed {
             if file_len < 1536 + 512 {
                 return Err(corrupt("stream-optimized extent is too short for its footer"));
             }
@@ -94,7 +100,9 @@ impl SparseExtent {
             }
         }
         let layout = header::validate(&h, file_len, writable)?;
-        Self::with_layout(file, storage, layout, file_len, writable)
+        let mut e = Self::with_layout(file, storage, layout, file_len, writable)?;
+        e.streamed = streamed;
+        Ok(e)
     }
 
     fn with_layout(
@@ -137,6 +145,7 @@ impl SparseExtent {
             alloc: Mutex::new(()),
             end: AtomicU64::new(file_len),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            streamed: false,
         })
     }
 
@@ -324,12 +333,147 @@ impl SparseExtent {
     /// first guest byte (for copy-on-write reads from `below`).
     pub fn write(&self, buf: &[u8], rel: u64, guest_base: u64, below: &dyn Below) -> Result<()> {
         if self.layout.compressed {
-            return Err(unsupported(
-                "writing to stream-optimized (compressed) VMDK extents is not supported",
-            ));
+            return self.write_whole_grains(buf, rel);
         }
         let _g = self.alloc.lock();
         self.write_locked(buf, rel, guest_base, below)?;
+        let dirty = self.cache.read().dirty.len();
+        if dirty >= MAX_DIRTY_TABLES {
+            self.flush_tables()?;
+        }
+        Ok(())
+    }
+
+    /// Whether grains can be appended: a compressed extent whose tables
+    /// lie before its grains (QEMU's layout), not one written as a stream.
+    pub fn appendable(&self) -> bool {
+        !self.streamed
+    }
+
+    /// Encode one grain of guest bytes (shorter at the extent's end: padded
+    /// with zeroes) as the zlib stream a compressed grain holds. A grain
+    /// that does not compress is stored in uncompressed deflate blocks:
+    /// every grain of a compressed extent must be a zlib stream.
+    pub fn compress_grain(&self, data: &[u8]) -> Result<Vec<u8>> {
+        let grain = self.layout.grain as usize;
+        if data.len() > grain {
+            return Err(crate::error::invalid(format!(
+                "{} bytes do not fit a {grain}-byte grain",
+                data.len()
+            )));
+        }
+        let padded;
+        let input = if data.len() < grain {
+            let mut p = data.to_vec();
+            p.resize(grain, 0);
+            padded = p;
+            &padded[..]
+        } else {
+            data
+        };
+        match deflate(input, grain - 1, Container::Zlib)? {
+            Some(z) => Ok(z),
+            None => stored_zlib(input),
+        }
+    }
+
+    /// A compressed extent takes whole grains only, each written once (as
+    /// QEMU's streamOptimized writes): each grain of `buf` is compressed
+    /// here and appended.
+    fn write_whole_grains(&self, buf: &[u8], rel: u64) -> Result<()> {
+        let grain = self.layout.grain;
+        let cap = self.layout.capacity;
+        let ends_at_cap = rel + buf.len() as u64 == cap;
+        if !rel.is_multiple_of(grain) || !(buf.len() as u64 % grain == 0 || ends_at_cap) {
+            return Err(unsupported(format!(
+                "a streamOptimized VMDK is written in whole grains ({grain} bytes, aligned): \
+                 {} bytes at extent offset {rel} are not",
+                buf.len()
+            )));
+        }
+        let blobs: Vec<(u64, Vec<u8>)> = buf
+            .chunks(grain as usize)
+            .enumerate()
+            .map(|(i, c)| Ok((rel + i as u64 * grain, self.compress_grain(c)?)))
+            .collect::<Result<_>>()?;
+        let units: Vec<(u64, &[u8])> = blobs.iter().map(|(a, b)| (*a, &b[..])).collect();
+        self.write_compressed(&units)
+    }
+
+    /// Append compressed grains (`compress_grain`'s streams) at
+    /// extent-relative grain offsets, each behind its grain marker, in one
+    /// write; their table entries change in the cache. A grain already
+    /// written is refused, as QEMU refuses it: its old stream stays where
+    /// it is, and a second one would leak it.
+    pub fn write_compressed(&self, units: &[(u64, &[u8])]) -> Result<()> {
+        if !self.layout.compressed {
+            return Err(unsupported("this VMDK extent does not hold compressed grains"));
+        }
+        if self.streamed {
+            return Err(unsupported(
+                "this streamOptimized VMDK was written as a stream (its tables follow its grains): \
+                 it cannot be written to; convert it to write",
+            ));
+        }
+        let _g = self.alloc.lock();
+        let grain = self.layout.grain;
+        let start = self.end.load(Ordering::Acquire).next_multiple_of(SECTOR);
+        let mut out: Vec<u8> = Vec::new();
+        let mut entries = Vec::with_capacity(units.len());
+        let mut seen = BTreeSet::new();
+        for (rel, blob) in units {
+            if !seen.insert(*rel) {
+                return Err(crate::error::invalid(format!(
+                    "the grain at extent offset {rel} is twice in one batch"
+                )));
+            }
+            if !rel.is_multiple_of(grain) || *rel >= self.layout.capacity {
+                return Err(crate::error::invalid(format!(
+                    "a compressed grain at extent offset {rel} is not a whole grain of the extent"
+                )));
+            }
+            if blob.is_empty() || blob.len() as u64 > 2 * grain {
+                return Err(crate::error::invalid(format!(
+                    "a compressed grain of {} bytes (at most {} can be read back)",
+                    blob.len(),
+                    2 * grain
+                )));
+            }
+            let gte = self.entry(*rel)?;
+            if gte != 0 && !(gte == GTE_ZEROED && self.layout.zero_grain) {
+                return Err(unsupported(format!(
+                    "the streamOptimized VMDK grain at extent offset {rel} is already written \
+                     (each grain can be written once)"
+                )));
+            }
+            let at = start + out.len() as u64;
+            out.extend_from_slice(&(rel / SECTOR).to_le_bytes());
+            out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+            out.extend_from_slice(blob);
+            out.resize(out.len().next_multiple_of(SECTOR as usize), 0);
+            entries.push((*rel, at));
+        }
+        let end = start + out.len() as u64;
+        if end > MAX_EXTENT_FILE {
+            return Err(Error::NoMemory(
+                "the VMDK extent file is full (grain offsets are 32-bit sectors)".into(),
+            ));
+        }
+        for (rel, _) in &entries {
+            let l1 = (rel / self.layout.gt_span()) as usize;
+            if self.gd_entry(l1) == Some(0) {
+                self.new_table(l1)?;
+            }
+        }
+        // Tables may have been added at the end: the grains go after them.
+        let start2 = self.end.load(Ordering::Acquire).next_multiple_of(SECTOR);
+        let shift = start2 - start;
+        // The data first: nothing references it until its table entry does.
+        self.storage.write_at(&out, start2)?;
+        self.end.store(end + shift, Ordering::Release);
+        for (rel, at) in entries {
+            self.set_entry(rel, ((at + shift) / SECTOR) as u32)?;
+        }
         let dirty = self.cache.read().dirty.len();
         if dirty >= MAX_DIRTY_TABLES {
             self.flush_tables()?;
@@ -343,9 +487,7 @@ impl SparseExtent {
     /// read as zeroes; the rest is written with zeroes.
     pub fn write_zeroes(&self, rel: u64, len: u64, guest_base: u64, below: &dyn Below) -> Result<()> {
         if self.layout.compressed {
-            return Err(unsupported(
-                "writing to stream-optimized (compressed) VMDK extents is not supported",
-            ));
+            return self.zero_compressed(rel, len, below);
         }
         let _g = self.alloc.lock();
         let grain = self.layout.grain;
@@ -372,6 +514,34 @@ impl SparseExtent {
         let dirty = self.cache.read().dirty.len();
         if dirty >= MAX_DIRTY_TABLES {
             self.flush_tables()?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes in a compressed extent: grains that read as zeroes already
+    /// stay as they are; an unwritten grain over a backing file becomes a
+    /// compressed grain of zeroes; the rest cannot be rewritten.
+    fn zero_compressed(&self, rel: u64, len: u64, below: &dyn Below) -> Result<()> {
+        let grain = self.layout.grain;
+        let mut pos = rel;
+        while pos < rel + len {
+            let in_grain = pos % grain;
+            let n = (grain - in_grain).min(rel + len - pos);
+            let gte = self.entry(pos)?;
+            let kind = self.classify(gte, in_grain)?;
+            let reads_zero =
+                matches!(kind, Mapped::Zero { .. }) || (kind == Mapped::Unallocated && !below.has_backing());
+            if !reads_zero {
+                let whole = in_grain == 0 && (n == grain || pos + n == self.layout.capacity);
+                if kind != Mapped::Unallocated || !whole {
+                    return Err(unsupported(format!(
+                        "zeroes at extent offset {pos} would rewrite part of a streamOptimized VMDK grain"
+                    )));
+                }
+                let z = self.compress_grain(&[])?;
+                self.write_compressed(&[(pos, &z)])?;
+            }
+            pos += n;
         }
         Ok(())
     }

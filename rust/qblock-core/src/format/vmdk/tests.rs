@@ -14,7 +14,7 @@ const MIB: u64 = 1 << 20;
 /// A 1 MiB monolithicSparse image as QEMU lays it out, with `desc` embedded.
 fn sparse_image(desc: &str) -> Vec<u8> {
     let s = MemoryStorage::new(Vec::new(), false);
-    create::init_sparse(&s, MIB, false).unwrap();
+    create::init_sparse(&s, MIB, false, false).unwrap();
     s.write_at(desc.as_bytes(), 512).unwrap();
     s.into_inner()
 }
@@ -134,7 +134,7 @@ fn fresh_image_reads_zeroes_and_writes_back() {
 fn zero_writes_use_zeroed_grains_when_enabled() {
     for zeroed in [false, true] {
         let s = MemoryStorage::new(Vec::new(), false);
-        create::init_sparse(&s, MIB, zeroed).unwrap();
+        create::init_sparse(&s, MIB, zeroed, false).unwrap();
         s.write_at(b"createType=\"monolithicSparse\"\nCID=1\n", 512).unwrap();
         let d = open_mem(s.into_inner(), false).unwrap();
         d.write_at(&[9u8; 200000], 0, &NoBacking).unwrap();
@@ -421,8 +421,6 @@ fn an_empty_monolithic_sparse_image_opens() {
 fn create_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let loc = Location::file(dir.path().join("x.vmdk"));
-    let e = Image::create(&loc, Format::Vmdk, create_opts("streamOptimized", MIB)).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
     let e = Image::create(&loc, Format::Vmdk, create_opts("bogus", MIB)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidParam);
     let o = create_opts("monolithicSparse", MIB)
@@ -637,4 +635,62 @@ impl ReadAll for dyn Storage + '_ {
         self.read_at(&mut v, 0).unwrap();
         v
     }
+}
+
+#[test]
+fn stream_optimized_whole_grains_are_compressed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = Location::file(dir.path().join("s.vmdk"));
+    let size = MIB + 3 * 512; // a short last grain
+    Image::create(&loc, Format::Vmdk, create_opts("streamOptimized", size)).unwrap();
+    let rw = OpenOptions::default();
+    let img = Image::open(&loc, None, &rw).unwrap();
+    assert!(img.compressed_only());
+    assert_eq!(img.compressed_unit(), Some(65536));
+    let text: Vec<u8> = (0..65536u32).map(|i| (i / 97) as u8).collect();
+    let noise: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    img.write_at(&text, 3 * 65536).unwrap();
+    let blob = img.compress_unit(&noise).unwrap().unwrap();
+    img.write_compressed(&[(65536, &blob)]).unwrap();
+    img.write_at(&[7u8; 1536], MIB).unwrap(); // the short last grain, whole
+                                              // Parts of grains, and grains written before, are refused.
+    assert_eq!(img.write_at(&[1u8; 512], 0).unwrap_err().kind(), ErrorKind::Unsupported);
+    assert_eq!(
+        img.write_at(&text, 3 * 65536).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    assert_eq!(
+        img.write_compressed(&[(65536, &blob)]).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    // Zeroes where the disk reads zeroes already cost nothing.
+    img.write_zeroes(5 * 65536, 65536).unwrap();
+    assert_eq!(
+        img.write_zeroes(3 * 65536, 512).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    img.close().unwrap();
+    let img = Image::open(
+        &loc,
+        None,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 65536];
+    img.read_at(&mut buf, 3 * 65536).unwrap();
+    assert_eq!(buf, text);
+    img.read_at(&mut buf, 65536).unwrap();
+    assert_eq!(buf, noise);
+    let mut tail = vec![0u8; 1536];
+    img.read_at(&mut tail, MIB).unwrap();
+    assert!(tail.iter().all(|&b| b == 7));
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    // Read-only, it stores nothing compressed.
+    assert!(!img.compressed_only());
 }
