@@ -384,7 +384,7 @@ impl SparseExtent {
         let grain = self.layout.grain;
         let cap = self.layout.capacity;
         let ends_at_cap = rel + buf.len() as u64 == cap;
-        if !rel.is_multiple_of(grain) || !(buf.len() as u64 % grain == 0 || ends_at_cap) {
+        if !rel.is_multiple_of(grain) || !((buf.len() as u64).is_multiple_of(grain) || ends_at_cap) {
             return Err(unsupported(format!(
                 "a streamOptimized VMDK is written in whole grains ({grain} bytes, aligned): \
                  {} bytes at extent offset {rel} are not",
