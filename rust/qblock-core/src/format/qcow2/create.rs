@@ -13,7 +13,25 @@ use crate::error::{invalid, try_zeroed, unsupported, Error, Result};
 use crate::location::Location;
 use crate::options::CreateOptions;
 
-pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
+/// The creation options, checked as QEMU checks them.
+pub struct Params {
+    pub size: u64,
+    pub cluster_bits: u32,
+    pub version: u32,
+    pub prealloc: String,
+    pub lazy: bool,
+    pub refcount_order: u32,
+    pub extended: bool,
+    pub compression_type: u8,
+    pub backing: Option<String>,
+    pub backing_fmt: Option<String>,
+    pub data_file: Option<String>,
+    pub data_raw: bool,
+}
+
+/// Read and check the qcow2 creation options (all of them: unknown ones
+/// are refused).
+pub fn params(opts: &mut CreateOptions) -> Result<Params> {
     let size = opts.take_u64("size")?.unwrap_or(0);
     let cluster_size = opts.take_u64("cluster_size")?.unwrap_or(65536);
     let compat = opts.take_str("compat")?.unwrap_or_else(|| "1.1".into());
@@ -100,6 +118,38 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         prealloc = "metadata".into();
     }
 
+    Ok(Params {
+        size,
+        cluster_bits,
+        version,
+        prealloc,
+        lazy,
+        refcount_order,
+        extended,
+        compression_type,
+        backing,
+        backing_fmt,
+        data_file,
+        data_raw,
+    })
+}
+
+pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
+    let Params {
+        size,
+        cluster_bits,
+        version,
+        prealloc,
+        lazy,
+        refcount_order,
+        extended,
+        compression_type,
+        backing,
+        backing_fmt,
+        data_file,
+        data_raw,
+    } = params(opts)?;
+    let cluster_size = 1u64 << cluster_bits;
     let g = Geometry::new(cluster_bits, extended);
     let cs = cluster_size;
     let l1_size = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
