@@ -96,6 +96,64 @@ pub fn init_sparse(s: &dyn Storage, size: u64, zeroed_grain: bool, compressed: b
     Ok(h)
 }
 
+/// The disk database lines of a new descriptor.
+pub struct Ddb<'a> {
+    pub hw: &'a str,
+    pub adapter: &'a str,
+    pub toolsversion: &'a str,
+}
+
+impl Ddb<'_> {
+    /// A new descriptor's text, as QEMU writes it: a fresh CID, the parent
+    /// link, the extent `lines`, the disk database.
+    pub fn descriptor(&self, create_type: &str, parent_cid: u32, parent_line: &str, lines: &str, size: u64) -> String {
+        let heads: u64 = if self.adapter == "ide" { 16 } else { 255 };
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID={:x}\nparentCID={parent_cid:x}\ncreateType=\"{create_type}\"\n{parent_line}\n\
+             # Extent description\n{lines}\n# The Disk Data Base\n#DDB\n\n\
+             ddb.virtualHWVersion = \"{}\"\nddb.geometry.cylinders = \"{}\"\nddb.geometry.heads = \"{heads}\"\n\
+             ddb.geometry.sectors = \"63\"\nddb.adapterType = \"{}\"\nddb.toolsVersion = \"{}\"\n",
+            random_cid(),
+            self.hw,
+            size / (63 * heads * SECTOR),
+            self.adapter,
+            self.toolsversion,
+        )
+    }
+}
+
+/// The virtual hardware version the options ask for (QEMU's rules).
+pub fn hw_version(compat6: bool, hwversion: Option<String>) -> Result<String> {
+    match (compat6, hwversion) {
+        (true, Some(_)) => Err(invalid("compat6 cannot be combined with hwversion")),
+        (true, None) => Ok("6".to_string()),
+        (false, Some(h)) => Ok(h),
+        (false, None) => Ok("4".to_string()),
+    }
+}
+
+pub fn check_adapter(adapter: &str) -> Result<()> {
+    if !matches!(adapter, "ide" | "lsilogic" | "buslogic" | "legacyESX") {
+        return Err(invalid(format!("unknown vmdk adapter_type '{adapter}'")));
+    }
+    Ok(())
+}
+
+/// Strings that land in the descriptor, most inside quotes: one with a
+/// quote or a line break could add lines (an extent naming any file).
+pub fn check_descriptor_strings(strings: &[(&str, Option<&str>)]) -> Result<()> {
+    for (what, v) in strings {
+        if let Some(v) = v {
+            if v.chars().any(|c| matches!(c, '"' | '\n' | '\r' | '\0')) {
+                return Err(invalid(format!(
+                    "the vmdk {what} may not contain quotes or line breaks: {v:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let size = opts.take_u64("size")?.unwrap_or(0).next_multiple_of(SECTOR);
     let backing = opts.take_str("backing_file")?.filter(|b| !b.is_empty());
@@ -121,15 +179,8 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         s => return Err(invalid(format!("unknown vmdk subformat '{s}'"))),
     };
     let compressed = subformat == "streamOptimized";
-    if !matches!(adapter.as_str(), "ide" | "lsilogic" | "buslogic" | "legacyESX") {
-        return Err(invalid(format!("unknown vmdk adapter_type '{adapter}'")));
-    }
-    let hw = match (compat6, hwversion) {
-        (true, Some(_)) => return Err(invalid("compat6 cannot be combined with hwversion")),
-        (true, None) => "6".to_string(),
-        (false, Some(h)) => h,
-        (false, None) => "4".to_string(),
-    };
+    check_adapter(&adapter)?;
+    let hw = hw_version(compat6, hwversion)?;
     if flat && backing.is_some() {
         return Err(invalid(format!("a {subformat} vmdk cannot have a backing file")));
     }
@@ -144,23 +195,12 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // Every string lands in the descriptor text, most inside quotes: one
-    // with a quote or a line break could add lines (an extent naming any
-    // file), so those are refused.
-    for (what, v) in [
+    check_descriptor_strings(&[
         ("file name", Some(base.as_str())),
         ("backing_file", backing.as_deref()),
         ("hwversion", Some(hw.as_str())),
         ("toolsversion", Some(toolsversion.as_str())),
-    ] {
-        if let Some(v) = v {
-            if v.chars().any(|c| matches!(c, '"' | '\n' | '\r' | '\0')) {
-                return Err(invalid(format!(
-                    "the vmdk {what} may not contain quotes or line breaks: {v:?}"
-                )));
-            }
-        }
-    }
+    ])?;
     let (prefix, postfix) = match base.rfind('.') {
         Some(i) => (base[..i].to_string(), base[i..].to_string()),
         None => (base.clone(), String::new()),
@@ -221,15 +261,12 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
         }
     }
     let lines: String = extents.iter().map(|(n, sz)| line(*sz, n)).collect();
-    let heads: u64 = if adapter == "ide" { 16 } else { 255 };
-    let desc = format!(
-        "# Disk DescriptorFile\nversion=1\nCID={:x}\nparentCID={parent_cid:x}\ncreateType=\"{subformat}\"\n{parent_line}\n\
-         # Extent description\n{lines}\n# The Disk Data Base\n#DDB\n\n\
-         ddb.virtualHWVersion = \"{hw}\"\nddb.geometry.cylinders = \"{}\"\nddb.geometry.heads = \"{heads}\"\n\
-         ddb.geometry.sectors = \"63\"\nddb.adapterType = \"{adapter}\"\nddb.toolsVersion = \"{toolsversion}\"\n",
-        random_cid(),
-        size / (63 * heads * SECTOR),
-    );
+    let desc = Ddb {
+        hw: &hw,
+        adapter: &adapter,
+        toolsversion: &toolsversion,
+    }
+    .descriptor(&subformat, parent_cid, &parent_line, &lines, size);
     let embedded = !flat && !split;
     if embedded && desc.len() as u64 > DESC_SECTORS * SECTOR {
         return Err(invalid(
