@@ -14,6 +14,7 @@ __all__ = [
     "commit_image",
     "compare_images",
     "convert_images",
+    "convert_stream",
     "create",
     "formats",
     "open",
@@ -85,6 +86,16 @@ def convert_images(
     progress: _Progress = None,
     compress: bool = False,
 ) -> None: ...
+def convert_stream(
+    sources: List[Tuple[Image, int, int]],
+    format: str,
+    options: Dict[str, Union[int, bool, str]],
+    out: Any,
+    sparse_min: int,
+    threads: int,
+    progress: Optional[Callable[[int, int], object]] = None,
+    compress: bool = False,
+) -> int: ...
 def checksum_image(image: Image, threads: int, progress: _Progress = None) -> str: ...
 def compare_images(a: Image, b: Image, strict: bool, progress: _Progress = None) -> Tuple[str, Optional[int]]: ...
 def commit_image(

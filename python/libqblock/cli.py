@@ -354,14 +354,20 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def _convert_stream(a: argparse.Namespace, sources: List[str], target: str) -> int:
-    """``-`` as the source (raw bytes on stdin) or the target (raw bytes to stdout)."""
+    """``-`` as the source (raw bytes on stdin) or the target (raw, qcow2 or streamOptimized vmdk to stdout)."""
     if target == "-":
-        if a.output_format != "raw" or a.o or a.backing or a.existing or a.compress:
-            raise InvalidParamError("converting to stdout writes raw bytes: use -O raw, without -o, -B, -n or -c")
+        if a.existing:
+            raise InvalidParamError("-n writes into an existing image: stdout is none")
         if "-" in sources:
             raise InvalidParamError("stdin and stdout cannot both be streams here; one side must be a file")
+        cls, kw = _option_args(a.output_format, a.o, a.backing, a.backing_format, None)
+        if cls.format is Format.VMDK:
+            kw.setdefault("subformat", "streamOptimized")
+        make = (lambda n: cls(**kw)) if "virt_size" in kw else (lambda n: cls(**kw, virt_size=_tools._aligned(cls, n)))
         out = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
-        _streams.convert_to_stream(sources, out, source_format=a.format, progress=_bar if a.progress else None)
+        _streams._to_stream(sources, out, make, source_format=a.format, start=0, length=None,
+                            sparse_size=parse_size(a.sparse_size), compress=a.compress, threads=a.threads,
+                            progress=_bar if a.progress else None)
         return 0
     if sources != ["-"] or (a.format or "raw") != "raw":
         raise InvalidParamError("reading stdin takes one source, -, of raw bytes (-f raw)")

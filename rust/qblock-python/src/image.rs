@@ -266,6 +266,12 @@ pub fn open(
 pub fn create(py: Python<'_>, protocol: &str, target: &str, fmt: &str, options: &Bound<'_, PyDict>) -> PyResult<()> {
     let loc = location(protocol, target);
     let fmt = format_arg(Some(fmt)).map_err(|e| to_pyerr(py, e))?.expect("some");
+    let opts = create_options(py, options)?;
+    run(py, || Image::create(&loc, fmt, opts))
+}
+
+/// QEMU-named creation options from a dict of ints, bools and strings.
+pub(crate) fn create_options(py: Python<'_>, options: &Bound<'_, PyDict>) -> PyResult<CreateOptions> {
     let mut opts = CreateOptions::new();
     for (k, v) in options.iter() {
         let key: String = k.extract()?;
@@ -283,7 +289,7 @@ pub fn create(py: Python<'_>, protocol: &str, target: &str, fmt: &str, options: 
         };
         opts.set(&key, val);
     }
-    run(py, || Image::create(&loc, fmt, opts))
+    Ok(opts)
 }
 
 /// The format a probe finds for an image.

@@ -23,6 +23,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(snapshot::snapshot_apply, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot::snapshot_delete, m)?)?;
     m.add_function(wrap_pyfunction!(tools::convert_images, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::convert_stream, m)?)?;
     m.add_function(wrap_pyfunction!(tools::checksum_image, m)?)?;
     m.add_function(wrap_pyfunction!(tools::compare_images, m)?)?;
     m.add_function(wrap_pyfunction!(tools::commit_image, m)?)?;

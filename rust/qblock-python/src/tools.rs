@@ -3,11 +3,15 @@
 //! at most every 100 ms, and an exception it raises stops the job and is
 //! re-raised as it was.
 
-use crate::image::{format_arg, location, run, PyImage};
+use crate::errors::to_pyerr;
+use crate::image::{create_options, format_arg, location, run, PyImage};
+use parking_lot::Mutex;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use qblock_core::driver::BackingRef;
-use qblock_core::tools::{checksum, commit, compare, convert, rebase, Progress};
+use qblock_core::tools::{checksum, commit, compare, convert, rebase, stream, Progress};
 use qblock_core::{Error, Image, OpenOptions};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const EVERY: Duration = Duration::from_millis(100);
@@ -90,6 +94,97 @@ pub fn convert_images(
             .collect();
         convert::convert(&pieces, target.as_ref(), &opts, &mut p)
     });
+    p.finish(r)
+}
+
+/// Writes to a Python binary file object; remembers what its `write` raised.
+struct PySink {
+    out: Py<PyAny>,
+    raised: Arc<Mutex<Option<PyErr>>>,
+}
+
+impl std::io::Write for PySink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Python::attach(|py| {
+            let b = pyo3::types::PyBytes::new(py, buf);
+            match self.out.call_method1(py, "write", (b,)) {
+                // A raw file may take part of it (and say so); None: all.
+                Ok(r) => Ok(r
+                    .extract::<Option<usize>>(py)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(buf.len())
+                    .min(buf.len())),
+                Err(e) => {
+                    *self.raised.lock() = Some(e);
+                    Err(std::io::Error::other("the output's write() raised"))
+                }
+            }
+        })
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Python::attach(|py| match self.out.call_method0(py, "flush") {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                *self.raised.lock() = Some(e);
+                Err(std::io::Error::other("the output's flush() raised"))
+            }
+        })
+    }
+}
+
+/// Convert `sources` into a new `format` image written front to back to
+/// the binary file object `out`; returns the bytes written.
+#[pyfunction]
+#[pyo3(signature = (sources, format, options, out, sparse_min, threads, progress=None, compress=false))]
+#[allow(clippy::too_many_arguments)]
+pub fn convert_stream(
+    py: Python<'_>,
+    sources: Vec<(PyRef<'_, PyImage>, u64, u64)>,
+    format: &str,
+    options: &Bound<'_, PyDict>,
+    out: Py<PyAny>,
+    sparse_min: u64,
+    threads: usize,
+    progress: Option<Py<PyAny>>,
+    compress: bool,
+) -> PyResult<u64> {
+    let imgs = sources
+        .iter()
+        .map(|(i, s, l)| Ok((i.get(py)?, *s, *l)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let fmt = format_arg(Some(format)).map_err(|e| to_pyerr(py, e))?.expect("some");
+    let mut create = create_options(py, options)?;
+    let opts = convert::ConvertOptions {
+        sparse_min,
+        threads,
+        compress,
+    };
+    let raised = Arc::new(Mutex::new(None));
+    let sink = std::io::BufWriter::with_capacity(
+        4 << 20,
+        PySink {
+            out,
+            raised: raised.clone(),
+        },
+    );
+    let mut p = PyProgress::new(progress);
+    let r = run(py, || {
+        let pieces: Vec<convert::Piece<'_>> = imgs
+            .iter()
+            .map(|(i, s, l)| convert::Piece {
+                image: i,
+                start: *s,
+                len: *l,
+            })
+            .collect();
+        stream::convert_to_stream(&pieces, fmt, &mut create, Box::new(sink), &opts, &mut p)
+    });
+    // The output's own exception (a closed pipe) is the one to see.
+    let r = match (r, raised.lock().take()) {
+        (Err(_), Some(e)) => Err(e),
+        (r, _) => r,
+    };
     p.finish(r)
 }
 

@@ -240,7 +240,15 @@ pub fn convert(
     let compress = opts.compress || target.compressed_only();
     let unit = if compress {
         target.compressed_unit().ok_or_else(|| {
-            crate::error::unsupported(format!("{} images cannot store compressed data", target.format_name()))
+            let hint = if target.format_name() == "vmdk" {
+                " (only streamOptimized vmdk images can)"
+            } else {
+                ""
+            };
+            crate::error::unsupported(format!(
+                "{} images cannot store compressed data{hint}",
+                target.format_name()
+            ))
         })?
     } else {
         opts.sparse_min

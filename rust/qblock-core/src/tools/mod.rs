@@ -10,7 +10,8 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod rebase;
-mod zeroes;
+pub mod stream;
+pub(crate) mod zeroes;
 
 use crate::error::{Error, Result};
 

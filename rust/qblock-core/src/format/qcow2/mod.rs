@@ -40,6 +40,7 @@ mod refcount;
 mod repair;
 mod snapshot;
 mod snapshot_ops;
+pub mod stream;
 mod types;
 mod write;
 

@@ -43,6 +43,7 @@ mod descriptor;
 mod header;
 mod sesparse;
 mod sparse;
+pub mod stream;
 
 use crate::backend::Storage;
 use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair};

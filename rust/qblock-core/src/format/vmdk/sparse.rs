@@ -67,6 +67,41 @@ pub struct SparseExtent {
     streamed: bool,
 }
 
+/// Encode one grain of guest bytes (shorter at the extent's end: padded
+/// with zeroes) as the zlib stream a compressed grain holds. A grain that
+/// does not compress is stored in uncompressed deflate blocks: every grain
+/// of a compressed extent must be a zlib stream.
+pub fn compress_grain(data: &[u8], grain: usize) -> Result<Vec<u8>> {
+    if data.len() > grain {
+        return Err(crate::error::invalid(format!(
+            "{} bytes do not fit a {grain}-byte grain",
+            data.len()
+        )));
+    }
+    let padded;
+    let input = if data.len() < grain {
+        let mut p = data.to_vec();
+        p.resize(grain, 0);
+        padded = p;
+        &padded[..]
+    } else {
+        data
+    };
+    match deflate(input, grain - 1, Container::Zlib)? {
+        Some(z) => Ok(z),
+        None => stored_zlib(input),
+    }
+}
+
+/// A grain marker (extent-relative sector, stream length) and the stream,
+/// padded to whole sectors.
+pub fn push_grain(out: &mut Vec<u8>, rel: u64, blob: &[u8]) {
+    out.extend_from_slice(&(rel / SECTOR).to_le_bytes());
+    out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+    out.extend_from_slice(blob);
+    out.resize(out.len().next_multiple_of(SECTOR as usize), 0);
+}
+
 /// Read `n` little-endian u32 from `at`.
 fn read_u32s(s: &dyn Storage, at: u64, n: usize, what: &str) -> Result<Vec<u32>> {
     let mut raw = try_zeroed(n * 4, what)?;
@@ -350,31 +385,8 @@ impl SparseExtent {
         !self.streamed
     }
 
-    /// Encode one grain of guest bytes (shorter at the extent's end: padded
-    /// with zeroes) as the zlib stream a compressed grain holds. A grain
-    /// that does not compress is stored in uncompressed deflate blocks:
-    /// every grain of a compressed extent must be a zlib stream.
     pub fn compress_grain(&self, data: &[u8]) -> Result<Vec<u8>> {
-        let grain = self.layout.grain as usize;
-        if data.len() > grain {
-            return Err(crate::error::invalid(format!(
-                "{} bytes do not fit a {grain}-byte grain",
-                data.len()
-            )));
-        }
-        let padded;
-        let input = if data.len() < grain {
-            let mut p = data.to_vec();
-            p.resize(grain, 0);
-            padded = p;
-            &padded[..]
-        } else {
-            data
-        };
-        match deflate(input, grain - 1, Container::Zlib)? {
-            Some(z) => Ok(z),
-            None => stored_zlib(input),
-        }
+        compress_grain(data, self.layout.grain as usize)
     }
 
     /// A compressed extent takes whole grains only, each written once (as
@@ -447,10 +459,7 @@ impl SparseExtent {
                 )));
             }
             let at = start + out.len() as u64;
-            out.extend_from_slice(&(rel / SECTOR).to_le_bytes());
-            out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
-            out.extend_from_slice(blob);
-            out.resize(out.len().next_multiple_of(SECTOR as usize), 0);
+            push_grain(&mut out, *rel, blob);
             entries.push((*rel, at));
         }
         let end = start + out.len() as u64;
