@@ -7,7 +7,8 @@
 //! times deflate's speed). When zstd cannot shrink it, deflate cannot
 //! either in practice (zstd has the same means and a larger window): the
 //! unit is reported incompressible. When zstd shrinks it no better than
-//! its byte entropy, LZ77 matches do not help, and Huffman coding alone
+//! its byte entropy (or than one bit a byte, the least a Huffman code
+//! spends), LZ77 matches do not help, and Huffman coding alone
 //! (no matches, so no window question) is as good as a full deflate and
 //! several times faster. Otherwise a normal deflate at the caller's level.
 
@@ -43,7 +44,9 @@ pub fn deflate(input: &[u8], limit: usize, container: Container) -> Result<Optio
     let Ok(z) = zstd::bulk::compress_to_buffer(input, &mut out, 1) else {
         return Ok(None);
     };
-    let strategy = if z as f64 >= 0.97 * entropy_bytes(input) {
+    // Huffman codes spend at least one bit per byte, whatever the entropy.
+    let huffman_floor = entropy_bytes(input).max(input.len() as f64 / 8.0);
+    let strategy = if z as f64 >= 0.97 * huffman_floor {
         zlib_rs::Strategy::HuffmanOnly
     } else {
         zlib_rs::Strategy::Default
@@ -137,6 +140,12 @@ mod tests {
         let c = deflate(&text, 65535, Container::Zlib).unwrap().unwrap();
         assert!(c.len() < 2000);
         assert_eq!(unzlib(&c, 65536), text);
+        // A run of one byte value has no entropy, but Huffman codes cost a
+        // bit a byte: it must get matches, and shrink to almost nothing.
+        let run = vec![0x5au8; 65536];
+        let c = deflate(&run, 65535, Container::Zlib).unwrap().unwrap();
+        assert!(c.len() < 200, "{}", c.len());
+        assert_eq!(unzlib(&c, 65536), run);
         // Noise does not compress; stored blocks hold it, and decode.
         let n = noise(7, 65536);
         assert_eq!(deflate(&n, 65535, Container::Zlib).unwrap(), None);
