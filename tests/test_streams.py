@@ -97,7 +97,139 @@ def test_pipes_on_the_command_line(tmp):
     r = subprocess.run(f"{' '.join(qblock_cmd())} convert -O raw {src} - | head -c 1000 > /dev/null; "
                        "echo ${PIPESTATUS[0]}", shell=True, capture_output=True, text=True, executable="/bin/bash")
     assert r.stdout.strip() == "141" and "Traceback" not in r.stderr
-    for argv in (["convert", "-O", "qcow2", str(src), "-"], ["convert", "-f", "qcow2", "-", str(tmp / "o")],
-                 ["convert", "-", "-"]):
+    for argv in (["convert", "-O", "vdi", str(src), "-"], ["convert", "-c", "-O", "qcow2", str(src), "-"],
+                 ["convert", "-f", "qcow2", "-", str(tmp / "o")], ["convert", "-", "-"]):
         r = subprocess.run([*qblock_cmd(), *argv], capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert r.returncode == 1 and r.stderr.startswith("qblock: ") and "Traceback" not in r.stderr
+
+
+class WriteOnly:
+    """A pipe's side of a file object: write and flush, no seek, no tell."""
+
+    def __init__(self) -> None:
+        self.parts: list = []
+
+    def write(self, b) -> int:
+        self.parts.append(bytes(b))
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def image_source(tmp, size=20 * MiB + 3 * 512):
+    """A sparse qcow2 whose block status says data over some zeroes (written as data), zeroes (-z)
+    and holes, with text-like and random clusters, and whose size is not a whole number of clusters."""
+    p = tmp / "img-src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), str(size))
+    qemu_io(str(p), "write -P 3 1M 3M", "write -P 0 6M 2M", "write -z 9M 1M", "write -P 7 11M 100k",
+            f"write -P 4 {size - 512} 512", "write -P 5 17M 1000")
+    text = b"".join(b"line %06d of a text-like cluster\n" % i for i in range(20000))
+    with qb.open(p, flags=qb.O_RDWR) as img:
+        img.write(text[: 512 * 1024], 13 * MiB)
+        img.write(os.urandom(200 * 1024), 15 * MiB + 512)
+    return p, qemu_raw_bytes(str(p), tmp)
+
+
+STREAM_CASES = [
+    ("qcow2", lambda n: qb.Qcow2Options(n)),
+    ("qcow2", lambda n: qb.Qcow2Options(n, cluster_size=512, compat="0.10")),
+    ("qcow2", lambda n: qb.Qcow2Options(n, cluster_size=4096, refcount_bits=1)),
+    ("qcow2", lambda n: qb.Qcow2Options(n, cluster_size=2 * MiB, refcount_bits=64, compression_type="zstd")),
+    ("vmdk", lambda n: "vmdk"),
+    ("vmdk", lambda n: qb.VmdkOptions(n, subformat="streamOptimized", adapter_type="lsilogic", hwversion="11")),
+]
+
+
+@pytest.mark.parametrize("fmt, make", STREAM_CASES)
+def test_images_to_a_stream_pass_qemu_img(tmp, fmt, make):
+    """qcow2 and streamOptimized vmdk written front to back to a write-only object: qemu-img finds
+    them clean and reads the source's bytes."""
+    src, want = image_source(tmp)
+    out = WriteOnly()
+    n = qb.convert_to_stream(src, out, make(len(want)))
+    dst = tmp / f"out.{fmt}"
+    dst.write_bytes(out.value())
+    assert n == dst.stat().st_size
+    info = qemu_info(str(dst))
+    assert info["format"] == fmt and info["virtual-size"] == len(want)
+    c = qemu_check(str(dst))
+    assert c.get("leaks", 0) == 0 and c.get("corruptions", 0) == 0 and c.get("check-errors", 0) == 0
+    assert qemu_raw_bytes(str(dst), tmp) == want
+    if fmt == "vmdk":
+        assert info["format-specific"]["data"]["create-type"] == "streamOptimized"
+        # the stream layout: directory at the end, found through the footer
+        assert dst.read_bytes()[56:64] == b"\xff" * 8
+    else:
+        # only clusters with data are mapped: the zeroes written as data at 6M are not
+        m = qemu_map(str(dst))
+        assert not any(e["data"] for e in m if 6 * MiB <= e["start"] < 8 * MiB)
+        assert any(e["data"] for e in m if e["start"] <= MiB < e["start"] + e["length"])
+    # and we read it back as written
+    with qb.open(dst, flags=0) as img:
+        assert img.read(len(want), 0) == want
+
+
+def test_streams_through_a_pipe_on_the_command_line(tmp):
+    src, want = image_source(tmp)
+    for fmt, extra in (("qcow2", []), ("vmdk", []), ("vmdk", ["-o", "subformat=streamOptimized"])):
+        dst = tmp / f"piped.{fmt}"
+        r = subprocess.run(f"{' '.join(qblock_cmd())} convert -O {fmt} {' '.join(extra)} {src} - | cat > {dst}; "
+                           "echo ${PIPESTATUS[0]}", shell=True, capture_output=True, text=True,
+                           executable="/bin/bash")
+        assert r.stdout.strip() == "0", r.stderr
+        assert qemu_img("compare", str(src), str(dst), check=False).returncode == 0
+        qemu_check(str(dst))
+    # concatenated sources and the stream's size
+    dst = tmp / "two.qcow2"
+    with open(dst, "wb") as f:
+        subprocess.run([*qblock_cmd(), "convert", "-O", "qcow2", str(src), str(src), "-"], stdout=f, check=True)
+    assert qemu_raw_bytes(str(dst), tmp) == want + want
+
+
+def test_image_stream_refusals(tmp):
+    src, _ = image_source(tmp)
+    out = WriteOnly()
+    with pytest.raises(qb.UnsupportedError, match="compressed qcow2"):
+        qb.convert_to_stream(src, out, "qcow2", compress=True)
+    with pytest.raises(qb.UnsupportedError, match="stream"):
+        qb.convert_to_stream(src, out, "vdi")
+    with pytest.raises(qb.UnsupportedError, match="backing"):
+        qb.convert_to_stream(src, out, qb.Qcow2Options(0, backing=str(src), backing_fmt="qcow2"))
+    with pytest.raises(qb.UnsupportedError, match="preallocation"):
+        qb.convert_to_stream(src, out, qb.Qcow2Options(30 * MiB, preallocation="metadata"))
+    with pytest.raises(qb.UnsupportedError, match="only streamOptimized"):
+        qb.convert_to_stream(src, out, qb.VmdkOptions(30 * MiB))
+    with pytest.raises(qb.InvalidParamError, match="smaller"):
+        qb.convert_to_stream(src, out, qb.Qcow2Options(MiB))
+    with pytest.raises(qb.UnsupportedError):
+        qb.convert_to_stream(src, out, None, compress=True)
+
+    class Closed(WriteOnly):
+        def write(self, b):
+            raise BrokenPipeError(32, "the reader went away")
+
+    with pytest.raises(BrokenPipeError):
+        qb.convert_to_stream(src, Closed(), "vmdk")
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        qb.convert_to_stream(src, WriteOnly(), "qcow2", progress=stop)
+
+
+def test_a_vmdk_written_as_a_stream_is_read_only(tmp):
+    """Its tables follow its grains: nothing can be appended, so writes are refused, not misplaced."""
+    src, want = image_source(tmp)
+    dst = tmp / "s.vmdk"
+    with open(dst, "wb") as f:
+        qb.convert_to_stream(src, f, "vmdk")
+    before = dst.read_bytes()
+    with qb.open(dst, flags=qb.O_RDWR) as img:
+        with pytest.raises(qb.UnsupportedError):
+            img.write(bytes(65536), 0)
+    assert dst.read_bytes() == before

@@ -485,6 +485,12 @@ impl Vmdk {
         if self.read_only {
             return Err(invalid("the VMDK image is open read-only"));
         }
+        Ok(())
+    }
+
+    /// After a write that changed the disk: a new CID, the first time in
+    /// this open (as QEMU, after the data; a refused write changes nothing).
+    fn after_write(&self) -> Result<()> {
         if !self.cid_updated.swap(true, Ordering::AcqRel) {
             self.update_cid()?;
         }
@@ -642,6 +648,7 @@ impl Driver for Vmdk {
                 Kind::Sparse(s) => s.write(chunk, rel, e.start, below)?,
                 Kind::SeSparse(_) => return Err(unsupported("writing to SESPARSE VMDK extents is not supported")),
             }
+            self.after_write()?;
             done += n;
         }
         Ok(())
@@ -665,6 +672,7 @@ impl Driver for Vmdk {
                 Kind::Sparse(s) => s.write_zeroes(rel, n, e.start, below)?,
                 Kind::SeSparse(_) => return Err(unsupported("writing to SESPARSE VMDK extents is not supported")),
             }
+            self.after_write()?;
             done += n;
         }
         Ok(())
@@ -704,7 +712,8 @@ impl Driver for Vmdk {
             .compressed_extent()
             .ok_or_else(|| unsupported("only streamOptimized VMDK images store compressed grains"))?;
         self.before_write()?;
-        s.write_compressed(units)
+        s.write_compressed(units)?;
+        self.after_write()
     }
     fn info(&self) -> Result<DriverInfo> {
         // (flat, compressed, grain) per extent: QEMU gives a cluster size
