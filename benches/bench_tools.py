@@ -135,7 +135,7 @@ def verify(case: Case, src: str, out: str) -> str:
     same = subprocess.run(["qemu-img", "compare", "-q", "-f", fmt, "-F", case.out_fmt, src, out]).returncode
     if same:
         return "WRONG (qemu-img compare)"
-    if case.out_fmt == "qcow2" and subprocess.run(["qemu-img", "check", "-q", out]).returncode:
+    if case.out_fmt in ("qcow2", "vmdk") and subprocess.run(["qemu-img", "check", "-q", out]).returncode:
         return "WRONG (qemu-img check)"
     return "ok"
 
