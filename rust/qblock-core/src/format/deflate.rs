@@ -83,6 +83,8 @@ fn encode(
         zlib_rs::ReturnCode::Ok => {
             let n = done.len();
             out.truncate(n);
+            // Held in batches of thousands: keep only the bytes used.
+            out.shrink_to_fit();
             Ok(Some(out))
         }
         zlib_rs::ReturnCode::BufError => Ok(None), // did not fit under the limit

@@ -151,8 +151,9 @@ struct Queue {
 
 impl Queue {
     fn push(&mut self, h: Held) {
+        // What the buffers hold in memory, not only their bytes.
         self.bytes += match &h {
-            Held::Data(_, b) | Held::Compressed(_, b) => b.len(),
+            Held::Data(_, b) | Held::Compressed(_, b) => b.capacity(),
             Held::Zero(..) => 0,
         };
         self.ops.push(h);

@@ -48,6 +48,7 @@ pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<
             match zstd::bulk::compress_to_buffer(input, &mut out, ZSTD_LEVEL) {
                 Ok(n) => {
                     out.truncate(n);
+                    out.shrink_to_fit();
                     Ok(Some(out))
                 }
                 Err(_) => Ok(None), // too big for the limit
