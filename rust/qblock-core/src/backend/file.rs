@@ -55,21 +55,29 @@ impl FileStorage {
         })
     }
 
-    /// Create (or truncate) a file for a new image.
+    /// Create (or truncate) a file for a new image. The file is locked
+    /// before it is truncated, as QEMU's create does: an image another
+    /// process has open (a running VM's disk) is refused, not emptied.
     pub fn create(path: &Path) -> Result<FileStorage> {
+        #[allow(clippy::suspicious_open_options)] // truncated below, once locked
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
             .open(path)
             .map_err(|e| Error::os(format!("cannot create '{}'", path.display()), e))?;
-        Ok(FileStorage {
+        let s = FileStorage {
             file,
             path: path.to_path_buf(),
             read_only: false,
             direct: None,
-        })
+        };
+        s.lock(super::Perm::create())?;
+        // (O_TRUNC would leave a block device as it is: so does this.)
+        if s.file.metadata().is_ok_and(|m| m.is_file()) {
+            s.set_len(0)?;
+        }
+        Ok(s)
     }
 
     pub fn path(&self) -> &Path {
@@ -166,6 +174,10 @@ impl Storage for FileStorage {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn lock(&self, perm: super::Perm) -> Result<()> {
+        super::lock::apply(self.file.as_raw_fd(), perm, &self.path.display().to_string())
     }
 
     fn extent(&self, offset: u64, len: u64) -> Result<HostExtent> {

@@ -4,9 +4,11 @@
 
 pub mod direct;
 pub mod file;
+pub mod lock;
 pub mod memory;
 
 use crate::error::Result;
+pub use lock::Perm;
 
 /// One contiguous run of a backend's bytes and whether it holds data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,14 @@ pub trait Storage: Send + Sync {
     /// Bytes the storage really occupies (for `actual-size`); None if unknown.
     fn allocated_bytes(&self) -> Option<u64> {
         None
+    }
+    /// Take the permissions `perm` as QEMU's image locking does, failing
+    /// with `ImageLocked` while another open (another process, a VM) holds
+    /// the image in a conflicting way. Backends nobody else shares (memory)
+    /// have nothing to lock.
+    fn lock(&self, perm: Perm) -> Result<()> {
+        let _ = perm;
+        Ok(())
     }
 }
 
@@ -109,5 +119,8 @@ impl Storage for Unsynced {
     }
     fn allocated_bytes(&self) -> Option<u64> {
         self.0.allocated_bytes()
+    }
+    fn lock(&self, perm: Perm) -> Result<()> {
+        self.0.lock(perm)
     }
 }
