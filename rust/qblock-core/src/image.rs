@@ -2,7 +2,7 @@
 //! every format shares — bounds checks, reads that fall through to the
 //! backing image, block status with depth, `map`, `check_allocation`.
 
-use crate::backend::Storage;
+use crate::backend::{Perm, Storage};
 use crate::driver::{BackingRef, Below, CheckReport, Driver, HostFile, Mapped, NoBacking, Repair, SnapshotInfo};
 use crate::error::{corrupt, invalid, unsupported, Error, Result};
 use crate::format_name::Format;
@@ -37,6 +37,10 @@ pub struct OpenOptions {
     /// Open the top image to be checked: see [`OpenCtx::check`]. The
     /// backing files open as usual.
     pub check: bool,
+    /// Lock every file sharing everything, as `qemu-img -U` (force-share):
+    /// the image may be open for writing elsewhere (a running VM), and
+    /// what is read may then be inconsistent. Read-only opens only.
+    pub force_share: bool,
 }
 
 /// Allocation of one run, across the whole chain (the seed's and
@@ -93,6 +97,11 @@ impl Image {
     /// image; backing images use the format the image above records, and
     /// are probed only when none is recorded.
     pub fn open(location: &Location, format: Option<Format>, opts: &OpenOptions) -> Result<Image> {
+        if opts.force_share && !opts.read_only {
+            return Err(invalid(
+                "force_share (-U) needs a read-only open, as QEMU's force-share",
+            ));
+        }
         let mut seen = vec![location.identity()];
         if opts.snapshot && !opts.read_only {
             let base = Self::open_layer(location, format, true, !opts.no_backing, &mut seen, opts)?;
@@ -131,6 +140,7 @@ impl Image {
             read_only: false,
             direct: false,
             check: false,
+            force_share: false,
         };
         let driver = (registry::open_fn(Format::Qcow2)?)(storage, &ctx)
             .map_err(|e| e.context("cannot open the O_SNAPSHOT overlay"))?;
@@ -163,11 +173,20 @@ impl Image {
             Some(f) => f,
             None => registry::probe(storage.as_ref())?,
         };
+        // Locked before the driver opens: a writable open may repair the
+        // image at once (a dirty qcow2, a vhdx log), which must not happen
+        // under a VM that has it open.
+        let perm = match format {
+            Format::Raw if !opts.force_share => Perm::raw(read_only),
+            _ => Perm::image(read_only, opts.force_share),
+        };
+        storage.lock(perm)?;
         let ctx = OpenCtx {
             location,
             read_only,
             direct: opts.direct,
             check: opts.check && seen.len() == 1, // the top layer only
+            force_share: opts.force_share,
         };
         let driver = (registry::open_fn(format)?)(storage, &ctx)
             .map_err(|e| e.context(format!("{} image '{}'", format, location.describe())))?;
@@ -546,7 +565,25 @@ impl Image {
         if let Some(b) = &self.backing {
             b.closed.store(true, Ordering::Release);
         }
+        // The files stay open while other handles to this image live (a
+        // reader still in flight): the locks go now, so that QEMU or
+        // another open can take the image.
+        self.release_locks();
         r
+    }
+
+    fn release_locks(&self) {
+        for i in 0..=HostFile::MAX {
+            match self.driver.host_file(i) {
+                Some(s) => {
+                    let _ = s.lock(Perm::NONE);
+                }
+                None => break,
+            }
+        }
+        if let Some(b) = &self.backing {
+            b.release_locks();
+        }
     }
 
     pub fn is_closed(&self) -> bool {

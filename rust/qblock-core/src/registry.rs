@@ -1,7 +1,7 @@
 //! The table of formats: how to probe, open and create each one. Adding a
 //! format means adding its module and one entry in `format::ENTRIES`.
 
-use crate::backend::Storage;
+use crate::backend::{Perm, Storage};
 use crate::driver::Driver;
 use crate::error::{unsupported, Result};
 use crate::format;
@@ -26,13 +26,26 @@ pub struct OpenCtx<'a> {
     /// driver would repair at open (a dirty qcow2's refcounts) is left for
     /// [`crate::driver::Driver::check`] to report and repair.
     pub check: bool,
+    /// Take the images' locks sharing everything (`qemu-img -U`): read-only
+    /// opens only.
+    pub force_share: bool,
 }
 
 impl OpenCtx<'_> {
-    /// Open a file this image names (a data file, an extent) the way the
-    /// image itself was opened.
+    /// Open a file this image names as part of it (a vmdk extent, a
+    /// parallels bundle's image) the way the image itself was opened, and
+    /// lock it as the image.
     pub fn open_named(&self, loc: &Location, read_only: bool) -> Result<Arc<dyn Storage>> {
-        loc.open_storage_with(read_only, self.direct)
+        let s = loc.open_storage_with(read_only, self.direct)?;
+        s.lock(Perm::image(read_only, self.force_share))?;
+        Ok(s)
+    }
+
+    /// Open a qcow2 external data file, locked as QEMU locks one.
+    pub fn open_data_file(&self, loc: &Location, read_only: bool) -> Result<Arc<dyn Storage>> {
+        let s = loc.open_storage_with(read_only, self.direct)?;
+        s.lock(Perm::data_file(read_only, self.force_share))?;
+        Ok(s)
     }
 }
 

@@ -30,6 +30,9 @@ pub struct Perm {
 }
 
 impl Perm {
+    /// No permission and nothing denied: every lock byte released.
+    pub const NONE: Perm = Perm { hold: 0, deny: 0 };
+
     /// The file of a format that is not raw (and a vmdk's extents), as
     /// qemu-img and qemu-io open it: writers take write and resize and let
     /// nobody else write or resize; readers read and still let nobody
@@ -60,7 +63,10 @@ impl Perm {
     pub fn data_file(read_only: bool, force_share: bool) -> Perm {
         match (read_only, force_share) {
             (_, true) => Perm { hold: READ, deny: 0 },
-            (true, false) => Perm { hold: READ, deny: RESIZE },
+            (true, false) => Perm {
+                hold: READ,
+                deny: RESIZE,
+            },
             (false, false) => Perm {
                 hold: READ | WRITE | RESIZE,
                 deny: RESIZE,
@@ -101,7 +107,10 @@ fn ofd(fd: RawFd, cmd: libc::c_int, kind: libc::c_short, byte: i64) -> io::Resul
 /// Whether the file system cannot lock at all: QEMU's locking=auto then
 /// goes on without locks (NFS without lockd, some FUSE file systems).
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | libc::ENOLCK | libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOTSUP | libc::ENOLCK | libc::ENOSYS)
+    )
 }
 
 /// Take `perm` on `fd` (a descriptor with no locks yet, or with earlier
@@ -112,7 +121,11 @@ pub fn apply(fd: RawFd, perm: Perm, what: &str) -> Result<()> {
     let os = |e: io::Error| Error::os(format!("cannot lock '{what}'"), e);
     for i in 0..4 {
         for (base, on) in [(PERM_BASE, perm.hold), (SHARED_BASE, perm.deny)] {
-            let kind = if on & (1 << i) != 0 { libc::F_RDLCK } else { libc::F_UNLCK };
+            let kind = if on & (1 << i) != 0 {
+                libc::F_RDLCK
+            } else {
+                libc::F_UNLCK
+            };
             match ofd(fd, libc::F_OFD_SETLK, kind as libc::c_short, base + i) {
                 Ok(_) => {}
                 Err(e) if unsupported(&e) => return Ok(()),

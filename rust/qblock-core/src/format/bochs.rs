@@ -531,6 +531,7 @@ mod tests {
                 read_only: false,
                 direct: false,
                 check: false,
+                force_share: false,
             },
         )
         .err()
@@ -543,6 +544,7 @@ mod tests {
                 read_only: true,
                 direct: false,
                 check: false,
+                force_share: false,
             },
         )
         .unwrap();

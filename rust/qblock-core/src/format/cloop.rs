@@ -371,6 +371,7 @@ mod tests {
                 read_only: false,
                 direct: false,
                 check: false,
+                force_share: false,
             },
         )
         .err()
@@ -383,6 +384,7 @@ mod tests {
                 read_only: true,
                 direct: false,
                 check: false,
+                force_share: false,
             },
         )
         .unwrap();

@@ -391,6 +391,7 @@ fn writes_and_writable_opens_are_refused() {
             read_only: false,
             direct: false,
             check: false,
+            force_share: false,
         },
     )
     .err()
@@ -403,6 +404,7 @@ fn writes_and_writable_opens_are_refused() {
             read_only: true,
             direct: false,
             check: false,
+            force_share: false,
         },
     )
     .unwrap();

@@ -55,6 +55,7 @@ pub(super) fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
         read_only,
         direct: false,
         check: false,
+        force_share: false,
     };
     let s: Arc<dyn Storage> = Arc::new(MemoryStorage::new(b, read_only));
     Qcow2::open(s, &ctx)
@@ -69,6 +70,7 @@ pub(super) fn open_bytes_ctx(b: Vec<u8>, read_only: bool, check: bool) -> Result
         read_only,
         direct: false,
         check,
+        force_share: false,
     };
     let m = Arc::new(MemoryStorage::new(b, read_only));
     let s: Arc<dyn Storage> = m.clone();
@@ -685,6 +687,7 @@ fn failed_writes_leave_a_usable_image() {
             read_only: false,
             direct: false,
             check: false,
+            force_share: false,
         };
         let d = Qcow2::open(s.clone(), &ctx).unwrap();
         let mut failed = false;
@@ -764,6 +767,7 @@ fn open_writable(s: Arc<dyn Storage>) -> Qcow2 {
         read_only: false,
         direct: false,
         check: false,
+        force_share: false,
     };
     Qcow2::open(s, &ctx).unwrap()
 }
@@ -1066,6 +1070,7 @@ fn allocation_pool_doubles_between_flushes() {
         read_only: false,
         direct: false,
         check: false,
+        force_share: false,
     };
     let d = Qcow2::open(rec.clone(), &ctx).unwrap();
     let flushes = |r: &Recording| r.log.lock().iter().filter(|e| e.is_none()).count();

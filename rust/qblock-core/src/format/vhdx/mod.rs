@@ -880,6 +880,7 @@ mod tests {
         parent.write_at(&vec![0x5a; 4 << 20], 0, &NoBacking).unwrap();
         let linkage = guid_text(&parent.write.lock().header.data_write_guid);
         drop(parent);
+        drop(ps); // (its create lock too)
         let cs = crate::backend::file::FileStorage::create(&cp).unwrap();
         let loc = ParentLocator {
             linkage: Some(linkage),
@@ -903,6 +904,7 @@ mod tests {
         cs.write_at(&z.to_le_bytes(), BAT_AT as u64 + 8 * layout.payload_index(2))
             .unwrap();
         cs.flush().unwrap();
+        drop(cs); // its create lock would keep readers out
         let img = Image::open(
             &Location::file(&cp),
             None,
@@ -946,6 +948,7 @@ mod tests {
         };
         let cs2 = crate::backend::file::FileStorage::create(&cp).unwrap();
         write_image(&cs2, 4 << 20, MIB, MIB, false, true, Some(&bad)).unwrap();
+        drop(cs2);
         let ro = OpenOptions {
             read_only: true,
             ..Default::default()

@@ -28,6 +28,7 @@ fn open_mem(data: Vec<u8>, read_only: bool) -> Result<Box<dyn Driver>> {
             read_only,
             direct: false,
             check: false,
+            force_share: false,
         },
     )
 }
@@ -178,6 +179,7 @@ fn tables_are_written_on_flush_to_both_copies() {
             read_only: false,
             direct: false,
             check: false,
+            force_share: false,
         },
     )
     .unwrap();
@@ -503,6 +505,7 @@ fn writes_where_no_grain_table_exists_add_one() {
             read_only: false,
             direct: false,
             check: false,
+            force_share: false,
         },
     )
     .unwrap();
