@@ -122,8 +122,8 @@ def _known_format(name: str) -> Format:
     return fmt
 
 
-def _info_dict(filename: str, fmt: Optional[str]) -> Dict[str, Any]:
-    with _image.open(filename, fmt, flags=0) as img:
+def _info_dict(filename: str, fmt: Optional[str], force_share: bool = False) -> Dict[str, Any]:
+    with _image.open(filename, fmt, flags=0, force_share=force_share) as img:
         i = img.info()
     d: Dict[str, Any] = {
         "filename": str(i.location),
@@ -208,11 +208,12 @@ def human_info(d: Dict[str, Any]) -> str:
 
 def _chain_dicts(a: argparse.Namespace) -> List[Dict[str, Any]]:
     """The info of the image and, with --backing-chain, of every image below it."""
-    out = [_info_dict(a.filename, a.format)]
+    out = [_info_dict(a.filename, a.format, a.force_share)]
     while a.backing_chain and "full-backing-filename" in out[-1]:
         if len(out) > 64:
             raise InvalidParamError("the backing chain is deeper than 64 images")
-        out.append(_info_dict(out[-1]["full-backing-filename"], out[-1].get("backing-filename-format")))
+        out.append(_info_dict(out[-1]["full-backing-filename"], out[-1].get("backing-filename-format"),
+                              a.force_share))
     return out
 
 
@@ -246,7 +247,7 @@ def cmd_read(a: argparse.Namespace) -> int:
     offset, length = parse_size(a.offset), parse_size(a.length)
     # Unbuffered, so that each write's count is the pipe's own answer.
     out = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
-    with _image.open(a.filename, a.format, flags=0) as img:
+    with _image.open(a.filename, a.format, flags=0, force_share=a.force_share) as img:
         if offset + length > img.virt_size:  # checked before anything is written
             raise OutOfRangeError(f"range at {offset} of {length} bytes is beyond the virtual size {img.virt_size}")
         buf = bytearray(min(length, _READ_CHUNK))
@@ -268,7 +269,7 @@ def _hex(n: int) -> str:
 
 def cmd_map(a: argparse.Namespace) -> int:
     """``qblock map [--output human|json] FILE``: extents as ``qemu-img map`` prints them."""
-    with _image.open(a.filename, a.format, flags=0) as img:
+    with _image.open(a.filename, a.format, flags=0, force_share=a.force_share) as img:
         extents = list(img.map())
     if a.output == "json":
         print(json.dumps([e.to_qemu_map() for e in extents], indent=1))
@@ -322,6 +323,9 @@ def cmd_resize(a: argparse.Namespace) -> int:
     return 0
 
 
+_FORCE_SHARE = "open even while another process (a VM) has the image open for writing, as qemu-img -U"
+
+
 def _bar(done: int, total: int) -> None:
     """``-p``: a progress line on stderr, redrawn in place, like qemu-img's."""
     pct = 100.0 * done / total if total else 100.0
@@ -349,7 +353,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise InvalidParamError("-n writes into the existing target: -o and -B do not apply")
     _tools._convert(sources, target, make, source_format=a.format, sparse_size=parse_size(a.sparse_size),
                     compress=a.compress, start=0, length=None, threads=a.threads,
-                    progress=_bar if a.progress else None, sync=a.cache != "unsafe")
+                    progress=_bar if a.progress else None, sync=a.cache != "unsafe", force_share=a.force_share)
     return 0
 
 
@@ -367,7 +371,7 @@ def _convert_stream(a: argparse.Namespace, sources: List[str], target: str) -> i
         out = getattr(sys.stdout.buffer, "raw", sys.stdout.buffer)
         _streams._to_stream(sources, out, make, source_format=a.format, start=0, length=None,
                             sparse_size=parse_size(a.sparse_size), compress=a.compress, threads=a.threads,
-                            progress=_bar if a.progress else None)
+                            progress=_bar if a.progress else None, force_share=a.force_share)
         return 0
     if sources != ["-"] or (a.format or "raw") != "raw":
         raise InvalidParamError("reading stdin takes one source, -, of raw bytes (-f raw)")
@@ -383,7 +387,7 @@ def _convert_stream(a: argparse.Namespace, sources: List[str], target: str) -> i
 def cmd_compare(a: argparse.Namespace) -> int:
     """``qblock compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B``: exit 0 identical, 1 different, 2 error."""
     r = _tools.compare(a.a, a.b, fmt_a=a.format, fmt_b=a.b_format, strict=a.strict,
-                       progress=_bar if a.progress else None)
+                       progress=_bar if a.progress else None, force_share=a.force_share)
     if not a.quiet:
         if not a.strict and r.sizes[0] != r.sizes[1]:
             print("Warning: Image size mismatch!")
@@ -393,7 +397,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_checksum(a: argparse.Namespace) -> int:
     """``qblock checksum [-f FMT] [-p] FILE``: the format-independent content hash, then the file name."""
-    print(f"{_tools.checksum(a.filename, a.format, progress=_bar if a.progress else None)}  {a.filename}")
+    print(f"{_tools.checksum(a.filename, a.format, progress=_bar if a.progress else None, force_share=a.force_share)}"
+          f"  {a.filename}")
     return 0
 
 
@@ -577,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_create)
     i = sub.add_parser("info", help="print what an image says about itself")
     i.add_argument("-f", "--format")
+    i.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     i.add_argument("--output", choices=("human", "json"), default="human")
     i.add_argument("--backing-chain", action="store_true", help="also every image of the backing chain")
     i.add_argument("filename")
@@ -591,17 +597,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_write)
     r = sub.add_parser("read", help="copy guest bytes to stdout")
     r.add_argument("-f", "--format")
+    r.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     r.add_argument("filename")
     r.add_argument("offset")
     r.add_argument("length")
     r.set_defaults(func=cmd_read)
     m = sub.add_parser("map", help="print allocation like qemu-img map")
     m.add_argument("-f", "--format")
+    m.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     m.add_argument("--output", choices=("human", "json"), default="human")
     m.add_argument("filename")
     m.set_defaults(func=cmd_map)
     cv = sub.add_parser("convert", help="copy an image (or several, concatenated) into a new one of any format")
     cv.add_argument("-f", "--format", help="format of the sources (default: probe)")
+    cv.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     cv.add_argument("-O", dest="output_format", default="raw", help="format of the target (default raw)")
     cv.add_argument("-o", action="append", default=[], help="target options key=value[,...]; -o help lists them")
     cv.add_argument("-B", dest="backing", help="make the target an overlay of this file; write only what differs")
@@ -619,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(func=cmd_convert)
     cp = sub.add_parser("compare", help="compare guest content; exit 0 identical, 1 different, 2 error")
     cp.add_argument("-f", "--format", help="format of the first image")
+    cp.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     cp.add_argument("-F", dest="b_format", help="format of the second image")
     cp.add_argument("-s", dest="strict", action="store_true", help="strict: sizes and allocation must match too")
     cp.add_argument("-q", dest="quiet", action="store_true", help="print nothing; only the exit status tells")
@@ -628,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_compare, error_status=2)
     ck = sub.add_parser("checksum", help="print the format-independent checksum of the guest content")
     ck.add_argument("-f", "--format")
+    ck.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     ck.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     ck.add_argument("filename")
     ck.set_defaults(func=cmd_checksum)

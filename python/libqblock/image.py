@@ -211,6 +211,8 @@ def open(  # noqa: A001 - the seed's name
     location: Where,
     fmt: Optional[Union[Format, str]] = None,
     flags: int = O_RDWR | O_CACHE_WB,
+    *,
+    force_share: bool = False,
 ) -> Image:
     """Open an image; ``fmt`` None probes its format (see the README on raw probing).
 
@@ -225,7 +227,17 @@ def open(  # noqa: A001 - the seed's name
     (tmpfs before Linux 6.6, some FUSE file systems) raises
     UnsupportedError. A location whose protocol is not served yet (anything
     but ``file``) raises UnsupportedError.
+
+    Every file of the image is locked as QEMU locks it (OFD byte locks):
+    while ``qemu-io``, ``qemu-img`` or a VM has the image open for writing,
+    opening it raises ImageLockedError, and while it is open here for
+    writing, QEMU refuses to write it (and, as for QEMU, a read-only open
+    keeps writers out). ``force_share`` (``qemu-img -U``), read-only only,
+    takes the image whatever others do: what it reads may then be changing.
+    ``close()`` releases the locks; so does dropping the image.
     """
+    if force_share and flags & O_RDWR:
+        raise InvalidParamError("force_share needs a read-only open (flags without O_RDWR), as QEMU's -U")
     _check_flags(flags)
     loc = Location.of(location)
     native = _native.open(
@@ -238,6 +250,7 @@ def open(  # noqa: A001 - the seed's name
         no_flush=bool(flags & O_NO_FLUSH),
         snapshot=bool(flags & O_SNAPSHOT),
         direct=bool(flags & O_NOCACHE),
+        force_share=force_share,
     )
     return Image(native, loc, flags)
 

@@ -57,6 +57,7 @@ def convert_to_stream(
     compress: bool = False,
     threads: int = 0,
     progress: Optional[ProgressFn] = None,
+    force_share: bool = False,
 ) -> int:
     """Write ``source`` (one image or several, concatenated; ``start``/``length``
     pick a range) to ``out`` front to back, never seeking, as a new image.
@@ -73,9 +74,11 @@ def convert_to_stream(
     (``compress`` asks for it, as ``-c``). Options that
     need a file beside the image (backing, data file, preallocation) raise
     UnsupportedError, and so does a compressed qcow2 stream. An exception
-    (from ``out`` or ``progress``) stops the stream where it is."""
+    (from ``out`` or ``progress``) stops the stream where it is. ``force_share``
+    opens the sources as ``qemu-img -U`` (see :func:`libqblock.open`)."""
     return _to_stream(source, out, _stream_options(options), source_format=source_format, start=start,
-                      length=length, sparse_size=sparse_size, compress=compress, threads=threads, progress=progress)
+                      length=length, sparse_size=sparse_size, compress=compress, threads=threads, progress=progress,
+                      force_share=force_share)
 
 
 def _to_stream(
@@ -90,11 +93,12 @@ def _to_stream(
     compress: bool,
     threads: int,
     progress: Optional[ProgressFn],
+    force_share: bool = False,
 ) -> int:
     """convert_to_stream() with the options as a function of the copied length."""
     if not hasattr(out, "write"):
         raise InvalidParamError(f"expected a writable binary file object, not {out!r}")
-    images, opened = _open_sources(source, source_format)
+    images, opened = _open_sources(source, source_format, force_share)
     try:
         pieces = _pieces(images, start, length)
         total = sum(n for _, _, n in pieces)

@@ -29,8 +29,9 @@ Source = Union[Where, Image]
 DEFAULT_SPARSE_SIZE = 4096
 
 
-def _open_sources(sources: Union[Source, Sequence[Source]], fmt: Optional[Union[Format, str]]) -> Tuple[List[Image], List[Image]]:
-    """(images, the ones opened here and to be closed)."""
+def _open_sources(sources: Union[Source, Sequence[Source]], fmt: Optional[Union[Format, str]],
+                  force_share: bool = False) -> Tuple[List[Image], List[Image]]:
+    """(images, the ones opened here and to be closed); ``force_share`` as for open()."""
     if isinstance(sources, (str, bytes, os.PathLike, Location, Image)):
         items: Sequence[Source] = [sources]
     else:
@@ -43,7 +44,7 @@ def _open_sources(sources: Union[Source, Sequence[Source]], fmt: Optional[Union[
             if isinstance(s, Image):
                 images.append(s)
             else:
-                img = _open(s, fmt, flags=0)
+                img = _open(s, fmt, flags=0, force_share=force_share)
                 images.append(img)
                 opened.append(img)
     except BaseException:
@@ -54,14 +55,14 @@ def _open_sources(sources: Union[Source, Sequence[Source]], fmt: Optional[Union[
 
 
 @contextlib.contextmanager
-def _opened(source: Source, fmt: Optional[Union[Format, str]]) -> Iterator[Image]:
+def _opened(source: Source, fmt: Optional[Union[Format, str]], force_share: bool = False) -> Iterator[Image]:
     """One image: an open Image as it is, else opened read-only here and closed after."""
     if isinstance(source, Image):
         yield source
         return
     if not isinstance(source, (str, bytes, os.PathLike, Location)):
         raise InvalidParamError(f"expected one image (a path, Location or Image), not {source!r}")
-    with _open(source, fmt, flags=0) as img:
+    with _open(source, fmt, flags=0, force_share=force_share) as img:
         yield img
 
 
@@ -82,6 +83,7 @@ def convert(
     threads: int = 0,
     progress: Optional[ProgressFn] = None,
     sync: bool = False,
+    force_share: bool = False,
 ) -> None:
     """Copy the guest content of ``source`` into a new image at ``target``.
 
@@ -108,12 +110,14 @@ def convert(
     end unless ``sync`` (then it is on disk when the call returns). A crash
     meanwhile leaves an incomplete copy. An ``existing`` target is written
     with every barrier and flushed, so it stays valid whatever happens.
+    ``force_share`` opens the sources as ``qemu-img convert -U`` does (see
+    :func:`libqblock.open`).
     """
     if existing and options is not None:
         raise InvalidParamError("existing=True writes into the image as it is: pass no options")
     _convert(source, target, None if existing else _options_maker(options), source_format=source_format,
              sparse_size=sparse_size, compress=compress, start=start, length=length, threads=threads,
-             progress=progress, sync=sync)
+             progress=progress, sync=sync, force_share=force_share)
 
 
 def _options_maker(options: OptionsArg) -> Callable[[int], ImageOptions]:
@@ -147,13 +151,14 @@ def _convert(
     threads: int,
     progress: Optional[ProgressFn],
     sync: bool = False,
+    force_share: bool = False,
 ) -> None:
     """convert() with the target's options as a function of the copied length (None: the target exists)."""
     if isinstance(sparse_size, bool) or not isinstance(sparse_size, int) or sparse_size < 0 or sparse_size % 512:
         raise InvalidParamError(f"sparse_size must be a non-negative multiple of 512, not {sparse_size!r}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise InvalidParamError(f"threads must be a non-negative integer, not {threads!r}")
-    images, opened = _open_sources(source, source_format)
+    images, opened = _open_sources(source, source_format, force_share)
     try:
         pieces = _pieces(images, start, length)
         total = sum(n for _, _, n in pieces)
@@ -227,7 +232,7 @@ def _remove(loc: Location) -> None:
 
 
 def checksum(source: Source, fmt: Optional[Union[Format, str]] = None, *, threads: int = 0,
-             progress: Optional[ProgressFn] = None) -> str:
+             progress: Optional[ProgressFn] = None, force_share: bool = False) -> str:
     """The format-independent checksum of the guest disk, as 64 hex digits.
 
     The same guest content gives the same checksum in any format, with any
@@ -235,7 +240,7 @@ def checksum(source: Source, fmt: Optional[Union[Format, str]] = None, *, thread
     blocks grouped in 64 MiB segments; see the README) is fixed: results
     compare across releases. Ranges block status reports as zero are not read.
     """
-    with _opened(source, fmt) as img:
+    with _opened(source, fmt, force_share) as img:
         return str(_native.checksum_image(img._n, threads, progress))
 
 
@@ -255,13 +260,13 @@ class CompareResult:
 
 def compare(a: Source, b: Source, *, fmt_a: Optional[Union[Format, str]] = None,
             fmt_b: Optional[Union[Format, str]] = None, strict: bool = False,
-            progress: Optional[ProgressFn] = None) -> CompareResult:
+            progress: Optional[ProgressFn] = None, force_share: bool = False) -> CompareResult:
     """Compare guest content like ``qemu-img compare`` (``strict`` is ``-s``).
 
     Without ``strict`` a longer image must read as zeroes past the shorter
     one's end; with it, sizes and allocation must match too.
     """
-    with _opened(a, fmt_a) as x, _opened(b, fmt_b) as y:
+    with _opened(a, fmt_a, force_share) as x, _opened(b, fmt_b, force_share) as y:
         kind, off = _native.compare_images(x._n, y._n, bool(strict), progress)
         sizes = (x.virt_size, y.virt_size)
     message = {

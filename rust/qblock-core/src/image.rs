@@ -572,7 +572,11 @@ impl Image {
         r
     }
 
-    fn release_locks(&self) {
+    /// Give up the locks of this image and of the images below it while
+    /// they stay open: for a job that opens one of them again for writing
+    /// in this process (commit, whose base the chain holds read-only), as
+    /// QEMU reopens the base read-write. `close` does it too.
+    pub fn release_locks(&self) {
         for i in 0..=HostFile::MAX {
             match self.driver.host_file(i) {
                 Some(s) => {

@@ -230,7 +230,7 @@ impl PyImage {
 
 /// Open an image; `fmt` None probes.
 #[pyfunction]
-#[pyo3(signature = (protocol, target, fmt=None, read_only=false, no_backing=false, write_through=false, no_flush=false, snapshot=false, direct=false))]
+#[pyo3(signature = (protocol, target, fmt=None, read_only=false, no_backing=false, write_through=false, no_flush=false, snapshot=false, direct=false, force_share=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn open(
     py: Python<'_>,
@@ -243,6 +243,7 @@ pub fn open(
     no_flush: bool,
     snapshot: bool,
     direct: bool,
+    force_share: bool,
 ) -> PyResult<PyImage> {
     let loc = location(protocol, target);
     let fmt = format_arg(fmt).map_err(|e| to_pyerr(py, e))?;
@@ -253,6 +254,7 @@ pub fn open(
         no_flush,
         snapshot,
         direct,
+        force_share,
         ..Default::default()
     };
     let img = run(py, || Image::open(&loc, fmt, &opts))?;

@@ -263,6 +263,8 @@ pub fn commit_image(
             });
         };
         let rw = OpenOptions::default();
+        // The chain holds the base read-only, which keeps writers out, us too.
+        base_layer.release_locks();
         let base_img = Image::open(base_layer.location(), Some(base_layer.format()), &rw)
             .map_err(|e| e.context("cannot open the base image for writing"))?;
         let r = commit::commit(&top, depth, &base_img, empty, &mut p);
