@@ -143,8 +143,8 @@ def check(location: Where, *, format: Optional[Union[Format, str]] = None,  # no
     opened read-only); ``"leaks"`` frees leaked clusters; ``"all"`` also
     fixes corruptions (for qcow2, a refcount of 0 under a used cluster makes
     it rebuild the whole refcount structure). A repair opens the image
-    read-write (libqblock takes no image locks yet: never repair an image
-    another process has open) and, when it fixed something, is followed by a
+    read-write, so ImageLockedError while another process (a VM, qemu-io)
+    has it open, and, when it fixed something, is followed by a
     second check whose counts the result carries. The backing chain is not
     opened: only this file is checked. A dirty or corrupt-marked qcow2 is
     reported as it is on disk, and marked clean once a repair leaves no
