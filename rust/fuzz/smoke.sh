@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build every fuzz target, then run each under libFuzzer for FUZZ_SECONDS
-# (default 15) with the memory and time budgets; exit non-zero if any target
+# (default 8) with the memory and time budgets; exit non-zero if any target
 # crashes, exceeds a budget or times out. A long campaign is the same command
 # with a bigger FUZZ_SECONDS (e.g. FUZZ_SECONDS=3600).
 #
 # Environment (all optional):
-#   FUZZ_SECONDS    seconds per target (default 15)
+#   FUZZ_SECONDS    seconds per target (default 8)
 #   FUZZ_TARGETS    space-separated subset (default: every target)
-#   FUZZ_TOOLCHAIN  rustup toolchain for cargo-fuzz (default nightly)
+#   FUZZ_TOOLCHAIN  rustup toolchain for cargo-fuzz (default: nightly when
+#                   installed, else stable with RUSTC_BOOTSTRAP=1, which
+#                   builds and runs the ASan targets on Rust 1.95 too)
 #   FUZZ_SANITIZER  address (default) or none; -malloc_limit_mb needs the
 #                   sanitizer's malloc hooks, so "none" checks RSS only
 #   FUZZ_RSS_MB     -rss_limit_mb for the whole process, which also holds
@@ -22,8 +24,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-secs=${FUZZ_SECONDS:-15}
-toolchain=${FUZZ_TOOLCHAIN:-nightly}
+secs=${FUZZ_SECONDS:-8}
+if [ -z "${FUZZ_TOOLCHAIN:-}" ]; then
+    if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        FUZZ_TOOLCHAIN=nightly
+    else
+        FUZZ_TOOLCHAIN=stable
+    fi
+fi
+toolchain=$FUZZ_TOOLCHAIN
+# cargo-fuzz passes nightly-only flags (-Zsanitizer, -Cpasses=sancov-module):
+# a stable compiler accepts them with RUSTC_BOOTSTRAP=1.
+[ "$toolchain" = nightly ] || export RUSTC_BOOTSTRAP=1
 sanitizer=${FUZZ_SANITIZER:-address}
 rss=${FUZZ_RSS_MB:-1024}
 malloc=${FUZZ_MALLOC_MB:-64}

@@ -111,10 +111,10 @@ fn within_budget(data: &[u8], f: impl FnOnce()) {
     let allowed = budget + data.len() + READ_CHUNK as usize;
     assert!(
         grown <= allowed,
-        "one input of {} bytes grew the heap by {} MiB (budget {} MiB)",
+        "one input of {} bytes grew the heap by {} KiB (budget {} KiB)",
         data.len(),
-        grown >> 20,
-        allowed >> 20
+        grown >> 10,
+        allowed >> 10
     );
 }
 
