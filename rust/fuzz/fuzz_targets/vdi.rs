@@ -1,0 +1,3 @@
+#![no_main]
+// Open the input as a vdi image (read-only, in memory) and exercise it.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| qblock_fuzz::run(qblock_core::Format::Vdi, data));
