@@ -136,6 +136,7 @@ pub fn open(format: Format, data: &[u8]) -> Option<Box<dyn Driver>> {
         read_only: true,
         direct: false,
         check: false,
+        force_share: false,
     };
     open(Arc::new(MemoryStorage::new(data.to_vec(), true)), &ctx).ok()
 }
