@@ -308,7 +308,9 @@ def test_upgrade_with_refcount_bits_and_lazy_refcounts(tmp):
     both(tmp, src, {"compat": "1.1", "refcount_bits": 64, "lazy_refcounts": "on"})
 
 
-def test_data_file_raw_off_and_the_same_data_file(tmp):
+def test_data_file_raw_off_and_the_same_data_file(tmp, monkeypatch):
+    # qemu-img creates a relative data file in its working folder (and the image finds it beside itself)
+    monkeypatch.chdir(tmp)
     src = make(tmp, opts="data_file=data.raw,data_file_raw=on", writes=WRITES[:2])
     ours, theirs = tmp / "ours.qcow2", tmp / "theirs.qcow2"
     shutil.copyfile(src, ours)
