@@ -146,6 +146,7 @@ class ImageMachine(RuleBasedStateMachine):
         self.model[:n] = base_model[:n]
         self.snaps: List[Tuple[str, bytes]] = []
         self.hot: List[int] = []
+        self.base, self.base_model = base, bytes(base_model)
 
     # --- strategies relative to the current size -----------------------------
     def _offset(self, data: st.DataObject) -> int:
@@ -172,7 +173,7 @@ class ImageMachine(RuleBasedStateMachine):
         """An (offset, length) pair; half the time whole units around earlier
         writes, half the time free (biased to boundaries)."""
         u = self.spec.unit
-        if self.hot and data.draw(st.booleans(), label="aligned"):
+        if bool(self.hot) and data.draw(st.booleans(), label="aligned"):
             off = data.draw(st.sampled_from(sorted(self.hot)), label="near") // u * u
             off = min(off, (len(self.model) - 1) // u * u)
             n = data.draw(st.integers(1, 4), label="units") * u + data.draw(st.sampled_from([0, 0, 1, -1, 512]))
@@ -310,6 +311,13 @@ class ImageMachine(RuleBasedStateMachine):
                 # No leaks either: none of these drivers leaks by design in a
                 # session that is closed cleanly.
                 assert r.get("corruptions", 0) == 0 and r.get("leaks", 0) == 0, r
+            if self.base is not None and self.spec.backing:
+                # The overlay's writes never reach its base.
+                raw_base = self.dir / "base-model.raw"
+                raw_base.write_bytes(self.base_model)
+                c = qemu_img("compare", "-f", self.spec.backing, "-F", "raw", str(self.base), str(raw_base),
+                             check=False)
+                assert c.returncode == 0, c.stdout + c.stderr
             if not self.spec.oracle:
                 # No qemu-img to ask: a fresh read-only open must read the model.
                 with qb.open(p, fmt=self.spec.fmt, flags=0) as img:
