@@ -107,6 +107,9 @@ SPECS: Dict[str, Spec] = {
     "vpc-fixed": Spec("vpc", lambda s, b: qb.VpcOptions(s, subformat="fixed", force_size=True), 2 * MiB + 512,
                       512, check=False),
     "vhdx": Spec("vhdx", lambda s, b: qb.VhdxOptions(s, block_size=MiB), 3 * MiB + 512, MiB),
+    "vhdx-fixed": Spec("vhdx", lambda s, b: qb.VhdxOptions(s, subformat="fixed"), 2 * MiB + 1536, MiB),
+    # block_size 0: QEMU's pick, one block larger than this whole disk
+    "vhdx-bigblock": Spec("vhdx", lambda s, b: qb.VhdxOptions(s), 3 * MiB + 512, MiB),
     "parallels": Spec("parallels", lambda s, b: qb.ParallelsOptions(s, cluster_size=64 * KiB),
                       3 * MiB + 512, 64 * KiB, discard="clusters"),
     # Not 1 MiB + 512: QEMU's own check finds data_off wrong in the image its
