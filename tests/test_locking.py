@@ -140,12 +140,16 @@ def test_a_killed_writer_leaves_no_lock(image):
         pass
 
 
-def test_the_command_line_reports_a_held_image(image):
+def test_the_command_line_reports_a_held_image(tmp, image):
     with qemu_io_holding(image, "-f", "qcow2"):
-        for argv in (["info", str(image)], ["check", "-r", "leaks", str(image)], ["map", str(image)]):
+        for argv in (["info", str(image)], ["check", "-r", "leaks", str(image)], ["map", str(image)],
+                     ["convert", "-O", "raw", str(image), str(tmp / "nope.raw")]):
             r = subprocess.run([*qblock_cmd(), *argv], capture_output=True, text=True)
             assert r.returncode != 0 and "lock" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
         for argv in (["info", "-U", str(image)], ["map", "-U", "--output=json", str(image)],
-                     ["checksum", "-U", str(image)], ["compare", "-U", str(image), str(image)]):
-            r = subprocess.run([*qblock_cmd(), *argv], capture_output=True, text=True)
+                     ["checksum", "-U", str(image)], ["compare", "-U", str(image), str(image)],
+                     ["read", "-U", str(image), "0", "512"],
+                     ["convert", "-U", "-O", "raw", str(image), str(tmp / "copy.raw")],
+                     ["convert", "-U", "-O", "qcow2", str(image), "-"]):
+            r = subprocess.run([*qblock_cmd(), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             assert r.returncode == 0, (argv, r.stderr)

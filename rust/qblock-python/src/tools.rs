@@ -60,6 +60,17 @@ impl Progress for PyProgress {
     }
 }
 
+/// The convert pieces of (image, start, length) triples.
+fn pieces_of(imgs: &[(Arc<Image>, u64, u64)]) -> Vec<convert::Piece<'_>> {
+    imgs.iter()
+        .map(|(i, s, l)| convert::Piece {
+            image: i,
+            start: *s,
+            len: *l,
+        })
+        .collect()
+}
+
 /// `sources`: (image, start, length) pieces copied one after another.
 #[pyfunction]
 #[pyo3(signature = (sources, target, sparse_min, threads, progress=None, compress=false))]
@@ -84,14 +95,7 @@ pub fn convert_images(
     };
     let mut p = PyProgress::new(progress);
     let r = run(py, || {
-        let pieces: Vec<convert::Piece<'_>> = imgs
-            .iter()
-            .map(|(i, s, l)| convert::Piece {
-                image: i,
-                start: *s,
-                len: *l,
-            })
-            .collect();
+        let pieces = pieces_of(&imgs);
         convert::convert(&pieces, target.as_ref(), &opts, &mut p)
     });
     p.finish(r)
@@ -170,14 +174,7 @@ pub fn convert_stream(
     );
     let mut p = PyProgress::new(progress);
     let r = run(py, || {
-        let pieces: Vec<convert::Piece<'_>> = imgs
-            .iter()
-            .map(|(i, s, l)| convert::Piece {
-                image: i,
-                start: *s,
-                len: *l,
-            })
-            .collect();
+        let pieces = pieces_of(&imgs);
         stream::convert_to_stream(&pieces, fmt, &mut create, Box::new(sink), &opts, &mut p)
     });
     // The output's own exception (a closed pipe) is the one to see.

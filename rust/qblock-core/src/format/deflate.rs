@@ -34,6 +34,23 @@ impl Container {
     }
 }
 
+/// `data` as one whole unit of `unit` bytes: a shorter one (the disk's
+/// last) padded with zeroes; refused when it is longer.
+pub fn whole_unit(data: &[u8], unit: usize) -> Result<std::borrow::Cow<'_, [u8]>> {
+    if data.len() > unit {
+        return Err(crate::error::invalid(format!(
+            "{} bytes do not fit a {unit}-byte unit",
+            data.len()
+        )));
+    }
+    if data.len() == unit {
+        return Ok(std::borrow::Cow::Borrowed(data));
+    }
+    let mut p = data.to_vec();
+    p.resize(unit, 0);
+    Ok(std::borrow::Cow::Owned(p))
+}
+
 /// zlib's default level (QEMU's Z_DEFAULT_COMPRESSION for both formats).
 pub const LEVEL: i32 = 6;
 

@@ -7,7 +7,7 @@
 
 use super::types::{COMPRESSION_ZLIB, COMPRESSION_ZSTD};
 use crate::error::{corrupt, unsupported, Result};
-use crate::format::deflate::{deflate, Container};
+use crate::format::deflate::{deflate, whole_unit, Container};
 
 pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
     match kind {
@@ -25,21 +25,7 @@ const ZSTD_LEVEL: i32 = 3;
 /// cluster less one byte (QEMU's rule; such a cluster is stored plainly).
 /// zlib streams use a 4 KiB window: QEMU inflates with windowBits -12.
 pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<Vec<u8>>> {
-    if data.len() > cluster {
-        return Err(crate::error::invalid(format!(
-            "{} bytes do not fit a {cluster}-byte cluster",
-            data.len()
-        )));
-    }
-    let padded;
-    let input = if data.len() < cluster {
-        let mut p = data.to_vec();
-        p.resize(cluster, 0);
-        padded = p;
-        &padded[..]
-    } else {
-        data
-    };
+    let input = &whole_unit(data, cluster)?[..];
     let limit = cluster - 1;
     match kind {
         COMPRESSION_ZLIB => deflate(input, limit, Container::Raw4K),

@@ -134,6 +134,40 @@ pub fn params(opts: &mut CreateOptions) -> Result<Params> {
     })
 }
 
+/// Entries and clusters of the L1 table for a disk of `size` bytes, within
+/// QEMU's cap.
+pub fn l1_table(g: &Geometry, size: u64) -> Result<(u64, u64)> {
+    let l1_size = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
+    if l1_size * 8 > MAX_L1_BYTES {
+        return Err(invalid(format!(
+            "size {size} needs an L1 table beyond QEMU's 32 MiB cap"
+        )));
+    }
+    Ok((l1_size, (l1_size * 8).div_ceil(g.cluster_size).max(1)))
+}
+
+/// Clusters of refcount blocks and of refcount table that cover `fixed`
+/// other clusters and themselves.
+pub fn refcount_clusters(fixed: u64, cs: u64, refcount_order: u32) -> Result<(u64, u64)> {
+    let epb = (cs * 8) >> refcount_order; // refcount entries per block
+    let (mut blocks, mut table) = (1u64, 1u64);
+    loop {
+        let nb = (fixed + blocks + table).div_ceil(epb);
+        let nt = (nb * 8).div_ceil(cs);
+        if nb <= blocks && nt <= table {
+            break;
+        }
+        blocks = nb.max(blocks);
+        table = nt.max(table);
+    }
+    if table * cs > MAX_REFTABLE_BYTES {
+        return Err(invalid(
+            "image too large for its refcount table with these cluster/refcount sizes",
+        ));
+    }
+    Ok((blocks, table))
+}
+
 pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let Params {
         size,
@@ -152,13 +186,7 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     let cluster_size = 1u64 << cluster_bits;
     let g = Geometry::new(cluster_bits, extended);
     let cs = cluster_size;
-    let l1_size = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
-    if l1_size * 8 > MAX_L1_BYTES {
-        return Err(invalid(format!(
-            "size {size} needs an L1 table beyond QEMU's 32 MiB cap"
-        )));
-    }
-    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    let (l1_size, l1_clusters) = l1_table(&g, size)?;
     let prealloc_meta = prealloc != "off";
     let l2_tables = if prealloc_meta { l1_size } else { 0 };
     let guest_clusters = size.div_ceil(cs);
@@ -169,22 +197,7 @@ pub fn create(location: &Location, opts: &mut CreateOptions) -> Result<()> {
     };
     let fixed = 1 + l1_clusters + l2_tables + data_clusters;
     let epb = (cs * 8) >> refcount_order; // refcount entries per block
-    let (mut blocks, mut table) = (1u64, 1u64);
-    loop {
-        let total = fixed + blocks + table;
-        let nb = total.div_ceil(epb);
-        let nt = (nb * 8).div_ceil(cs);
-        if nb <= blocks && nt <= table {
-            break;
-        }
-        blocks = nb.max(blocks);
-        table = nt.max(table);
-    }
-    if table * cs > MAX_REFTABLE_BYTES {
-        return Err(invalid(
-            "image too large for its refcount table with these cluster/refcount sizes",
-        ));
-    }
+    let (blocks, table) = refcount_clusters(fixed, cs, refcount_order)?;
     let total = fixed + blocks + table;
     let table_off = cs;
     let blocks_off = table_off + table * cs;

@@ -13,7 +13,7 @@
 //! wire is a free cluster of zeroes (refcount 0), as the guest reads
 //! zeroes there anyway.
 
-use super::create::{params, Params};
+use super::create::{l1_table, params, refcount_clusters};
 use super::header::NewHeader;
 use super::refcount::set_entry;
 use super::types::*;
@@ -66,25 +66,13 @@ impl Qcow2Stream {
     /// a file (backing and data files, preallocation) are refused.
     pub fn new(mut out: Out, size: u64, opts: &mut CreateOptions, plan: Vec<(u64, u64)>) -> Result<Qcow2Stream> {
         opts.set("size", crate::options::OptValue::Int(size));
-        let Params {
-            size,
-            cluster_bits,
-            version,
-            prealloc,
-            lazy,
-            refcount_order,
-            extended,
-            compression_type,
-            backing,
-            backing_fmt: _,
-            data_file,
-            data_raw: _,
-        } = params(opts)?;
+        let p = params(opts)?;
+        let (size, cluster_bits, refcount_order) = (p.size, p.cluster_bits, p.refcount_order);
         for (bad, what) in [
-            (backing.is_some(), "a backing file"),
-            (data_file.is_some(), "an external data file"),
-            (prealloc != "off", "preallocation"),
-            (extended, "extended L2 entries"),
+            (p.backing.is_some(), "a backing file"),
+            (p.data_file.is_some(), "an external data file"),
+            (p.prealloc != "off", "preallocation"),
+            (p.extended, "extended L2 entries"),
         ] {
             if bad {
                 return Err(unsupported(format!(
@@ -94,13 +82,7 @@ impl Qcow2Stream {
         }
         let g = Geometry::new(cluster_bits, false);
         let cs = g.cluster_size;
-        let l1_size = g.l1_entries_for(size).ok_or_else(|| invalid("size too large"))?;
-        if l1_size * 8 > MAX_L1_BYTES {
-            return Err(invalid(format!(
-                "size {size} needs an L1 table beyond QEMU's 32 MiB cap"
-            )));
-        }
-        let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+        let (l1_size, l1_clusters) = l1_table(&g, size)?;
         let mut slots: Vec<(u64, u64)> = Vec::new();
         for (s, l) in plan {
             if l == 0 || s + l > size {
@@ -119,23 +101,7 @@ impl Qcow2Stream {
         let data_start = 1 + l1_clusters;
         let l2_start = data_start + n_slots;
         let fixed = l2_start + l1_used.len() as u64;
-        let epb = (cs * 8) >> refcount_order;
-        let (mut blocks, mut table) = (1u64, 1u64);
-        loop {
-            let total = fixed + table + blocks;
-            let nb = total.div_ceil(epb);
-            let nt = (nb * 8).div_ceil(cs);
-            if nb <= blocks && nt <= table {
-                break;
-            }
-            blocks = nb.max(blocks);
-            table = nt.max(table);
-        }
-        if table * cs > MAX_REFTABLE_BYTES {
-            return Err(invalid(
-                "image too large for its refcount table with these cluster/refcount sizes",
-            ));
-        }
+        let (blocks, table) = refcount_clusters(fixed, cs, refcount_order)?;
         let layout = Layout {
             cs,
             l2_entries,
@@ -150,22 +116,22 @@ impl Qcow2Stream {
             total: fixed + table + blocks,
         };
         let hdr = NewHeader {
-            version,
+            version: p.version,
             cluster_bits,
             size,
             l1_size: l1_size as u32,
             l1_table_offset: cs,
             refcount_table_offset: layout.rt_start * cs,
             refcount_table_clusters: table as u32,
-            incompatible: if compression_type != COMPRESSION_ZLIB {
+            incompatible: if p.compression_type != COMPRESSION_ZLIB {
                 INCOMPAT_COMPRESSION
             } else {
                 0
             },
-            compatible: if lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
+            compatible: if p.lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
             autoclear: 0,
             refcount_order,
-            compression_type,
+            compression_type: p.compression_type,
             backing_file: None,
             backing_format: None,
             data_file: None,

@@ -15,7 +15,7 @@ use super::header::{self, SparseLayout, GTE_ZEROED, MAX_EXTENT_FILE, SECTOR};
 use crate::backend::Storage;
 use crate::driver::{Below, HostFile, Mapped};
 use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
-use crate::format::deflate::{deflate, stored_zlib, Container};
+use crate::format::deflate::{deflate, stored_zlib, whole_unit, Container};
 use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -72,25 +72,20 @@ pub struct SparseExtent {
 /// does not compress is stored in uncompressed deflate blocks: every grain
 /// of a compressed extent must be a zlib stream.
 pub fn compress_grain(data: &[u8], grain: usize) -> Result<Vec<u8>> {
-    if data.len() > grain {
-        return Err(crate::error::invalid(format!(
-            "{} bytes do not fit a {grain}-byte grain",
-            data.len()
-        )));
-    }
-    let padded;
-    let input = if data.len() < grain {
-        let mut p = data.to_vec();
-        p.resize(grain, 0);
-        padded = p;
-        &padded[..]
-    } else {
-        data
-    };
+    let input = &whole_unit(data, grain)?[..];
     match deflate(input, grain - 1, Container::Zlib)? {
         Some(z) => Ok(z),
         None => stored_zlib(input),
     }
+}
+
+/// `buf` (whole grains from `at`, the last one possibly short) as
+/// compressed grains at their offsets.
+pub fn compressed_grains(buf: &[u8], at: u64, grain: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    buf.chunks(grain as usize)
+        .enumerate()
+        .map(|(i, c)| Ok((at + i as u64 * grain, compress_grain(c, grain as usize)?)))
+        .collect()
 }
 
 /// A grain marker (extent-relative sector, stream length) and the stream,
@@ -403,11 +398,7 @@ impl SparseExtent {
                 buf.len()
             )));
         }
-        let blobs: Vec<(u64, Vec<u8>)> = buf
-            .chunks(grain as usize)
-            .enumerate()
-            .map(|(i, c)| Ok((rel + i as u64 * grain, self.compress_grain(c)?)))
-            .collect::<Result<_>>()?;
+        let blobs = compressed_grains(buf, rel, grain)?;
         let units: Vec<(u64, &[u8])> = blobs.iter().map(|(a, b)| (*a, &b[..])).collect();
         self.write_compressed(&units)
     }

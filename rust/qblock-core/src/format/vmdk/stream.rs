@@ -13,7 +13,7 @@ use super::header::{
     SparseHeader, COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, FLAG_ZERO_GRAIN, GD_AT_END,
     MARKER_EOS, MARKER_FOOTER, MAX_EXTENT_FILE, SECTOR,
 };
-use super::sparse::{compress_grain, push_grain};
+use super::sparse::{compress_grain, compressed_grains, push_grain};
 use crate::error::{invalid, unsupported, Error, Result};
 use crate::options::CreateOptions;
 use crate::tools::convert::Target;
@@ -193,11 +193,7 @@ impl Target for VmdkStream {
     fn write_at(&self, buf: &[u8], at: u64) -> Result<()> {
         // Convert hands compressed units over; plain bytes are whole grains
         // here too.
-        let blobs: Vec<(u64, Vec<u8>)> = buf
-            .chunks(GRAIN as usize)
-            .enumerate()
-            .map(|(i, c)| Ok((at + i as u64 * GRAIN, compress_grain(c, GRAIN as usize)?)))
-            .collect::<Result<_>>()?;
+        let blobs = compressed_grains(buf, at, GRAIN)?;
         let units: Vec<(u64, &[u8])> = blobs.iter().map(|(a, b)| (*a, &b[..])).collect();
         self.write_compressed(&units)
     }
