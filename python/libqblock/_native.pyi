@@ -16,6 +16,9 @@ __all__ = [
     "convert_images",
     "convert_stream",
     "create",
+    "fault_arm",
+    "fault_disarm",
+    "fault_status",
     "formats",
     "open",
     "probe",
@@ -129,3 +132,8 @@ def amend_image(
     data_file_raw: Optional[bool] = None,
     progress: _Progress = None,
 ) -> None: ...
+
+# fault.rs: the fault-injecting backend (libqblock.faults)
+def fault_arm(dir: str, kind: str, at: int, unflushed: str, seed: int) -> None: ...
+def fault_status(dir: str) -> Optional[Tuple[int, bool]]: ...
+def fault_disarm(dir: str) -> Optional[Tuple[int, bool]]: ...

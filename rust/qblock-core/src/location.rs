@@ -1,7 +1,7 @@
 //! Where an image lives. Only local files are served now; other protocols
 //! (NBD, RBD, HTTP) arrive with their backends.
 
-use crate::backend::{file::FileStorage, Storage};
+use crate::backend::{fault, file::FileStorage, Storage};
 use crate::error::{unsupported, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +36,7 @@ impl Location {
     /// Open the storage, with `direct` bypassing the host page cache.
     pub fn open_storage_with(&self, read_only: bool, direct: bool) -> Result<Arc<dyn Storage>> {
         match self {
-            Location::File(p) => Ok(Arc::new(FileStorage::open_with(p, read_only, direct)?)),
+            Location::File(p) => Ok(fault::wrap(p, Arc::new(FileStorage::open_with(p, read_only, direct)?))),
             Location::Other { protocol, .. } => {
                 Err(unsupported(format!("the {protocol} protocol is not supported yet")))
             }
@@ -46,7 +46,7 @@ impl Location {
     /// Create (truncate) the storage for a new image.
     pub fn create_storage(&self) -> Result<Arc<dyn Storage>> {
         match self {
-            Location::File(p) => Ok(Arc::new(FileStorage::create(p)?)),
+            Location::File(p) => Ok(fault::wrap(p, Arc::new(FileStorage::create(p)?))),
             Location::Other { protocol, .. } => {
                 Err(unsupported(format!("the {protocol} protocol is not supported yet")))
             }

@@ -5,6 +5,7 @@ mod amend;
 mod buffer;
 mod check;
 mod errors;
+mod fault;
 mod image;
 mod snapshot;
 mod tools;
@@ -30,5 +31,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tools::rebase_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(amend::amend_image, m)?)?;
+    m.add_function(wrap_pyfunction!(fault::fault_arm, m)?)?;
+    m.add_function(wrap_pyfunction!(fault::fault_status, m)?)?;
+    m.add_function(wrap_pyfunction!(fault::fault_disarm, m)?)?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! over every backend.
 
 pub mod direct;
+pub mod fault;
 pub mod file;
 pub mod lock;
 pub mod memory;
