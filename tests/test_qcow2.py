@@ -517,7 +517,7 @@ def test_hostile_images_raise_corrupt(tmp):
         "refcount_order": (96, ">I", 7),
         "backing_name": (16, ">I", 5000),
         "l1_overlaps_header": (40, ">Q", 0),
-        "l2_entry_past_eof": (l2_off, ">Q", (1 << 63) | (1 << 45)),
+        "l2_entry_unaligned": (l2_off, ">Q", (1 << 63) | (1 << 45) | 512),
     }
     for name, (off, fmt, value) in cases.items():
         p = tmp / f"{name}.qcow2"

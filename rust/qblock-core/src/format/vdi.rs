@@ -254,10 +254,16 @@ pub struct Vdi {
     block_shift: u32,
     bmap: Vec<AtomicU32>,
     alloc: Mutex<Alloc>,
+    /// One past the highest data block the map referenced at open.
+    map_end: u32,
 }
 
-fn open(storage: Arc<dyn Storage>, _ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Vdi::open(storage)?))
+fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
+    let vdi = Vdi::open(storage)?;
+    if !ctx.read_only && !ctx.check {
+        vdi.repair_count()?;
+    }
+    Ok(Box::new(vdi))
 }
 
 impl Vdi {
@@ -305,6 +311,7 @@ impl Vdi {
         // After a crash between the bmap and the header update the header
         // count lags behind the map: never hand out a referenced block again.
         let next = header.blocks_allocated.max(max_ref.map_or(0, |m| m + 1));
+        let map_end = max_ref.map_or(0, |m| m + 1);
         let alloc = Mutex::new(Alloc {
             header_count: header.blocks_allocated,
             next,
@@ -316,7 +323,26 @@ impl Vdi {
             block_shift,
             bmap,
             alloc,
+            map_end,
         })
+    }
+
+    /// A crash between an allocation's writes leaves the header's count of
+    /// allocated blocks off by one from the map (which QEMU's check calls
+    /// corruption): a writable open sets it to the end of what the map
+    /// references, where allocation continues (a block written but never
+    /// mapped is unreferenced and taken again).
+    fn repair_count(&self) -> Result<()> {
+        let mut st = self.alloc.lock();
+        if st.header_count == self.map_end {
+            return Ok(());
+        }
+        self.storage
+            .write_at(&self.map_end.to_le_bytes(), off::BLOCKS_ALLOCATED as u64)?;
+        self.storage.flush()?;
+        st.header_count = self.map_end;
+        st.next = self.map_end;
+        Ok(())
     }
 
     fn block_size(&self) -> u64 {

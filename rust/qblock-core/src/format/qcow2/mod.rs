@@ -255,10 +255,26 @@ impl Qcow2 {
         };
         let unit = decode(g, e, bm, sc, self.has_data_file())?;
         match unit {
-            Unit::Data { .. } | Unit::ZeroAlloc { .. } => self.check_host(e & OFFSET_MASK)?,
+            Unit::Data { .. } | Unit::ZeroAlloc { .. } => self.check_mapped_host(e & OFFSET_MASK)?,
             _ => {}
         }
         Ok(unit)
+    }
+
+    /// A guest cluster's host cluster: aligned and past the header. It may
+    /// lie past the end of the file, as after a crash that lost a write
+    /// extending the file but kept the L2 entry (QEMU's check repairs it by
+    /// growing the file): it reads as zeroes there, as QEMU reads it, and a
+    /// write fills it in.
+    #[inline]
+    fn check_mapped_host(&self, off: u64) -> Result<()> {
+        if off & (self.g.cluster_size - 1) != 0 {
+            return Err(corrupt(format!("data cluster offset {off:#x} is not cluster aligned")));
+        }
+        if !self.has_data_file() && off < self.g.cluster_size {
+            return Err(corrupt(format!("data cluster at {off:#x} is the image header")));
+        }
+        Ok(())
     }
 
     #[inline]

@@ -417,8 +417,14 @@ fn l1_entry_unaligned_or_past_eof() {
 #[test]
 fn l2_entry_unaligned_or_past_eof() {
     corrupt_read(|b| put64(b, 4 * CS, (5 * CS as u64 + 8) | COPIED));
-    corrupt_read(|b| put64(b, 4 * CS, (1 << 40) | COPIED));
-    corrupt_read(|b| put64(b, 4 * CS, OFFSET_MASK | COPIED));
+    // Past the end of the file (a crash lost the write that extended it):
+    // zeroes, as QEMU reads them.
+    for e in [1 << 40, OFFSET_MASK] {
+        let mut b = base();
+        put64(&mut b, 4 * CS, e | COPIED);
+        let d = open_bytes(b, true).expect("opens");
+        assert_eq!(read(&d, 0, 4096).unwrap(), vec![0; 4096]);
+    }
 }
 
 #[test]

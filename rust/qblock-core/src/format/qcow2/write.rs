@@ -303,12 +303,12 @@ impl Qcow2 {
             raw[i * 8..i * 8 + 8].copy_from_slice(&w.to_be_bytes());
         }
         self.file.write_at(&raw, new)?;
-        if old != 0 {
-            // Barrier: a copied table is on disk before the L1 entry points
-            // at it (else a power loss would drop mappings that were durable).
-            // A new table needs none: unwritten, it reads as all-unallocated.
-            self.file.flush()?;
-        }
+        // Barrier, as QEMU's: the table is on disk before the L1 entry
+        // points at it. A copied table would otherwise lose mappings that
+        // were durable; a new one, written past the end of the file, would
+        // leave the L1 pointing past the end (which QEMU's check calls
+        // corruption) when the disk keeps the L1 write but not the table.
+        self.file.flush()?;
         self.l2.install(new, words);
         let ne = new | COPIED;
         self.file.write_at(&ne.to_be_bytes(), l1_off + idx as u64 * 8)?;
