@@ -79,3 +79,17 @@ def sha256(data: bytes) -> str:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the reliability figures the tests gathered (tests/reliability.py)."""
+    import reliability
+
+    if not reliability.FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for what, n in sorted(reliability.FIGURES.items()):
+        terminalreporter.write_line(f"{n:>8,}  {what}")
+    out = os.environ.get("QBLOCK_RELIABILITY_JSON")
+    if out:
+        Path(out).write_text(json.dumps(dict(reliability.FIGURES), indent=1, sort_keys=True) + "\n")
