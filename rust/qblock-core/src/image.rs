@@ -757,6 +757,21 @@ impl PrivateDir {
     }
 }
 
+/// An image dropped without `close` (a Python object collected, a panic
+/// unwinding) is closed as `close` would: its metadata written back, its
+/// locks released. Errors have nowhere to go; `close` reports them.
+impl Drop for Image {
+    fn drop(&mut self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if !self.read_only {
+            let _ = self.driver.close();
+        }
+        self.release_locks();
+    }
+}
+
 impl Drop for PrivateDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
