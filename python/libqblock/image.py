@@ -115,7 +115,11 @@ class Image:
         self._n.truncate(size)
 
     def close(self) -> None:
-        """Flush and close. Closing twice raises InvalidParamError."""
+        """Flush, write the image's metadata back and release its locks.
+
+        Closing a closed image does nothing; any other call on it raises
+        InvalidParamError. An image dropped without ``close()`` is closed the
+        same way when it is collected (errors then go unreported)."""
         self._n.close()
 
     @property

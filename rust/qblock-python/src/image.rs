@@ -162,9 +162,10 @@ impl PyImage {
 
     /// Flush and release the image; a second close is an error.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        // A second close does nothing, as for Python's files.
         let img = self.inner.write().take();
         match img {
-            None => Err(to_pyerr(py, Error::InvalidParam("the image is already closed".into()))),
+            None => Ok(()),
             Some(img) => run(py, || img.close()),
         }
     }
