@@ -321,6 +321,19 @@ impl Qcow2 {
         Ok(new)
     }
 
+    /// Barrier before an L2 entry makes a host cluster visible whose bytes
+    /// around the guest's write were filled in by us (from the backing
+    /// file, the old cluster, or zeroes): as QEMU orders its copy-on-write,
+    /// those bytes are durable first. Else a disk that kept the L2 write
+    /// and lost the data would show stale bytes where the guest's disk
+    /// held durable ones. A write covering whole clusters needs none.
+    fn cow_barrier(&self, filled: bool) -> Result<()> {
+        if filled {
+            self.data_storage().flush()?;
+        }
+        Ok(())
+    }
+
     /// True for an entry with no host cluster (unallocated or plain zero).
     fn is_fresh(&self, e: u64) -> bool {
         e & COMPRESSED == 0 && e & OFFSET_MASK == 0 && !(self.has_data_file() && e & COPIED != 0)
@@ -457,6 +470,7 @@ impl Qcow2 {
                 }
                 buf[in_cl as usize..end].copy_from_slice(&data[..wlen]);
                 self.data_storage().write_at(&buf, host)?;
+                self.cow_barrier(in_cl > 0 || (end as u64) < run)?;
             }
             let mut new = Vec::with_capacity(n * w);
             for k in 0..n as u64 {
@@ -498,6 +512,7 @@ impl Qcow2 {
             new.push(0xffff_ffff);
         }
         if new[..] != [e0, bm0][..w] {
+            self.cow_barrier(wlen as u64 != cs)?;
             self.set_l2(l2_off, ci, &new)?;
         }
         if let Some((first, count)) = release {
