@@ -57,6 +57,10 @@ pub struct SparseExtent {
     cache: RwLock<Cache>,
     /// Serialises writers (allocation, table updates).
     alloc: Mutex<()>,
+    /// Serialises table write-back: two flushes writing one table in the
+    /// opposite order to their snapshots would leave the older on disk.
+    /// Taken after `alloc` (writers flush while holding it), never before.
+    flushing: Mutex<()>,
     /// The extent file's end: new grains and tables go there; entries
     /// pointing at or past it are corrupt.
     end: AtomicU64,
@@ -173,6 +177,7 @@ impl SparseExtent {
             rgd: rgd.map(|r| r.into_iter().map(AtomicU32::new).collect()),
             cache: RwLock::new(Cache::default()),
             alloc: Mutex::new(()),
+            flushing: Mutex::new(()),
             end: AtomicU64::new(file_len),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             streamed: false,
@@ -664,6 +669,7 @@ impl SparseExtent {
     /// Write dirty grain tables back: grains durable first, then the
     /// redundant tables, then the primary ones, then durable again.
     pub fn flush_tables(&self) -> Result<()> {
+        let _one_at_a_time = self.flushing.lock();
         let dirty: Vec<(u32, Table)> = {
             let c = self.cache.read();
             c.dirty.iter().map(|k| (*k, c.tables[k].clone())).collect()
