@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import libqblock as qb
@@ -27,7 +28,7 @@ class Config:
     """One writable format configuration under test."""
 
     fmt: str
-    options: Callable[[int], qb.ImageOptions]
+    options: Callable[[int, Optional[str]], qb.ImageOptions]  # (size, backing file name)
     size: int
     unit: int  # cluster, grain or block size: offsets are biased to its boundaries
     qemu_check: bool = True  # qemu-img check supports the format
@@ -39,30 +40,40 @@ class Config:
     # before it is opened for writing again (which repairs it, as QEMU's does)
     dirty_marks: Tuple[str, ...] = ()
     leaks_repairable: bool = True  # qemu-img check -r leaks can clean them
+    base: Optional[str] = None  # the backing file's format, for an overlay
 
 
 CONFIGS: Dict[str, Config] = {
-    "qcow2": Config("qcow2", lambda s: qb.Qcow2Options(s), 2 * MiB, 64 * KiB),
-    "qcow2-4k": Config("qcow2", lambda s: qb.Qcow2Options(s, cluster_size=4096), 2 * MiB, 4096),
-    "qcow2-lazy": Config("qcow2", lambda s: qb.Qcow2Options(s, cluster_size=4096, lazy_refcounts=True),
+    "qcow2": Config("qcow2", lambda s, b: qb.Qcow2Options(s), 2 * MiB, 64 * KiB),
+    "qcow2-4k": Config("qcow2", lambda s, b: qb.Qcow2Options(s, cluster_size=4096), 2 * MiB, 4096),
+    "qcow2-lazy": Config("qcow2", lambda s, b: qb.Qcow2Options(s, cluster_size=4096, lazy_refcounts=True),
                          2 * MiB, 4096, lazy=True),
-    "qcow2-extl2": Config("qcow2", lambda s: qb.Qcow2Options(s, cluster_size=32 * KiB, extended_l2=True),
+    "qcow2-extl2": Config("qcow2", lambda s, b: qb.Qcow2Options(s, cluster_size=32 * KiB, extended_l2=True),
                           2 * MiB, 32 * KiB),
-    "qcow2-v2": Config("qcow2", lambda s: qb.Qcow2Options(s, compat="0.10", cluster_size=8192), 2 * MiB, 8192),
-    "qcow": Config("qcow", lambda s: qb.QcowOptions(s), 2 * MiB, 4096, qemu_check=False),
+    "qcow2-v2": Config("qcow2", lambda s, b: qb.Qcow2Options(s, compat="0.10", cluster_size=8192), 2 * MiB, 8192),
+    "qcow": Config("qcow", lambda s, b: qb.QcowOptions(s), 2 * MiB, 4096, qemu_check=False),
     # QEMU's qed check counts leaks (unreferenced space) but cannot free them
-    "qed": Config("qed", lambda s: qb.QedOptions(s, cluster_size=4096), 2 * MiB, 4096, leaks_repairable=False),
-    "cow": Config("cow", lambda s: qb.CowOptions(s), 2 * MiB, 512, qemu_check=False),
-    "raw": Config("raw", lambda s: qb.RawOptions(s), 2 * MiB, 4096, qemu_check=False),
+    "qcow2-backing": Config("qcow2", lambda s, b: qb.Qcow2Options(s, backing=b, backing_fmt=qb.Format.QCOW2),
+                            2 * MiB, 64 * KiB, base="qcow2"),
+    "qcow-backing": Config("qcow", lambda s, b: qb.QcowOptions(s, backing=b, backing_fmt=qb.Format.RAW), 2 * MiB, 4096,
+                           qemu_check=False, base="raw"),
+    "qed-backing": Config("qed", lambda s, b: qb.QedOptions(s, backing=b, backing_fmt=qb.Format.QCOW2), 2 * MiB,
+                          64 * KiB, leaks_repairable=False, base="qcow2"),
+    "cow-backing": Config("cow", lambda s, b: qb.CowOptions(s, backing=b), 2 * MiB, 512, qemu_check=False, base="raw"),
+    "vmdk-backing": Config("vmdk", lambda s, b: qb.VmdkOptions(s, backing=b, backing_fmt=qb.Format.VMDK), 2 * MiB,
+                           64 * KiB, base="vmdk"),
+    "qed": Config("qed", lambda s, b: qb.QedOptions(s, cluster_size=4096), 2 * MiB, 4096, leaks_repairable=False),
+    "cow": Config("cow", lambda s, b: qb.CowOptions(s), 2 * MiB, 512, qemu_check=False),
+    "raw": Config("raw", lambda s, b: qb.RawOptions(s), 2 * MiB, 4096, qemu_check=False),
     # the header's count of blocks is updated after the block map
-    "vdi": Config("vdi", lambda s: qb.VdiOptions(s), 3 * MiB, MiB, dirty_marks=("allocated blocks mismatch",)),
-    "vmdk": Config("vmdk", lambda s: qb.VmdkOptions(s), 2 * MiB, 64 * KiB),
-    "vmdk-flat": Config("vmdk", lambda s: qb.VmdkOptions(s, subformat="monolithicFlat"), 2 * MiB, 64 * KiB),
-    "vmdk-2gb": Config("vmdk", lambda s: qb.VmdkOptions(s, subformat="twoGbMaxExtentSparse"), 2 * MiB, 64 * KiB),
-    "vpc": Config("vpc", lambda s: qb.VpcOptions(s), 4 * MiB, 2 * MiB, qemu_check=False),
-    "vhdx": Config("vhdx", lambda s: qb.VhdxOptions(s, block_size=MiB), 3 * MiB, MiB),
+    "vdi": Config("vdi", lambda s, b: qb.VdiOptions(s), 3 * MiB, MiB, dirty_marks=("allocated blocks mismatch",)),
+    "vmdk": Config("vmdk", lambda s, b: qb.VmdkOptions(s), 2 * MiB, 64 * KiB),
+    "vmdk-flat": Config("vmdk", lambda s, b: qb.VmdkOptions(s, subformat="monolithicFlat"), 2 * MiB, 64 * KiB),
+    "vmdk-2gb": Config("vmdk", lambda s, b: qb.VmdkOptions(s, subformat="twoGbMaxExtentSparse"), 2 * MiB, 64 * KiB),
+    "vpc": Config("vpc", lambda s, b: qb.VpcOptions(s), 4 * MiB, 2 * MiB, qemu_check=False),
+    "vhdx": Config("vhdx", lambda s, b: qb.VhdxOptions(s, block_size=MiB), 3 * MiB, MiB),
     # an image open for writing is marked so (QEMU's inuse flag)
-    "parallels": Config("parallels", lambda s: qb.ParallelsOptions(s, cluster_size=64 * KiB), 2 * MiB, 64 * KiB,
+    "parallels": Config("parallels", lambda s, b: qb.ParallelsOptions(s, cluster_size=64 * KiB), 2 * MiB, 64 * KiB,
                         dirty_marks=("not closed correctly",)),
 }
 
@@ -115,9 +126,9 @@ def apply(image: qb.Image, op: Op) -> None:
         image.flush()
 
 
-def model_after(size: int, ops: Sequence[Op]) -> bytearray:
-    """The disk once ``ops`` have all happened."""
-    m = bytearray(size)
+def model_after(initial: bytes, ops: Sequence[Op]) -> bytearray:
+    """The disk, ``initial`` before, once ``ops`` have all happened."""
+    m = bytearray(initial)
     for op in ops:
         if op.kind != "flush":
             off, data = op.span()
@@ -145,8 +156,24 @@ def crash_violations(got: bytes, durable: bytes, maybe: Sequence[Op]) -> List[st
     return bad
 
 
-def create(cfg: Config, path: str) -> None:
-    qb.create(path, cfg.options(cfg.size))
+def make_image(cfg: Config, folder: Path) -> Tuple[Path, bytes]:
+    """A new image of ``cfg`` in ``folder`` (over a backing file there,
+    named relatively, whose every other 64 KiB holds seeded bytes) and what
+    its disk reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backing = None
+    if cfg.base:
+        backing = f"b.{cfg.base}"
+        base_opts = {"qcow2": qb.Qcow2Options, "raw": qb.RawOptions, "vmdk": qb.VmdkOptions}[cfg.base](cfg.size)
+        qb.create(str(folder / backing), base_opts)
+        rng = random.Random(cfg.size)
+        with qb.open(str(folder / backing), cfg.base, qb.O_RDWR) as base:
+            for off in range(0, base.virt_size, 128 * KiB):
+                base.write(rng.randbytes(min(64 * KiB, base.virt_size - off)), off)
+    path = folder / f"i.{cfg.fmt}"
+    qb.create(str(path), cfg.options(cfg.size, backing))
+    with qb.open(str(path), cfg.fmt) as img:
+        return path, img.read(img.virt_size, 0)
 
 
 def last_flushed(lines: Sequence[str]) -> Optional[int]:

@@ -38,7 +38,7 @@ from libqblock import faults
 
 import reliability
 from conftest import qemu_img
-from crash_workload import CONFIGS, Config, Op, apply, crash_violations, last_flushed, model_after, workload
+from crash_workload import CONFIGS, Config, Op, apply, crash_violations, last_flushed, make_image, model_after, workload
 
 OPS = int(os.environ.get("QBLOCK_CRASH_OPS", "16"))
 POINTS = int(os.environ.get("QBLOCK_CRASH_POINTS", "24"))
@@ -130,27 +130,17 @@ def _verify(cfg: Config, path: Path, durable: bytes, maybe: Sequence[Op], where:
             assert rc == 0, f"{where}: after -r leaks: {out}"
 
 
-def _durable_and_maybe(size: int, ops: Sequence[Op], done: int) -> Tuple[bytes, List[Op]]:
+def _durable_and_maybe(initial: bytes, ops: Sequence[Op], done: int) -> Tuple[bytes, List[Op]]:
     """What the flushes among the first ``done`` steps made durable, and the
     steps in flight after the last of them (the one that failed included)."""
     flushed = max((i for i in range(done) if ops[i].kind == "flush"), default=-1)
-    return bytes(model_after(size, ops[:flushed + 1])), list(ops[flushed + 1:done + 1])
+    return bytes(model_after(initial, ops[:flushed + 1])), list(ops[flushed + 1:done + 1])
 
 
 def _points(total: int, seed: int) -> List[int]:
     if total <= POINTS:
         return list(range(total))
     return sorted(random.Random(seed).sample(range(total), POINTS))
-
-
-def _template(cfg: Config, folder: Path) -> Tuple[Path, int]:
-    """A fresh image in ``folder``, and its virtual size (vpc rounds the
-    size to its disk geometry)."""
-    folder.mkdir()
-    path = folder / f"t.{cfg.fmt}"
-    qb.create(str(path), cfg.options(cfg.size))
-    with qb.open(str(path), cfg.fmt) as img:
-        return path, img.info().virt_size
 
 
 def _fresh(template: Path, folder: Path) -> Path:
@@ -178,21 +168,21 @@ def test_power_cut_at_every_point(name: str, unflushed: str, tmp_path: Path) -> 
     cfg = CONFIGS[name]
     seed = sum(map(ord, name + unflushed))
     ops = workload(cfg, seed, OPS)
-    template, size = _template(cfg, tmp_path / "template")
+    template, initial = make_image(cfg, tmp_path / "template")
     work = tmp_path / "work"
 
     path = _fresh(template, work)
     with faults.armed(work, "count") as dry:
         assert _run(cfg, path, ops) == len(ops)
     assert dry.ops > 0 and not dry.fired
-    _verify(cfg, path, bytes(model_after(size, ops)), [], f"{name}: uncut run")
+    _verify(cfg, path, bytes(model_after(initial, ops)), [], f"{name}: uncut run")
 
     for at in _points(dry.ops, seed):
         path = _fresh(template, work)
         with faults.armed(work, "cut", at, unflushed=unflushed, seed=seed + at) as plan:
             done = _run(cfg, path, ops)
         assert plan.fired, f"{name}: the cut at {at} of {dry.ops} never came"
-        durable, maybe = _durable_and_maybe(size, ops, done)
+        durable, maybe = _durable_and_maybe(initial, ops, done)
         _verify(cfg, path, durable, maybe, f"{name} cut at op {at}/{dry.ops} ({unflushed}, {done} steps done)",
                 reordered=unflushed == "random")
         reliability.count("crash: power cuts injected and survived")
@@ -206,7 +196,7 @@ def test_failed_io_leaves_a_consistent_image(name: str, tmp_path: Path) -> None:
     cfg = CONFIGS[name]
     seed = sum(map(ord, name)) + 1
     ops = workload(cfg, seed, OPS)
-    template, size = _template(cfg, tmp_path / "template")
+    template, initial = make_image(cfg, tmp_path / "template")
     work = tmp_path / "work"
     path = _fresh(template, work)
     with faults.armed(work, "count") as dry:
@@ -216,7 +206,7 @@ def test_failed_io_leaves_a_consistent_image(name: str, tmp_path: Path) -> None:
         with faults.armed(work, "fail", at) as plan:
             done = _run(cfg, path, ops)
         assert plan.fired
-        durable, maybe = _durable_and_maybe(size, ops, done)
+        durable, maybe = _durable_and_maybe(initial, ops, done)
         _verify(cfg, path, durable, maybe, f"{name}: EIO at op {at}/{dry.ops}")
         reliability.count("crash: single I/O errors injected and survived")
 
@@ -228,7 +218,7 @@ def test_kill_9_mid_workload(name: str, tmp_path: Path) -> None:
     cfg = CONFIGS[name]
     rng = random.Random(name)
     for round_ in range(3):
-        path, size = _template(cfg, tmp_path / f"k{round_}")
+        path, initial = make_image(cfg, tmp_path / f"k{round_}")
         seed = rng.randrange(1 << 30)
         n = 400
         ops = workload(cfg, seed, n)
@@ -248,7 +238,7 @@ def test_kill_9_mid_workload(name: str, tmp_path: Path) -> None:
         assert child.returncode in (-signal.SIGKILL, 0), lines[-3:]
         flushed = last_flushed(lines)
         assert flushed is not None, f"the writer reported no flush: {lines[-3:]}"
-        durable = bytes(model_after(size, ops[:flushed + 1]))
+        durable = bytes(model_after(initial, ops[:flushed + 1]))
         _verify(cfg, path, durable, ops[flushed + 1:], f"{name}: killed after flush {flushed}")
         reliability.count("crash: writer processes killed with SIGKILL and survived")
 

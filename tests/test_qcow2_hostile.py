@@ -40,6 +40,8 @@ from typing import Callable, Dict, FrozenSet, List, Optional
 
 import pytest
 
+import reliability
+
 from conftest import qemu_img, qemu_io, qemu_raw_bytes
 
 TIMEOUT = 20  # seconds per child: a hostile image must be refused quickly
@@ -897,6 +899,8 @@ def test_hostile_image_is_refused(c: Case, bases: Dict[str, Base], tmp: Path) ->
     for p, old in others.items():
         if p.read_bytes() != old:
             pytest.fail(f"{c.id}: {describe(res)}{_changed(old, p.read_bytes(), p.name)}")
+    if outcome != OK and outcome in c.expect:
+        reliability.count("hostile: crafted qcow2 images refused with a clear error")
     if outcome not in c.expect:
         want = " or ".join(sorted(c.expect))
         pytest.fail(f"{c.id}: expected {want}, got {describe(res)}{_changed(before, ctx.path.read_bytes())}")

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import libqblock as qb
+import reliability
 
 from conftest import qemu_check, qemu_img, qemu_info, qemu_io
 
@@ -136,6 +137,7 @@ class ImageMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        reliability.count("stateful: hypothesis examples run (all formats)")
         self.dir = Path(tempfile.mkdtemp(prefix="qb-stateful-"))
         self.path = self.dir / f"img.{self.spec.fmt}"
         base = None
