@@ -147,9 +147,10 @@ def _field(data: bytes, name: str, off: Union[int, Tuple[int, ...]], width: int,
 
 def _pointer(data: bytes, name: str, off: int, width: int, order: ByteOrder, *, unit: int = 1, shift: int = 0,
              mask: Optional[int] = None, align: int = 512, others: Tuple[int, ...] = (), header: bool = True,
-             checksum: Optional[Checksum] = None, base: int = 0) -> Field:
+             checksum: Optional[Checksum] = None, base: int = 0, reserved: Tuple[int, ...] = ()) -> Field:
     """A field holding a file offset (``(raw & mask) >> shift`` units of ``unit``
-    bytes past ``base``); flags outside ``mask`` are kept."""
+    bytes past ``base``); flags outside ``mask`` are kept; ``reserved`` raw
+    values mean something else (an unallocated marker) and are never offered."""
     old = _u(data, off, width, order)
     if mask is None:
         mask = (1 << (8 * width)) - 1
@@ -160,13 +161,19 @@ def _pointer(data: bytes, name: str, off: int, width: int, order: ByteOrder, *, 
         return (old & ~mask) | ((units << shift) & mask)
 
     cur = ((old & mask) >> shift) * unit + base
-    vals = [(PAST_EOF, raw(_up(eof, max(align, unit)) + 4 * max(align, unit))),
-            (FAR_PAST_EOF, (old & ~mask) | (mask & ~((max(align, unit) // unit - 1) << shift)))]
+    step = max(align, unit) // unit << shift
+    far = (old & ~mask) | (mask & ~(step - (1 << shift)))
+    while far in reserved:
+        far -= step
+    vals = [(PAST_EOF, raw(_up(eof, max(align, unit)) + 4 * max(align, unit))), (FAR_PAST_EOF, far)]
     if header:
         vals.append((ONTO_HEADER, raw(base)))
     vals += [(ONTO_TABLE, raw(o)) for o in others if o != cur]
-    if align > unit:
-        vals.append((MISALIGNED, raw(cur + unit)))
+    # The smallest step the field can express (qcow2 entries: 512 bytes).
+    fine = ((mask & -mask) >> shift) * unit
+    if align > fine:
+        vals.append((MISALIGNED, raw(cur + fine)))
+    vals = [(label, v) for label, v in vals if v not in reserved]
     return Field(name, (off,), width, order, _limit(vals, width, old), checksum)
 
 
@@ -553,10 +560,10 @@ def _vpc(img: GeneratedImage) -> List[Field]:
         if e == 0xFFFFFFFF:
             continue
         shown += 1
-        f = _pointer(d, f"bat[{i}]", at, 4, be, unit=512, align=512, others=(bat, dyn))
+        f = _pointer(d, f"bat[{i}]", at, 4, be, unit=512, align=512, others=(bat, dyn), reserved=(0xFFFFFFFF,))
         out.append(Field(f.name, f.offsets, 4, be, f.values + _limit([("overlapping the next block", e + 1)], 4, e)))
     if not shown and entries:
-        out.append(_pointer(d, "bat[0]", bat, 4, be, unit=512, align=512, others=(dyn,)))
+        out.append(_pointer(d, "bat[0]", bat, 4, be, unit=512, align=512, others=(dyn,), reserved=(0xFFFFFFFF,)))
     del bsize
     return out
 

@@ -232,10 +232,11 @@ def _plan(draw: Callable, cfg: Configuration, size: int, max_writes: int, overla
         k = draw(st.integers(0, max(0, real // unit - 1)))
         keep = (k * unit, min(unit, real - k * unit))
         fill = bytes([draw(st.integers(1, 255))])
-        compressed = [(keep[0], fill * keep[1])] + _writes(draw, real, unit, max(0, max_writes // 2))
+        # Last, so the other compressed writes cannot overwrite it.
+        compressed = _writes(draw, real, unit, max(0, max_writes // 2)) + [(keep[0], fill * keep[1])]
     writes = _writes(draw, real, unit, max_writes)
     if compressed:
-        a, n = compressed[0][0], len(compressed[0][1])
+        a, n = keep
         writes = [w for w in writes if w[0] + len(w[1]) <= a or w[0] >= a + n]
     snaps: Tuple[int, ...] = ()
     if extras["snapshots"]:
