@@ -295,16 +295,36 @@ PAST_EOF_IS_CORRUPT = {
 }
 
 
+_Q2_HUGE = ["header.size", "header.l1_size", "header.cluster_bits", "header.refcount_table_clusters"]
+_VDI_HUGE = ["header.disk_size", "header.blocks_in_image", "header.block_size"]
+_VMDK_HUGE = ["header.capacity", "header.grain_size", "header.num_gtes_per_gt"]
+_VHDX_HUGE = ["region_table.entry_count", "metadata.entry_count"]
+#: Sizes and counts that, pushed to the field's largest value, libqblock must
+#: call a CorruptImageError.
+HUGE_IS_CORRUPT = {
+    "qcow2": _Q2_HUGE, "qcow2-v2": _Q2_HUGE, "qcow2-compressed": _Q2_HUGE, "qcow2-snapshots": _Q2_HUGE,
+    "qcow2-extl2": _Q2_HUGE,
+    "qcow": ["header.size", "header.cluster_bits"],
+    "qed": ["header.image_size", "header.table_size", "header.cluster_size"],
+    "cow": ["header.size"],
+    "vdi": _VDI_HUGE, "vdi-static": _VDI_HUGE,
+    "vmdk": _VMDK_HUGE, "vmdk-stream": _VMDK_HUGE,
+    "vpc": ["footer.current_size", "dyn.max_table_entries"], "vpc-fixed": ["footer.current_size"],
+    "vhdx": _VHDX_HUGE, "vhdx-fixed": _VHDX_HUGE,
+    "parallels": ["header.bat_entries", "header.nb_sectors"],
+}
+
+
 def test_every_structured_mutation(tmp_path: Path) -> None:
     """Every field value the locators offer, on one image per configuration
     (one child process for all): a QBlockError or a result, never anything
-    else; the named past-EOF cases are CorruptImageError."""
+    else; the named past-EOF and huge cases are CorruptImageError."""
     images = {name: _image(name) for name in CONFIGS}
     for name, img in images.items():
         fields = {f.name for f in qbt.candidate_fields(img)}
         if name == "raw":
             assert not fields  # raw has no metadata: byte flips only
-        for want in PAST_EOF_IS_CORRUPT.get(name, []):
+        for want in PAST_EOF_IS_CORRUPT.get(name, []) + HUGE_IS_CORRUPT.get(name, []):
             assert want in fields, (name, want, sorted(fields))
     done = _run_mutants(("all", str(tmp_path), list(images.values())), tmp_path)
     assert len(done) == sum(len(f.values) for img in images.values() for f in qbt.candidate_fields(img))
@@ -312,9 +332,11 @@ def test_every_structured_mutation(tmp_path: Path) -> None:
     for name, img in images.items():
         n = sum(len(f.values) for f in qbt.candidate_fields(img))
         mine, at = done[at : at + n], at + n
-        for want in PAST_EOF_IS_CORRUPT.get(name, []):
-            hits = [d for d in mine if d["field"] == want and d["label"] == qbt.PAST_EOF]
-            assert hits, (name, want)
+        cases = [(f, qbt.PAST_EOF) for f in PAST_EOF_IS_CORRUPT.get(name, [])]
+        cases += [(f, qbt.HUGE) for f in HUGE_IS_CORRUPT.get(name, [])]
+        for want, label in cases:
+            hits = [d for d in mine if d["field"] == want and d["label"] == label]
+            assert hits, (name, want, label)
             for d in hits:
                 assert d["outcome"] == "CorruptImageError", (name, d)
 
