@@ -195,19 +195,21 @@ def build_image(plan: Plan, folder: Optional[Path] = None, base_content: bytes =
         model[:n] = base_content[:n]
         for w in plan.compressed_writes:
             _apply(model, w)
-        done = 0
-        for i, w in enumerate(plan.writes):
-            while len(snaps) < len(plan.snapshot_after) and plan.snapshot_after[len(snaps)] == i:
-                sname = f"snap{len(snaps) + 1}"
-                img.snapshot_create(sname)
-                snaps.append((sname, bytes(model)))
-            img.write(w[1], w[0])
-            _apply(model, w)
-            done += 1
-        while len(snaps) < len(plan.snapshot_after):
+        pending = sorted(plan.snapshot_after)
+
+        def snapshot() -> None:
             sname = f"snap{len(snaps) + 1}"
             img.snapshot_create(sname)
             snaps.append((sname, bytes(model)))
+
+        for i, w in enumerate(plan.writes):
+            while pending and pending[0] <= i:
+                pending.pop(0)
+                snapshot()
+            img.write(w[1], w[0])
+            _apply(model, w)
+        for _ in pending:
+            snapshot()
     if snaps:
         features.add("snapshots")
     backing = getattr(opts, "backing", None)
