@@ -70,6 +70,12 @@ pub struct Refcounts {
     /// Clusters the next pool refill reserves (doubles per refill, reset
     /// when a flush gives the pool back).
     pool_clusters: u64,
+    /// The file was grown to cover a reservation: giving it back trims the
+    /// unused tail again.
+    grown: bool,
+    /// Clusters of the reservation from here on lay past the end of the
+    /// file when it was taken: never written, they read as zeroes.
+    pub zero_from: u64,
 }
 
 impl Refcounts {
@@ -123,6 +129,8 @@ impl Refcounts {
             pool: (0, 0),
             pending: Vec::new(),
             pool_clusters: Self::first_pool(cluster_bits),
+            grown: false,
+            zero_from: u64::MAX,
         })
     }
 
@@ -225,12 +233,24 @@ impl Refcounts {
         self.give_back_pool(file)?;
         let want = n.max(self.pool_clusters);
         self.pool_clusters = (self.pool_clusters * 2).min(self.max_pool());
-        let start = self.alloc_inner(file, want)?;
+        let (start, got) = self.alloc_inner(file, n, want)?;
         self.write_pending_entries(file)?;
+        // The file covers the reservation before anything is handed out,
+        // and the barrier below makes that durable too: a disk that keeps
+        // an L2 entry but not the write that would have extended the file
+        // leaves a reference inside the file (reading stale zeroes), never
+        // one past its end (which QEMU's check calls corruption).
+        let end = start + got * cs;
+        let len = file.len()?;
+        self.zero_from = len;
+        if len < end {
+            file.set_len(end)?;
+            self.grown = true;
+        }
         // Barrier: the raised refcounts are on disk before anything that
         // points at these clusters can be.
         file.flush()?;
-        self.pool = (start + bytes, start + want * cs);
+        self.pool = (start + bytes, start + got * cs);
         Ok(start)
     }
 
@@ -277,6 +297,26 @@ impl Refcounts {
             self.next_free = self.next_free.min(s);
         }
         self.pool = (0, 0);
+        if std::mem::take(&mut self.grown) {
+            self.trim_tail(file)?;
+        }
+        Ok(())
+    }
+
+    /// Cut the file after its last cluster with a refcount, when the end
+    /// of the file holds only clusters given back (a reservation grew the
+    /// file to cover it). Nothing points at those: they count zero.
+    fn trim_tail(&mut self, file: &dyn Storage) -> Result<()> {
+        let cs = self.cs();
+        let len = file.len()?;
+        let mut end = len.div_ceil(cs);
+        let floor = end.saturating_sub(MAX_POOL_CLUSTERS + (MAX_POOL_CLUSTERS >> self.epb_bits) + 2);
+        while end > floor && end > 1 && self.get(file, end - 1)? == 0 {
+            end -= 1;
+        }
+        if end * cs < len {
+            file.set_len(end * cs)?;
+        }
         Ok(())
     }
 
@@ -325,18 +365,32 @@ impl Refcounts {
         Ok(())
     }
 
-    fn alloc_inner(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+    /// Reserve the first run of at least `n` and at most `want` free
+    /// clusters from `next_free`: its start and length. A shorter run is
+    /// taken rather than skipped, so the gap a given-back reservation leaves
+    /// before the refcount blocks created for it is filled again (with
+    /// small clusters those blocks follow every reservation).
+    fn alloc_inner(&mut self, file: &dyn Storage, n: u64, want: u64) -> Result<(u64, u64)> {
         let cs = self.cs();
-        // Find `n` free clusters from `next_free`, looking at each cluster
-        // once. A cluster past the end of the file may still carry a
-        // refcount (a truncated image, or a reservation given back at a
-        // flush with metadata after it); never hand such a cluster out.
+        // Look at each cluster once. A cluster past the end of the file may
+        // still carry a refcount (a truncated image, or a reservation given
+        // back at a flush with metadata after it); never hand such a
+        // cluster out.
         let mut first = self.next_free >> self.cluster_bits;
         let mut run = 0u64;
         let mut skipped = 0u64;
-        while run < n {
+        while run < want {
             let c = first + run;
+            // Nor does a reservation cross into clusters whose refcount
+            // block does not exist yet once it has `n`: that block would be
+            // created past the reservation, and the file would end there.
+            if run >= n && c & ((1 << self.epb_bits) - 1) == 0 && !self.has_block(c >> self.epb_bits) {
+                break;
+            }
             if self.get(file, c)? != 0 {
+                if run >= n {
+                    break;
+                }
                 skipped += run + 1;
                 if skipped > MAX_SKIP {
                     return Err(corrupt("refcounts claim clusters far beyond the end of the file"));
@@ -348,12 +402,16 @@ impl Refcounts {
             }
         }
         let start = first << self.cluster_bits;
-        self.next_free = n
+        self.next_free = run
             .checked_mul(cs)
             .and_then(|b| start.checked_add(b))
             .ok_or_else(|| corrupt("image file would exceed 2^64 bytes"))?;
-        self.update(file, first, n, 1)?;
-        Ok(start)
+        self.update(file, first, run, 1)?;
+        Ok((start, run))
+    }
+
+    fn has_block(&self, bi: u64) -> bool {
+        self.table.get(bi as usize).is_some_and(|&o| o != 0)
     }
 
     /// Take the next cluster for metadata of the refcount structure itself

@@ -454,12 +454,14 @@ impl Qcow2 {
                 && self.reads_zero(el, bml, end as u64 - lstart, cs, below)?;
             // Refcounts (alloc), then data, then L2.
             let host = self.alloc_data(rc, cl_guest, n as u64)?;
-            if zero_cow && self.file.len()? <= host {
-                // Nothing lies at or beyond `host` yet, so the bytes around
-                // the write read as zeroes without being written: write the
-                // caller's bytes alone (no copy, no zero padding). The file
-                // may end inside the run until a later write or `flush`
-                // extends it; reads past the end are zeroes either way.
+            if zero_cow && (host >= rc.zero_from || self.file.len()? <= host) {
+                // Nothing was ever written at or beyond `host` (fresh
+                // clusters past the file's old end), so the bytes around the
+                // write read as zeroes without being written: write the
+                // caller's bytes alone (no copy, no zero padding, and no
+                // barrier: lost, they still read as zeroes). The file may
+                // end inside the run until a later write or `flush` extends
+                // it; reads past the end are zeroes either way.
                 self.file.write_at(&data[..wlen], host + in_cl)?;
                 self.short_tail.store(true, Ordering::Relaxed);
             } else {
