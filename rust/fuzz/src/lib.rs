@@ -137,6 +137,8 @@ pub fn open(format: Format, data: &[u8]) -> Option<Box<dyn Driver>> {
         direct: false,
         check: false,
         force_share: false,
+        refs: qblock_core::reference::RefRules::any(),
+        inspect: None,
     };
     open(Arc::new(MemoryStorage::new(data.to_vec(), true)), &ctx).ok()
 }

@@ -196,7 +196,7 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
     for d in descs {
         let loc = ctx.location.relative(&d.file);
         let st = ctx
-            .open_named(&loc, ctx.read_only)
+            .open_named(&d.file, &loc, ctx.read_only)
             .map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
         let need = d.end - d.start;
         let data = if d.expanding {

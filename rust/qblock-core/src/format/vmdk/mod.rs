@@ -358,7 +358,7 @@ fn open_descriptor(
             }
             check_openable(&loc, name)?;
             let s = ctx
-                .open_named(&loc, read_only)
+                .open_named(name, &loc, read_only)
                 .map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
             files.push(s);
             let f = (files.len() - 1) as HostFile;
