@@ -17,6 +17,7 @@ __all__ = [
     "convert_stream",
     "create",
     "formats",
+    "inspect",
     "open",
     "probe",
     "rebase_image",
@@ -64,7 +65,16 @@ def open(
     snapshot: bool = False,
     direct: bool = False,
     force_share: bool = False,
+    references: str = "any",
+    allowed_dirs: List[str] = ...,
+    allow_protocols: bool = False,
 ) -> Image: ...
+def inspect(
+    protocol: str,
+    target: str,
+    fmt: Optional[str] = None,
+    allowed: List[str] = ...,
+) -> Dict[str, Any]: ...
 def create(protocol: str, target: str, fmt: str, options: Dict[str, _OptionValue]) -> None: ...
 def probe(protocol: str, target: str) -> str: ...
 def formats() -> List[Tuple[str, bool, bool]]: ...

@@ -9,7 +9,7 @@ use crate::format_name::Format;
 use crate::info::InfoValue;
 use crate::location::Location;
 use crate::options::{CreateOptions, OptValue};
-use crate::reference::{RefRules, References};
+use crate::reference::{RefKind, RefRules, References};
 use crate::registry::{self, OpenCtx};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -242,6 +242,10 @@ impl Image {
             )));
         }
         let loc = top.relative(&b.filename);
+        // Before anything touches it (even a stat for the loop check).
+        rules
+            .admit(RefKind::Backing, &b.filename, &loc)
+            .map_err(|e| e.context(format!("'{}'", top.describe())))?;
         let id = loc.identity();
         if seen.contains(&id) {
             return Err(corrupt(format!(

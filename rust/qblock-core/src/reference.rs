@@ -6,8 +6,11 @@
 //! check covers every format.
 
 use crate::backend::Storage;
+use crate::driver::DriverInfo;
 use crate::error::{invalid, unsupported, Result};
+use crate::format_name::Format;
 use crate::location::Location;
+use crate::registry::{self, OpenCtx};
 use parking_lot::Mutex;
 use std::path::{Component, Path, PathBuf};
 
@@ -177,7 +180,7 @@ pub fn inside(p: &Path, roots: &[PathBuf]) -> bool {
     real_path(p).is_some_and(|r| roots.iter().any(|root| r.starts_with(root)))
 }
 
-/// A file named by an image, as [`crate::image::inspect`] reports it.
+/// A file named by an image, as an inspecting open notes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
     pub kind: RefKind,
@@ -236,5 +239,170 @@ impl Storage for Unopened {
     }
     fn describe(&self) -> String {
         self.0.clone()
+    }
+}
+
+/// One file an image names, as [`inspect`] reports it.
+#[derive(Debug, Clone)]
+pub struct RefReport {
+    pub kind: RefKind,
+    /// The name as the image records it.
+    pub name: String,
+    /// The format recorded beside a backing file's name, if any.
+    pub format: Option<String>,
+    /// Where an open would look: the name joined to the image's folder,
+    /// or a protocol location.
+    pub location: Location,
+    /// The protocol of a prefixed name (`nbd`, `json`); `file:` is dropped.
+    pub protocol: Option<String>,
+    /// The name is an absolute path.
+    pub absolute: bool,
+    /// `location` after symlinks (see [`real_path`]); None for a protocol
+    /// or a path that cannot be resolved.
+    pub real_path: Option<PathBuf>,
+    /// `real_path` lies inside the image's folder or an allowed folder.
+    pub inside: bool,
+    /// Something exists at `location` (a stat: nothing is opened).
+    pub exists: bool,
+}
+
+/// What [`inspect`] found: what an image is and every file it names.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub format: Format,
+    pub virtual_size: u64,
+    pub info: DriverInfo,
+    pub references: Vec<RefReport>,
+}
+
+/// Read the image at `location` alone and report what it names, opening
+/// none of it (a stat says whether each exists): the driver opens in an
+/// inspecting mode in which every name it would follow is noted and its
+/// file replaced by an [`Unopened`] one, and the backing file is the
+/// driver's record of it. `inside` is judged against the image's folder
+/// and `allowed`. The image is read without locks (as `qemu-img info -U`).
+pub fn inspect(location: &Location, format: Option<Format>, allowed: &[PathBuf]) -> Result<Inspection> {
+    let storage = location.open_storage(true)?;
+    let format = match format {
+        Some(f) => f,
+        None => registry::probe(storage.as_ref())?,
+    };
+    let log = RefLog::default();
+    let ctx = OpenCtx {
+        location,
+        read_only: true,
+        direct: false,
+        check: false,
+        force_share: true,
+        refs: RefRules::any(),
+        inspect: Some(&log),
+    };
+    let driver = (registry::open_fn(format)?)(storage, &ctx)
+        .map_err(|e| e.context(format!("{} image '{}'", format, location.describe())))?;
+    let mut roots = Vec::new();
+    if let Location::File(p) = location {
+        roots.push(canonical_dir(folder_of(p))?);
+    }
+    for d in allowed {
+        roots.push(canonical_dir(d)?);
+    }
+    let mut refs: Vec<(Reference, Option<String>)> = Vec::new();
+    if let Some(b) = driver.backing() {
+        let r = Reference {
+            kind: RefKind::Backing,
+            location: location.relative(&b.filename),
+            name: b.filename,
+        };
+        refs.push((r, b.format));
+    }
+    refs.extend(
+        log.take()
+            .into_iter()
+            .filter(|r| r.kind != RefKind::Backing)
+            .map(|r| (r, None)),
+    );
+    let info = driver.info()?;
+    let references = refs
+        .into_iter()
+        .map(|(r, format)| {
+            let (protocol, real, exists) = match &r.location {
+                Location::File(p) => (None, real_path(p), p.exists()),
+                Location::Other { protocol, .. } => (Some(protocol.clone()), None, false),
+            };
+            let absolute = protocol.is_none() && matches!(&r.location, Location::File(_)) && {
+                let n = r.name.strip_prefix("file:").unwrap_or(&r.name);
+                Path::new(n).is_absolute()
+            };
+            RefReport {
+                inside: real
+                    .as_ref()
+                    .is_some_and(|p| roots.iter().any(|root| p.starts_with(root))),
+                kind: r.kind,
+                name: r.name,
+                format,
+                location: r.location,
+                protocol,
+                absolute,
+                real_path: real,
+                exists,
+            }
+        })
+        .collect();
+    let virtual_size = driver.virtual_size();
+    let _ = driver.close();
+    Ok(Inspection {
+        format,
+        virtual_size,
+        info,
+        references,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::location::protocol_prefix;
+
+    #[test]
+    fn protocol_prefixes_follow_qemus_rule() {
+        assert_eq!(protocol_prefix("nbd://h/x"), Some(("nbd", "//h/x")));
+        assert_eq!(protocol_prefix("json:{\"a\":1}"), Some(("json", "{\"a\":1}")));
+        assert_eq!(protocol_prefix("nbd:h:10809"), Some(("nbd", "h:10809")));
+        assert_eq!(protocol_prefix("./a:b"), None);
+        assert_eq!(protocol_prefix("/abs/a:b"), None);
+        assert_eq!(protocol_prefix(":x"), None);
+        assert_eq!(protocol_prefix("plain.qcow2"), None);
+        let img = Location::file("/d/img.qcow2");
+        assert_eq!(img.relative("file:b.raw"), Location::file("/d/b.raw"));
+        assert_eq!(img.relative("file:/e/b.raw"), Location::file("/e/b.raw"));
+        assert!(matches!(img.relative("nbd://h/x"), Location::Other { ref protocol, .. } if protocol == "nbd"));
+    }
+
+    #[test]
+    fn confinement_resolves_symlinks_and_missing_files() {
+        let base = std::env::temp_dir().join(format!("qblock-ref-{}", std::process::id()));
+        let d = base.join("img");
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::symlink("/etc", d.join("out")).unwrap();
+        let top = Location::file(d.join("top.qcow2"));
+        let rules = RefRules::new(&top, &References::Confined(vec![]), false).unwrap();
+        let ok = |n: &str| rules.admit(RefKind::Backing, n, &top.relative(n));
+        assert!(ok("missing.raw").is_ok());
+        // `..` below a missing folder cannot be opened, nor judged: refused.
+        assert!(ok("sub/../missing.raw").is_err());
+        assert_eq!(ok("../x").unwrap_err().kind(), ErrorKind::InvalidParam);
+        assert!(ok("out/passwd").is_err());
+        assert!(ok("nothere/../../x").is_err());
+        assert!(ok("/etc/passwd").is_err());
+        assert_eq!(ok("nbd://h/x").unwrap_err().kind(), ErrorKind::InvalidParam);
+        let any = RefRules::new(&top, &References::Any, false).unwrap();
+        let e = any
+            .admit(RefKind::Backing, "nbd://h/x", &top.relative("nbd://h/x"))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        let none = RefRules::new(&top, &References::None, false).unwrap();
+        assert!(none.admit(RefKind::Extent, "a", &top.relative("a")).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
