@@ -401,3 +401,34 @@ def test_cli_inspect_human_and_json(world):
     j = json.loads(r.stdout)
     assert j["format"] == "qcow2" and j["confined"] is True
     assert j["references"][0]["name"] == PASSWD and j["references"][0]["inside"] is True
+
+
+def test_vpc_parent_locators(world):
+    """A differencing VHD whose locator climbs out of the folder: inspect lists
+    every candidate the driver would try (opening none), confined refuses the
+    escaping one and opens the child only with an allowed parent."""
+    from test_vpc import _make_child
+
+    parent = world.parent / "parent.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", str(parent), "4M")
+    child = _make_child(world, parent.read_bytes()[68:84], locator="..\\parent.vhd")
+    r = qb.inspect(child)
+    assert r.format is qb.Format.VPC
+    cands = {x.name: x for x in r.references}
+    assert set(cands) == {"../parent.vhd", "parent.vhd"}
+    assert all(x.kind == "parent_locator" for x in r.references)
+    assert (cands["../parent.vhd"].inside, cands["../parent.vhd"].exists) == (False, True)
+    assert (cands["parent.vhd"].inside, cands["parent.vhd"].exists) == (True, False)
+    with pytest.raises(qb.InvalidParamError, match=r"parent locator '\.\./parent\.vhd' refused"):
+        qb.open(child, flags=0, references="confined")
+    with pytest.raises(qb.InvalidParamError, match="references='none'"):
+        qb.open(child, flags=0, references="none")
+    for kw in ({}, {"references": "confined", "allowed_dirs": [world.parent]}):
+        with qb.open(child, flags=0, **kw) as i:  # type: ignore[arg-type]
+            assert i.info().backing_location is not None
+    # A symlink beside the child that points out is refused the same way.
+    os.symlink(parent, world / "parent.vhd")
+    (c,) = [x for x in qb.inspect(child).references if x.name == "parent.vhd"]
+    assert (c.inside, c.exists, c.real_path) == (False, True, str(parent.resolve()))
+    with pytest.raises(qb.InvalidParamError, match="refused"):
+        qb.open(child, flags=0, references="confined")
