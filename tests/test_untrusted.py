@@ -15,7 +15,7 @@ import pytest
 
 import libqblock as qb
 
-from conftest import qblock_cmd, qemu_img, qemu_info
+from conftest import QEMU_IMG, qblock_cmd, qemu_img, qemu_info
 
 MiB = 1 << 20
 PASSWD = "/etc/passwd"
@@ -31,9 +31,12 @@ def _qcow2_data_file(path: Path, name: str) -> None:
     placeholder name of the same length, which is then replaced in the header
     (creating it with the real name would truncate that file)."""
     placeholder = "q" * len(name)
-    # data_file_raw: every cluster maps to the same offset of the data file, so its bytes show.
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={placeholder},data_file_raw=on", str(path), "1M")
-    (Path(path).parent / placeholder).unlink(missing_ok=True)
+    # data_file_raw: every cluster maps to the same offset of the data file,
+    # so its bytes show. qemu-img creates a relative data file in its working
+    # folder: run it in the image's.
+    subprocess.run([QEMU_IMG or "qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={placeholder},data_file_raw=on",
+                    path.name, "1M"], cwd=path.parent, check=True, capture_output=True)
+    (path.parent / placeholder).unlink()
     head = path.read_bytes()
     assert head.count(placeholder.encode()) == 1
     path.write_bytes(head.replace(placeholder.encode(), name.encode()))
