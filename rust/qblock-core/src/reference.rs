@@ -329,10 +329,9 @@ pub fn inspect(location: &Location, format: Option<Format>, allowed: &[PathBuf])
                 Location::File(p) => (None, real_path(p), p.exists()),
                 Location::Other { protocol, .. } => (Some(protocol.clone()), None, false),
             };
-            let absolute = protocol.is_none() && matches!(&r.location, Location::File(_)) && {
-                let n = r.name.strip_prefix("file:").unwrap_or(&r.name);
-                Path::new(n).is_absolute()
-            };
+            // As recorded, less a `file:` prefix (which `relative` drops too).
+            let absolute =
+                protocol.is_none() && Path::new(r.name.strip_prefix("file:").unwrap_or(&r.name)).is_absolute();
             RefReport {
                 inside: real
                     .as_ref()
