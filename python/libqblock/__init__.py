@@ -49,6 +49,7 @@ from .backing import commit, rebase
 from .amend import amend
 from .sizing import MeasureResult, measure
 from .check import CheckResult, check
+from .safety import Reference, SafetyReport, inspect
 from .streams import convert_from_stream, convert_to_stream
 from . import capi  # noqa: E402  (imports the names above)
 
@@ -77,6 +78,8 @@ __all__ = [
     "O_VALID_MASK",
     "OpenFlag",
     "OutOfRangeError",
+    "Reference",
+    "SafetyReport",
     "QB_ERR_BLOCK_OUT_OF_RANGE",
     "QB_ERR_CORRUPT_IMAGE",
     "QB_ERR_IMAGE_LOCKED",
@@ -111,6 +114,7 @@ __all__ = [
     "create",
     "fmttype2str",
     "measure",
+    "inspect",
     "open",
     "options_class",
     "probe",

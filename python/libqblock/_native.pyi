@@ -20,6 +20,7 @@ __all__ = [
     "fault_disarm",
     "fault_status",
     "formats",
+    "inspect",
     "open",
     "probe",
     "rebase_image",
@@ -67,7 +68,16 @@ def open(
     snapshot: bool = False,
     direct: bool = False,
     force_share: bool = False,
+    references: str = "any",
+    allowed_dirs: List[str] = ...,
+    allow_protocols: bool = False,
 ) -> Image: ...
+def inspect(
+    protocol: str,
+    target: str,
+    fmt: Optional[str] = None,
+    allowed: List[str] = ...,
+) -> Dict[str, Any]: ...
 def create(protocol: str, target: str, fmt: str, options: Dict[str, _OptionValue]) -> None: ...
 def probe(protocol: str, target: str) -> str: ...
 def formats() -> List[Tuple[str, bool, bool]]: ...

@@ -1,5 +1,5 @@
 """The ``qblock`` command: qemu-img's jobs (create, info, map, convert, compare, check, commit, rebase,
-resize, snapshot, measure, amend, dd) plus write, read and checksum, with its options and outputs."""
+resize, snapshot, measure, amend, dd) plus inspect, write, read and checksum, with its options and outputs."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .flags import O_CACHE_WB, O_RDWR
 from .check import check as _check
 from .formats import Format
 from .options import ImageOptions, option_fields, options_class
+from .safety import SafetyReport, inspect as _inspect
 from .snapshot import SnapshotInfo
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
@@ -225,6 +226,36 @@ def cmd_info(a: argparse.Namespace) -> int:
     else:
         print("\n\n".join(human_info(d) for d in chain))
     return 0
+
+
+def human_inspect(r: SafetyReport) -> str:
+    """The text ``qblock inspect`` prints: the image, then one line per reference."""
+    lines = [f"image: {r.location.path if r.location.protocol == 'file' else r.location}",
+             f"file format: {r.format}", f"virtual size: {r.virtual_size}"]
+    feats = ", ".join(f"{k}={v}" for k, v in r.features.items() if not isinstance(v, (list, dict)))
+    lines.append(f"features: {feats}")
+    if not r.references:
+        lines.append("references: none")
+    for ref in r.references:
+        facts = [
+            "protocol " + ref.protocol if ref.protocol else ("absolute" if ref.absolute else "relative"),
+            "inside" if ref.inside else "OUTSIDE",
+            "exists" if ref.exists else "missing",
+        ]
+        where = ref.real_path or ref.location
+        lines.append(f"{ref.kind}: {ref.name!r} -> {where} ({', '.join(facts)})")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    """``qblock inspect [-f FMT] [--allowed DIR]... [--output human|json] FILE``: exit 0 when every
+    reference stays inside the image's folder (or an allowed one), 2 when one escapes."""
+    r = _inspect(a.filename, allowed=a.allowed, fmt=a.format)
+    if a.output == "json":
+        print(json.dumps(r.to_json(), indent=4))
+    else:
+        sys.stdout.write(human_inspect(r))
+    return 0 if r.confined else 2
 
 
 def cmd_write(a: argparse.Namespace) -> int:
@@ -587,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backing-chain", action="store_true", help="also every image of the backing chain")
     i.add_argument("filename")
     i.set_defaults(func=cmd_info)
+    ins = sub.add_parser("inspect", help="report the files an image names, opening none; exit 2 if one escapes")
+    ins.add_argument("-f", "--format")
+    ins.add_argument("--allowed", action="append", default=[], metavar="DIR",
+                     help="a folder references may also resolve into (repeatable)")
+    ins.add_argument("--output", choices=("human", "json"), default="human")
+    ins.add_argument("filename")
+    ins.set_defaults(func=cmd_inspect)
     w = sub.add_parser("write", help="write a byte pattern (or zeroes) into an image")
     w.add_argument("-f", "--format")
     w.add_argument("-P", "--pattern", type=lambda s: int(s, 0), default=0xCD)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from .errors import InvalidParamError
@@ -217,6 +218,9 @@ def open(  # noqa: A001 - the seed's name
     flags: int = O_RDWR | O_CACHE_WB,
     *,
     force_share: bool = False,
+    references: str = "any",
+    allowed_dirs: Sequence[PathLike] = (),
+    allow_protocols: bool = False,
 ) -> Image:
     """Open an image; ``fmt`` None probes its format (see the README on raw probing).
 
@@ -239,7 +243,22 @@ def open(  # noqa: A001 - the seed's name
     keeps writers out). ``force_share`` (``qemu-img -U``), read-only only,
     takes the image whatever others do: what it reads may then be changing.
     ``close()`` releases the locks; so does dropping the image.
+
+    ``references`` decides which files named by the images of the chain
+    (backing files, qcow2 data files, vmdk extents, parallels bundle
+    images, VHD/VHDX parents) may be opened: ``"any"`` (the default, as
+    QEMU), ``"confined"`` (each must resolve, after symlinks, inside the
+    top image's folder or one of ``allowed_dirs``; a refused one raises
+    InvalidParamError naming it) or ``"none"`` (an image naming any file
+    raises InvalidParamError). Names with a protocol prefix (``nbd://``,
+    ``json:{...}``; ``file:`` is dropped) raise UnsupportedError unless
+    ``allow_protocols`` (and no protocol is served yet). Use
+    :func:`libqblock.inspect` to see what an image names without opening it.
     """
+    if references not in ("any", "confined", "none"):
+        raise InvalidParamError(f"references must be 'any', 'confined' or 'none', not {references!r}")
+    if allowed_dirs and references != "confined":
+        raise InvalidParamError("allowed_dirs needs references='confined'")
     if force_share and flags & O_RDWR:
         raise InvalidParamError("force_share needs a read-only open (flags without O_RDWR), as QEMU's -U")
     _check_flags(flags)
@@ -255,6 +274,9 @@ def open(  # noqa: A001 - the seed's name
         snapshot=bool(flags & O_SNAPSHOT),
         direct=bool(flags & O_NOCACHE),
         force_share=force_share,
+        references=references,
+        allowed_dirs=[os.fspath(d) for d in allowed_dirs],
+        allow_protocols=allow_protocols,
     )
     return Image(native, loc, flags)
 

@@ -118,6 +118,16 @@ fn within_budget(data: &[u8], f: impl FnOnce()) {
     );
 }
 
+/// Names inside the input resolve to the fuzz location (see `location`),
+/// which no file opens from: let them through the reference check, so the
+/// drivers go on as far as they would with a missing file (a vmdk parent
+/// hint, for one, is then just unreadable, not a refusal of the image).
+static RULES: qblock_core::reference::RefRules = qblock_core::reference::RefRules {
+    policy: qblock_core::References::Any,
+    allow_protocols: true,
+    roots: Vec::new(),
+};
+
 /// Where the image claims to be: nowhere we can open.
 pub fn location() -> Location {
     Location::Other {
@@ -137,6 +147,8 @@ pub fn open(format: Format, data: &[u8]) -> Option<Box<dyn Driver>> {
         direct: false,
         check: false,
         force_share: false,
+        refs: &RULES,
+        inspect: None,
     };
     open(Arc::new(MemoryStorage::new(data.to_vec(), true)), &ctx).ok()
 }

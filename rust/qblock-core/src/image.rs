@@ -9,6 +9,7 @@ use crate::format_name::Format;
 use crate::info::InfoValue;
 use crate::location::Location;
 use crate::options::{CreateOptions, OptValue};
+use crate::reference::{RefKind, RefRules, References};
 use crate::registry::{self, OpenCtx};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,6 +42,12 @@ pub struct OpenOptions {
     /// the image may be open for writing elsewhere (a running VM), and
     /// what is read may then be inconsistent. Read-only opens only.
     pub force_share: bool,
+    /// Which files named by the images of the chain may be opened; the
+    /// default follows any, as QEMU.
+    pub references: References,
+    /// Follow names with a protocol prefix (`nbd://...`, `json:{...}`):
+    /// off by default, as an untrusted image could aim them anywhere.
+    pub allow_protocols: bool,
 }
 
 /// Allocation of one run, across the whole chain (the seed's and
@@ -103,11 +110,20 @@ impl Image {
             ));
         }
         let mut seen = vec![location.identity()];
+        let rules = RefRules::new(location, &opts.references, opts.allow_protocols)?;
         if opts.snapshot && !opts.read_only {
-            let base = Self::open_layer(location, format, true, !opts.no_backing, &mut seen, opts)?;
+            let base = Self::open_layer(location, format, true, !opts.no_backing, &mut seen, opts, &rules)?;
             return Self::snapshot_overlay(base);
         }
-        Self::open_layer(location, format, opts.read_only, !opts.no_backing, &mut seen, opts)
+        Self::open_layer(
+            location,
+            format,
+            opts.read_only,
+            !opts.no_backing,
+            &mut seen,
+            opts,
+            &rules,
+        )
     }
 
     /// A writable temporary qcow2 above `base` (opened read-only), as QEMU's
@@ -141,6 +157,8 @@ impl Image {
             direct: false,
             check: false,
             force_share: false,
+            refs: RefRules::any(),
+            inspect: None,
         };
         let driver = (registry::open_fn(Format::Qcow2)?)(storage, &ctx)
             .map_err(|e| e.context("cannot open the O_SNAPSHOT overlay"))?;
@@ -164,6 +182,7 @@ impl Image {
         with_backing: bool,
         seen: &mut Vec<String>,
         opts: &OpenOptions,
+        rules: &RefRules,
     ) -> Result<Image> {
         let mut storage = location.open_storage_with(read_only, opts.direct)?;
         if opts.no_flush && !read_only {
@@ -187,13 +206,15 @@ impl Image {
             direct: opts.direct,
             check: opts.check && seen.len() == 1, // the top layer only
             force_share: opts.force_share,
+            refs: rules,
+            inspect: None,
         };
         let driver = (registry::open_fn(format)?)(storage, &ctx)
             .map_err(|e| e.context(format!("{} image '{}'", format, location.describe())))?;
         let mut backing = None;
         if with_backing {
             if let Some(b) = driver.backing() {
-                backing = Some(Box::new(Self::open_backing(location, &b, seen, opts)?));
+                backing = Some(Box::new(Self::open_backing(location, &b, seen, opts, rules)?));
             }
         }
         Ok(Image {
@@ -208,13 +229,23 @@ impl Image {
         })
     }
 
-    fn open_backing(top: &Location, b: &BackingRef, seen: &mut Vec<String>, opts: &OpenOptions) -> Result<Image> {
+    fn open_backing(
+        top: &Location,
+        b: &BackingRef,
+        seen: &mut Vec<String>,
+        opts: &OpenOptions,
+        rules: &RefRules,
+    ) -> Result<Image> {
         if seen.len() >= MAX_CHAIN_DEPTH {
             return Err(corrupt(format!(
                 "backing chain is deeper than {MAX_CHAIN_DEPTH} images"
             )));
         }
         let loc = top.relative(&b.filename);
+        // Before anything touches it (even a stat for the loop check).
+        rules
+            .admit(RefKind::Backing, &b.filename, &loc)
+            .map_err(|e| e.context(format!("'{}'", top.describe())))?;
         let id = loc.identity();
         if seen.contains(&id) {
             return Err(corrupt(format!(
@@ -232,7 +263,7 @@ impl Image {
             })?),
             None => None,
         };
-        Self::open_layer(&loc, fmt, true, true, seen, opts)
+        Self::open_layer(&loc, fmt, true, true, seen, opts, rules)
             .map_err(|e| e.context(format!("cannot open backing file '{}'", b.filename)))
     }
 

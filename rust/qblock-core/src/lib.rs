@@ -11,6 +11,7 @@ pub mod image;
 pub mod info;
 pub mod location;
 pub mod options;
+pub mod reference;
 pub mod registry;
 pub mod tools;
 
@@ -19,3 +20,4 @@ pub use format_name::Format;
 pub use image::{BlockStatus, Image, ImageInfo, OpenOptions};
 pub use location::Location;
 pub use options::{CreateOptions, OptValue};
+pub use reference::{RefKind, Reference, References};

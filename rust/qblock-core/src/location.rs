@@ -53,10 +53,25 @@ impl Location {
         }
     }
 
-    /// A name recorded inside this image (backing file, data file), resolved
-    /// as QEMU does: absolute names stand, relative ones are relative to the
-    /// directory of this image.
+    /// A name recorded inside this image (backing file, data file, extent),
+    /// resolved as QEMU does: absolute names stand, relative ones are
+    /// relative to the directory of this image. A name with a protocol
+    /// prefix (QEMU's rule: a ':' before any '/', as in `nbd://h/x`,
+    /// `nbd:h:10809` or `json:{...}`) is that protocol's location, which
+    /// the open's rules refuse unless protocols are allowed; a `file:`
+    /// prefix is dropped (the rest is a path, resolved as any other: unlike
+    /// QEMU, a relative one against the image's folder, not the working one).
     pub fn relative(&self, name: &str) -> Location {
+        let name = match protocol_prefix(name) {
+            Some(("file", rest)) => rest,
+            Some((protocol, target)) => {
+                return Location::Other {
+                    protocol: protocol.to_string(),
+                    target: target.to_string(),
+                }
+            }
+            None => name,
+        };
         match self {
             Location::File(p) => {
                 let n = Path::new(name);
@@ -80,4 +95,11 @@ impl Location {
             other => other.describe(),
         }
     }
+}
+
+/// `name`'s protocol and the rest, when it has a prefix: a ':' before any
+/// '/' (QEMU's path_has_protocol), after at least one character.
+pub fn protocol_prefix(name: &str) -> Option<(&str, &str)> {
+    let end = name.find([':', '/'])?;
+    (end > 0 && name.as_bytes()[end] == b':').then(|| (&name[..end], &name[end + 1..]))
 }

@@ -8,6 +8,7 @@ use crate::format;
 use crate::format_name::Format;
 use crate::location::Location;
 use crate::options::CreateOptions;
+use crate::reference::{RefKind, RefLog, RefRules, Unopened};
 use std::sync::Arc;
 
 /// Bytes read from the start of an image for probing (QEMU reads 2 KiB;
@@ -29,20 +30,52 @@ pub struct OpenCtx<'a> {
     /// Take the images' locks sharing everything (`qemu-img -U`): read-only
     /// opens only.
     pub force_share: bool,
+    /// Which files the image may name ([`RefRules::admit`]); the same for
+    /// every layer of a chain.
+    pub refs: &'a RefRules,
+    /// Set by an inspecting open: names are noted here, nothing they name
+    /// is opened (drivers get an [`Unopened`] file instead).
+    pub inspect: Option<&'a RefLog>,
 }
 
 impl OpenCtx<'_> {
+    /// Whether this open only inspects: files the image names are not opened.
+    pub fn inspecting(&self) -> bool {
+        self.inspect.is_some()
+    }
+
+    /// Check (or, inspecting, note) that the image may follow `name`, a
+    /// `kind` reference that resolved to `loc`. Every file an image names
+    /// passes here, or through `open_named`/`open_data_file`, which call it.
+    pub fn admit(&self, kind: RefKind, name: &str, loc: &Location) -> Result<()> {
+        match self.inspect {
+            Some(log) => {
+                log.note(kind, name, loc);
+                Ok(())
+            }
+            None => self.refs.admit(kind, name, loc),
+        }
+    }
+
     /// Open a file this image names as part of it (a vmdk extent, a
-    /// parallels bundle's image) the way the image itself was opened, and
-    /// lock it as the image.
-    pub fn open_named(&self, loc: &Location, read_only: bool) -> Result<Arc<dyn Storage>> {
+    /// parallels bundle's image; `name` as recorded, `loc` resolved) the
+    /// way the image itself was opened, and lock it as the image.
+    pub fn open_named(&self, name: &str, loc: &Location, read_only: bool) -> Result<Arc<dyn Storage>> {
+        self.admit(RefKind::Extent, name, loc)?;
+        if self.inspecting() {
+            return Ok(Arc::new(Unopened(name.to_string())));
+        }
         let s = loc.open_storage_with(read_only, self.direct)?;
         s.lock(Perm::image(read_only, self.force_share))?;
         Ok(s)
     }
 
     /// Open a qcow2 external data file, locked as QEMU locks one.
-    pub fn open_data_file(&self, loc: &Location, read_only: bool) -> Result<Arc<dyn Storage>> {
+    pub fn open_data_file(&self, name: &str, loc: &Location, read_only: bool) -> Result<Arc<dyn Storage>> {
+        self.admit(RefKind::DataFile, name, loc)?;
+        if self.inspecting() {
+            return Ok(Arc::new(Unopened(name.to_string())));
+        }
         let s = loc.open_storage_with(read_only, self.direct)?;
         s.lock(Perm::data_file(read_only, self.force_share))?;
         Ok(s)

@@ -7,7 +7,8 @@ use parking_lot::RwLock;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use qblock_core::info::InfoValue;
-use qblock_core::{BlockStatus, CreateOptions, Error, Format, Image, Location, OpenOptions, OptValue};
+use qblock_core::{BlockStatus, CreateOptions, Error, Format, Image, Location, OpenOptions, OptValue, References};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub(crate) fn location(protocol: &str, target: &str) -> Location {
@@ -229,9 +230,11 @@ impl PyImage {
     }
 }
 
-/// Open an image; `fmt` None probes.
+/// Open an image; `fmt` None probes. `references` is the policy for the
+/// files the chain names: "any", "confined" (to the image's folder and
+/// `allowed_dirs`) or "none".
 #[pyfunction]
-#[pyo3(signature = (protocol, target, fmt=None, read_only=false, no_backing=false, write_through=false, no_flush=false, snapshot=false, direct=false, force_share=false))]
+#[pyo3(signature = (protocol, target, fmt=None, read_only=false, no_backing=false, write_through=false, no_flush=false, snapshot=false, direct=false, force_share=false, references="any", allowed_dirs=Vec::new(), allow_protocols=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn open(
     py: Python<'_>,
@@ -245,9 +248,23 @@ pub fn open(
     snapshot: bool,
     direct: bool,
     force_share: bool,
+    references: &str,
+    allowed_dirs: Vec<PathBuf>,
+    allow_protocols: bool,
 ) -> PyResult<PyImage> {
     let loc = location(protocol, target);
     let fmt = format_arg(fmt).map_err(|e| to_pyerr(py, e))?;
+    let references = match references {
+        "any" => References::Any,
+        "confined" => References::Confined(allowed_dirs),
+        "none" => References::None,
+        other => {
+            return Err(to_pyerr(
+                py,
+                Error::InvalidParam(format!("references must be 'any', 'confined' or 'none', not '{other}'")),
+            ))
+        }
+    };
     let opts = OpenOptions {
         read_only,
         no_backing,
@@ -256,12 +273,60 @@ pub fn open(
         snapshot,
         direct,
         force_share,
+        references,
+        allow_protocols,
         ..Default::default()
     };
     let img = run(py, || Image::open(&loc, fmt, &opts))?;
     Ok(PyImage {
         inner: RwLock::new(Some(Arc::new(img))),
     })
+}
+
+/// Read an image alone and report the files it names, opening none of
+/// them: a dict of format, size, features and `references` (dicts).
+#[pyfunction]
+#[pyo3(signature = (protocol, target, fmt=None, allowed=Vec::new()))]
+pub fn inspect<'py>(
+    py: Python<'py>,
+    protocol: &str,
+    target: &str,
+    fmt: Option<&str>,
+    allowed: Vec<PathBuf>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let loc = location(protocol, target);
+    let fmt = format_arg(fmt).map_err(|e| to_pyerr(py, e))?;
+    let r = run(py, || qblock_core::reference::inspect(&loc, fmt, &allowed))?;
+    let d = PyDict::new(py);
+    d.set_item("format", r.format.to_string())?;
+    d.set_item("virtual_size", r.virtual_size)?;
+    d.set_item("cluster_size", r.info.cluster_size)?;
+    d.set_item("encrypted", r.info.encrypted)?;
+    d.set_item("dirty", r.info.dirty)?;
+    d.set_item("format_specific", info_map(py, &r.info.format_specific)?)?;
+    let refs = PyList::empty(py);
+    for x in &r.references {
+        let e = PyDict::new(py);
+        e.set_item("kind", x.kind.name())?;
+        e.set_item("name", &x.name)?;
+        e.set_item("format", &x.format)?;
+        e.set_item("location", x.location.describe())?;
+        e.set_item(
+            "path",
+            match &x.location {
+                Location::File(p) => Some(p.clone()),
+                Location::Other { .. } => None,
+            },
+        )?;
+        e.set_item("protocol", &x.protocol)?;
+        e.set_item("absolute", x.absolute)?;
+        e.set_item("real_path", &x.real_path)?;
+        e.set_item("inside", x.inside)?;
+        e.set_item("exists", x.exists)?;
+        refs.append(e)?;
+    }
+    d.set_item("references", refs)?;
+    Ok(d)
 }
 
 /// Create an image from QEMU-named options (`size`, `backing_file`, ...).

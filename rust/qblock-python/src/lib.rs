@@ -18,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(image::create, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe, m)?)?;
+    m.add_function(wrap_pyfunction!(image::inspect, m)?)?;
     m.add_function(wrap_pyfunction!(image::formats, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot::snapshot_list, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot::snapshot_create, m)?)?;

@@ -532,6 +532,8 @@ mod tests {
                 direct: false,
                 check: false,
                 force_share: false,
+                refs: crate::reference::RefRules::any(),
+                inspect: None,
             },
         )
         .err()
@@ -545,6 +547,8 @@ mod tests {
                 direct: false,
                 check: false,
                 force_share: false,
+                refs: crate::reference::RefRules::any(),
+                inspect: None,
             },
         )
         .unwrap();

@@ -372,6 +372,8 @@ mod tests {
                 direct: false,
                 check: false,
                 force_share: false,
+                refs: crate::reference::RefRules::any(),
+                inspect: None,
             },
         )
         .err()
@@ -385,6 +387,8 @@ mod tests {
                 direct: false,
                 check: false,
                 force_share: false,
+                refs: crate::reference::RefRules::any(),
+                inspect: None,
             },
         )
         .unwrap();

@@ -35,6 +35,7 @@ use crate::error::{corrupt, invalid, try_zeroed, unsupported, Error, Result};
 use crate::format_name::Format;
 use crate::location::Location;
 use crate::options::CreateOptions;
+use crate::reference::RefKind;
 use crate::registry::{FormatEntry, OpenCtx};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -240,7 +241,7 @@ pub struct Vpc {
 }
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Vpc::open_at(storage, Some(ctx.location))?))
+    Ok(Box::new(Vpc::open_at(storage, Some(ctx))?))
 }
 
 impl Vpc {
@@ -248,8 +249,9 @@ impl Vpc {
         Self::open_at(storage, None)
     }
 
-    /// Open; `location` (where the image is) lets a differencing disk find its parent.
-    pub fn open_at(storage: Arc<dyn Storage>, location: Option<&Location>) -> Result<Vpc> {
+    /// Open; `ctx` (where the image is, what it may name) lets a
+    /// differencing disk find its parent.
+    pub fn open_at(storage: Arc<dyn Storage>, ctx: Option<&OpenCtx>) -> Result<Vpc> {
         let file_len = storage.len()?;
         if file_len < FOOTER_SIZE {
             return Err(corrupt(format!(
@@ -305,7 +307,7 @@ impl Vpc {
                 dynamic: None,
             });
         }
-        let dynamic = Self::open_dynamic(storage.as_ref(), &footer, size, file_len, location)?;
+        let dynamic = Self::open_dynamic(storage.as_ref(), &footer, size, file_len, ctx)?;
         Ok(Vpc {
             storage,
             footer,
@@ -319,7 +321,7 @@ impl Vpc {
         footer: &Footer,
         size: u64,
         file_len: u64,
-        location: Option<&Location>,
+        ctx: Option<&OpenCtx>,
     ) -> Result<Dynamic> {
         let hdr_off = footer.data_offset;
         if hdr_off < FOOTER_SIZE || hdr_off.checked_add(DYN_HEADER_SIZE).is_none_or(|e| e > file_len) {
@@ -432,8 +434,8 @@ impl Vpc {
             next_free = next_free.max((l.1 + l.2).div_ceil(SECTOR) * SECTOR);
         }
         let parent = (footer.disk_type == TYPE_DIFFERENCING).then(|| hdr.parent_name.clone());
-        let backing = match (&parent, location) {
-            (Some(_), Some(loc)) => find_parent(loc, &hdr, &locators)?,
+        let backing = match (&parent, ctx) {
+            (Some(_), Some(ctx)) => find_parent(ctx, &hdr, &locators)?,
             _ => None,
         };
         Ok(Dynamic {
@@ -637,7 +639,7 @@ const MAX_LOCATOR: u64 = 64 * 1024;
 /// the image: the first one that exists and is a VHD whose UUID matches.
 /// None when no candidate exists (the disk then reads as QEMU reads it).
 fn find_parent(
-    loc: &Location,
+    ctx: &OpenCtx,
     hdr: &DynHeader,
     locators: &[([u8; 4], u64, u64, Vec<u8>)],
 ) -> Result<Option<BackingRef>> {
@@ -666,18 +668,26 @@ fn find_parent(
         .filter_map(|n| n.rsplit('/').next().map(str::to_string))
         .collect();
     names.extend(bases);
+    let mut refused = None;
     for name in names {
         let name = name.trim_start_matches("./").to_string();
         if name.is_empty() || name.contains(':') {
             continue;
         }
-        let Location::File(path) = loc.relative(&name) else {
+        let loc = ctx.location.relative(&name);
+        let Location::File(path) = &loc else {
             continue;
         };
-        if !path.is_file() {
+        // A candidate the open's rules refuse is never opened; the refusal
+        // stands if no allowed candidate is the parent.
+        if let Err(e) = ctx.admit(RefKind::ParentLocator, &name, &loc) {
+            refused.get_or_insert(e);
             continue;
         }
-        let parent = Location::File(path).open_storage(true)?;
+        if ctx.inspecting() || !path.is_file() {
+            continue;
+        }
+        let parent = loc.open_storage(true)?;
         let mut f = [0u8; 512];
         parent.read_at(&mut f, 0)?;
         if !f.starts_with(COOKIE) {
@@ -696,7 +706,10 @@ fn find_parent(
             "the VHD parent '{name}' has another UUID than the one recorded in the child"
         )));
     }
-    Ok(None)
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
 }
 
 /// Sector `s`'s bit in a VHD sector bitmap: most significant bit first.

@@ -392,6 +392,8 @@ fn writes_and_writable_opens_are_refused() {
             direct: false,
             check: false,
             force_share: false,
+            refs: crate::reference::RefRules::any(),
+            inspect: None,
         },
     )
     .err()
@@ -405,6 +407,8 @@ fn writes_and_writable_opens_are_refused() {
             direct: false,
             check: false,
             force_share: false,
+            refs: crate::reference::RefRules::any(),
+            inspect: None,
         },
     )
     .unwrap();

@@ -196,10 +196,12 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
     for d in descs {
         let loc = ctx.location.relative(&d.file);
         let st = ctx
-            .open_named(&loc, ctx.read_only)
+            .open_named(&d.file, &loc, ctx.read_only)
             .map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
         let need = d.end - d.start;
-        let data = if d.expanding {
+        let data = if ctx.inspecting() {
+            Data::Plain(st) // not opened: nothing to check
+        } else if d.expanding {
             let p =
                 Parallels::open(st, ctx.read_only).map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
             if p.header().size < need {

@@ -199,7 +199,7 @@ impl Qcow2 {
                     )));
                 }
                 Some(
-                    ctx.open_data_file(&loc, read_only)
+                    ctx.open_data_file(name, &loc, read_only)
                         .map_err(|e| e.context(format!("cannot open the external data file '{name}'")))?,
                 )
             }

@@ -56,6 +56,8 @@ pub(super) fn open_bytes(b: Vec<u8>, read_only: bool) -> Result<Qcow2> {
         direct: false,
         check: false,
         force_share: false,
+        refs: crate::reference::RefRules::any(),
+        inspect: None,
     };
     let s: Arc<dyn Storage> = Arc::new(MemoryStorage::new(b, read_only));
     Qcow2::open(s, &ctx)
@@ -71,6 +73,8 @@ pub(super) fn open_bytes_ctx(b: Vec<u8>, read_only: bool, check: bool) -> Result
         direct: false,
         check,
         force_share: false,
+        refs: crate::reference::RefRules::any(),
+        inspect: None,
     };
     let m = Arc::new(MemoryStorage::new(b, read_only));
     let s: Arc<dyn Storage> = m.clone();
@@ -694,6 +698,8 @@ fn failed_writes_leave_a_usable_image() {
             direct: false,
             check: false,
             force_share: false,
+            refs: crate::reference::RefRules::any(),
+            inspect: None,
         };
         let d = Qcow2::open(s.clone(), &ctx).unwrap();
         let mut failed = false;
@@ -780,6 +786,8 @@ fn open_writable(s: Arc<dyn Storage>) -> Qcow2 {
         direct: false,
         check: false,
         force_share: false,
+        refs: crate::reference::RefRules::any(),
+        inspect: None,
     };
     Qcow2::open(s, &ctx).unwrap()
 }
@@ -1085,6 +1093,8 @@ fn allocation_pool_doubles_between_flushes() {
         direct: false,
         check: false,
         force_share: false,
+        refs: crate::reference::RefRules::any(),
+        inspect: None,
     };
     let d = Qcow2::open(rec.clone(), &ctx).unwrap();
     let flushes = |r: &Recording| r.log.lock().iter().filter(|e| e.is_none()).count();

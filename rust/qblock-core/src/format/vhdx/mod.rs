@@ -49,6 +49,7 @@ use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
 use crate::format_name::Format;
 use crate::location::Location;
 use crate::options::CreateOptions;
+use crate::reference::RefKind;
 use crate::registry::{FormatEntry, OpenCtx};
 use bat::*;
 use guid::{random_guid, ZERO_GUID};
@@ -101,7 +102,7 @@ pub struct Vhdx {
 }
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Vhdx::open_at(storage, ctx.read_only, Some(ctx.location))?))
+    Ok(Box::new(Vhdx::open_at(storage, ctx.read_only, Some(ctx))?))
 }
 
 /// A GUID as Windows prints it (and parent locators record it): "{8-4-4-4-12}".
@@ -116,25 +117,33 @@ fn guid_text(g: &guid::Guid) -> String {
 /// Find a differencing disk's parent beside it: the locator's paths (and
 /// their last components, for absolute Windows paths), the first that
 /// exists; its data write GUID must be the recorded linkage.
-fn find_parent(loc: &Location, p: &ParentLocator) -> Result<BackingRef> {
+fn find_parent(ctx: &OpenCtx, p: &ParentLocator) -> Result<Option<BackingRef>> {
     let mut names: Vec<String> = p.paths.iter().map(|n| n.replace('\\', "/")).collect();
     let bases: Vec<String> = names
         .iter()
         .filter_map(|n| n.rsplit('/').next().map(str::to_string))
         .collect();
     names.extend(bases);
+    let mut refused = None;
     for name in names {
         let name = name.trim_start_matches("./").to_string();
         if name.is_empty() || name.contains(':') {
             continue;
         }
-        let Location::File(path) = loc.relative(&name) else {
+        let loc = ctx.location.relative(&name);
+        let Location::File(path) = &loc else {
             continue;
         };
-        if !path.is_file() {
+        // A candidate the open's rules refuse is never opened; the refusal
+        // stands if no allowed candidate is the parent.
+        if let Err(e) = ctx.admit(RefKind::ParentLocator, &name, &loc) {
+            refused.get_or_insert(e);
             continue;
         }
-        let parent = Location::File(path).open_storage(true)?;
+        if ctx.inspecting() || !path.is_file() {
+            continue;
+        }
+        let parent = loc.open_storage(true)?;
         let (h, _) = header::read_headers(parent.as_ref()).map_err(|e| e.context(format!("VHDX parent '{name}'")))?;
         let text = guid_text(&h.data_write_guid);
         if p.linkage.as_ref().is_some_and(|l| !l.eq_ignore_ascii_case(&text)) {
@@ -143,10 +152,16 @@ fn find_parent(loc: &Location, p: &ParentLocator) -> Result<BackingRef> {
                 p.linkage.as_deref().unwrap_or("")
             )));
         }
-        return Ok(BackingRef {
+        return Ok(Some(BackingRef {
             filename: name,
             format: Some("vhdx".into()),
-        });
+        }));
+    }
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    if ctx.inspecting() {
+        return Ok(None);
     }
     Err(unsupported(format!(
         "differencing VHDX image whose parent '{}' is not found beside it",
@@ -163,8 +178,9 @@ impl Vhdx {
         Self::open_at(storage, read_only, None)
     }
 
-    /// Open; `location` (where the image is) lets a differencing disk find its parent.
-    pub fn open_at(storage: Arc<dyn Storage>, read_only: bool, location: Option<&Location>) -> Result<Vhdx> {
+    /// Open; `ctx` (where the image is, what it may name) lets a
+    /// differencing disk find its parent.
+    pub fn open_at(storage: Arc<dyn Storage>, read_only: bool, ctx: Option<&OpenCtx>) -> Result<Vhdx> {
         let file_len = storage.len()?;
         let mut id = [0u8; 8];
         storage.read_at(&mut id, 0)?;
@@ -214,9 +230,9 @@ impl Vhdx {
             }
         }
         let meta = metadata::read_metadata(storage.as_ref(), regions.metadata)?;
-        let backing = match (&meta.parent, location) {
+        let backing = match (&meta.parent, ctx) {
             (None, _) => None,
-            (Some(p), Some(loc)) => Some(find_parent(loc, p)?),
+            (Some(p), Some(ctx)) => find_parent(ctx, p)?,
             (Some(p), None) => {
                 return Err(unsupported(format!(
                     "differencing VHDX image (parent '{}') opened without a location",

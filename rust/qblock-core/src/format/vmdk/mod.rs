@@ -51,6 +51,7 @@ use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
 use crate::format_name::Format;
 use crate::info::InfoValue;
 use crate::location::Location;
+use crate::reference::RefKind;
 use crate::registry::{FormatEntry, OpenCtx};
 use descriptor::{Access, Descriptor, ExtentType, MAX_DESCRIPTOR};
 use header::{SparseHeader, MAGIC, MAGIC_COWD, SECTOR};
@@ -168,10 +169,13 @@ fn read_text(s: &dyn Storage, at: u64, max: u64) -> Result<Vec<u8>> {
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     let mut d = open_vmdk(storage, ctx)?;
-    if let Some(p) = &d.parent {
-        // Checked here because the chain opens the parent right after us.
-        check_openable(&ctx.location.relative(p), p)?;
-        d.parent_ok = parent_cid(&ctx.location.relative(p)).is_none_or(|c| c == Some(d.parent_cid));
+    if let Some(p) = d.parent.as_deref().filter(|_| !ctx.inspecting()) {
+        // Checked here because the chain opens the parent right after us;
+        // the open's rules come first, as reading its CID opens it.
+        let loc = ctx.location.relative(p);
+        ctx.admit(RefKind::Backing, p, &loc)?;
+        check_openable(&loc, p)?;
+        d.parent_ok = parent_cid(&loc).is_none_or(|c| c == Some(d.parent_cid));
     }
     Ok(d)
 }
@@ -356,9 +360,13 @@ fn open_descriptor(
             if let Some((_, _, f, _)) = opened.iter().find(|(i, ro, _, _)| *i == id && *ro == read_only) {
                 return Ok(*f);
             }
-            check_openable(&loc, name)?;
+            // The open's rules before anything else looks at the file.
+            ctx.admit(RefKind::Extent, name, &loc)?;
+            if !ctx.inspecting() {
+                check_openable(&loc, name)?;
+            }
             let s = ctx
-                .open_named(&loc, read_only)
+                .open_named(name, &loc, read_only)
                 .map_err(|err| err.context(format!("cannot open extent '{name}'")))?;
             files.push(s);
             let f = (files.len() - 1) as HostFile;
@@ -381,6 +389,11 @@ fn open_descriptor(
                     .checked_add(len)
                     .ok_or_else(|| corrupt("flat extent end overflows"))?;
                 Kind::Flat { file: f, start }
+            }
+            ExtentType::Sparse | ExtentType::VmfsSparse | ExtentType::SeSparse if ctx.inspecting() => {
+                // Inspecting opens no extent: its line's size stands.
+                file_of(e.filename.as_deref().unwrap_or_default())?;
+                Kind::Zero
             }
             ExtentType::Sparse | ExtentType::VmfsSparse => {
                 let f = file_of(e.filename.as_deref().unwrap_or_default())?;

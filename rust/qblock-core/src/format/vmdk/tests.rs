@@ -29,6 +29,8 @@ fn open_mem(data: Vec<u8>, read_only: bool) -> Result<Box<dyn Driver>> {
             direct: false,
             check: false,
             force_share: false,
+            refs: crate::reference::RefRules::any(),
+            inspect: None,
         },
     )
 }
@@ -180,6 +182,8 @@ fn tables_are_written_on_flush_to_both_copies() {
             direct: false,
             check: false,
             force_share: false,
+            refs: crate::reference::RefRules::any(),
+            inspect: None,
         },
     )
     .unwrap();
@@ -506,6 +510,8 @@ fn writes_where_no_grain_table_exists_add_one() {
             direct: false,
             check: false,
             force_share: false,
+            refs: crate::reference::RefRules::any(),
+            inspect: None,
         },
     )
     .unwrap();
