@@ -63,7 +63,8 @@ for t in $targets; do
         -malloc_limit_mb="$malloc" -max_len="$max_len" -print_final_stats=1 \
         -artifact_prefix="artifacts/$t/" >"$log" 2>&1; then
         execs=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
-        echo "smoke: $t ok, ${execs:-?} execs/s"
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+        echo "smoke: $t ok, ${runs:-?} executions, ${execs:-?} execs/s"
     else
         echo "smoke: $t FAILED (see $log):"
         grep -E "^==[0-9]+==|panicked|ERROR|Test unit written" "$log" | head -8 || true
