@@ -25,15 +25,16 @@ def _require(tool: Any, name: str) -> str:
     return tool
 
 
-def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([_require(QEMU_IMG, "qemu-img"), *args], capture_output=True, text=True, check=check)
+def qemu_img(*args: str, check: bool = True, cwd: Any = None) -> subprocess.CompletedProcess:
+    return subprocess.run([_require(QEMU_IMG, "qemu-img"), *args], capture_output=True, text=True, check=check,
+                          cwd=cwd)
 
 
-def qemu_io(path: str, *cmds: str, fmt: str = "qcow2") -> str:
+def qemu_io(path: str, *cmds: str, fmt: str = "qcow2", cwd: Any = None) -> str:
     args = [_require(QEMU_IO, "qemu-io"), "-f", fmt]
     for c in cmds:
         args += ["-c", c]
-    r = subprocess.run([*args, path], capture_output=True, text=True)
+    r = subprocess.run([*args, path], capture_output=True, text=True, cwd=cwd)
     if r.returncode != 0 or "error" in r.stderr.lower() or "failed" in r.stdout.lower():
         raise AssertionError(f"qemu-io failed: {r.stdout}{r.stderr}")
     return r.stdout

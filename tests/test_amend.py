@@ -29,9 +29,11 @@ def make(tmp, name="src.qcow2", *, opts="", size="16M", writes=(), snapshot=None
         args += ["-o", opts]
     if backing:
         args += ["-b", backing, "-F", "qcow2"]
-    qemu_img(*args, str(path), size)
+    # In the image's folder: QEMU resolves a relative data_file against its
+    # working folder (we resolve it against the image's folder).
+    qemu_img(*args, str(path), size, cwd=tmp)
     if writes:
-        qemu_io(str(path), *writes)
+        qemu_io(str(path), *writes, cwd=tmp)
     if bitmap:
         qemu_img("bitmap", "--add", str(path), bitmap)
     if snapshot:
@@ -365,7 +367,7 @@ REFUSALS = [
 def _refused(tmp, src, text, cls, piece):
     theirs = tmp / "theirs.qcow2"
     shutil.copyfile(src, theirs)
-    r = qemu_img("amend", "-o", text, str(theirs), check=False)
+    r = qemu_img("amend", "-o", text, str(theirs), check=False, cwd=tmp)
     assert r.returncode == 1 and piece in r.stderr, r.stderr
     before = src.read_bytes()
     opts = dict(kv.split("=", 1) for kv in text.split(","))
