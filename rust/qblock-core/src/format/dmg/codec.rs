@@ -361,6 +361,90 @@ mod tests {
         assert!(lzfse(b"bvx2\xff\xff\xff\xffjunk", &mut out).is_err());
     }
 
+    /// `c` stored at 100 in a memory storage, handed out `piece` bytes at a time.
+    fn stored(c: &[u8]) -> crate::backend::memory::MemoryStorage {
+        let mut b = vec![0xeeu8; 100];
+        b.extend_from_slice(c);
+        b.extend_from_slice(&[0xee; 50]);
+        crate::backend::memory::MemoryStorage::new(b, true)
+    }
+
+    #[test]
+    fn streaming_decoders_take_any_piece_size() {
+        let data = pattern(70_000);
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        let z = e.finish().unwrap();
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        e.write_all(&data).unwrap();
+        let bz = e.finish().unwrap();
+        let mut lz = Vec::new();
+        lzfse_rust::LzfseEncoder::default()
+            .encode_bytes(&data, &mut lz)
+            .unwrap();
+        for piece in [1, 7, 4096, INPUT_PIECE] {
+            let mut out = vec![0u8; data.len()];
+            let s = stored(&z);
+            zlib_pieces(
+                &mut Stored::with_piece(&s, 100, z.len() as u64, piece).unwrap(),
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out, data, "zlib, pieces of {piece}");
+            // The trailing bytes after the stream are never needed.
+            let mut out2 = vec![0u8; data.len()];
+            zlib_pieces(
+                &mut Stored::with_piece(&s, 100, z.len() as u64 + 50, piece).unwrap(),
+                &mut out2,
+            )
+            .unwrap();
+            assert_eq!(out2, data);
+            let short = Stored::with_piece(&s, 100, z.len() as u64 - 3, piece).unwrap();
+            assert!(zlib_pieces(&mut { short }, &mut out).is_err(), "truncated zlib");
+            let mut long = vec![0u8; data.len() + 512];
+            let st = Stored::with_piece(&s, 100, z.len() as u64, piece).unwrap();
+            assert!(
+                zlib_pieces(&mut { st }, &mut long).is_err(),
+                "zlib shorter than the chunk"
+            );
+            let mut cut = vec![0u8; data.len() - 512];
+            let st = Stored::with_piece(&s, 100, z.len() as u64, piece).unwrap();
+            assert!(
+                zlib_pieces(&mut { st }, &mut cut).is_err(),
+                "zlib longer than the chunk"
+            );
+
+            let s = stored(&bz);
+            let mut out = vec![0u8; data.len()];
+            bzip2_pieces(
+                &mut Stored::with_piece(&s, 100, bz.len() as u64, piece).unwrap(),
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out, data, "bzip2, pieces of {piece}");
+            let short = Stored::with_piece(&s, 100, bz.len() as u64 / 2, piece).unwrap();
+            assert!(bzip2_pieces(&mut { short }, &mut out).is_err(), "truncated bzip2");
+
+            let s = stored(&lz);
+            let mut out = vec![0u8; data.len()];
+            lzfse_stored(Stored::with_piece(&s, 100, lz.len() as u64, piece).unwrap(), &mut out).unwrap();
+            assert_eq!(out, data, "lzfse, pieces of {piece}");
+            let short = Stored::with_piece(&s, 100, lz.len() as u64 - 4, piece).unwrap();
+            assert!(lzfse_stored(short, &mut out).is_err(), "lzfse without its end");
+        }
+    }
+
+    #[test]
+    fn stored_input_buffer_is_one_piece() {
+        // A stored length of 128 MiB costs a 256 KiB buffer, not 128 MiB.
+        let s = crate::backend::memory::MemoryStorage::new(vec![0u8; 1024], true);
+        let st = Stored::new(&s, 0, 128 << 20).unwrap();
+        assert_eq!(st.buf.len(), INPUT_PIECE);
+        let mut out = vec![0u8; 4096];
+        let st = Stored::new(&s, 0, 128 << 20).unwrap();
+        assert!(zlib_pieces(&mut { st }, &mut out).is_err());
+    }
+
     #[test]
     fn adc_opcodes() {
         // The `adc` crate's documented example: a literal run of four bytes,

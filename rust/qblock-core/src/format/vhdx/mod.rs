@@ -1021,4 +1021,33 @@ mod tests {
         assert!(corrupt_msg(b).contains("log"));
         assert!(corrupt_msg(b"vhdxfile".to_vec()).contains("too small"));
     }
+
+    #[test]
+    fn bat_in_pages_serves_a_64_tib_disk() {
+        // 16 MiB blocks: 4 Mi payload entries, a 32 MiB BAT over 257 pages.
+        let size = metadata::MAX_DISK_SIZE;
+        let v = open_bytes(image(size, 16 * MIB, false), false).unwrap();
+        assert!(v.layout.entries as usize > 32 * crate::format::paged::PAGE);
+        let last = size - 16 * MIB;
+        v.write_at(&[0xa5u8; 4096], last + 4096, &NoBacking).unwrap();
+        let v2 = open_bytes(snapshot(&v), true).unwrap();
+        assert!(matches!(v2.map(last + 4096, 4096).unwrap().kind, Mapped::Data { .. }));
+        assert_eq!(v2.map(last - MIB, 10).unwrap().kind, Mapped::Zero { host: None });
+    }
+
+    #[test]
+    fn bat_listing_more_blocks_than_the_file_holds_is_refused_early() {
+        // 64 payload entries all naming the same 1 MiB block at 8 MiB, in a
+        // file of 9 MiB: refused once the list outgrows the file (10
+        // blocks), before any list of every entry is built.
+        let mut b = image(64 * MIB, MIB, false);
+        let data_at = 8 * MIB;
+        b.resize((data_at + MIB) as usize, 0);
+        for i in 0..64usize {
+            let at = BAT_AT + 8 * i;
+            b[at..at + 8].copy_from_slice(&bat::entry(PAYLOAD_FULLY_PRESENT, data_at).to_le_bytes());
+        }
+        let m = corrupt_msg(b);
+        assert!(m.contains("more than 10 blocks"), "{m}");
+    }
 }
