@@ -77,6 +77,27 @@ impl<T> std::ops::Index<usize> for Paged<T> {
     }
 }
 
+/// Read `count` 64-bit entries at `offset` into one vector, 1 MiB of file
+/// at a time: the table is held once, never also as raw bytes.
+pub fn read_u64s(storage: &dyn Storage, offset: u64, count: usize, order: Order, what: &str) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(count)
+        .map_err(|_| Error::NoMemory(format!("cannot allocate {count} entries for {what}")))?;
+    let mut bytes = try_zeroed(count.min(PAGE) * 8, what)?;
+    while out.len() < count {
+        let n = (count - out.len()).min(PAGE);
+        storage.read_at(&mut bytes[..n * 8], offset + out.len() as u64 * 8)?;
+        out.extend(bytes[..n * 8].chunks_exact(8).map(|c| {
+            let a: [u8; 8] = c.try_into().unwrap_or_default();
+            match order {
+                Order::Big => u64::from_be_bytes(a),
+                Order::Little => u64::from_le_bytes(a),
+            }
+        }));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +116,8 @@ mod tests {
         assert_eq!(*t.get(0), 0);
         assert_eq!(*t.get(PAGE - 1), (PAGE as u64 - 1) * 3);
         assert_eq!(*t.get(PAGE + 2), (PAGE as u64 + 2) * 3);
+        let v = read_u64s(&s, 16, count, Order::Big, "a test table").unwrap();
+        assert_eq!(v.len(), count);
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64 * 3));
     }
 }
