@@ -44,9 +44,23 @@ pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<
     }
 }
 
+/// zstd's smallest window (ZSTD_WINDOWLOG_ABSOLUTEMIN).
+const ZSTD_MIN_WINDOW_LOG: u32 = 10;
+
+/// The largest window a cluster's frame may ask for: twice the cluster,
+/// rounded up to a power of two (4 MiB for QEMU's largest, 2 MiB,
+/// clusters). zstd sizes a frame's window to its input, so QEMU's frames
+/// need at most the cluster; without this cap the decoder would allocate
+/// whatever window the frame declares, up to its default 128 MiB.
+fn zstd_window_log_max(cluster: usize) -> u32 {
+    (cluster.max(1).next_power_of_two().trailing_zeros() + 1).max(ZSTD_MIN_WINDOW_LOG)
+}
+
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
     let mut d = Decoder::new().map_err(|e| corrupt(format!("zstd: {e}")))?;
+    d.set_parameter(DParameter::WindowLogMax(zstd_window_log_max(out.len())))
+        .map_err(|e| corrupt(format!("zstd: {e}")))?;
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     loop {
@@ -71,6 +85,37 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn zstd_frame_asking_for_a_large_window_is_refused() {
+        use zstd::stream::raw::{CParameter, Encoder, InBuffer, Operation, OutBuffer};
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8 ^ (i >> 9) as u8).collect();
+        // A frame with a 128 MiB window and no content size: decoding it
+        // would make zstd allocate its window buffer whole.
+        let frame = |window_log: u32| {
+            let mut e = Encoder::new(3).unwrap();
+            e.set_parameter(CParameter::WindowLog(window_log)).unwrap();
+            e.set_parameter(CParameter::ContentSizeFlag(false)).unwrap();
+            let mut c = vec![0u8; 2 * data.len()];
+            let mut out = OutBuffer::around(&mut c[..]);
+            e.run(&mut InBuffer::around(&data), &mut out).unwrap();
+            while e.finish(&mut out, true).unwrap() != 0 {}
+            let n = out.pos();
+            c.truncate(n);
+            c
+        };
+        let mut out = vec![0u8; data.len()];
+        let err = unzstd(&frame(27), &mut out).unwrap_err();
+        assert!(matches!(err, crate::error::Error::CorruptImage(_)), "{err:?}");
+        // Windows up to twice the cluster still decode.
+        for log in [16, 17] {
+            let mut out = vec![0u8; data.len()];
+            unzstd(&frame(log), &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+        assert_eq!(zstd_window_log_max(2 << 20), 22);
+        assert_eq!(zstd_window_log_max(512), ZSTD_MIN_WINDOW_LOG);
+    }
 
     #[test]
     fn raw_deflate_with_trailing_garbage() {
