@@ -111,7 +111,11 @@ fn read_u32s(s: &dyn Storage, at: u64, n: usize, what: &str) -> Result<Vec<u32>>
     while out.len() < n {
         let k = (n - out.len()).min(raw.len() / 4);
         s.read_at(&mut raw[..4 * k], at + 4 * out.len() as u64)?;
-        out.extend(raw[..4 * k].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        out.extend(
+            raw[..4 * k]
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
     }
     Ok(out)
 }
