@@ -27,11 +27,12 @@
 //! Writing is refused; a writable open fails with `Unsupported` (QEMU's
 //! cloop refuses read-write use too).
 
-use super::bytes::{be32, be64};
+use super::bytes::be32;
 use super::dmg::codec;
+use super::paged::{Order, Paged};
 use crate::backend::Storage;
 use crate::driver::{Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
-use crate::error::{corrupt, try_zeroed, unsupported, Error, Result};
+use crate::error::{corrupt, unsupported, Error, Result};
 use crate::format_name::Format;
 use crate::registry::{FormatEntry, OpenCtx};
 use std::cell::RefCell;
@@ -91,7 +92,7 @@ pub struct Cloop {
     storage: Arc<dyn Storage>,
     block_size: u64,
     /// n + 1 offsets, checked.
-    offsets: Vec<u64>,
+    offsets: Paged<u64>,
     id: u64,
 }
 
@@ -137,10 +138,15 @@ impl Cloop {
                 "offset table of {n} blocks does not fit the {file_len}-byte file"
             )));
         }
-        let mut raw = try_zeroed(table as usize, "the cloop offset table")?;
-        storage.read_at(&mut raw, HEADER_SIZE)?;
-        let offsets: Vec<u64> = (0..=n as usize).map(|i| be64(&raw, i * 8).unwrap_or(0)).collect();
-        drop(raw);
+        // In 1 MiB pages: the table may be 512 MiB (QEMU's cap).
+        let offsets = Paged::read(
+            storage.as_ref(),
+            HEADER_SIZE,
+            n as usize + 1,
+            Order::Big,
+            "the cloop offset table",
+            |v| v,
+        )?;
         if offsets[0] < table_end {
             return Err(corrupt(format!(
                 "block 0 starts at {}, inside the header or offset table (which end at {table_end})",
@@ -182,9 +188,9 @@ impl Cloop {
 
     fn inflate(&self, block: u64, out: &mut [u8]) -> Result<()> {
         let (a, b) = (self.offsets[block as usize], self.offsets[block as usize + 1]);
-        let mut input = try_zeroed((b - a) as usize, "a compressed cloop block")?;
-        self.storage.read_at(&mut input, a)?;
-        codec::zlib(&input, out).map_err(|e| e.context(format!("cloop block {block}")))
+        // Read in pieces: a block may store up to MAX_COMPRESSED (128 MiB).
+        let mut input = codec::Stored::new(self.storage.as_ref(), a, b - a)?;
+        codec::zlib_pieces(&mut input, out).map_err(|e| e.context(format!("cloop block {block}")))
     }
 }
 

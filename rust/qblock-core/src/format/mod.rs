@@ -9,6 +9,7 @@ pub mod deflate;
 pub mod dmg;
 pub mod inflate;
 pub mod luks;
+pub mod paged;
 pub mod parallels;
 pub mod qcow;
 pub mod qcow2;

@@ -383,20 +383,40 @@ impl Vpc {
                 locators.push((code, off, len as u64, data));
             }
         }
-        let mut table = try_zeroed(bat_bytes as usize, "the VHD BAT")?;
-        storage.read_at(&mut table, bat_off)?;
-        let bat: Vec<u32> = table
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        drop(table);
+        // Read in 1 MiB pieces: the BAT (up to 256 MiB) is held once.
+        let n = (bat_bytes / 4) as usize;
+        let mut bat: Vec<u32> = Vec::new();
+        bat.try_reserve_exact(n)
+            .map_err(|_| Error::NoMemory(format!("cannot allocate the VHD BAT ({n} entries)")))?;
+        let mut piece = try_zeroed((n * 4).min(1 << 20), "a piece of the VHD BAT")?;
+        while bat.len() < n {
+            let k = (n - bat.len()).min(piece.len() / 4);
+            storage.read_at(&mut piece[..4 * k], bat_off + 4 * bat.len() as u64)?;
+            bat.extend(
+                piece[..4 * k]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        drop(piece);
         // Every allocated block inside the file, clear of the metadata and
         // of every other block; the next block goes after the last of all.
         let block_len = bitmap_size + bs;
         let mut next_free = (bat_end.div_ceil(SECTOR) * SECTOR).max(hdr_off + DYN_HEADER_SIZE);
+        // Blocks that do not overlap each take block_len bytes of the file:
+        // more allocated entries than that (plus one, which the checks below
+        // name as truncated) overlap somewhere, and are refused before a
+        // list of them (16 bytes each) outgrows the file.
+        let allocated = bat.iter().filter(|&&e| e != UNALLOCATED).count() as u64;
+        let max_blocks = file_len / block_len + 1;
+        if allocated > max_blocks {
+            return Err(corrupt(format!(
+                "VHD BAT allocates {allocated} blocks of {block_len} bytes, more than the {file_len}-byte file holds without overlap"
+            )));
+        }
         let mut starts = Vec::new();
         starts
-            .try_reserve_exact(bat.iter().filter(|&&e| e != UNALLOCATED).count())
+            .try_reserve_exact(allocated as usize)
             .map_err(|_| Error::NoMemory("cannot allocate the VHD block list".into()))?;
         for (i, &e) in bat.iter().enumerate() {
             if e == UNALLOCATED {
@@ -430,6 +450,7 @@ impl Vpc {
                 )));
             }
         }
+        drop(starts);
         for l in &locators {
             next_free = next_free.max((l.1 + l.2).div_ceil(SECTOR) * SECTOR);
         }
@@ -1114,5 +1135,21 @@ mod tests {
         b.resize(8 << 20, 0);
         assert!(err(b).contains("overlap"));
         assert!(err(vec![0u8; 100]).contains("too small"));
+    }
+
+    #[test]
+    fn bat_allocating_more_blocks_than_the_file_holds_is_refused_early() {
+        // 64 MiB disk, 2 MiB blocks: 32 entries at 1536, all naming the block
+        // at sector 4 in a file of 8 MiB, which holds 3 blocks of 2 MiB + 512.
+        let mut b = dynamic_image(64 << 20);
+        for i in 0..32 {
+            b[1536 + 4 * i..1540 + 4 * i].copy_from_slice(&4u32.to_be_bytes());
+        }
+        b.resize(8 << 20, 0);
+        let m = err(b);
+        assert!(
+            m.contains("allocates 32 blocks") && m.contains("without overlap"),
+            "{m}"
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! fills an output buffer of exactly the chunk's size (its sector count
 //! times 512, at most 64 MiB) and fails when the stream decodes to more or
 //! less: memory is bounded by the output size, never by what the stream
-//! claims.
+//! claims. The zlib, bzip2 and lzfse decoders also take their input from
+//! the storage in pieces of [`INPUT_PIECE`] bytes ([`Stored`]), so a long
+//! stored length costs reads, not memory.
 //!
 //! - zlib (UDZO): a zlib stream (with its header and Adler-32), as QEMU's
 //!   dmg.c inflates it: the stream must end exactly at the chunk's size.
@@ -21,76 +23,217 @@
 //!   has no length or end marker: it must produce exactly the chunk's size;
 //!   bytes left over once the output is full are ignored.
 
-use crate::error::{corrupt, Result};
+use crate::backend::Storage;
+use crate::error::{corrupt, try_zeroed, Result};
 use std::io::Read;
+
+/// How much of a stored chunk is read at a time: the input buffer stays this
+/// small however long the chunk's stored bytes are (cloop allows 128 MiB).
+pub const INPUT_PIECE: usize = 256 << 10;
+
+/// A chunk's stored bytes, handed to a decoder piece by piece.
+pub trait Pieces {
+    /// The next piece, or None once every byte was handed out.
+    fn next_piece(&mut self) -> Result<Option<&[u8]>>;
+    /// Bytes in all (for messages).
+    fn total(&self) -> u64;
+}
+
+/// A chunk already in memory: one piece.
+pub struct Whole<'a>(pub &'a [u8], pub bool);
+
+impl<'a> Whole<'a> {
+    pub fn new(b: &'a [u8]) -> Whole<'a> {
+        Whole(b, false)
+    }
+}
+
+impl Pieces for Whole<'_> {
+    fn next_piece(&mut self) -> Result<Option<&[u8]>> {
+        if self.1 {
+            return Ok(None);
+        }
+        self.1 = true;
+        Ok(Some(self.0))
+    }
+    fn total(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+/// `len` bytes of a storage from `offset`, read a piece at a time.
+pub struct Stored<'a> {
+    storage: &'a dyn Storage,
+    offset: u64,
+    len: u64,
+    read: u64,
+    buf: Vec<u8>,
+    /// `buf[at..have]` is read from the storage but not yet handed out.
+    at: usize,
+    have: usize,
+}
+
+impl<'a> Stored<'a> {
+    pub fn new(storage: &'a dyn Storage, offset: u64, len: u64) -> Result<Stored<'a>> {
+        Self::with_piece(storage, offset, len, INPUT_PIECE)
+    }
+    pub fn with_piece(storage: &'a dyn Storage, offset: u64, len: u64, piece: usize) -> Result<Stored<'a>> {
+        let buf = try_zeroed(len.min(piece.max(1) as u64) as usize, "a compressed chunk's input")?;
+        Ok(Stored {
+            storage,
+            offset,
+            len,
+            read: 0,
+            buf,
+            at: 0,
+            have: 0,
+        })
+    }
+    fn fill(&mut self) -> Result<usize> {
+        let n = (self.len - self.read).min(self.buf.len() as u64) as usize;
+        if n > 0 {
+            self.storage.read_at(&mut self.buf[..n], self.offset + self.read)?;
+            self.read += n as u64;
+        }
+        (self.at, self.have) = (0, n);
+        Ok(n)
+    }
+}
+
+impl Pieces for Stored<'_> {
+    fn next_piece(&mut self) -> Result<Option<&[u8]>> {
+        if self.fill()? == 0 {
+            return Ok(None);
+        }
+        Ok(Some(&self.buf[..self.have]))
+    }
+    fn total(&self) -> u64 {
+        self.len
+    }
+}
+
+impl Read for Stored<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.have && self.fill().map_err(std::io::Error::other)? == 0 {
+            return Ok(0);
+        }
+        let n = out.len().min(self.have - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
 
 /// Inflate a zlib stream into exactly `out.len()` bytes.
 pub fn zlib(input: &[u8], out: &mut [u8]) -> Result<()> {
+    zlib_pieces(&mut Whole::new(input), out)
+}
+
+/// Inflate a zlib stream, given in pieces, into exactly `out.len()` bytes.
+pub fn zlib_pieces(src: &mut dyn Pieces, out: &mut [u8]) -> Result<()> {
     use flate2::{Decompress, FlushDecompress, Status};
     let mut d = Decompress::new(true);
-    loop {
-        let (i, o) = (d.total_in() as usize, d.total_out() as usize);
-        let st = d
-            .decompress(&input[i..], &mut out[o..], FlushDecompress::Finish)
-            .map_err(|e| corrupt(format!("bad zlib data: {e}")))?;
-        let done = d.total_out() as usize;
-        if st == Status::StreamEnd {
-            if done != out.len() {
-                return Err(corrupt(format!(
-                    "zlib stream inflates to {done} bytes, not {}",
-                    out.len()
-                )));
+    let total = src.total();
+    while let Some(piece) = src.next_piece()? {
+        let mut used = 0usize;
+        loop {
+            let (i, o) = (d.total_in(), d.total_out() as usize);
+            let st = d
+                .decompress(&piece[used..], &mut out[o..], FlushDecompress::None)
+                .map_err(|e| corrupt(format!("bad zlib data: {e}")))?;
+            used += (d.total_in() - i) as usize;
+            let done = d.total_out() as usize;
+            if st == Status::StreamEnd {
+                if done != out.len() {
+                    return Err(corrupt(format!(
+                        "zlib stream inflates to {done} bytes, not {}",
+                        out.len()
+                    )));
+                }
+                return Ok(());
             }
-            return Ok(());
+            if d.total_in() == i && done == o {
+                break;
+            }
         }
-        if d.total_in() as usize == i && done == o {
-            // No progress: the input ran out, or the output is full and
-            // the stream wants to go on.
+        if used < piece.len() {
+            // No progress with input left: the output is full and the
+            // stream wants to go on.
             return Err(corrupt(format!(
-                "zlib stream does not end within {} bytes of output ({} of {} input bytes used)",
+                "zlib stream does not end within {} bytes of output ({} of {total} input bytes used)",
                 out.len(),
                 d.total_in(),
-                input.len()
             )));
         }
     }
+    Err(corrupt(format!(
+        "zlib stream does not end within {} bytes of output ({} of {total} input bytes used)",
+        out.len(),
+        d.total_in(),
+    )))
 }
 
 /// Decompress one bzip2 stream into exactly `out.len()` bytes.
 pub fn bzip2(input: &[u8], out: &mut [u8]) -> Result<()> {
+    bzip2_pieces(&mut Whole::new(input), out)
+}
+
+/// Decompress one bzip2 stream, given in pieces, into exactly `out.len()` bytes.
+pub fn bzip2_pieces(src: &mut dyn Pieces, out: &mut [u8]) -> Result<()> {
     use bzip2::{Decompress, Status};
     let mut d = Decompress::new(false);
-    loop {
-        let (i, o) = (d.total_in() as usize, d.total_out() as usize);
-        let st = d
-            .decompress(&input[i..], &mut out[o..])
-            .map_err(|e| corrupt(format!("bad bzip2 data: {e}")))?;
-        let done = d.total_out() as usize;
-        if st == Status::StreamEnd {
-            if done != out.len() {
-                return Err(corrupt(format!(
-                    "bzip2 stream decodes to {done} bytes, not {}",
-                    out.len()
-                )));
+    let total = src.total();
+    while let Some(piece) = src.next_piece()? {
+        let mut used = 0usize;
+        loop {
+            let (i, o) = (d.total_in(), d.total_out() as usize);
+            let st = d
+                .decompress(&piece[used..], &mut out[o..])
+                .map_err(|e| corrupt(format!("bad bzip2 data: {e}")))?;
+            used += (d.total_in() - i) as usize;
+            let done = d.total_out() as usize;
+            if st == Status::StreamEnd {
+                if done != out.len() {
+                    return Err(corrupt(format!(
+                        "bzip2 stream decodes to {done} bytes, not {}",
+                        out.len()
+                    )));
+                }
+                return Ok(());
             }
-            return Ok(());
+            if d.total_in() == i && done == o {
+                break;
+            }
         }
-        if d.total_in() as usize == i && done == o {
+        if used < piece.len() {
             return Err(corrupt(format!(
-                "bzip2 stream does not end within {} bytes of output ({} of {} input bytes used)",
+                "bzip2 stream does not end within {} bytes of output ({} of {total} input bytes used)",
                 out.len(),
                 d.total_in(),
-                input.len()
             )));
         }
     }
+    Err(corrupt(format!(
+        "bzip2 stream does not end within {} bytes of output ({} of {total} input bytes used)",
+        out.len(),
+        d.total_in(),
+    )))
 }
 
 /// Decode an LZFSE stream into exactly `out.len()` bytes.
 pub fn lzfse(input: &[u8], out: &mut [u8]) -> Result<()> {
-    let bad = |e: std::io::Error| corrupt(format!("bad lzfse data: {e}"));
     let mut dec = lzfse_rust::LzfseRingDecoder::default();
-    let mut r = dec.reader_bytes(input);
+    lzfse_read(dec.reader_bytes(input), out)
+}
+
+/// Decode an LZFSE stream read from a storage into exactly `out.len()` bytes.
+pub fn lzfse_stored(input: Stored<'_>, out: &mut [u8]) -> Result<()> {
+    let mut dec = lzfse_rust::LzfseRingDecoder::default();
+    lzfse_read(dec.reader(input), out)
+}
+
+fn lzfse_read(mut r: impl Read, out: &mut [u8]) -> Result<()> {
+    let bad = |e: std::io::Error| corrupt(format!("bad lzfse data: {e}"));
     let mut done = 0;
     while done < out.len() {
         let n = r.read(&mut out[done..]).map_err(bad)?;
@@ -216,6 +359,90 @@ mod tests {
         assert!(lzfse(&c, &mut vec![0u8; data.len() - 512]).is_err());
         assert!(lzfse(&c[..c.len() - 4], &mut out).is_err(), "no end-of-stream block");
         assert!(lzfse(b"bvx2\xff\xff\xff\xffjunk", &mut out).is_err());
+    }
+
+    /// `c` stored at 100 in a memory storage, handed out `piece` bytes at a time.
+    fn stored(c: &[u8]) -> crate::backend::memory::MemoryStorage {
+        let mut b = vec![0xeeu8; 100];
+        b.extend_from_slice(c);
+        b.extend_from_slice(&[0xee; 50]);
+        crate::backend::memory::MemoryStorage::new(b, true)
+    }
+
+    #[test]
+    fn streaming_decoders_take_any_piece_size() {
+        let data = pattern(70_000);
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        let z = e.finish().unwrap();
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        e.write_all(&data).unwrap();
+        let bz = e.finish().unwrap();
+        let mut lz = Vec::new();
+        lzfse_rust::LzfseEncoder::default()
+            .encode_bytes(&data, &mut lz)
+            .unwrap();
+        for piece in [1, 7, 4096, INPUT_PIECE] {
+            let mut out = vec![0u8; data.len()];
+            let s = stored(&z);
+            zlib_pieces(
+                &mut Stored::with_piece(&s, 100, z.len() as u64, piece).unwrap(),
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out, data, "zlib, pieces of {piece}");
+            // The trailing bytes after the stream are never needed.
+            let mut out2 = vec![0u8; data.len()];
+            zlib_pieces(
+                &mut Stored::with_piece(&s, 100, z.len() as u64 + 50, piece).unwrap(),
+                &mut out2,
+            )
+            .unwrap();
+            assert_eq!(out2, data);
+            let short = Stored::with_piece(&s, 100, z.len() as u64 - 3, piece).unwrap();
+            assert!(zlib_pieces(&mut { short }, &mut out).is_err(), "truncated zlib");
+            let mut long = vec![0u8; data.len() + 512];
+            let st = Stored::with_piece(&s, 100, z.len() as u64, piece).unwrap();
+            assert!(
+                zlib_pieces(&mut { st }, &mut long).is_err(),
+                "zlib shorter than the chunk"
+            );
+            let mut cut = vec![0u8; data.len() - 512];
+            let st = Stored::with_piece(&s, 100, z.len() as u64, piece).unwrap();
+            assert!(
+                zlib_pieces(&mut { st }, &mut cut).is_err(),
+                "zlib longer than the chunk"
+            );
+
+            let s = stored(&bz);
+            let mut out = vec![0u8; data.len()];
+            bzip2_pieces(
+                &mut Stored::with_piece(&s, 100, bz.len() as u64, piece).unwrap(),
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out, data, "bzip2, pieces of {piece}");
+            let short = Stored::with_piece(&s, 100, bz.len() as u64 / 2, piece).unwrap();
+            assert!(bzip2_pieces(&mut { short }, &mut out).is_err(), "truncated bzip2");
+
+            let s = stored(&lz);
+            let mut out = vec![0u8; data.len()];
+            lzfse_stored(Stored::with_piece(&s, 100, lz.len() as u64, piece).unwrap(), &mut out).unwrap();
+            assert_eq!(out, data, "lzfse, pieces of {piece}");
+            let short = Stored::with_piece(&s, 100, lz.len() as u64 - 4, piece).unwrap();
+            assert!(lzfse_stored(short, &mut out).is_err(), "lzfse without its end");
+        }
+    }
+
+    #[test]
+    fn stored_input_buffer_is_one_piece() {
+        // A stored length of 128 MiB costs a 256 KiB buffer, not 128 MiB.
+        let s = crate::backend::memory::MemoryStorage::new(vec![0u8; 1024], true);
+        let st = Stored::new(&s, 0, 128 << 20).unwrap();
+        assert_eq!(st.buf.len(), INPUT_PIECE);
+        let mut out = vec![0u8; 4096];
+        let st = Stored::new(&s, 0, 128 << 20).unwrap();
+        assert!(zlib_pieces(&mut { st }, &mut out).is_err());
     }
 
     #[test]

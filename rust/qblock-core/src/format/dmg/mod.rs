@@ -265,13 +265,18 @@ impl Dmg {
     }
 
     fn decode(&self, c: &Chunk, out: &mut [u8]) -> Result<()> {
-        let mut input = try_zeroed(c.length as usize, "a compressed dmg chunk")?;
-        self.storage.read_at(&mut input, c.offset)?;
+        // The streaming decoders read the stored bytes in pieces; ADC (at
+        // most DMG_LENGTHS_MAX stored bytes) takes them whole.
+        let stored = || codec::Stored::new(self.storage.as_ref(), c.offset, c.length);
         let r = match c.kind {
-            ChunkKind::Zlib => codec::zlib(&input, out),
-            ChunkKind::Bzip2 => codec::bzip2(&input, out),
-            ChunkKind::Lzfse => codec::lzfse(&input, out),
-            ChunkKind::Adc => codec::adc(&input, out),
+            ChunkKind::Zlib => codec::zlib_pieces(&mut stored()?, out),
+            ChunkKind::Bzip2 => codec::bzip2_pieces(&mut stored()?, out),
+            ChunkKind::Lzfse => codec::lzfse_stored(stored()?, out),
+            ChunkKind::Adc => {
+                let mut input = try_zeroed(c.length as usize, "a compressed dmg chunk")?;
+                self.storage.read_at(&mut input, c.offset)?;
+                codec::adc(&input, out)
+            }
             k => {
                 return Err(crate::error::Error::Internal(format!(
                     "dmg chunk of kind {k:?} is not encoded"

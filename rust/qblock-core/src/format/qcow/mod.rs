@@ -31,6 +31,7 @@
 pub mod table;
 
 use super::bytes::{be32, be64};
+use super::paged::{read_u64s, Order};
 use crate::backend::Storage;
 use crate::driver::{BackingRef, Below, Driver, DriverInfo, HostFile, Mapped, Mapping};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
@@ -234,13 +235,13 @@ impl Qcow {
                 )))
             }
         }
-        let mut raw = try_zeroed(l1_bytes as usize, "the qcow L1 table")?;
-        storage.read_at(&mut raw, h.l1_table_offset)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        drop(raw);
+        let l1 = read_u64s(
+            storage.as_ref(),
+            h.l1_table_offset,
+            l1_entries as usize,
+            Order::Big,
+            "the qcow L1 table",
+        )?;
         let l2_bytes = 8u64 << l2_bits;
         let header_end = if h.backing_file_offset != 0 {
             h.backing_file_offset

@@ -198,22 +198,28 @@ pub fn load_l1(
     file_end: u64,
     lenient: bool,
 ) -> Result<(L1, bool)> {
-    let mut raw = try_zeroed(size as usize * 8, "L1 table")?; // capped at 32 MiB by the header check
-    file.read_at(&mut raw, offset)?;
+    // Capped at 32 MiB by the header check; read in 1 MiB pieces so it is
+    // held once.
     let mut entries = Vec::new();
     entries
         .try_reserve_exact(size as usize)
         .map_err(|_| Error::NoMemory("L1 table".into()))?;
     let mut damaged = false;
-    for (i, c) in raw.chunks_exact(8).enumerate() {
-        let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
-        match check_l1_entry(g, i, e, file_end) {
-            Ok(_) => entries.push(e),
-            Err(_) if lenient => {
-                damaged = true;
-                entries.push(DAMAGED_L1);
+    let mut raw = try_zeroed((size as usize * 8).min(1 << 20), "L1 table")?;
+    while entries.len() < size as usize {
+        let k = (size as usize - entries.len()).min(raw.len() / 8);
+        file.read_at(&mut raw[..8 * k], offset + 8 * entries.len() as u64)?;
+        for c in raw[..8 * k].chunks_exact(8) {
+            let i = entries.len();
+            let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
+            match check_l1_entry(g, i, e, file_end) {
+                Ok(_) => entries.push(e),
+                Err(_) if lenient => {
+                    damaged = true;
+                    entries.push(DAMAGED_L1);
+                }
+                Err(err) => return Err(err),
             }
-            Err(err) => return Err(err),
         }
     }
     Ok((L1 { offset, entries }, damaged))

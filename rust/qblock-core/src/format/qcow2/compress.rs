@@ -44,18 +44,55 @@ pub fn compress_cluster(kind: u8, data: &[u8], cluster: usize) -> Result<Option<
     }
 }
 
+/// zstd's smallest window (ZSTD_WINDOWLOG_ABSOLUTEMIN).
+const ZSTD_MIN_WINDOW_LOG: u32 = 10;
+
+/// The largest window the buffered fallback accepts: twice the cluster,
+/// rounded up to a power of two (4 MiB for 2 MiB clusters). zstd sizes a
+/// frame's window to its input, so frames QEMU writes need at most the
+/// cluster; a buffered decoder allocates whatever window the frame
+/// declares (up to zstd's default cap of 128 MiB) otherwise.
+fn zstd_window_log_max(cluster: usize) -> u32 {
+    (cluster.max(1).next_power_of_two().trailing_zeros() + 1).max(ZSTD_MIN_WINDOW_LOG)
+}
+
+/// Decode one zstd frame into exactly `out.len()` bytes, as QEMU does
+/// (success once the output is full). First straight into `out` (stable
+/// output: no window buffer, whatever window the frame declares, within
+/// zstd's default cap as QEMU's); a frame going on past the cluster does
+/// not fit that mode, so it is decoded again buffered, with the window
+/// capped by [`zstd_window_log_max`].
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut d = Decoder::new().map_err(|e| corrupt(format!("zstd: {e}")))?;
+    match unzstd_mode(input, out, true) {
+        Ok(_) => Ok(()),
+        Err(_) => unzstd_mode(input, out, false).map(|_| ()),
+    }
+}
+
+/// One decoding attempt; returns the context's memory (ZSTD_sizeof_DCtx)
+/// for the tests.
+fn unzstd_mode(input: &[u8], out: &mut [u8], stable: bool) -> Result<usize> {
+    use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer};
+    let bad = |e: usize| {
+        corrupt(format!(
+            "bad zstd data in a compressed cluster: {}",
+            zstd::zstd_safe::get_error_name(e)
+        ))
+    };
+    let mut d = DCtx::try_create().ok_or_else(|| corrupt("zstd: cannot create a decoder"))?;
+    if stable {
+        d.set_parameter(DParameter::StableOutBuffer(true)).map_err(bad)?;
+    } else {
+        d.set_parameter(DParameter::WindowLogMax(zstd_window_log_max(out.len())))
+            .map_err(bad)?;
+    }
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     loop {
         let before = (inb.pos(), outb.pos());
-        let hint = d
-            .run(&mut inb, &mut outb)
-            .map_err(|e| corrupt(format!("bad zstd data in a compressed cluster: {e}")))?;
+        let hint = d.decompress_stream(&mut outb, &mut inb).map_err(bad)?;
         if outb.pos() == outb.capacity() {
-            return Ok(());
+            return Ok(d.sizeof());
         }
         if hint == 0 || (inb.pos(), outb.pos()) == before {
             return Err(corrupt(format!(
@@ -71,6 +108,47 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn zstd_large_windows_cost_no_window_buffer() {
+        use zstd::stream::raw::{CParameter, Encoder, InBuffer, Operation, OutBuffer};
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8 ^ (i >> 9) as u8).collect();
+        // A frame of `data` with the given window and no content size (a
+        // buffered decoder allocates the whole window for it).
+        let frame = |window_log: u32, input: &[u8]| {
+            let mut e = Encoder::new(3).unwrap();
+            e.set_parameter(CParameter::WindowLog(window_log)).unwrap();
+            e.set_parameter(CParameter::ContentSizeFlag(false)).unwrap();
+            let mut c = vec![0u8; 2 * input.len() + 64];
+            let mut out = OutBuffer::around(&mut c[..]);
+            e.run(&mut InBuffer::around(input), &mut out).unwrap();
+            while e.finish(&mut out, true).unwrap() != 0 {}
+            let n = out.pos();
+            c.truncate(n);
+            c
+        };
+        // A 128 MiB window (zstd's and QEMU's cap): read as QEMU reads it,
+        // straight into the cluster; the decoder stays far below the window.
+        let big = frame(27, &data);
+        let mut out = vec![0u8; data.len()];
+        let used = unzstd_mode(&big, &mut out, true).unwrap();
+        assert_eq!(out, data);
+        assert!(used < 1 << 20, "decoder holds {used} bytes");
+        let mut out = vec![0u8; data.len()];
+        unzstd(&big, &mut out).unwrap();
+        assert_eq!(out, data);
+        // A frame going on past the cluster: QEMU stops once the cluster is
+        // full. It takes the buffered path, whose window is capped.
+        let mut longer = data.clone();
+        longer.extend_from_slice(&data);
+        let mut out = vec![0u8; data.len()];
+        unzstd(&frame(17, &longer), &mut out).unwrap();
+        assert_eq!(out, data);
+        let err = unzstd(&frame(27, &longer), &mut out).unwrap_err();
+        assert!(matches!(err, crate::error::Error::CorruptImage(_)), "{err:?}");
+        assert_eq!(zstd_window_log_max(2 << 20), 22);
+        assert_eq!(zstd_window_log_max(512), ZSTD_MIN_WINDOW_LOG);
+    }
 
     #[test]
     fn raw_deflate_with_trailing_garbage() {

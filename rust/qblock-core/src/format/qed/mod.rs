@@ -44,6 +44,7 @@
 mod check;
 
 use super::bytes::{le32, le64};
+use super::paged::{read_u64s, Order};
 use super::qcow::table::{ranges_meet, TableCache, TableSet};
 use crate::backend::Storage;
 use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair};
@@ -295,13 +296,14 @@ impl Qed {
         };
         // The L1 table lies inside the file (checked above): its memory is
         // bounded by the file's own size.
-        let mut raw = try_zeroed(h.table_bytes() as usize, "the qed L1 table")?;
-        q.storage.read_at(&mut raw, h.l1_table_offset)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        drop(raw);
+        // Read in pieces: a table may be 1 GiB (QEMU's 16 clusters of 64 MiB).
+        let l1 = read_u64s(
+            q.storage.as_ref(),
+            h.l1_table_offset,
+            (h.table_bytes() / 8) as usize,
+            Order::Little,
+            "the qed L1 table",
+        )?;
         *q.l1.write() = l1;
         let q = Qed { backing, ..q };
         if writable && h.autoclear_features & !AUTOCLEAR_FEATURE_MASK != 0 {

@@ -51,9 +51,14 @@ struct Entry {
     last_file_offset: u64,
 }
 
-/// Bytes `[pos, pos+len)` of the circular log.
-fn circular(log: &[u8], pos: usize, len: usize) -> Vec<u8> {
+/// Bytes `[pos, pos+len)` of the circular log: borrowed unless they wrap,
+/// so checking an entry as long as the log does not copy the log.
+fn circular(log: &[u8], pos: usize, len: usize) -> std::borrow::Cow<'_, [u8]> {
     let n = log.len();
+    let p = pos % n;
+    if let Some(b) = log.get(p..p.saturating_add(len)) {
+        return std::borrow::Cow::Borrowed(b);
+    }
     let mut out = Vec::with_capacity(len);
     let mut p = pos % n;
     let mut left = len;
@@ -63,7 +68,7 @@ fn circular(log: &[u8], pos: usize, len: usize) -> Vec<u8> {
         left -= k;
         p = (p + k) % n;
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// The valid entry at `pos`, if there is one, with its updates.

@@ -43,6 +43,7 @@ mod header;
 mod log;
 mod metadata;
 
+use super::paged::{Order, Paged};
 use crate::backend::Storage;
 use crate::driver::{BackingRef, Below, CheckReport, Driver, DriverInfo, HostFile, Mapped, Mapping, Repair};
 use crate::error::{corrupt, invalid, try_zeroed, unsupported, Result};
@@ -89,7 +90,7 @@ pub struct Vhdx {
     meta: Metadata,
     layout: Layout,
     bat_offset: u64,
-    bat: Vec<AtomicU64>,
+    bat: Paged<AtomicU64>,
     write: Mutex<WriteState>,
     /// A differencing disk's parent, found beside it (its data write GUID
     /// checked against the locator's linkage).
@@ -252,26 +253,22 @@ impl Vhdx {
                 regions.bat.length, layout.entries
             )));
         }
-        let mut raw = try_zeroed((layout.entries * 8) as usize, "the VHDX BAT")?;
-        storage.read_at(&mut raw, regions.bat.offset)?;
-        let entries: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect();
-        drop(raw);
-        let next_free = Self::check_bat(
-            &meta,
-            &layout,
-            &entries,
-            &[log, regions.bat, regions.metadata],
-            file_len,
+        // In 1 MiB pages: a 64 TiB disk with 1 MiB blocks has a 512 MiB BAT.
+        let bat = Paged::read(
+            storage.as_ref(),
+            regions.bat.offset,
+            layout.entries as usize,
+            Order::Little,
+            "the VHDX BAT",
+            AtomicU64::new,
         )?;
+        let next_free = Self::check_bat(&meta, &layout, &bat, &[log, regions.bat, regions.metadata], file_len)?;
         Ok(Vhdx {
             storage,
             meta,
             layout,
             bat_offset: regions.bat.offset,
-            bat: entries.into_iter().map(AtomicU64::new).collect(),
+            bat,
             write: Mutex::new(WriteState {
                 header: hdr,
                 slot,
@@ -288,10 +285,15 @@ impl Vhdx {
     fn check_bat(
         meta: &Metadata,
         layout: &Layout,
-        entries: &[u64],
+        bat: &Paged<AtomicU64>,
         meta_regions: &[Region],
         file_len: u64,
     ) -> Result<u64> {
+        let entries = |i: u64| bat[i as usize].load(Ordering::Relaxed);
+        // Blocks that do not overlap each take at least 1 MiB of the file,
+        // but the last payload block: more than that many overlap somewhere,
+        // and listing them all would cost memory the file does not hold.
+        let max_blocks = file_len / MIB + 1;
         let bs = meta.block_size;
         let mut end = meta_regions
             .iter()
@@ -302,12 +304,12 @@ impl Vhdx {
         let mut blocks: Vec<(u64, u64, u64)> = Vec::new();
         for block in 0..layout.payload_blocks {
             let i = layout.payload_index(block);
-            let e = entries[i as usize];
+            let e = entries(i);
             match state(e) {
                 PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => continue,
                 PAYLOAD_FULLY_PRESENT => {}
                 PAYLOAD_PARTIALLY_PRESENT if meta.parent.is_some() => {
-                    let sb = entries[layout.bitmap_index(block) as usize];
+                    let sb = entries(layout.bitmap_index(block));
                     if state(sb) != SB_PRESENT {
                         return Err(corrupt(format!(
                             "VHDX block {block} is PARTIALLY_PRESENT but its sector bitmap is not present"
@@ -339,16 +341,13 @@ impl Vhdx {
                 )));
             }
             end = end.max(off + bs);
-            blocks
-                .try_reserve(1)
-                .map_err(|_| crate::error::Error::NoMemory("VHDX block list".into()))?;
-            blocks.push((off, len, block));
+            Self::push_block(&mut blocks, (off, len, block), max_blocks)?;
         }
         // Sector bitmap blocks (1 MiB): a differencing disk reads them, so
         // they must be sane; a disk without parent does not use them, but
         // new payload blocks stay clear of them.
         for i in (layout.chunk_ratio..layout.entries).step_by(layout.chunk_ratio as usize + 1) {
-            let e = entries[i as usize];
+            let e = entries(i);
             if state(e) != SB_PRESENT {
                 continue;
             }
@@ -364,7 +363,7 @@ impl Vhdx {
                 {
                     return Err(corrupt(format!("VHDX sector bitmap block at {off} is misplaced")));
                 }
-                blocks.push((off, MIB, u64::MAX));
+                Self::push_block(&mut blocks, (off, MIB, u64::MAX), max_blocks)?;
             }
             if off >= HEADER_SECTION_END {
                 end = end.max(off.saturating_add(MIB));
@@ -380,6 +379,19 @@ impl Vhdx {
             }
         }
         Ok(round_up_mib(end))
+    }
+
+    fn push_block(blocks: &mut Vec<(u64, u64, u64)>, b: (u64, u64, u64), max: u64) -> Result<()> {
+        if blocks.len() as u64 >= max {
+            return Err(corrupt(format!(
+                "VHDX BAT places more than {max} blocks, more than the file holds without overlap"
+            )));
+        }
+        blocks
+            .try_reserve(1)
+            .map_err(|_| crate::error::Error::NoMemory("VHDX block list".into()))?;
+        blocks.push(b);
+        Ok(())
     }
 
     /// Replay the log into the file. Crash order: the updates, flushed,
@@ -1024,5 +1036,34 @@ mod tests {
         b[at..at + 4096].copy_from_slice(&h.to_bytes());
         assert!(corrupt_msg(b).contains("log"));
         assert!(corrupt_msg(b"vhdxfile".to_vec()).contains("too small"));
+    }
+
+    #[test]
+    fn bat_in_pages_serves_a_64_tib_disk() {
+        // 16 MiB blocks: 4 Mi payload entries, a 32 MiB BAT over 257 pages.
+        let size = metadata::MAX_DISK_SIZE;
+        let v = open_bytes(image(size, 16 * MIB, false), false).unwrap();
+        assert!(v.layout.entries as usize > 32 * crate::format::paged::PAGE);
+        let last = size - 16 * MIB;
+        v.write_at(&[0xa5u8; 4096], last + 4096, &NoBacking).unwrap();
+        let v2 = open_bytes(snapshot(&v), true).unwrap();
+        assert!(matches!(v2.map(last + 4096, 4096).unwrap().kind, Mapped::Data { .. }));
+        assert_eq!(v2.map(last - MIB, 10).unwrap().kind, Mapped::Zero { host: None });
+    }
+
+    #[test]
+    fn bat_listing_more_blocks_than_the_file_holds_is_refused_early() {
+        // 64 payload entries all naming the same 1 MiB block at 8 MiB, in a
+        // file of 9 MiB: refused once the list outgrows the file (10
+        // blocks), before any list of every entry is built.
+        let mut b = image(64 * MIB, MIB, false);
+        let data_at = 8 * MIB;
+        b.resize((data_at + MIB) as usize, 0);
+        for i in 0..64usize {
+            let at = BAT_AT + 8 * i;
+            b[at..at + 8].copy_from_slice(&bat::entry(PAYLOAD_FULLY_PRESENT, data_at).to_le_bytes());
+        }
+        let m = corrupt_msg(b);
+        assert!(m.contains("more than 10 blocks"), "{m}");
     }
 }

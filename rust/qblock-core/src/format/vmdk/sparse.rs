@@ -101,14 +101,23 @@ pub fn push_grain(out: &mut Vec<u8>, rel: u64, blob: &[u8]) {
     out.resize(out.len().next_multiple_of(SECTOR as usize), 0);
 }
 
-/// Read `n` little-endian u32 from `at`.
+/// Read `n` little-endian u32 from `at`, in 1 MiB pieces: a grain
+/// directory (up to 128 MiB) is held once, not also as raw bytes.
 fn read_u32s(s: &dyn Storage, at: u64, n: usize, what: &str) -> Result<Vec<u32>> {
-    let mut raw = try_zeroed(n * 4, what)?;
-    s.read_at(&mut raw, at)?;
-    Ok(raw
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    let mut out = Vec::new();
+    out.try_reserve_exact(n)
+        .map_err(|_| crate::error::Error::NoMemory(format!("cannot allocate {n} entries for {what}")))?;
+    let mut raw = try_zeroed((n * 4).min(1 << 20), what)?;
+    while out.len() < n {
+        let k = (n - out.len()).min(raw.len() / 4);
+        s.read_at(&mut raw[..4 * k], at + 4 * out.len() as u64)?;
+        out.extend(
+            raw[..4 * k]
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+    }
+    Ok(out)
 }
 
 impl SparseExtent {
