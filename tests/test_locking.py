@@ -143,13 +143,23 @@ def test_a_killed_writer_leaves_no_lock(image):
 def test_the_command_line_reports_a_held_image(tmp, image):
     with qemu_io_holding(image, "-f", "qcow2"):
         for argv in (["info", str(image)], ["check", "-r", "leaks", str(image)], ["map", str(image)],
-                     ["convert", "-O", "raw", str(image), str(tmp / "nope.raw")]):
+                     ["convert", "-O", "raw", str(image), str(tmp / "nope.raw")], ["check", str(image)],
+                     ["snapshot", "-l", str(image)], ["measure", "-O", "qcow2", str(image)],
+                     ["dd", f"if={image}", f"of={tmp / 'nope-dd.raw'}"]):
             r = subprocess.run([*qblock_cmd(), *argv], capture_output=True, text=True)
             assert r.returncode != 0 and "lock" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
         for argv in (["info", "-U", str(image)], ["map", "-U", "--output=json", str(image)],
                      ["checksum", "-U", str(image)], ["compare", "-U", str(image), str(image)],
                      ["read", "-U", str(image), "0", "512"],
                      ["convert", "-U", "-O", "raw", str(image), str(tmp / "copy.raw")],
-                     ["convert", "-U", "-O", "qcow2", str(image), "-"]):
+                     ["convert", "-U", "-O", "qcow2", str(image), "-"], ["check", "-U", str(image)],
+                     ["snapshot", "-l", "-U", str(image)], ["measure", "-U", "-O", "qcow2", str(image)],
+                     ["dd", "-U", f"if={image}", f"of={tmp / 'dd.raw'}", "bs=64k", "count=2"]):
             r = subprocess.run([*qblock_cmd(), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             assert r.returncode == 0, (argv, r.stderr)
+        # a repair writes: it cannot share
+        r = subprocess.run([*qblock_cmd(), "check", "-U", "-r", "leaks", str(image)], capture_output=True, text=True)
+        assert r.returncode != 0 and "-U" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(qb.InvalidParamError):
+            qb.check(image, repair="leaks", force_share=True)
+        assert qb.check(image, force_share=True).format is qb.Format.QCOW2

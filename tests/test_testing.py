@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import libqblock as qb
+import reliability
 import libqblock.testing as qbt
 
 from conftest import qemu_img, qemu_info
@@ -329,6 +330,9 @@ def test_every_structured_mutation(tmp_path: Path) -> None:
             assert want in fields, (name, want, sorted(fields))
     done = _run_mutants(("all", str(tmp_path), list(images.values())), tmp_path)
     assert len(done) == sum(len(f.values) for img in images.values() for f in qbt.candidate_fields(img))
+    reliability.count("hostile: structured mutations of every format opened, read and checked", len(done))
+    reliability.count("hostile: of them refused with a clear error",
+                      sum(1 for d in done if d["outcome"] != "ok"))
     at = 0
     for name, img in images.items():
         n = sum(len(f.values) for f in qbt.candidate_fields(img))

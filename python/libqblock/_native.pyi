@@ -126,7 +126,7 @@ def rebase_image(
 # (format, first report, second report after a repair that fixed something);
 # each report has the CheckReport fields and "messages".
 def check_image(
-    protocol: str, target: str, fmt: Optional[str], repair: str
+    protocol: str, target: str, fmt: Optional[str], repair: str, force_share: bool = False
 ) -> Tuple[str, Dict[str, Any], Optional[Dict[str, Any]]]: ...
 def amend_image(
     protocol: str,

@@ -136,7 +136,7 @@ class CheckResult:
 
 
 def check(location: Where, *, format: Optional[Union[Format, str]] = None,  # noqa: A002 - qemu-img's name
-          repair: Optional[str] = None) -> CheckResult:
+          repair: Optional[str] = None, force_share: bool = False) -> CheckResult:
     """Check an image's metadata, as ``qemu-img check [-r leaks|all]``.
 
     ``format`` None probes it. ``repair`` None only reports (the image is
@@ -157,15 +157,22 @@ def check(location: Where, *, format: Optional[Union[Format, str]] = None,  # no
     ``repair="leaks"``) it needs a rebuild only ``repair="all"`` does, and
     NoMemoryError/UnsupportedError when its metadata is beyond the check's
     limits.
+
+    ``force_share`` (``qemu-img check -U``) checks an image another process
+    may have open for writing (what is read may then be changing); a
+    repair cannot share, so it raises InvalidParamError with one.
     """
     if repair not in _REPAIRS:
         raise InvalidParamError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+    if force_share and repair is not None:
+        raise InvalidParamError("force_share (-U) cannot be used with a repair, which writes the image")
     loc = Location.of(location)
     fmt = probe(loc) if format is None else Format.from_str(str(_fmt_name(format)))
     if fmt not in CHECKABLE or (repair is not None and fmt not in REPAIRABLE):
         raise UnsupportedError(f"This image format does not support checks ({fmt}"
                                f"{' repairs' if fmt in CHECKABLE else ''})")
-    name, first, second = _native.check_image(loc.protocol, loc.target, str(fmt), _REPAIRS[repair])
+    name, first, second = _native.check_image(loc.protocol, loc.target, str(fmt), _REPAIRS[repair],
+                                              force_share=force_share)
     filename = os.fspath(location) if isinstance(location, (str, os.PathLike)) else loc.target
     if second is None:
         return _result(str(filename), name, first)

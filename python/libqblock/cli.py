@@ -459,11 +459,13 @@ def snapshot_table(snapshots: Sequence[SnapshotInfo]) -> str:
 def cmd_snapshot(a: argparse.Namespace) -> int:
     """``qblock snapshot [-f FMT] [-q] (-l | -c NAME | -a NAME | -d NAME) FILE``, as ``qemu-img snapshot``."""
     if a.list:
-        with _image.open(a.filename, a.format, flags=0) as img:
+        with _image.open(a.filename, a.format, flags=0, force_share=a.force_share) as img:
             snaps = img.snapshots()
         if snaps:  # qemu-img prints nothing at all for an image without snapshots
             print(snapshot_table(snaps))
         return 0
+    if a.force_share:
+        raise InvalidParamError("-U (force share) only goes with -l: the other operations write the image")
     with _image.open(a.filename, a.format, flags=O_RDWR | O_CACHE_WB) as img:
         if a.create is not None:
             img.snapshot_create(a.create)
@@ -483,6 +485,9 @@ def _dd_operands(words: List[str]) -> Dict[str, str]:
     out: Dict[str, str] = {}
     it = iter(words)
     for w in it:
+        if w == "-U":
+            out[w] = "on"
+            continue
         if w in ("-f", "-O"):  # options may come between the operands, as in qemu-img
             out[w] = next(it, "")
             if not out[w]:
@@ -507,10 +512,11 @@ def cmd_dd(a: argparse.Namespace) -> int:
     ops = _dd_operands(a.operands)
     a.format = ops.get("-f", a.format)
     a.output_format = ops.get("-O", a.output_format)
+    a.force_share = a.force_share or "-U" in ops
     bs = parse_size(ops.get("bs", "512"))
     if bs <= 0:
         raise InvalidParamError("bs must be at least 1 byte")
-    with _image.open(ops["if"], a.format, flags=0) as img:
+    with _image.open(ops["if"], a.format, flags=0, force_share=a.force_share) as img:
         end = img.virt_size
     if "count" in ops:
         end = min(end, int(ops["count"]) * bs)
@@ -520,7 +526,7 @@ def cmd_dd(a: argparse.Namespace) -> int:
     cls, kw = _option_args(a.output_format, [], None, None, None)
     _tools._convert([ops["if"]], ops["of"], lambda n: cls(**kw, virt_size=_tools._aligned(cls, n)),
                     source_format=a.format, sparse_size=4096, compress=False, start=skip,
-                    length=end - skip, threads=0, progress=None)
+                    length=end - skip, threads=0, progress=None, force_share=a.force_share)
     return 0
 
 
@@ -556,7 +562,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
     cls, kw = _option_args(a.output_format, a.o, None, None, None)
     fields = {**_sizing._defaults(fmt), **kw}
     r = _sizing._measure_with(fmt, fields, parse_size(a.size) if a.size is not None else None,
-                               a.filename, a.format)
+                               a.filename, a.format, a.force_share)
     if a.output == "json":
         print(json.dumps(r.to_qemu_json(), indent=4))
     else:
@@ -572,7 +578,7 @@ def cmd_check(a: argparse.Namespace) -> int:
     go to stderr, the summary to stdout.
     """
     try:
-        r = _check(a.filename, format=a.format, repair=a.repair)
+        r = _check(a.filename, format=a.format, repair=a.repair, force_share=a.force_share)
     except UnsupportedError as e:
         if e.message.startswith("This image format does not support checks"):
             print("qblock: This image format does not support checks", file=sys.stderr)
@@ -688,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot of the current content")
     op.add_argument("-a", dest="apply", metavar="NAME", help="make the image read as this snapshot (id or name)")
     op.add_argument("-d", dest="delete", metavar="NAME", help="delete the snapshot with this name")
+    sn.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE + " (with -l)")
     sn.add_argument("filename")
     sn.set_defaults(func=cmd_snapshot)
     cm = sub.add_parser("commit", help="write an overlay's data into its backing file, then empty it")
@@ -717,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("-o", action="append", default=[], help="target options key=value[,...]")
     me.add_argument("--size", help="measure a new, empty disk of this size instead of an image")
     me.add_argument("--output", choices=("human", "json"), default="human")
+    me.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     me.add_argument("filename", nargs="?")
     me.set_defaults(func=cmd_measure)
     am = sub.add_parser("amend", help="change a qcow2 image's compat level, lazy refcounts or refcount width in place")
@@ -729,6 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd = sub.add_parser("dd", help="copy part of an image into a new one, dd style (bs=, count=, skip=, if=, of=)")
     dd.add_argument("-f", "--format", help="format of the input")
     dd.add_argument("-O", dest="output_format", default="raw", help="format of the output (default raw)")
+    dd.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     dd.add_argument("operands", nargs=argparse.REMAINDER, metavar="KEY=VALUE")
     dd.set_defaults(func=cmd_dd)
     cc = sub.add_parser("check", help="check an image's metadata (and repair it); exit 0 clean, 2 corrupt, 3 leaks")
@@ -736,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair leaks, or all that can be repaired")
     cc.add_argument("--output", choices=("human", "json"), default="human")
     cc.add_argument("-q", dest="quiet", action="store_true", help="print no summary; only the exit status tells")
+    cc.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE + " (not with -r)")
     cc.add_argument("filename")
     cc.set_defaults(func=cmd_check)
     return p

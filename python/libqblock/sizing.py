@@ -131,6 +131,7 @@ def measure(
     size: Optional[int] = None,
     source: Optional[Where] = None,
     source_format: Optional[Union[Format, str]] = None,
+    force_share: bool = False,
 ) -> MeasureResult:
     """Sizes of a new image of ``options`` (an options object, class, Format or
     name), for a disk of ``size`` bytes or for a copy of ``source``.
@@ -139,14 +140,15 @@ def measure(
     measured: qcow2 (every option that changes the layout: cluster_size,
     refcount_bits, extended_l2, compat, preallocation, backing) and raw;
     others raise :class:`~libqblock.errors.UnsupportedError`, as qemu-img
-    does for them.
+    does for them. ``force_share`` opens ``source`` as ``qemu-img measure
+    -U``: even while another process has it open for writing.
     """
     fmt, o = _target(options)
-    return _measure_with(fmt, o, size, source, source_format)
+    return _measure_with(fmt, o, size, source, source_format, force_share)
 
 
 def _measure_with(fmt: Format, o: Dict[str, Any], size: Optional[int], source: Optional[Where],
-                  source_format: Optional[Union[Format, str]]) -> MeasureResult:
+                  source_format: Optional[Union[Format, str]], force_share: bool = False) -> MeasureResult:
     """:func:`measure` for target option fields already gathered (the CLI's -o)."""
     if size is not None and source is not None:
         raise InvalidParamError("give a size or a source image, not both")
@@ -155,7 +157,7 @@ def _measure_with(fmt: Format, o: Dict[str, Any], size: Optional[int], source: O
     if fmt is Format.QCOW2 and o.get("encrypt"):
         raise UnsupportedError("measuring encrypted qcow2 images is not supported")
     if source is not None:
-        with _opened(source, source_format) as img:
+        with _opened(source, source_format, force_share) as img:
             return _measure(fmt, o, img.virt_size, img)
     if size is None:
         size = int(o.get("virt_size") or 0)

@@ -29,7 +29,7 @@ fn report<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyDict>>
 /// `(format, first report, second report or None)`; `repair` is "none",
 /// "leaks" or "all".
 #[pyfunction]
-#[pyo3(signature = (protocol, target, fmt, repair))]
+#[pyo3(signature = (protocol, target, fmt, repair, force_share = false))]
 #[allow(clippy::type_complexity)]
 pub fn check_image<'py>(
     py: Python<'py>,
@@ -37,6 +37,7 @@ pub fn check_image<'py>(
     target: &str,
     fmt: Option<&str>,
     repair: &str,
+    force_share: bool,
 ) -> PyResult<(&'static str, Bound<'py, PyDict>, Option<Bound<'py, PyDict>>)> {
     let loc = location(protocol, target);
     let fmt = format_arg(fmt).map_err(|e| to_pyerr(py, e))?;
@@ -51,7 +52,7 @@ pub fn check_image<'py>(
             ))
         }
     };
-    let r = run(py, || check::check(&loc, fmt, mode))?;
+    let r = run(py, || check::check(&loc, fmt, mode, force_share))?;
     let second = r.second.as_ref().map(|s| report(py, s)).transpose()?;
     Ok((r.format.name(), report(py, &r.first)?, second))
 }

@@ -21,11 +21,15 @@ pub struct CheckRun {
 /// Check the image at `location` (its format probed when `format` is
 /// None). The image is opened read-only unless a repair is asked for, and
 /// without its backing chain: a check looks at this file's metadata only.
-pub fn check(location: &Location, format: Option<Format>, repair: Repair) -> Result<CheckRun> {
+/// `force_share`: check an image another process may have open for
+/// writing (`qemu-img check -U`; what is read may be changing), read-only
+/// checks only.
+pub fn check(location: &Location, format: Option<Format>, repair: Repair, force_share: bool) -> Result<CheckRun> {
     let opts = OpenOptions {
         read_only: repair == Repair::None,
         no_backing: true,
         check: true,
+        force_share,
         ..Default::default()
     };
     let img = Image::open(location, format, &opts)?;
