@@ -283,3 +283,33 @@ def test_a_dirty_image_qemu_left_is_repaired_at_open(seed: int, tmp_path: Path) 
     rc, _, out = _qemu_check(cfg, path)
     assert rc == 0, out
     reliability.count("crash: dirty lazy-refcount images QEMU left, repaired at open")
+
+
+@pytest.mark.parametrize("name", ["qcow2", "qcow2-backing", "qed", "vdi", "vmdk", "vhdx", "parallels", "vpc"])
+def test_a_disk_that_drops_a_write_never_crashes_the_reader(name: str, tmp_path: Path) -> None:
+    """A disk that reports one write done and never does it (a lying disk):
+    nothing can promise consistency then, but reopening, reading and
+    checking the image must give an answer or a clear QBlockError, never a
+    crash or another exception."""
+    cfg = CONFIGS[name]
+    seed = sum(map(ord, name)) + 2
+    ops = workload(cfg, seed, OPS)
+    template, initial = make_image(cfg, tmp_path / "template")
+    work = tmp_path / "work"
+    path = _fresh(template, work)
+    with faults.armed(work, "count") as dry:
+        _run(cfg, path, ops)
+    for at in _points(dry.ops, seed)[: max(4, POINTS // 2)]:
+        path = _fresh(template, work)
+        with faults.armed(work, "drop", at) as plan:
+            _run(cfg, path, ops)
+        assert plan.fired
+        try:
+            with qb.open(str(path), cfg.fmt) as img:
+                img.read(len(initial), 0)
+                list(img.map())
+            if cfg.qemu_check:
+                qb.check(path, format=cfg.fmt)
+            reliability.count("crash: dropped writes, image still read")
+        except qb.QBlockError:
+            reliability.count("crash: dropped writes, image refused with a clear error")
