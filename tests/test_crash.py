@@ -12,8 +12,8 @@ QEMU repairs it.
 
 Budget from the environment: ``QBLOCK_CRASH_OPS`` (workload steps, default
 16) and ``QBLOCK_CRASH_POINTS`` (cut points per configuration and policy,
-default 24; a workload with fewer operations is cut at every one). A long
-run is one command::
+default 80: the default workload has fewer mutating operations, so it is
+cut at every one). A long run is one command::
 
     QBLOCK_CRASH_OPS=60 QBLOCK_CRASH_POINTS=100000 pytest tests/test_crash.py
 """
@@ -41,7 +41,7 @@ from conftest import qemu_img
 from crash_workload import CONFIGS, Config, Op, apply, crash_violations, last_flushed, make_image, model_after, workload
 
 OPS = int(os.environ.get("QBLOCK_CRASH_OPS", "16"))
-POINTS = int(os.environ.get("QBLOCK_CRASH_POINTS", "24"))
+POINTS = int(os.environ.get("QBLOCK_CRASH_POINTS", "80"))
 HERE = Path(__file__).resolve().parent
 
 
