@@ -28,8 +28,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -175,13 +176,20 @@ def test_power_cut_at_every_point(name: str, unflushed: str, tmp_path: Path) -> 
         reliability.count("crash: power cuts injected and survived")
 
 
-@pytest.mark.parametrize("name", ["qcow2", "qcow2-4k", "qcow2-lazy", "qed", "vdi", "vmdk", "vhdx", "parallels", "vpc"])
-def test_failed_io_leaves_a_consistent_image(name: str, tmp_path: Path) -> None:
-    """One write or flush fails with EIO (and the workload stops there); the
-    image is then closed normally, which may write more: it must not turn
-    the half-done update into corruption."""
+@dataclass
+class Struck:
+    """One run of a workload struck by a single fault."""
+
+    at: int
+    total: int
+    done: int
+    path: Path
+
+
+def _strike_each(name: str, kind: faults.FaultKind, seed: int, tmp_path: Path) -> Iterator[Tuple[Struck, List[Op], bytes]]:
+    """Run ``name``'s workload once for each of a sample of its operations,
+    that one struck by ``kind``; the workload and the disk's first content."""
     cfg = CONFIGS[name]
-    seed = sum(map(ord, name)) + 1
     ops = workload(cfg, seed, OPS)
     template, initial = make_image(cfg, tmp_path / "template")
     work = tmp_path / "work"
@@ -190,11 +198,20 @@ def test_failed_io_leaves_a_consistent_image(name: str, tmp_path: Path) -> None:
         _run(cfg, path, ops)
     for at in _points(dry.ops, seed)[: max(4, POINTS // 2)]:
         path = _fresh(template, work)
-        with faults.armed(work, "fail", at) as plan:
+        with faults.armed(work, kind, at) as plan:
             done = _run(cfg, path, ops)
-        assert plan.fired
-        durable, maybe = _durable_and_maybe(initial, ops, done)
-        _verify(cfg, path, durable, maybe, f"{name}: EIO at op {at}/{dry.ops}")
+        assert plan.fired, f"{name}: the fault at {at} of {dry.ops} never came"
+        yield Struck(at, dry.ops, done, path), ops, initial
+
+
+@pytest.mark.parametrize("name", ["qcow2", "qcow2-4k", "qcow2-lazy", "qed", "vdi", "vmdk", "vhdx", "parallels", "vpc"])
+def test_failed_io_leaves_a_consistent_image(name: str, tmp_path: Path) -> None:
+    """One write or flush fails with EIO (and the workload stops there); the
+    image is then closed normally, which may write more: it must not turn
+    the half-done update into corruption."""
+    for hit, ops, initial in _strike_each(name, "fail", sum(map(ord, name)) + 1, tmp_path):
+        durable, maybe = _durable_and_maybe(initial, ops, hit.done)
+        _verify(CONFIGS[name], hit.path, durable, maybe, f"{name}: EIO at op {hit.at}/{hit.total}")
         reliability.count("crash: single I/O errors injected and survived")
 
 
@@ -292,24 +309,13 @@ def test_a_disk_that_drops_a_write_never_crashes_the_reader(name: str, tmp_path:
     checking the image must give an answer or a clear QBlockError, never a
     crash or another exception."""
     cfg = CONFIGS[name]
-    seed = sum(map(ord, name)) + 2
-    ops = workload(cfg, seed, OPS)
-    template, initial = make_image(cfg, tmp_path / "template")
-    work = tmp_path / "work"
-    path = _fresh(template, work)
-    with faults.armed(work, "count") as dry:
-        _run(cfg, path, ops)
-    for at in _points(dry.ops, seed)[: max(4, POINTS // 2)]:
-        path = _fresh(template, work)
-        with faults.armed(work, "drop", at) as plan:
-            _run(cfg, path, ops)
-        assert plan.fired
+    for hit, _, initial in _strike_each(name, "drop", sum(map(ord, name)) + 2, tmp_path):
         try:
-            with qb.open(str(path), cfg.fmt) as img:
+            with qb.open(str(hit.path), cfg.fmt) as img:
                 img.read(len(initial), 0)
                 list(img.map())
             if cfg.qemu_check:
-                qb.check(path, format=cfg.fmt)
+                qb.check(hit.path, format=cfg.fmt)
             reliability.count("crash: dropped writes, image still read")
         except qb.QBlockError:
             reliability.count("crash: dropped writes, image refused with a clear error")

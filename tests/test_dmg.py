@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import base64
 import bz2
-import json
-import os
-import resource
 import struct
-import subprocess
-import sys
 import threading
 import zlib
 from pathlib import Path
@@ -32,6 +27,7 @@ from hypothesis import strategies as st
 
 import libqblock as qb
 
+from childrun import run_result_child
 from conftest import CORPUS, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
 
 KiB, MiB = 1024, 1024 * 1024
@@ -426,28 +422,10 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def _limit_child():
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
 
 def run_child(path: Path, fmt: str = "dmg") -> dict:
     params = {"path": str(path), "fmt": fmt}
-    try:
-        r = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(params)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            preexec_fn=_limit_child,
-            env=dict(os.environ, RUST_BACKTRACE="0"),
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{path.name}: HANG (no answer within {TIMEOUT} s)")
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        pytest.fail(f"{path.name}: CRASH (status {r.returncode})\n{r.stdout[-1000:]}\n{r.stderr[-2000:]}")
-    res = json.loads(lines[-1][len("RESULT ") :])
+    res = run_result_child(CHILD, params, path.name, timeout=TIMEOUT, address_space=ADDRESS_SPACE)
     assert res["rss_kib"] < MAX_RSS_KIB, res
     return res
 

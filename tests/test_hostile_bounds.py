@@ -10,12 +10,7 @@ loops through more than one format.
 """
 from __future__ import annotations
 
-import json
-import os
-import resource
 import struct
-import subprocess
-import sys
 import uuid
 import zlib
 from pathlib import Path
@@ -23,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import libqblock as qb
+from childrun import run_result_child
 from conftest import qemu_img
 
 KiB, MiB = 1024, 1024 * 1024
@@ -54,28 +50,10 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def _limit_child() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
 
 def run_child(path: Path, fmt: str, reads=()) -> dict:
     params = {"path": str(path), "fmt": fmt, "reads": list(reads)}
-    try:
-        r = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(params)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            preexec_fn=_limit_child,
-            env=dict(os.environ, RUST_BACKTRACE="0"),
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{path.name}: HANG (no answer within {TIMEOUT} s)")
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        pytest.fail(f"{path.name}: CRASH (status {r.returncode})\n{r.stdout[-1000:]}\n{r.stderr[-2000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = run_result_child(CHILD, params, path.name, timeout=TIMEOUT, address_space=ADDRESS_SPACE)
     grown = (res["peak_kib"] - res["base_kib"]) // 1024
     assert grown < PEAK_BUDGET_MIB, f"{path.name}: peak grew by {grown} MiB: {res}"
     return res

@@ -17,11 +17,8 @@ import gzip
 import hashlib
 import json
 import os
-import resource
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from hypothesis import strategies as st
 import libqblock as qb
 from libqblock import _native
 
+from childrun import run_result_child
 from conftest import CORPUS, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, qemu_raw_bytes
 
 KiB, MiB = 1024, 1024 * 1024
@@ -471,28 +469,10 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def _limit_child():
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
 
 def run_child(path, fmt="parallels", rw=False, write_off=0):
     params = {"path": str(path), "fmt": fmt, "rw": rw, "write_off": write_off}
-    try:
-        r = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(params)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            preexec_fn=_limit_child,
-            env=dict(os.environ, RUST_BACKTRACE="0"),
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{Path(path).name}: HANG (no answer within {TIMEOUT} s)")
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        pytest.fail(f"{Path(path).name}: CRASH (status {r.returncode})\n{r.stdout[-1000:]}\n{r.stderr[-2000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = run_result_child(CHILD, params, Path(path).name, timeout=TIMEOUT, address_space=ADDRESS_SPACE)
     assert res["rss_kib"] < MAX_RSS_KIB, res
     return res
 
