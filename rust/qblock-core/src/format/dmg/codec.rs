@@ -133,44 +133,17 @@ pub fn zlib(input: &[u8], out: &mut [u8]) -> Result<()> {
 pub fn zlib_pieces(src: &mut dyn Pieces, out: &mut [u8]) -> Result<()> {
     use flate2::{Decompress, FlushDecompress, Status};
     let mut d = Decompress::new(true);
-    let total = src.total();
-    while let Some(piece) = src.next_piece()? {
-        let mut used = 0usize;
-        loop {
-            let (i, o) = (d.total_in(), d.total_out() as usize);
-            let st = d
-                .decompress(&piece[used..], &mut out[o..], FlushDecompress::None)
-                .map_err(|e| corrupt(format!("bad zlib data: {e}")))?;
-            used += (d.total_in() - i) as usize;
-            let done = d.total_out() as usize;
-            if st == Status::StreamEnd {
-                if done != out.len() {
-                    return Err(corrupt(format!(
-                        "zlib stream inflates to {done} bytes, not {}",
-                        out.len()
-                    )));
-                }
-                return Ok(());
-            }
-            if d.total_in() == i && done == o {
-                break;
-            }
-        }
-        if used < piece.len() {
-            // No progress with input left: the output is full and the
-            // stream wants to go on.
-            return Err(corrupt(format!(
-                "zlib stream does not end within {} bytes of output ({} of {total} input bytes used)",
-                out.len(),
-                d.total_in(),
-            )));
-        }
-    }
-    Err(corrupt(format!(
-        "zlib stream does not end within {} bytes of output ({} of {total} input bytes used)",
-        out.len(),
-        d.total_in(),
-    )))
+    stream_pieces("zlib", src, out, |input, out| {
+        let (i, o) = (d.total_in(), d.total_out());
+        let st = d
+            .decompress(input, out, FlushDecompress::None)
+            .map_err(|e| corrupt(format!("bad zlib data: {e}")))?;
+        Ok((
+            (d.total_in() - i) as usize,
+            (d.total_out() - o) as usize,
+            st == Status::StreamEnd,
+        ))
+    })
 }
 
 /// Decompress one bzip2 stream into exactly `out.len()` bytes.
@@ -182,42 +155,62 @@ pub fn bzip2(input: &[u8], out: &mut [u8]) -> Result<()> {
 pub fn bzip2_pieces(src: &mut dyn Pieces, out: &mut [u8]) -> Result<()> {
     use bzip2::{Decompress, Status};
     let mut d = Decompress::new(false);
+    stream_pieces("bzip2", src, out, |input, out| {
+        let (i, o) = (d.total_in(), d.total_out());
+        let st = d
+            .decompress(input, out)
+            .map_err(|e| corrupt(format!("bad bzip2 data: {e}")))?;
+        Ok((
+            (d.total_in() - i) as usize,
+            (d.total_out() - o) as usize,
+            st == Status::StreamEnd,
+        ))
+    })
+}
+
+/// Feed `src`'s pieces to a streaming decoder's `step` (input, room for
+/// output -> bytes used, bytes produced, whether the stream ended) until
+/// the stream ends, which must be exactly at the end of `out`.
+fn stream_pieces(
+    name: &str,
+    src: &mut dyn Pieces,
+    out: &mut [u8],
+    mut step: impl FnMut(&[u8], &mut [u8]) -> Result<(usize, usize, bool)>,
+) -> Result<()> {
     let total = src.total();
+    let (mut used_in, mut done) = (0u64, 0usize);
+    let cut_short = |used_in: u64, len: usize| {
+        corrupt(format!(
+            "{name} stream does not end within {len} bytes of output ({used_in} of {total} input bytes used)"
+        ))
+    };
     while let Some(piece) = src.next_piece()? {
         let mut used = 0usize;
         loop {
-            let (i, o) = (d.total_in(), d.total_out() as usize);
-            let st = d
-                .decompress(&piece[used..], &mut out[o..])
-                .map_err(|e| corrupt(format!("bad bzip2 data: {e}")))?;
-            used += (d.total_in() - i) as usize;
-            let done = d.total_out() as usize;
-            if st == Status::StreamEnd {
+            let (i, o, ended) = step(&piece[used..], &mut out[done..])?;
+            used += i;
+            used_in += i as u64;
+            done += o;
+            if ended {
                 if done != out.len() {
                     return Err(corrupt(format!(
-                        "bzip2 stream decodes to {done} bytes, not {}",
+                        "{name} stream decodes to {done} bytes, not {}",
                         out.len()
                     )));
                 }
                 return Ok(());
             }
-            if d.total_in() == i && done == o {
+            if i == 0 && o == 0 {
                 break;
             }
         }
         if used < piece.len() {
-            return Err(corrupt(format!(
-                "bzip2 stream does not end within {} bytes of output ({} of {total} input bytes used)",
-                out.len(),
-                d.total_in(),
-            )));
+            // No progress with input left: the output is full and the
+            // stream wants to go on.
+            return Err(cut_short(used_in, out.len()));
         }
     }
-    Err(corrupt(format!(
-        "bzip2 stream does not end within {} bytes of output ({} of {total} input bytes used)",
-        out.len(),
-        d.total_in(),
-    )))
+    Err(cut_short(used_in, out.len()))
 }
 
 /// Decode an LZFSE stream into exactly `out.len()` bytes.
