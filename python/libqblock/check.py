@@ -173,7 +173,7 @@ def check(location: Where, *, format: Optional[Union[Format, str]] = None,  # no
                                f"{' repairs' if fmt in CHECKABLE else ''})")
     name, first, second = _native.check_image(loc.protocol, loc.target, str(fmt), _REPAIRS[repair],
                                               force_share=force_share)
-    filename = os.fspath(location) if isinstance(location, (str, os.PathLike)) else loc.target
+    filename = os.fsdecode(os.fspath(location)) if isinstance(location, (str, bytes, os.PathLike)) else loc.target
     if second is None:
         return _result(str(filename), name, first)
     return _result(str(filename), name, second, fixed=first)

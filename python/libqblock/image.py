@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from .errors import InvalidParamError
@@ -12,6 +12,9 @@ from .flags import O_CACHE_WB, O_NO_BACKING, O_NO_FLUSH, O_NOCACHE, O_RDWR, O_SN
 from .formats import Format
 from .location import Location, PathLike
 from .options import ImageOptions
+
+if TYPE_CHECKING:
+    from .fileio import ImageStream
 from .snapshot import SnapshotInfo, apply_snapshot, create_snapshot, delete_snapshot, list_snapshots
 
 Where = Union[Location, PathLike]
@@ -122,6 +125,20 @@ class Image:
         InvalidParamError. An image dropped without ``close()`` is closed the
         same way when it is collected (errors then go unreported)."""
         self._n.close()
+
+    @property
+    def writable(self) -> bool:
+        """Whether the image was opened for writing (``O_RDWR``)."""
+        return bool(self.flags & O_RDWR)
+
+    def stream(self) -> "ImageStream":
+        """A seekable :class:`io.RawIOBase` over the virtual disk, for code
+        that takes a file object (``tarfile``, ``hashlib.file_digest``,
+        partition and filesystem parsers); writable when the image is. See
+        :class:`libqblock.fileio.ImageStream`."""
+        from .fileio import ImageStream
+
+        return ImageStream(self)
 
     @property
     def closed(self) -> bool:
@@ -275,7 +292,7 @@ def open(  # noqa: A001 - the seed's name
         direct=bool(flags & O_NOCACHE),
         force_share=force_share,
         references=references,
-        allowed_dirs=[os.fspath(d) for d in allowed_dirs],
+        allowed_dirs=[os.fsdecode(d) for d in allowed_dirs],
         allow_protocols=allow_protocols,
     )
     return Image(native, loc, flags)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
-from .errors import InvalidParamError
+from .errors import InvalidParamError, UnsupportedError
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 #: The protocols the engine serves today; the others are known by name and
 #: refused by open and create with UnsupportedError until their backends land.
@@ -92,6 +92,13 @@ class Location:
             s = os.fspath(text)
         except TypeError:
             raise InvalidParamError(f"a location must be a path or a URL, not {text!r}") from None
+        if isinstance(s, bytes):
+            s = os.fsdecode(s)
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                # The engine takes names as UTF-8 strings.
+                raise UnsupportedError(f"a path that is not valid UTF-8 is not supported yet: {os.fsencode(s)!r}") from None
         if not isinstance(s, str):
             raise InvalidParamError(f"a location must be a str path or URL, not {s!r}")
         if s.startswith("nbd://"):

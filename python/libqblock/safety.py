@@ -113,7 +113,7 @@ def inspect(
         loc.protocol,
         loc.target,
         _fmt_name(fmt),
-        allowed=[os.fspath(d) for d in (allowed or ())],
+        allowed=[os.fsdecode(d) for d in (allowed or ())],
     )
     features: Dict[str, Any] = {
         "encrypted": raw["encrypted"],
