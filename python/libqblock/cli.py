@@ -299,8 +299,12 @@ def _hex(n: int) -> str:
 
 
 def cmd_map(a: argparse.Namespace) -> int:
-    """``qblock map [--output human|json] FILE``: extents as ``qemu-img map`` prints them."""
+    """``qblock map [--output human|json|svg] FILE``: extents as ``qemu-img map``
+    prints them, or (svg) a picture of the disk's allocation."""
     with _image.open(a.filename, a.format, flags=0, force_share=a.force_share) as img:
+        if a.output == "svg":
+            sys.stdout.write(img.render_map(a.cells))
+            return 0
         extents = list(img.map())
     if a.output == "json":
         print(json.dumps([e.to_qemu_map() for e in extents], indent=1))
@@ -649,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("map", help="print allocation like qemu-img map")
     m.add_argument("-f", "--format")
     m.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
-    m.add_argument("--output", choices=("human", "json"), default="human")
+    m.add_argument("--output", choices=("human", "json", "svg"), default="human")
+    m.add_argument("--cells", type=int, default=4096, help="cells of the svg map (default 4096, 128 a row)")
     m.add_argument("filename")
     m.set_defaults(func=cmd_map)
     cv = sub.add_parser("convert", help="copy an image (or several, concatenated) into a new one of any format")

@@ -163,6 +163,14 @@ class Image:
         """Merged extents like ``qemu-img map``, for the whole disk by default."""
         return (BlockStatus(*t) for t in self._n.map(start, length))
 
+    def render_map(self, cells: int = 4096) -> str:
+        """The disk as an SVG allocation map: ``cells`` cells, each coloured
+        by what holds most of its bytes (data and the backing layer it comes
+        from, zero, unallocated), and a legend. See :mod:`libqblock.render`."""
+        from .render import render_map
+
+        return render_map(self, cells)
+
     # Information -------------------------------------------------------
     @property
     def virt_size(self) -> int:
