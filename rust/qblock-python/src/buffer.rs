@@ -5,9 +5,45 @@
 //! any dtype.
 
 use pyo3::exceptions::PyBufferError;
-use pyo3::ffi;
 use pyo3::prelude::*;
 use std::mem::MaybeUninit;
+
+/// The buffer protocol, declared here because the wheel is built for the
+/// stable ABI from CPython 3.9 (abi3-py39) and pyo3-ffi only exposes it from
+/// 3.11, the release that entered these two functions and `Py_buffer` into
+/// the limited API unchanged (bpo-45459). They have kept this exact layout
+/// and these symbols since CPython 3.3, and 3.9 and 3.10 are end-of-life, so
+/// nothing can change under the older interpreters: the wheel test runs the
+/// zero-copy paths on every CPython this machine has.
+#[allow(non_upper_case_globals, non_camel_case_types, non_snake_case)]
+mod ffi {
+    use pyo3::ffi::{PyObject, Py_ssize_t};
+    use std::os::raw::{c_char, c_int, c_void};
+
+    #[repr(C)]
+    pub struct Py_buffer {
+        pub buf: *mut c_void,
+        pub obj: *mut PyObject,
+        pub len: Py_ssize_t,
+        pub itemsize: Py_ssize_t,
+        pub readonly: c_int,
+        pub ndim: c_int,
+        pub format: *mut c_char,
+        pub shape: *mut Py_ssize_t,
+        pub strides: *mut Py_ssize_t,
+        pub suboffsets: *mut Py_ssize_t,
+        pub internal: *mut c_void,
+    }
+
+    pub const PyBUF_WRITABLE: c_int = 0x0001;
+    /// PyBUF_STRIDES | 0x0020, as in CPython's object.h.
+    pub const PyBUF_C_CONTIGUOUS: c_int = 0x0038;
+
+    extern "C" {
+        pub fn PyObject_GetBuffer(obj: *mut PyObject, view: *mut Py_buffer, flags: c_int) -> c_int;
+        pub fn PyBuffer_Release(view: *mut Py_buffer);
+    }
+}
 
 /// A held `Py_buffer`; released on drop (which must happen with the GIL held,
 /// so it is dropped in the attached part of the caller).
