@@ -9,7 +9,9 @@ lines, read the same as qemu-img's, for scripts that compare text.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 _BUCKETS = 512
 
@@ -25,12 +27,16 @@ def _bucket(key: str) -> int:
     return ((1103515243 * h + 12345) & 0xFFFFFFFF) % _BUCKETS
 
 
-def qemu_order(value: Any) -> Any:
+def qemu_order(value: T) -> T:
     """``value`` with every dict in it (lists walked too) in QDict order."""
+    return cast(T, _ordered(value))
+
+
+def _ordered(value: Any) -> Any:
     if isinstance(value, dict):
         items = list(value.items())[::-1]  # within a bucket the last inserted comes first
         items.sort(key=lambda kv: _bucket(kv[0]))
-        return {k: qemu_order(v) for k, v in items}
+        return {k: _ordered(v) for k, v in items}
     if isinstance(value, list):
-        return [qemu_order(v) for v in value]
+        return [_ordered(v) for v in value]
     return value

@@ -60,7 +60,7 @@ def _coerce(cls: Type[ImageOptions], key: str, val: str) -> object:
         raise InvalidParamError(f"{cls.__name__} has no option {key!r} (see -o help)")
     # The annotations are strings (postponed evaluation): "bool", "int",
     # "Optional[int]", ... Everything else is taken as text.
-    t = str(cls.__dataclass_fields__[key].type).replace(" ", "")  # type: ignore[attr-defined]
+    t = str(cls.__dataclass_fields__[key].type).replace(" ", "")
     if key == "backing_fmt":
         f = Format.from_str(val)
         if f is Format.NONE:
@@ -77,7 +77,7 @@ def _coerce(cls: Type[ImageOptions], key: str, val: str) -> object:
 
 def _options_help(cls: Type[ImageOptions]) -> str:
     lines = [f"Supported {cls.format} options ({cls.__name__}):"]
-    defaults = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    defaults = cls.__dataclass_fields__
     for name in option_fields(cls):
         qemu = {v: k for k, v in _QEMU_NAMES.items()}.get(name, name)
         lines.append(f"  {qemu:<18} default {defaults[name].default!r}")

@@ -105,13 +105,13 @@ def _data_clusters(img: Any, cluster_size: int) -> int:
 
 def _defaults(fmt: Format) -> Dict[str, Any]:
     cls = options_class(fmt)
-    return {k: f.default for k, f in cls.__dataclass_fields__.items()}  # type: ignore[attr-defined]
+    return {k: f.default for k, f in cls.__dataclass_fields__.items()}
 
 
 def _target(options: OptionsArg) -> Tuple[Format, Dict[str, Any]]:
     """The target format and its option fields (defaults where not given)."""
     if isinstance(options, ImageOptions):
-        return options.format, {k: getattr(options, k) for k in options.__dataclass_fields__}  # type: ignore[attr-defined]
+        return options.format, {k: getattr(options, k) for k in options.__dataclass_fields__}
     if isinstance(options, type) and issubclass(options, ImageOptions):
         fmt = options.format
     elif isinstance(options, Format):

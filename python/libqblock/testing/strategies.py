@@ -73,11 +73,11 @@ def _configs(formats: Optional[Union[FormatSpec, Iterable[FormatSpec]]]) -> List
     return out
 
 
-def _pick(draw: Callable, fixed: Dict[str, object], key: str, strategy: st.SearchStrategy) -> object:
+def _pick(draw: st.DrawFn, fixed: Dict[str, object], key: str, strategy: st.SearchStrategy) -> object:
     return fixed[key] if key in fixed else draw(strategy)
 
 
-def _options(draw: Callable, cfg: Configuration, size: int, overlay: bool) -> Tuple[ImageOptions, Dict[str, bool]]:
+def _options(draw: st.DrawFn, cfg: Configuration, size: int, overlay: bool) -> Tuple[ImageOptions, Dict[str, bool]]:
     """Draw an options object for ``cfg`` of ``size`` bytes, plus the qcow2 extras
     (compress, snapshots) the plan should use."""
     fx, fmt = cfg.fixed, cfg.format
@@ -157,7 +157,7 @@ def _unit(opts: ImageOptions) -> int:
     return int(getattr(opts, "cluster_size", 4 * KiB))
 
 
-def _payload(draw: Callable, n: int) -> bytes:
+def _payload(draw: st.DrawFn, n: int) -> bytes:
     """``n`` bytes of one of a few shapes: a fill byte, a short repeated pattern
     (compressible), random bytes, zeroes."""
     kind = draw(st.sampled_from(["fill", "pattern", "random", "zeroes"]))
@@ -172,7 +172,7 @@ def _payload(draw: Callable, n: int) -> bytes:
     return (pat * (n // len(pat) + 1))[:n]
 
 
-def _writes(draw: Callable, size: int, unit: int, max_writes: int) -> List[Write]:
+def _writes(draw: st.DrawFn, size: int, unit: int, max_writes: int) -> List[Write]:
     """Guest writes inside ``size``, offsets and lengths biased to unit boundaries."""
     out: List[Write] = []
     for _ in range(draw(st.integers(0, max_writes))):
@@ -186,14 +186,14 @@ def _writes(draw: Callable, size: int, unit: int, max_writes: int) -> List[Write
     return out
 
 
-def _grain_writes(draw: Callable, size: int, max_writes: int) -> List[Write]:
+def _grain_writes(draw: st.DrawFn, size: int, max_writes: int) -> List[Write]:
     """streamOptimized vmdk: whole grains only (the last may be short), each once."""
     grains = (size + VMDK_GRAIN - 1) // VMDK_GRAIN
     picked = draw(st.lists(st.integers(0, grains - 1), unique=True, max_size=min(max_writes, grains)))
     return [(g * VMDK_GRAIN, _payload(draw, min(VMDK_GRAIN, size - g * VMDK_GRAIN))) for g in picked]
 
 
-def _size(draw: Callable, min_size: int, max_size: int, fmt: str) -> int:
+def _size(draw: st.DrawFn, min_size: int, max_size: int, fmt: str) -> int:
     align = 1 if fmt == "raw" else 512
     lo = max(align, -(-min_size // align) * align)
     hi = max(lo, max_size // align * align)
@@ -210,7 +210,7 @@ def _vpc_size(opts: ImageOptions) -> int:
             return img.virt_size
 
 
-def _plan(draw: Callable, cfg: Configuration, size: int, max_writes: int, overlay: bool,
+def _plan(draw: st.DrawFn, cfg: Configuration, size: int, max_writes: int, overlay: bool,
           name: str = "", backing: Optional[Tuple[str, str]] = None) -> Plan:
     opts, extras = _options(draw, cfg, size, overlay)
     if backing is not None:
@@ -246,7 +246,7 @@ def _plan(draw: Callable, cfg: Configuration, size: int, max_writes: int, overla
 
 
 @st.composite
-def _image(draw: Callable, configs: Sequence[Configuration], min_size: int, max_size: int,
+def _image(draw: st.DrawFn, configs: Sequence[Configuration], min_size: int, max_size: int,
            max_writes: int) -> GeneratedImage:
     cfg = draw(st.sampled_from(configs))
     size = _size(draw, min_size, max_size, cfg.format)
@@ -277,7 +277,7 @@ def images(
     return _image(_configs(formats), min_size, max_size, max_writes)
 
 
-def _chain_formats(top: str, depth: int, draw: Callable) -> List[str]:
+def _chain_formats(top: str, depth: int, draw: st.DrawFn) -> List[str]:
     """Layer formats, top first: each layer below one that records a backing file."""
     out = [top]
     while len(out) < depth:
@@ -289,7 +289,7 @@ def _chain_formats(top: str, depth: int, draw: Callable) -> List[str]:
 
 
 @st.composite
-def _chain(draw: Callable, tops: Sequence[str], min_depth: int, max_depth: int, max_size: int,
+def _chain(draw: st.DrawFn, tops: Sequence[str], min_depth: int, max_depth: int, max_size: int,
            max_writes: int) -> GeneratedChain:
     top = draw(st.sampled_from(tops))
     fmts = list(reversed(_chain_formats(top, draw(st.integers(min_depth, max_depth)), draw)))
@@ -332,7 +332,7 @@ def chains(
 
 
 @st.composite
-def _mutation(draw: Callable, image: GeneratedImage, structured: bool) -> Mutation:
+def _mutation(draw: st.DrawFn, image: GeneratedImage, structured: bool) -> Mutation:
     fields = candidate_fields(image)
     if structured and fields and draw(st.integers(0, 9)) < 8:
         f = draw(st.sampled_from(fields))
