@@ -319,6 +319,11 @@ impl Image {
     pub fn virtual_size(&self) -> u64 {
         self.driver.virtual_size()
     }
+    /// Opened without write access (O_RDWR not given).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     pub fn location(&self) -> &Location {
         &self.location
     }
