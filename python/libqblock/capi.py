@@ -341,8 +341,9 @@ class QBlockState:
         return self._image
 
     def __repr__(self) -> str:
-        state = "deleted" if self._deleted else ("open" if self._image is not None else "closed")
-        return f"<libqblock.capi.QBlockState {state}>"
+        if self._image is not None:
+            return f"<libqblock.capi.QBlockState open {self._image!r}>"
+        return f"<libqblock.capi.QBlockState {'deleted' if self._deleted else 'closed'}>"
 
 
 # The live states each broker made: deleting a broker that still has some is

@@ -217,8 +217,10 @@ class Image:
         delete_snapshot(self, id_or_name)
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else self._n.format
-        return f"<libqblock.Image {self.location} {state}>"
+        if self.closed:
+            return f"<libqblock.Image {self.location} closed>"
+        mode = "read-write" if self.flags & O_RDWR else "read-only"
+        return f"<libqblock.Image {self.location} {self._n.format} {self._n.virtual_size} bytes {mode}>"
 
 
 def _check_flags(flags: int) -> None:

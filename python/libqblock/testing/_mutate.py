@@ -52,7 +52,7 @@ class Field:
     width: int
     byteorder: ByteOrder
     values: Tuple[Tuple[str, int], ...] = ()
-    checksum: Optional[Checksum] = None
+    checksum: Optional[Checksum] = dc_field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

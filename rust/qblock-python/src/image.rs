@@ -161,13 +161,26 @@ impl PyImage {
         run(py, || img.truncate(size))
     }
 
-    /// Flush and release the image; a second close is an error.
+    /// Flush and release the image; a second close does nothing.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         // A second close does nothing, as for Python's files.
         let img = self.inner.write().take();
         match img {
             None => Ok(()),
             Some(img) => run(py, || img.close()),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        match self.inner.read().as_ref() {
+            None => "<libqblock._native.Image closed>".into(),
+            Some(img) => format!(
+                "<libqblock._native.Image {} {} {} bytes {}>",
+                img.format().name(),
+                img.location().describe(),
+                img.virtual_size(),
+                if img.read_only() { "read-only" } else { "read-write" }
+            ),
         }
     }
 
