@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod driver;
 pub mod error;
+pub mod events;
 pub mod format;
 pub mod format_name;
 pub mod image;
