@@ -201,7 +201,7 @@ def _stub_names():
     tree = ast.parse((PKG / "_native.pyi").read_text())
     funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Image")
-    methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
     return funcs, methods
 
 

@@ -3,7 +3,14 @@
 The engine is Rust (``libqblock._native``); this package holds the public,
 Pythonic API. See the README for the formats and their state.
 ``libqblock.capi`` offers the seed's ``qb_*`` call shapes for ported C callers.
+
+The library logs through :mod:`logging`, under the ``libqblock`` logger
+(``libqblock.qcow2``, ``libqblock.check``, ``libqblock.lock``...): repairs
+it makes, dirty images it reads as they are, slow paths it takes. It prints
+nothing itself: configure ``logging`` (``logging.basicConfig()``) to see them.
 """
+
+import logging as _logging
 
 from .errors import (
     QB_ERR_BLOCK_OUT_OF_RANGE,
@@ -125,3 +132,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# A library leaves output to the application (the logging HOWTO): this
+# handler keeps logging.lastResort from printing our warnings on stderr when
+# the application configured no logging at all.
+_logging.getLogger("libqblock").addHandler(_logging.NullHandler())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -612,6 +613,8 @@ def cmd_check(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qblock`` command."""
     p = argparse.ArgumentParser(prog="qblock", description="Create, inspect and edit disk images.")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="print the library's log on stderr: warnings always, -v adds info, -vv debug")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create an image")
     c.add_argument("-f", "--format", default="qcow2")
@@ -759,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``qblock``; returns the exit status (1 with a message on a libqblock error)."""
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("libqblock")
+    level = logger.level
+    handler = _log_to_stderr(args.verbose)
     try:
         return int(args.func(args))
     except QBlockError as e:
@@ -773,6 +779,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # stdout at /dev/null so the interpreter's final flush stays silent.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _log_to_stderr(verbosity: int) -> logging.Handler:
+    """Show the ``libqblock`` log on stderr for this run, as qemu-img shows its warnings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("qblock: %(levelname)s: %(message)s"))
+    handler.setLevel(logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
+    if verbosity <= 0:
+        # `check` prints what it repaired in qemu-img's words already.
+        handler.addFilter(lambda r: not r.name.startswith("libqblock.check"))
+    logger = logging.getLogger("libqblock")
+    logger.addHandler(handler)
+    if verbosity > 0 and logger.getEffectiveLevel() > handler.level:
+        logger.setLevel(handler.level)
+    return handler
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Type, Union
@@ -24,6 +25,8 @@ from .options import ImageOptions, RawOptions, options_class
 
 ProgressFn = Callable[[int, int], object]
 Source = Union[Where, Image]
+
+_log = logging.getLogger(__name__)
 
 #: qemu-img convert's default -S: zero runs of at least 4 KiB become holes.
 DEFAULT_SPARSE_SIZE = 4096
@@ -171,8 +174,9 @@ def _convert(
         try:
             _run_convert(pieces, tloc, opts.format, sparse_size, threads, progress, compress, fresh=True,
                          sync=sync)
-        except BaseException:
+        except BaseException as e:
             _remove(tloc)
+            _log.info("convert stopped (%s): removed the target it had created, %s", type(e).__name__, tloc)
             raise
     finally:
         for img in opened:

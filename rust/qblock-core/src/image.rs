@@ -190,7 +190,13 @@ impl Image {
         }
         let format = match format {
             Some(f) => f,
-            None => registry::probe(storage.as_ref())?,
+            None => {
+                let f = registry::probe(storage.as_ref())?;
+                if f == Format::Raw {
+                    crate::events::probed_raw(location, read_only);
+                }
+                f
+            }
         };
         // Locked before the driver opens: a writable open may repair the
         // image at once (a dirty qcow2, a vhdx log), which must not happen

@@ -32,7 +32,9 @@ pub(crate) fn format_arg(name: Option<&str>) -> Result<Option<Format>, Error> {
 
 /// Run `f` detached from the interpreter, guarded against panics.
 pub(crate) fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
-    py.detach(|| guarded(f)).map_err(|e| to_pyerr(py, e))
+    let r = py.detach(|| guarded(f));
+    crate::logbridge::drain(py);
+    r.map_err(|e| to_pyerr(py, e))
 }
 
 #[pyclass(frozen, module = "libqblock._native", name = "Image")]

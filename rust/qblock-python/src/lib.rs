@@ -7,6 +7,7 @@ mod check;
 mod errors;
 mod fault;
 mod image;
+mod logbridge;
 mod snapshot;
 mod tools;
 
@@ -14,6 +15,7 @@ use pyo3::prelude::*;
 
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    logbridge::install();
     m.add_class::<image::PyImage>()?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(image::create, m)?)?;

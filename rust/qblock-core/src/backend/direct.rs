@@ -90,13 +90,29 @@ fn pread_aligned(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 pub struct Direct {
     stripes: Vec<Mutex<()>>,
     grow: Mutex<()>,
+    /// The file, named in the one slow-path event it may log.
+    path: std::path::PathBuf,
+    bounced: std::sync::atomic::AtomicBool,
 }
 
-impl Default for Direct {
-    fn default() -> Direct {
+impl Direct {
+    pub fn new(path: &std::path::Path) -> Direct {
         Direct {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             grow: Mutex::new(()),
+            path: path.to_path_buf(),
+            bounced: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The first unaligned request of this file says so (debug level).
+    fn note_bounce(&self) {
+        if !self.bounced.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            crate::events::slow_path(
+                "O_NOCACHE with unaligned requests: they go through aligned bounce buffers \
+                 (partial blocks read first when written)",
+                &self.path,
+            );
         }
     }
 }
@@ -113,6 +129,7 @@ impl Direct {
         if aligned(buf, offset) {
             return pread_aligned(file, buf, offset);
         }
+        self.note_bounce();
         let mut bounce = bounce_for(buf.len())?;
         let mut done = 0usize;
         while done < buf.len() {
@@ -165,7 +182,10 @@ impl Direct {
             } else {
                 let bb = match &mut bounce {
                     Some(b) => b,
-                    slot @ None => slot.insert(bounce_for(buf.len())?),
+                    slot @ None => {
+                        self.note_bounce();
+                        slot.insert(bounce_for(buf.len())?)
+                    }
                 };
                 let b = bb.as_mut((a1 - a0) as usize);
                 // Only the partial first and last blocks need their old bytes.
@@ -235,7 +255,7 @@ mod tests {
     #[test]
     fn unaligned_io_matches_a_model() {
         let (_dir, f) = direct_file();
-        let d = Direct::default();
+        let d = Direct::new(std::path::Path::new("test"));
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = |m: u64| {
@@ -281,7 +301,7 @@ mod tests {
     #[test]
     fn concurrent_partial_block_writes_keep_every_byte() {
         let (_dir, f) = direct_file();
-        let d = Direct::default();
+        let d = Direct::new(std::path::Path::new("test"));
         let threads = 4u64;
         std::thread::scope(|s| {
             for t in 0..threads {

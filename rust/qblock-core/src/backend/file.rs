@@ -51,7 +51,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             read_only,
-            direct: direct.then(Direct::default),
+            direct: direct.then(|| Direct::new(path)),
         })
     }
 

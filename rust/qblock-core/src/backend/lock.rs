@@ -128,7 +128,13 @@ pub fn apply(fd: RawFd, perm: Perm, what: &str) -> Result<()> {
             };
             match ofd(fd, libc::F_OFD_SETLK, kind as libc::c_short, base + i) {
                 Ok(_) => {}
-                Err(e) if unsupported(&e) => return Ok(()),
+                Err(e) if unsupported(&e) => {
+                    // Releasing takes no lock: nothing to say then.
+                    if perm != Perm::NONE {
+                        crate::events::unlocked(what, e.raw_os_error().unwrap_or(0));
+                    }
+                    return Ok(());
+                }
                 // A byte another open holds exclusively (not QEMU's way,
                 // but another tool's): the image is in use.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {

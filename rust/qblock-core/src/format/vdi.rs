@@ -260,8 +260,12 @@ pub struct Vdi {
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     let vdi = Vdi::open(storage)?;
-    if !ctx.read_only && !ctx.check {
-        vdi.repair_count()?;
+    if !ctx.read_only && !ctx.check && vdi.repair_count()? {
+        crate::events::repaired_on_open(
+            Format::Vdi,
+            ctx.location,
+            "its count of allocated blocks disagreed with the block map (an interrupted allocation): set from the map",
+        );
     }
     Ok(Box::new(vdi))
 }
@@ -332,17 +336,18 @@ impl Vdi {
     /// corruption): a writable open sets it to the end of what the map
     /// references, where allocation continues (a block written but never
     /// mapped is unreferenced and taken again).
-    fn repair_count(&self) -> Result<()> {
+    /// Whether the count had to be repaired.
+    fn repair_count(&self) -> Result<bool> {
         let mut st = self.alloc.lock();
         if st.header_count == self.map_end {
-            return Ok(());
+            return Ok(false);
         }
         self.storage
             .write_at(&self.map_end.to_le_bytes(), off::BLOCKS_ALLOCATED as u64)?;
         self.storage.flush()?;
         st.header_count = self.map_end;
         st.next = self.map_end;
-        Ok(())
+        Ok(true)
     }
 
     fn block_size(&self) -> u64 {

@@ -242,7 +242,25 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     if bundle::is_descriptor(&head) {
         return bundle::open(storage, ctx);
     }
-    Ok(Box::new(Parallels::open(storage, ctx.read_only)?))
+    let p = Parallels::open(storage, ctx.read_only)?;
+    // Opened to be checked, the check's report says it.
+    if p.header.dirty && !ctx.check {
+        if ctx.read_only || p.header.ext_off != 0 {
+            crate::events::dirty_served_as_is(
+                Format::Parallels,
+                ctx.location,
+                "it was not closed cleanly (in-use flag set); read as it is",
+            );
+        } else {
+            crate::events::repaired_on_open(
+                Format::Parallels,
+                ctx.location,
+                "it was not closed cleanly (in-use flag set): checked on open; leaked space is cut and the \
+                 flag cleared at close",
+            );
+        }
+    }
+    Ok(Box::new(p))
 }
 
 impl Parallels {

@@ -173,11 +173,35 @@ impl Qcow2 {
         if let (Some(b), true) = (&hdr.bitmaps, hdr.autoclear & AUTOCLEAR_BITMAPS != 0) {
             bitmap::check(file.as_ref(), b, cs, file_end)?;
         }
-        if !read_only && !ctx.check && hdr.incompatible & INCOMPAT_DIRTY != 0 {
-            // Lazy refcounts were not written back before a crash: recount
-            // them before anything relies on them, as QEMU does.
-            repair::rebuild(file.as_ref(), &mut hdr, l1.offset, l1.entries.len() as u64)
-                .map_err(|e| e.context("cannot repair the refcounts of this dirty image"))?;
+        if hdr.incompatible & INCOMPAT_DIRTY != 0 && !ctx.check {
+            if read_only {
+                crate::events::dirty_served_as_is(
+                    Format::Qcow2,
+                    ctx.location,
+                    "its lazy refcounts were not written back; read as it is (a read-write open repairs it)",
+                );
+            } else {
+                // Lazy refcounts were not written back before a crash: recount
+                // them before anything relies on them, as QEMU does.
+                repair::rebuild(file.as_ref(), &mut hdr, l1.offset, l1.entries.len() as u64)
+                    .map_err(|e| e.context("cannot repair the refcounts of this dirty image"))?;
+                crate::events::repaired_on_open(
+                    Format::Qcow2,
+                    ctx.location,
+                    "the image was not closed cleanly with lazy refcounts: the refcounts were rebuilt",
+                );
+            }
+        }
+        if let (Some(b), false, true) = (&hdr.bitmaps, read_only, hdr.autoclear & AUTOCLEAR_BITMAPS != 0) {
+            crate::events::format_note(
+                Format::Qcow2,
+                ctx.location,
+                &format!(
+                    "its {} persistent bitmap(s) are kept but not updated: the first write marks the \
+                     enabled ones in use, so QEMU treats them as stale",
+                    b.nb_bitmaps
+                ),
+            );
         }
         let file_end = align_up(file.len()?, cs)?;
         let data = match &hdr.data_file {

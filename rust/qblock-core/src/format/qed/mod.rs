@@ -237,7 +237,27 @@ pub struct Qed {
 }
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Qed::open_with(storage, !ctx.read_only, ctx.check)?))
+    // The need-check flag as found, for the event below (a writable open
+    // clears it by repairing).
+    let mut features = [0u8; 8];
+    let flagged = storage.read_at(&mut features, 16).is_ok() && u64::from_le_bytes(features) & F_NEED_CHECK != 0;
+    let q = Qed::open_with(storage, !ctx.read_only, ctx.check)?;
+    if flagged && !ctx.check {
+        if ctx.read_only {
+            crate::events::dirty_served_as_is(
+                Format::Qed,
+                ctx.location,
+                "its need-check flag is set; read as it is, each table checked when used",
+            );
+        } else {
+            crate::events::repaired_on_open(
+                Format::Qed,
+                ctx.location,
+                "its need-check flag was set: tables checked, bad entries dropped, the flag cleared",
+            );
+        }
+    }
+    Ok(Box::new(q))
 }
 
 impl Qed {

@@ -103,7 +103,16 @@ pub struct Vhdx {
 }
 
 fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(Vhdx::open_at(storage, ctx.read_only, Some(ctx))?))
+    let v = Vhdx::open_at(storage, ctx.read_only, Some(ctx))?;
+    // Opened to be checked, the check's report counts the replay.
+    if v.log_replayed && !ctx.check {
+        crate::events::repaired_on_open(
+            Format::Vhdx,
+            ctx.location,
+            "its log held writes not yet applied: the log was replayed",
+        );
+    }
+    Ok(Box::new(v))
 }
 
 /// A GUID as Windows prints it (and parent locators record it): "{8-4-4-4-12}".
@@ -895,6 +904,36 @@ mod tests {
         // The log is gone afterwards: a read-only open works.
         let again = open_bytes(snapshot(&v), true).unwrap();
         assert!(matches!(again.map(MIB, 1).unwrap().kind, Mapped::Data { .. }));
+    }
+
+    #[test]
+    fn a_replayed_log_is_logged_with_the_image_name() {
+        use crate::events::capture;
+        use crate::image::{Image, OpenOptions};
+        capture::install();
+        let mut b = image(4 << 20, MIB, false);
+        let g = [6u8; 16];
+        let e = log::build_entry(&g, 1, 0, &[(BAT_AT as u64, b[BAT_AT..BAT_AT + 4096].to_vec())], &[]);
+        b[MIB as usize..MIB as usize + e.len()].copy_from_slice(&e);
+        let (mut h, slot) = header::read_headers(&MemoryStorage::new(b.clone(), true)).unwrap();
+        h.log_guid = g;
+        h.sequence += 10;
+        let at = HEADER_OFFSETS[slot] as usize;
+        b[at..at + 4096].copy_from_slice(&h.to_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("logged.vhdx");
+        std::fs::write(&p, &b).unwrap();
+        let name = p.display().to_string();
+        let loc = crate::Location::file(&p);
+        let opts = OpenOptions::default();
+        Image::open(&loc, None, &opts).unwrap().close().unwrap();
+        let got = capture::records_naming(&name);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0, got[0].1.as_str()), (::log::Level::Warn, "libqblock.vhdx"));
+        assert!(got[0].2.contains("log was replayed"), "{got:?}");
+        // Replayed once: the next writable open has nothing to say.
+        Image::open(&loc, None, &opts).unwrap().close().unwrap();
+        assert_eq!(capture::records_naming(&name).len(), 1);
     }
 
     #[test]
