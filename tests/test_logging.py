@@ -47,37 +47,35 @@ def test_a_dirty_qcow2_is_noted_read_only_and_repaired_read_write(tmp, log):
     assert records(log, p) == []
 
 
-def test_a_qed_needing_a_check_is_noted_and_repaired(tmp, log):
-    p = tmp / "n.qed"
-    qb.create(p, qb.QedOptions(virt_size=4 << 20))
+def _set_qed_need_check(p: Path) -> None:
     with open(p, "r+b") as f:
         f.seek(16)
         features = struct.unpack("<Q", f.read(8))[0]
         f.seek(16)
         f.write(struct.pack("<Q", features | 2))
-    qb.open(p, flags=0).close()
-    assert [r[:2] for r in records(log, p)] == [("libqblock.qed", logging.INFO)]
-    log.clear()
-    qb.open(p).close()
-    (rec,) = records(log, p)
-    assert rec[:2] == ("libqblock.qed", logging.WARNING) and "need-check flag was set" in rec[2]
-    log.clear()
-    qb.open(p).close()
-    assert records(log, p) == []
 
 
-def test_a_parallels_image_left_in_use_is_noted_and_repaired(tmp, log):
-    p = tmp / "u.hdd"
-    qb.create(p, qb.ParallelsOptions(virt_size=4 << 20))
+def _set_parallels_in_use(p: Path) -> None:
     with open(p, "r+b") as f:
         f.seek(44)
-        f.write(struct.pack("<I", 0x746F6E59))  # "Ynot": in use
+        f.write(struct.pack("<I", 0x746F6E59))  # "Ynot"
+
+
+@pytest.mark.parametrize("name, options, make_dirty, repaired", [
+    ("n.qed", qb.QedOptions(virt_size=4 << 20), _set_qed_need_check, "need-check flag was set"),
+    ("u.hdd", qb.ParallelsOptions(virt_size=4 << 20), _set_parallels_in_use, "in-use flag"),
+])
+def test_a_dirty_image_is_noted_read_only_and_repaired_read_write(tmp, log, name, options, make_dirty, repaired):
+    p = tmp / name
+    qb.create(p, options)
+    make_dirty(p)
+    logger = f"libqblock.{options.format}"
     qb.open(p, flags=0).close()
-    assert [r[:2] for r in records(log, p)] == [("libqblock.parallels", logging.INFO)]
+    assert [r[:2] for r in records(log, p)] == [(logger, logging.INFO)]
     log.clear()
     qb.open(p).close()
     (rec,) = records(log, p)
-    assert rec[:2] == ("libqblock.parallels", logging.WARNING) and "in-use flag" in rec[2]
+    assert rec[:2] == (logger, logging.WARNING) and repaired in rec[2]
     log.clear()
     qb.open(p).close()
     assert records(log, p) == []

@@ -25,6 +25,15 @@ pub fn dirty_served_as_is(format: Format, location: &Location, what: &str) {
     log::info!(target: &format_target(format), "'{}' is dirty: {what}", location.describe());
 }
 
+/// A dirty image opened: `repaired` tells which of the two happened.
+pub fn dirty_on_open(format: Format, location: &Location, repaired: bool, as_is: &str, repair: &str) {
+    if repaired {
+        repaired_on_open(format, location, repair)
+    } else {
+        dirty_served_as_is(format, location, as_is)
+    }
+}
+
 /// Something a format does that the user may not expect, at info level.
 pub fn format_note(format: Format, location: &Location, what: &str) {
     log::info!(target: &format_target(format), "'{}': {what}", location.describe());

@@ -245,20 +245,14 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     let p = Parallels::open(storage, ctx.read_only)?;
     // Opened to be checked, the check's report says it.
     if p.header.dirty && !ctx.check {
-        if ctx.read_only || p.header.ext_off != 0 {
-            crate::events::dirty_served_as_is(
-                Format::Parallels,
-                ctx.location,
-                "it was not closed cleanly (in-use flag set); read as it is",
-            );
-        } else {
-            crate::events::repaired_on_open(
-                Format::Parallels,
-                ctx.location,
-                "it was not closed cleanly (in-use flag set): checked on open; leaked space is cut and the \
-                 flag cleared at close",
-            );
-        }
+        crate::events::dirty_on_open(
+            Format::Parallels,
+            ctx.location,
+            !ctx.read_only && p.header.ext_off == 0,
+            "it was not closed cleanly (in-use flag set); read as it is",
+            "it was not closed cleanly (in-use flag set): checked on open; leaked space is cut and the flag \
+             cleared at close",
+        );
     }
     Ok(Box::new(p))
 }

@@ -243,19 +243,13 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
     let flagged = storage.read_at(&mut features, 16).is_ok() && u64::from_le_bytes(features) & F_NEED_CHECK != 0;
     let q = Qed::open_with(storage, !ctx.read_only, ctx.check)?;
     if flagged && !ctx.check {
-        if ctx.read_only {
-            crate::events::dirty_served_as_is(
-                Format::Qed,
-                ctx.location,
-                "its need-check flag is set; read as it is, each table checked when used",
-            );
-        } else {
-            crate::events::repaired_on_open(
-                Format::Qed,
-                ctx.location,
-                "its need-check flag was set: tables checked, bad entries dropped, the flag cleared",
-            );
-        }
+        crate::events::dirty_on_open(
+            Format::Qed,
+            ctx.location,
+            !ctx.read_only,
+            "its need-check flag is set; read as it is, each table checked when used",
+            "its need-check flag was set: tables checked, bad entries dropped, the flag cleared",
+        );
     }
     Ok(Box::new(q))
 }
