@@ -54,3 +54,8 @@ _shutil.rmtree(_doc_tmp, ignore_errors=True)
 """
 # ``>>>`` lines outside doctest directives are tested too.
 doctest_test_doctest_blocks = "default"
+# Exception messages are compared too (Sphinx's default flags would ignore
+# everything after the exception's class name).
+import doctest as _doctest  # noqa: E402
+
+doctest_default_flags = _doctest.ELLIPSIS | _doctest.DONT_ACCEPT_TRUE_FOR_1
