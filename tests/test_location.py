@@ -3,6 +3,7 @@ UnsupportedError on open and create."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,12 @@ def test_file():
     assert (loc.protocol, loc.target, loc.path, str(loc)) == ("file", "/var/images/a.qcow2", "/var/images/a.qcow2", "/var/images/a.qcow2")
     assert qb.Location.file(Path("rel/b.raw")) == qb.Location.file("rel/b.raw")
     assert loc.served and loc.parameters == {}
-    for bad in ("", "a\0b", b"/bytes", 42, None):
+    # bytes as os.fsdecode reads them, like every other location argument
+    assert qb.Location.file(b"/bytes/a.qcow2") == qb.Location.file("/bytes/a.qcow2")
+    assert qb.Location.file(Path(os.fsdecode(b"/b/x"))) == qb.Location.file(b"/b/x")
+    with pytest.raises(qb.UnsupportedError, match="not valid UTF-8"):
+        qb.Location.file(b"/a/\xff.qcow2")
+    for bad in ("", b"", "a\0b", b"a\0b", 42, None):
         with pytest.raises(qb.InvalidParamError):
             qb.Location.file(bad)  # type: ignore[arg-type]
 

@@ -18,6 +18,20 @@ SERVED_PROTOCOLS = ("file",)
 PROTOCOLS = ("file", "nbd", "rbd", "http")
 
 
+def _text(p: object) -> object:
+    """A bytes path as the str the engine takes (the file system encoding);
+    anything else unchanged, for the caller to judge."""
+    if not isinstance(p, bytes):
+        return p
+    s = os.fsdecode(p)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        # The engine takes names as UTF-8 strings.
+        raise UnsupportedError(f"a path that is not valid UTF-8 is not supported yet: {p!r}") from None
+    return s
+
+
 @dataclass(frozen=True)
 class Location:
     """A protocol (``file``, ``nbd``, ``rbd``, ``http``) and its parameters.
@@ -35,13 +49,13 @@ class Location:
 
     @classmethod
     def file(cls, path: PathLike) -> "Location":
-        """A local file (or block device); the path is kept as given."""
+        """A local file (or block device); the path is kept as given (bytes decoded as :func:`os.fsdecode` does)."""
         try:
-            p = os.fspath(path)
+            p = _text(os.fspath(path))
         except TypeError:
             raise InvalidParamError(f"a file location needs a path, not {path!r}") from None
         if not isinstance(p, str) or not p:
-            raise InvalidParamError("a file location needs a non-empty str path")
+            raise InvalidParamError("a file location needs a non-empty path")
         if "\0" in p:
             raise InvalidParamError("a file path may not contain NUL")
         return cls("file", p)
@@ -92,13 +106,7 @@ class Location:
             s = os.fspath(text)
         except TypeError:
             raise InvalidParamError(f"a location must be a path or a URL, not {text!r}") from None
-        if isinstance(s, bytes):
-            s = os.fsdecode(s)
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                # The engine takes names as UTF-8 strings.
-                raise UnsupportedError(f"a path that is not valid UTF-8 is not supported yet: {os.fsencode(s)!r}") from None
+        s = _text(s)
         if not isinstance(s, str):
             raise InvalidParamError(f"a location must be a str path or URL, not {s!r}")
         if s.startswith("nbd://"):

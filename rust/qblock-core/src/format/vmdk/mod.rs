@@ -14,21 +14,25 @@
 //! descriptors whose extents are SPARSE (KDMV), VMFSSPARSE (COWD),
 //! SESPARSE (read-only), FLAT, VMFS or ZERO, in any mix, with RW or RDONLY
 //! access; bare COWD extents; streamOptimized (compressed grains with
-//! markers, the grain directory found through the footer) read-only;
+//! markers, the grain directory found through the footer or the header);
 //! zeroed-grain entries (read, and written by whole-grain zero writes); the
 //! parent link (parentFileNameHint, format vmdk). Writes: in place in flat
 //! extents, grain (and, where missing, grain table) allocation in sparse
-//! extents; the CID changes on the first write of each open, as QEMU.
-//! Create: the four monolithic/twoGb subformats with compat6, hwversion,
-//! toolsversion, adapter_type, zeroed_grain and a vmdk backing file.
+//! extents; whole-grain writes to streamOptimized images laid out as QEMU
+//! creates them, each grain once (as QEMU), compressed; the CID changes on
+//! the first write of each open, as QEMU. Create: the four
+//! monolithic/twoGb subformats and streamOptimized, with compat6,
+//! hwversion, toolsversion, adapter_type, zeroed_grain and a vmdk backing
+//! file.
 //!
 //! Differences from QEMU, deliberate: ZERO extents read as zeroes (QEMU
 //! skips their lines, shifting the extents after them), RDONLY extents are
 //! served read-only (QEMU skips them), NOACCESS extents and unknown extent
 //! types are refused (QEMU skips them); a descriptor without CID opens
 //! (QEMU refuses it); a monolithicSparse image of size 0 opens as an empty
-//! disk (QEMU refuses it). Not supported: writing to compressed (stream-
-//! optimized) or SESPARSE extents, creating streamOptimized images.
+//! disk (QEMU refuses it). Not supported: writing SESPARSE extents,
+//! partial grains or a grain twice in a streamOptimized image, or one
+//! written as a stream (its tables at its end), which is read-only.
 //!
 //! Parent link: at open the parent's CID is compared with parentCID, as
 //! QEMU does on first use; when they differ, reading unallocated ranges and
