@@ -18,10 +18,10 @@ SERVED_PROTOCOLS = ("file",)
 PROTOCOLS = ("file", "nbd", "rbd", "http")
 
 
-def _text(p: object) -> object:
-    """A bytes path as the str the engine takes (the file system encoding);
-    anything else unchanged, for the caller to judge."""
-    if not isinstance(p, bytes):
+def _text(p: Union[str, bytes]) -> str:
+    """A path as the str the engine takes: bytes decoded with the file
+    system encoding."""
+    if isinstance(p, str):
         return p
     s = os.fsdecode(p)
     try:
