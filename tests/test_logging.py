@@ -81,6 +81,24 @@ def test_a_dirty_image_is_noted_read_only_and_repaired_read_write(tmp, log, name
     assert records(log, p) == []
 
 
+def test_a_dirty_extent_of_a_parallels_bundle_is_named(tmp, log):
+    extent = tmp / "disk.hds"
+    qb.create(extent, qb.ParallelsOptions(virt_size=1 << 20))
+    _set_parallels_in_use(extent)
+    descriptor = tmp / "DiskDescriptor.xml"
+    descriptor.write_text(
+        "<?xml version='1.0' encoding='UTF-8'?>\n<Parallels_disk_image Version=\"1.0\"><Disk_Parameters>"
+        "<Disk_size>2048</Disk_size></Disk_Parameters><StorageData><Storage><Start>0</Start><End>2048</End>"
+        "<Image><Type>Compressed</Type><File>disk.hds</File></Image></Storage></StorageData>"
+        "</Parallels_disk_image>\n")
+    qb.open(descriptor, flags=0).close()
+    assert [r[:2] for r in records(log, extent)] == [("libqblock.parallels", logging.INFO)]
+    log.clear()
+    qb.open(descriptor).close()
+    (rec,) = records(log, extent)
+    assert rec[:2] == ("libqblock.parallels", logging.WARNING) and "in-use flag" in rec[2]
+
+
 def test_a_vdi_block_count_repair_is_logged(tmp, log):
     p = tmp / "c.vdi"
     qb.create(p, qb.VdiOptions(virt_size=8 << 20))

@@ -204,6 +204,7 @@ pub fn open(descriptor: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Drive
         } else if d.expanding {
             let p =
                 Parallels::open(st, ctx.read_only).map_err(|e| e.context(format!("parallels extent '{}'", d.file)))?;
+            p.note_dirty(ctx, &loc);
             if p.header().size < need {
                 return Err(corrupt(format!(
                     "parallels extent '{}' holds {} bytes, the descriptor gives it {need}",

@@ -243,21 +243,26 @@ fn open(storage: Arc<dyn Storage>, ctx: &OpenCtx) -> Result<Box<dyn Driver>> {
         return bundle::open(storage, ctx);
     }
     let p = Parallels::open(storage, ctx.read_only)?;
-    // Opened to be checked, the check's report says it.
-    if p.header.dirty && !ctx.check {
-        crate::events::dirty_on_open(
-            Format::Parallels,
-            ctx.location,
-            !ctx.read_only && p.header.ext_off == 0,
-            "it was not closed cleanly (in-use flag set); read as it is",
-            "it was not closed cleanly (in-use flag set): checked on open; leaked space is cut and the flag \
-             cleared at close",
-        );
-    }
+    p.note_dirty(ctx, ctx.location);
     Ok(Box::new(p))
 }
 
 impl Parallels {
+    /// Log a dirty image (the file at `location`, an image or a bundle's
+    /// extent) as it was opened; opened to be checked, the check says it.
+    pub(crate) fn note_dirty(&self, ctx: &OpenCtx, location: &crate::Location) {
+        if self.header.dirty && !ctx.check {
+            crate::events::dirty_on_open(
+                Format::Parallels,
+                location,
+                !ctx.read_only && self.header.ext_off == 0,
+                "it was not closed cleanly (in-use flag set); read as it is",
+                "it was not closed cleanly (in-use flag set): checked on open; leaked space is cut and the \
+                 flag cleared at close",
+            );
+        }
+    }
+
     pub fn open(storage: Arc<dyn Storage>, read_only: bool) -> Result<Parallels> {
         let file_len = storage.len()?;
         let mut hb = [0u8; HEADER_SIZE as usize];
