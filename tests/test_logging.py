@@ -222,6 +222,12 @@ def test_the_cli_shows_warnings_and_more_with_v(tmp):
     assert verbose.returncode == 0 and verbose.stderr == f"qblock: INFO: '{p}' is dirty: its lazy refcounts were " \
         "not written back; read as it is (a read-write open repairs it)\n"
     assert verbose.stdout == quiet.stdout
+    raw = tmp / "disk.img"
+    qb.create(raw, qb.RawOptions(virt_size=1 << 20))
+    for flags, shown in (("-v", False), ("-vv", True)):
+        r = subprocess.run([*qblock_cmd(), flags, "info", str(raw)], capture_output=True, text=True)
+        assert r.returncode == 0
+        assert (f"qblock: DEBUG: no format was given for '{raw}'" in r.stderr) == shown, (flags, r.stderr)
     leaky = tmp / "l.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(leaky), "8M")
     qemu_io(str(leaky), "write -P 3 0 128k")

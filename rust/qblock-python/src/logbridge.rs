@@ -108,3 +108,33 @@ pub fn drain(py: Python<'_>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_counts_records_instead_of_growing() {
+        let record = |i: usize| {
+            log::Log::log(
+                &BRIDGE,
+                &log::Record::builder()
+                    .target("qblock_core::format::qcow2")
+                    .level(log::Level::Info)
+                    .args(format_args!("record {i}"))
+                    .build(),
+            )
+        };
+        for i in 0..CAPACITY + 10 {
+            record(i);
+        }
+        let q = QUEUE.lock();
+        assert_eq!(q.len(), CAPACITY);
+        assert_eq!(DROPPED.load(Ordering::Relaxed), 10);
+        assert!(PENDING.load(Ordering::Acquire));
+        // A record with a module path for target goes under the libqblock logger.
+        assert_eq!(q[0].target, "libqblock.qblock_core.format.qcow2");
+        assert_eq!((q[0].level, q[0].message.as_str()), (20, "record 0"));
+        assert_eq!(q[CAPACITY - 1].message, format!("record {}", CAPACITY - 1));
+    }
+}
