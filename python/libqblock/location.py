@@ -54,7 +54,7 @@ class Location:
             p = _text(os.fspath(path))
         except TypeError:
             raise InvalidParamError(f"a file location needs a path, not {path!r}") from None
-        if not isinstance(p, str) or not p:
+        if not p:
             raise InvalidParamError("a file location needs a non-empty path")
         if "\0" in p:
             raise InvalidParamError("a file path may not contain NUL")
@@ -107,8 +107,6 @@ class Location:
         except TypeError:
             raise InvalidParamError(f"a location must be a path or a URL, not {text!r}") from None
         s = _text(s)
-        if not isinstance(s, str):
-            raise InvalidParamError(f"a location must be a str path or URL, not {s!r}")
         if s.startswith("nbd://"):
             u = urlsplit(s)
             try:

@@ -19,6 +19,8 @@ use std::alloc::{self, Layout};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Offsets, lengths and buffers are aligned to this.
 pub const ALIGN: u64 = 4096;
@@ -91,23 +93,24 @@ pub struct Direct {
     stripes: Vec<Mutex<()>>,
     grow: Mutex<()>,
     /// The file, named in the one slow-path event it may log.
-    path: std::path::PathBuf,
-    bounced: std::sync::atomic::AtomicBool,
+    path: PathBuf,
+    bounced: AtomicBool,
 }
 
 impl Direct {
-    pub fn new(path: &std::path::Path) -> Direct {
+    pub fn new(path: &Path) -> Direct {
         Direct {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             grow: Mutex::new(()),
             path: path.to_path_buf(),
-            bounced: std::sync::atomic::AtomicBool::new(false),
+            bounced: AtomicBool::new(false),
         }
     }
 
     /// The first unaligned request of this file says so (debug level).
     fn note_bounce(&self) {
-        if !self.bounced.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        // A plain load first: after the first request no thread writes the flag.
+        if !self.bounced.load(Ordering::Relaxed) && !self.bounced.swap(true, Ordering::Relaxed) {
             crate::events::slow_path(
                 "O_NOCACHE with unaligned requests: they go through aligned bounce buffers \
                  (partial blocks read first when written)",
@@ -255,7 +258,7 @@ mod tests {
     #[test]
     fn unaligned_io_matches_a_model() {
         let (_dir, f) = direct_file();
-        let d = Direct::new(std::path::Path::new("test"));
+        let d = Direct::new(Path::new("test"));
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = |m: u64| {
@@ -301,7 +304,7 @@ mod tests {
     #[test]
     fn concurrent_partial_block_writes_keep_every_byte() {
         let (_dir, f) = direct_file();
-        let d = Direct::new(std::path::Path::new("test"));
+        let d = Direct::new(Path::new("test"));
         let threads = 4u64;
         std::thread::scope(|s| {
             for t in 0..threads {

@@ -335,8 +335,8 @@ impl Vdi {
     /// allocated blocks off by one from the map (which QEMU's check calls
     /// corruption): a writable open sets it to the end of what the map
     /// references, where allocation continues (a block written but never
-    /// mapped is unreferenced and taken again).
-    /// Whether the count had to be repaired.
+    /// mapped is unreferenced and taken again). Returns whether the count
+    /// had to be repaired.
     fn repair_count(&self) -> Result<bool> {
         let mut st = self.alloc.lock();
         if st.header_count == self.map_end {

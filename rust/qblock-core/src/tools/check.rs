@@ -43,10 +43,11 @@ pub fn check(location: &Location, format: Option<Format>, repair: Repair, force_
 
 fn check_open(img: &Image, repair: Repair) -> Result<CheckRun> {
     let first = img.check(repair)?;
-    if first.leaks_fixed > 0 || first.corruptions_fixed > 0 {
+    let fixed = first.leaks_fixed > 0 || first.corruptions_fixed > 0;
+    if fixed {
         crate::events::check_repaired(img.location(), first.leaks_fixed, first.corruptions_fixed);
     }
-    let second = if repair != Repair::None && (first.leaks_fixed > 0 || first.corruptions_fixed > 0) {
+    let second = if repair != Repair::None && fixed {
         Some(img.check(Repair::None)?)
     } else {
         None
